@@ -1,0 +1,23 @@
+"""Packaging for sapo_megatron: a SAPO / routing-replay plugin for upstream Megatron-Core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="sapo_megatron",
+    version="0.1.0",
+    description="Soft Adaptive Policy Optimization and MoE routing replay for Megatron-Core RL training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sapo_megatron", "sapo_megatron.*"]),
+    install_requires=[
+        # 2.13.0 is the CPU build on the CI machines; GPU clusters bring their own torch.
+        "torch>=2.6",
+        "megatron-core>=0.15",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "gpu": ["transformer-engine[pytorch]", "apex"],
+    },
+    entry_points={"console_scripts": ["sapo-megatron=sapo_megatron.cli:main"]},
+)
