@@ -1,0 +1,27 @@
+"""The SAPO training step inside Megatron-Core's parallel schedules."""
+
+from sapo_megatron.megatron.batch import Microbatch, Sample, collate_packed, collate_padded
+from sapo_megatron.megatron.setup import build_model_chunks, build_optimizer
+from sapo_megatron.megatron.step import (
+    PolicyLossSpec,
+    assign_step_weights,
+    loss_func,
+    collect_log_probs,
+    make_forward_step,
+    run_step,
+)
+
+__all__ = [
+    "Microbatch",
+    "PolicyLossSpec",
+    "Sample",
+    "assign_step_weights",
+    "build_model_chunks",
+    "build_optimizer",
+    "collate_packed",
+    "collate_padded",
+    "loss_func",
+    "collect_log_probs",
+    "make_forward_step",
+    "run_step",
+]

@@ -1,0 +1,237 @@
+"""RL samples and their collation into Megatron-Core microbatches (padded or packed).
+
+Alignment convention (the one Megatron uses for ``labels``): for a sample of tokens
+``x_0 .. x_{L-1}``, every per-token field has length ``L - 1`` and entry ``t`` belongs to the
+prediction of ``x_{t+1}`` from ``x_0 .. x_t``. ``loss_mask`` is true on response targets.
+
+Two layouts:
+- **padded** (``[B, S]``): samples right-padded to a common length, a causal mask;
+- **packed** (``[1, T]``, THD): samples concatenated, positions restarting per sample. With
+  Transformer Engine the model receives ``PackedSeqParams`` (cu_seqlens); the local spec has
+  no THD kernel, so on CPU the same computation is expressed as a block-diagonal causal
+  attention mask — mathematically identical, and tested against the padded layout.
+
+Lengths are rounded up to ``pad_multiple`` (the TP size under sequence parallelism, 2 x CP
+under context parallelism). Padding never carries loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+# Per-token float fields a sample may carry (all length L-1, aligned to targets).
+TOKEN_FIELDS = ("old_log_probs", "advantages", "ref_log_probs", "rollout_log_probs")
+
+
+@dataclass
+class Sample:
+    """One rollout: prompt + response tokens and the per-target fields the loss needs."""
+
+    tokens: torch.Tensor  # [L] long
+    loss_mask: torch.Tensor  # [L-1] bool, True on response targets
+    old_log_probs: torch.Tensor  # [L-1]
+    advantages: torch.Tensor  # [L-1] (the sequence advantage broadcast over its tokens)
+    ref_log_probs: torch.Tensor | None = None
+    rollout_log_probs: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        length = self.tokens.numel()
+        if self.tokens.dim() != 1 or length < 2:
+            raise ValueError(
+                f"Sample.tokens must be a 1-D tensor of at least 2 tokens, got shape "
+                f"{tuple(self.tokens.shape)}"
+            )
+        for name in ("loss_mask", *TOKEN_FIELDS):
+            value = getattr(self, name)
+            if value is not None and value.shape != (length - 1,):
+                raise ValueError(
+                    f"Sample.{name} has shape {tuple(value.shape)}, expected ({length - 1},) "
+                    f"(one entry per target: {length} tokens - 1)"
+                )
+
+
+@dataclass
+class Microbatch:
+    """Tensors for one forward/backward of the training step (see module docstring)."""
+
+    tokens: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor | None  # [B|1, 1, S, S] bool, True = masked out
+    loss_mask: torch.Tensor  # [B, S] bool
+    # [N, L] flat positions (into the [B*S] layout) of each sample's targets, -1 past its end.
+    # Losses see samples as rows of this view, whether the layout is padded or packed, so
+    # sequence-level quantities (GSPO ratios, per-sequence means) never mix packed samples.
+    sample_index: torch.Tensor
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # TOKEN_FIELDS present, [B, S]
+    packed_seq_params: object | None = None
+    # Filled by sapo_megatron.megatron.step.assign_step_weights:
+    token_weights: torch.Tensor | None = None  # [N, L], in sample_index's view
+    step_num_tokens: int | None = None
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _sample_index(starts: list[int], num_targets: list[int]) -> torch.Tensor:
+    width = max(num_targets)
+    index = torch.full((len(starts), width), -1, dtype=torch.long)
+    for i, (start, n) in enumerate(zip(starts, num_targets)):
+        index[i, :n] = torch.arange(start, start + n)
+    return index
+
+
+def per_sample_view(values: torch.Tensor, sample_index: torch.Tensor, fill=0) -> torch.Tensor:
+    """``values`` ([B, S] layout) gathered into the ``[N, L]`` per-sample view (differentiable)."""
+    flat = values.reshape(-1)
+    gathered = flat[sample_index.clamp_min(0)]
+    return torch.where(sample_index >= 0, gathered, torch.full_like(gathered, fill))
+
+
+def _present_fields(samples: list[Sample]) -> list[str]:
+    names = []
+    for name in TOKEN_FIELDS:
+        have = [getattr(s, name) is not None for s in samples]
+        if any(have) and not all(have):
+            missing = [i for i, h in enumerate(have) if not h]
+            raise ValueError(f"samples {missing} lack {name!r}, which other samples carry")
+        if all(have):
+            names.append(name)
+    return names
+
+
+def collate_padded(
+    samples: list[Sample], *, pad_multiple: int = 1, pad_id: int = 0, min_length: int = 0
+) -> Microbatch:
+    """Right-pad ``samples`` into a ``[B, S]`` microbatch with a causal mask.
+
+    ``min_length`` pads further, e.g. to give every microbatch of a pipeline-parallel step
+    the same shape.
+    """
+    if not samples:
+        raise ValueError("collate_padded needs at least one sample")
+    names = _present_fields(samples)
+    seq = _round_up(max(min_length, *(s.tokens.numel() for s in samples)), pad_multiple)
+    batch = len(samples)
+    tokens = torch.full((batch, seq), pad_id, dtype=torch.long)
+    labels = torch.full((batch, seq), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(batch, seq, dtype=torch.bool)
+    starts = []
+    fields = {n: torch.zeros(batch, seq, dtype=torch.float32) for n in names}
+    for b, s in enumerate(samples):
+        n = s.tokens.numel()
+        tokens[b, :n] = s.tokens
+        labels[b, : n - 1] = s.tokens[1:]
+        loss_mask[b, : n - 1] = s.loss_mask
+        starts.append(b * seq)
+        for name in names:
+            fields[name][b, : n - 1] = getattr(s, name)
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+    return Microbatch(
+        tokens=tokens,
+        labels=labels,
+        position_ids=torch.arange(seq).expand(batch, seq).contiguous(),
+        attention_mask=causal,
+        loss_mask=loss_mask,
+        sample_index=_sample_index(starts, [s.tokens.numel() - 1 for s in samples]),
+        fields=fields,
+    )
+
+
+def collate_packed(
+    samples: list[Sample],
+    *,
+    pad_multiple: int = 1,
+    pad_id: int = 0,
+    min_length: int = 0,
+    use_thd: bool = False,
+) -> Microbatch:
+    """Concatenate ``samples`` into one ``[1, T]`` row (THD packing).
+
+    ``use_thd=True`` attaches ``PackedSeqParams`` for Transformer Engine attention; otherwise a
+    block-diagonal causal mask expresses the same attention pattern.
+    """
+    if not samples:
+        raise ValueError("collate_packed needs at least one sample")
+    names = _present_fields(samples)
+    lengths = [s.tokens.numel() for s in samples]
+    total = _round_up(max(min_length, sum(lengths)), pad_multiple)
+    tokens = torch.full((1, total), pad_id, dtype=torch.long)
+    labels = torch.full((1, total), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(1, total, dtype=torch.long)
+    loss_mask = torch.zeros(1, total, dtype=torch.bool)
+    starts = []
+    fields = {n: torch.zeros(1, total, dtype=torch.float32) for n in names}
+    # Padding forms its own segment so that it attends only to itself.
+    segment = torch.full((total,), len(samples), dtype=torch.long)
+    start = 0
+    for i, s in enumerate(samples):
+        n = s.tokens.numel()
+        sl = slice(start, start + n)
+        tokens[0, sl] = s.tokens
+        labels[0, start : start + n - 1] = s.tokens[1:]
+        position_ids[0, sl] = torch.arange(n)
+        loss_mask[0, start : start + n - 1] = s.loss_mask
+        starts.append(start)
+        segment[sl] = i
+        for name in names:
+            fields[name][0, start : start + n - 1] = getattr(s, name)
+        start += n
+    position_ids[0, start:] = torch.arange(total - start)
+    mb = Microbatch(
+        tokens=tokens,
+        labels=labels,
+        position_ids=position_ids,
+        attention_mask=None,
+        loss_mask=loss_mask,
+        sample_index=_sample_index(starts, [n - 1 for n in lengths]),
+        fields=fields,
+    )
+    if use_thd:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        if total > bounds[-1]:
+            bounds = torch.cat([bounds, torch.tensor([total], dtype=torch.int32)])
+        max_len = int((bounds[1:] - bounds[:-1]).max())
+        mb.packed_seq_params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=bounds,
+            cu_seqlens_kv=bounds,
+            max_seqlen_q=max_len,
+            max_seqlen_kv=max_len,
+        )
+    else:
+        same = segment[:, None] == segment[None, :]
+        causal = torch.tril(torch.ones(total, total, dtype=torch.bool))
+        mb.attention_mask = ~(same & causal)[None, None]
+    return mb
+
+
+def to_device(mb: Microbatch, device) -> Microbatch:
+    moved = {
+        f.name: getattr(mb, f.name).to(device)
+        for f in dataclasses.fields(mb)
+        if isinstance(getattr(mb, f.name), torch.Tensor)
+    }
+    moved["fields"] = {k: v.to(device) for k, v in mb.fields.items()}
+    return dataclasses.replace(mb, **moved)
+
+
+def split_step_samples(
+    samples: list[Sample], *, dp_rank: int, dp_size: int, num_microbatches: int
+) -> list[list[Sample]]:
+    """This DP rank's contiguous share of a step's samples, cut into ``num_microbatches``."""
+    per_rank, rem = divmod(len(samples), dp_size)
+    if rem or per_rank % num_microbatches or per_rank == 0:
+        raise ValueError(
+            f"{len(samples)} samples cannot be split evenly over {dp_size} data-parallel ranks "
+            f"x {num_microbatches} microbatches"
+        )
+    mine = samples[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    size = per_rank // num_microbatches
+    return [mine[i * size : (i + 1) * size] for i in range(num_microbatches)]

@@ -1,0 +1,315 @@
+"""The SAPO training step inside Megatron-Core's pipeline schedules.
+
+``make_forward_step`` returns the ``forward_step(data_iterator, model)`` that
+``megatron.core.pipeline_parallel.get_forward_backward_func()`` drives; its loss function
+runs on the last pipeline stage only and computes vocab-parallel log-probs, then the
+configured policy loss.
+
+Normalisation (why a step's gradient does not depend on how it is split). Every reduction is
+written as a weighted token sum, ``loss = sum_t w_t * l_t``, whose weights use denominators
+that are *global to the optimizer step* (all microbatches, all data-parallel ranks):
+:func:`assign_step_weights` counts tokens and sequences locally, all-reduces them over the
+data-parallel group and stores the weights in each microbatch. The sum of all microbatches'
+weighted sums on all DP ranks is then exactly the loss of the whole step.
+
+Megatron-Core would otherwise rescale that sum: by ``1/num_microbatches`` and by the CP size in
+``forward_step_calc_loss``, and by ``1/dp_size`` in the DDP gradient all-reduce. We run with
+``calculate_per_token_loss=True`` (set by ``to_transformer_config``), which disables all three
+and instead divides the summed gradients by the all-reduced token count that the loss function
+returns. So the loss function returns ``(weighted_sum * N_step, n_local)`` with
+``sum(n_local) == N_step``: Megatron's division by ``N_step`` cancels the factor exactly.
+
+Usage: see ``sapo_megatron.cli demo`` and ``tests/dist/step_worker.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from sapo_megatron.logprobs import vocab_parallel_log_probs
+from sapo_megatron.losses import PolicyLossConfig, compute_policy_loss, reduction_weights
+from sapo_megatron.megatron.batch import Microbatch, per_sample_view
+
+
+@dataclass
+class PolicyLossSpec:
+    """What the loss function computes; one per training phase."""
+
+    loss_type: str = "sapo"
+    reduction: str = "seq_mean_token_mean"
+    config: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    temperature: float = 1.0
+    # Rows per float32 chunk in the vocab-parallel log-softmax (None: the module's default).
+    logprob_chunk_size: int | None = None
+    # Dr.GRPO's constant for seq_mean_token_sum_norm; None = longest sample of the step.
+    norm_length: int | None = None
+
+
+def _data_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def assign_step_weights(
+    microbatches: list[Microbatch], reduction: str, *, norm_length: int | None = None, dp_group=None
+) -> list[Microbatch]:
+    """Fill ``token_weights`` and ``step_num_tokens`` with step-global denominators.
+
+    Call on the full (not context-parallel-sliced) microbatches of one optimizer step; every
+    DP rank calls it with its own share. ``dp_group=None`` uses Megatron's DP group; without
+    torch.distributed the counts are local (a single-process step).
+    """
+    masks = [per_sample_view(mb.loss_mask, mb.sample_index, fill=False) for mb in microbatches]
+    tokens = sum(int(m.sum()) for m in masks)
+    sequences = sum(int(m.any(1).sum()) for m in masks)
+    longest = max(int((mb.sample_index >= 0).sum(1).max()) for mb in microbatches)
+    counts = torch.tensor([tokens, sequences], dtype=torch.float64)
+    peak = torch.tensor([longest], dtype=torch.float64)
+    if dist.is_initialized():
+        group = dp_group if dp_group is not None else _data_parallel_group()
+        dist.all_reduce(counts, group=group)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    step_tokens, step_sequences = int(counts[0]), int(counts[1])
+    length = norm_length if norm_length is not None else int(peak[0])
+    out = []
+    for mb, mask in zip(microbatches, masks):
+        if step_tokens == 0:
+            weights = torch.zeros(mask.shape, dtype=torch.float32)
+        else:
+            weights = reduction_weights(
+                mask,
+                reduction,
+                num_sequences=step_sequences,
+                total_tokens=step_tokens,
+                norm_length=length,
+            ).to(torch.float32)
+        out.append(dataclasses.replace(mb, token_weights=weights, step_num_tokens=step_tokens))
+    return out
+
+
+def loss_func(mb: Microbatch, spec: PolicyLossSpec, output_tensor: torch.Tensor):
+    """Loss on the last pipeline stage; the 3-tuple contract of ``calculate_per_token_loss``."""
+    from megatron.core import parallel_state
+
+    if mb.token_weights is None or mb.step_num_tokens is None:
+        raise ValueError("microbatch has no step weights: call assign_step_weights first")
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    if dist.get_world_size(tp_group) == 1:
+        tp_group = None
+    log_probs, entropy = vocab_parallel_log_probs(
+        output_tensor,
+        mb.labels,
+        tp_group=tp_group,
+        temperature=spec.temperature,
+        with_entropy=True,
+        chunk_size=spec.logprob_chunk_size,
+    )
+    # Losses see one sample per row, whatever the layout (see Microbatch.sample_index).
+    view = partial(per_sample_view, sample_index=mb.sample_index)
+    fields = {name: view(value) for name, value in mb.fields.items()}
+    loss, metrics = compute_policy_loss(
+        spec.loss_type,
+        view(log_probs),
+        fields["old_log_probs"],
+        fields["advantages"],
+        view(mb.loss_mask, fill=False),
+        config=spec.config,
+        reduction=spec.reduction,
+        ref_log_probs=fields.get("ref_log_probs"),
+        entropy=view(entropy),
+        rollout_log_probs=fields.get("rollout_log_probs"),
+        token_weights=mb.token_weights,
+    )
+    num_tokens = mb.loss_mask.sum().to(torch.int)
+    reported = {"loss_sum": loss.detach().clone().to(torch.float64)}
+    for key, value in metrics.items():
+        if key != "loss":
+            reported[key] = value.detach().to(torch.float64)
+    return loss * mb.step_num_tokens, num_tokens, reported
+
+
+def forward_step(spec: PolicyLossSpec, data_iterator, model):
+    """One microbatch forward; returns the output and the loss closure (Megatron's contract)."""
+    mb: Microbatch = next(data_iterator)
+    output = model(
+        mb.tokens,
+        mb.position_ids,
+        mb.attention_mask,
+        packed_seq_params=mb.packed_seq_params,
+    )
+    return output, partial(loss_func, mb, spec)
+
+
+def make_forward_step(spec: PolicyLossSpec):
+    return partial(forward_step, spec)
+
+
+_SUMMED = ("loss_sum", "num_tokens", "num_sequences")
+
+
+def _merge_metrics(per_microbatch: Iterable[dict]) -> dict[str, float]:
+    """Combine microbatch metrics: exact loss sum, min/max, token-weighted means; DP-reduced."""
+    from megatron.core import parallel_state
+
+    per_microbatch = list(per_microbatch)
+    nonempty = [d for d in per_microbatch if float(d["num_tokens"]) > 0]
+    keys = sorted({k for d in per_microbatch for k in d})
+    sums, mins, maxs = {}, {}, {}
+    for key in keys:
+        if key.endswith("_min"):
+            # An empty microbatch reports 0 for its extremes; it must not win.
+            mins[key] = min((float(d[key]) for d in nonempty if key in d), default=float("inf"))
+        elif key.endswith("_max"):
+            maxs[key] = max((float(d[key]) for d in nonempty if key in d), default=float("-inf"))
+        elif key in _SUMMED:
+            sums[key] = sum(float(d[key]) for d in per_microbatch if key in d)
+        else:
+            sums[key] = sum(float(d[key]) * float(d["num_tokens"]) for d in nonempty if key in d)
+    group = parallel_state.get_data_parallel_group()
+    out = {}
+    for table, op in ((sums, dist.ReduceOp.SUM), (mins, dist.ReduceOp.MIN), (maxs, dist.ReduceOp.MAX)):
+        if not table:
+            continue
+        names = sorted(table)
+        t = torch.tensor([table[n] for n in names], dtype=torch.float64)
+        dist.all_reduce(t, op=op, group=group)
+        out.update(zip(names, t.tolist()))
+    tokens = max(out.get("num_tokens", 0.0), 1.0)
+    for key in sums:
+        if key not in _SUMMED:
+            out[key] /= tokens
+    out["loss"] = out.pop("loss_sum", 0.0)
+    return out
+
+
+def _broadcast_from_last_stage(metrics: dict[str, float] | None) -> dict[str, float]:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return metrics or {}
+    box = [metrics]
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(box, src=last, group=group)
+    return box[0]
+
+
+def run_step(
+    model_chunks: list,
+    microbatches: list[Microbatch],
+    spec: PolicyLossSpec,
+    *,
+    optimizer=None,
+    forward_only: bool = False,
+) -> dict[str, float]:
+    """Forward/backward over ``microbatches`` (already weighted) and an optional optimizer step.
+
+    Returns the step's metrics on every rank: ``loss`` is the exact step loss, the rest are
+    token-weighted means (``*_min`` / ``*_max`` are extremes), plus ``grad_norm`` after an
+    update.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        raise ValueError("run_step needs at least one microbatch")
+    shapes = {tuple(mb.tokens.shape) for mb in microbatches}
+    if len(shapes) != 1 and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError(
+            f"pipeline parallelism needs equally shaped microbatches, got shapes {sorted(shapes)}"
+        )
+    micro_batch_size, seq_length = microbatches[0].tokens.shape
+    if not forward_only:
+        for chunk in model_chunks:
+            chunk.zero_grad_buffer()
+        if optimizer is not None:
+            optimizer.zero_grad()
+    num_chunks = len(model_chunks)
+    iterators = [iter(microbatches) for _ in range(num_chunks)]
+    outputs = get_forward_backward_func()(
+        forward_step_func=make_forward_step(spec),
+        data_iterator=iterators if num_chunks > 1 else iterators[0],
+        model=model_chunks if num_chunks > 1 else model_chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    metrics = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        metrics = _merge_metrics(outputs)
+    metrics = _broadcast_from_last_stage(metrics)
+    if optimizer is not None and not forward_only:
+        success, grad_norm, _ = optimizer.step()
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_successful"] = float(bool(success))
+    return metrics
+
+
+def _log_prob_loss_func(mb: Microbatch, temperature: float, chunk_size, output_tensor):
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    log_probs = vocab_parallel_log_probs(
+        output_tensor,
+        mb.labels,
+        tp_group=tp_group if dist.get_world_size(tp_group) > 1 else None,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+    per_sample = per_sample_view(log_probs.detach(), mb.sample_index)
+    lengths = (mb.sample_index >= 0).sum(1).tolist()
+    rows = [per_sample[i, :n].cpu() for i, n in enumerate(lengths)]
+    return torch.zeros((), device=output_tensor.device), torch.zeros((), dtype=torch.int), {"log_probs": rows}
+
+
+def _log_prob_forward_step(temperature, chunk_size, data_iterator, model):
+    mb: Microbatch = next(data_iterator)
+    output = model(mb.tokens, mb.position_ids, mb.attention_mask, packed_seq_params=mb.packed_seq_params)
+    return output, partial(_log_prob_loss_func, mb, temperature, chunk_size)
+
+
+@torch.no_grad()
+def collect_log_probs(
+    model_chunks: list,
+    microbatches: list[Microbatch],
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> list[torch.Tensor]:
+    """Per-sample target log-probs (``[L-1]`` each, in microbatch order) on every PP rank.
+
+    This is the old-policy (or reference) pass of an RL step: a forward-only schedule whose
+    loss function returns log-probs instead of a loss.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batch_size, seq_length = microbatches[0].tokens.shape
+    num_chunks = len(model_chunks)
+    iterators = [iter(microbatches) for _ in range(num_chunks)]
+    outputs = get_forward_backward_func()(
+        forward_step_func=partial(_log_prob_forward_step, temperature, chunk_size),
+        data_iterator=iterators if num_chunks > 1 else iterators[0],
+        model=model_chunks if num_chunks > 1 else model_chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=True,
+    )
+    rows = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        rows = [row for out in outputs for row in out["log_probs"]]
+    group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        box = [rows]
+        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=group)
+        rows = box[0]
+    return rows

@@ -1,0 +1,77 @@
+"""Process-group set-up: torch.distributed plus Megatron-Core's model-parallel groups.
+
+Works under ``torchrun`` (reads RANK / WORLD_SIZE / MASTER_ADDR from the environment) and in a
+single process (world of one, a loopback rendezvous). On CPU the backend is gloo and the CPU
+compatibility layer is activated here, so every entry point that initialises parallelism gets
+it without having to remember.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from sapo_megatron.compat import activate_cpu_compat
+from sapo_megatron.models.config import ParallelConfig
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise the default process group once (idempotent)."""
+    if dist.is_initialized():
+        return
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        activate_cpu_compat()
+    backend = backend or ("gloo" if on_cpu else "nccl")
+    if "RANK" not in os.environ:
+        # A single process outside torchrun: a world of one on loopback.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if not on_cpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+
+
+def initialize_model_parallel(parallel: ParallelConfig, *, seed: int = 1234) -> None:
+    """Create Megatron-Core's TP/PP/EP/CP/DP groups for ``parallel`` and seed the RNGs."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    init_distributed()
+    world = dist.get_world_size()
+    if world % parallel.model_parallel_size:
+        raise ValueError(
+            f"world size {world} is not divisible by TP x PP x CP = "
+            f"{parallel.tensor_model_parallel_size} x {parallel.pipeline_model_parallel_size} x "
+            f"{parallel.context_parallel_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,122 @@
+"""torchrun worker: one SAPO training step of a tiny MoE GPTModel; saves full gradients.
+
+Run by tests/test_dist_step.py, e.g.::
+
+    torchrun --nproc_per_node=2 tests/dist/step_worker.py --tp 2 --weights W.pt --out G.pt
+
+Without ``--weights`` (single rank) it initialises the model, saves its full weights to
+``--save-weights`` and its gradients to ``--out``: the reference. With ``--weights`` it loads
+those full weights into its sharded layout, so every layout starts from the same network, and
+rank 0 writes the gathered full gradients and the step metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+import torch.distributed as dist
+
+warnings.filterwarnings("ignore")
+
+from sapo_megatron.losses import PolicyLossConfig  # noqa: E402
+from sapo_megatron.megatron import (  # noqa: E402
+    PolicyLossSpec,
+    assign_step_weights,
+    build_model_chunks,
+    collate_packed,
+    collate_padded,
+    run_step,
+)
+from sapo_megatron.megatron.batch import split_step_samples  # noqa: E402
+from sapo_megatron.megatron.sharding import (  # noqa: E402
+    gather_full,
+    load_full_state_dict,
+    merge_over_ranks,
+    unwrap,
+)
+from sapo_megatron.megatron.synthetic import synthetic_samples  # noqa: E402
+from sapo_megatron.models import ModelConfig, ParallelConfig  # noqa: E402
+from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
+
+# Tiny Qwen3-MoE shape: 4 layers (layer 0 dense) so that PP=2 puts MoE layers on both stages,
+# GQA 2:1, 4 experts top-2, an untied output layer.
+MODEL = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_experts=4,
+    num_experts_per_tok=2,
+    first_k_dense=1,
+)
+GLOBAL_BATCH = 8
+MAX_LEN = 14
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--microbatches", type=int, default=1)
+    ap.add_argument("--loss", default="sapo")
+    ap.add_argument("--reduction", default="seq_mean_token_mean")
+    ap.add_argument("--layout", choices=["padded", "packed"], default="padded")
+    ap.add_argument("--weights", help="full weights to load (parallel runs)")
+    ap.add_argument("--save-weights", help="where the reference run saves its full weights")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        expert_model_parallel_size=args.ep,
+    )
+    initialize_model_parallel(parallel, seed=1234)
+    from megatron.core import parallel_state
+
+    chunks = build_model_chunks(MODEL, parallel)
+    model = chunks[0]
+    if args.weights:
+        load_full_state_dict(model, torch.load(args.weights))
+    elif args.save_weights:
+        full = gather_full(model, {n: p.detach() for n, p in unwrap(model).named_parameters()})
+        full = merge_over_ranks(full)
+        if dist.get_rank() == 0:
+            torch.save(full, args.save_weights)
+
+    samples = synthetic_samples(GLOBAL_BATCH, vocab_size=MODEL.vocab_size, seed=7, max_length=MAX_LEN)
+    groups = split_step_samples(
+        samples,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        num_microbatches=args.microbatches,
+    )
+    collate = collate_padded if args.layout == "padded" else collate_packed
+    # One shape for every microbatch (pipeline p2p buffers are sized once per step).
+    min_length = MAX_LEN if args.layout == "padded" else MAX_LEN * (GLOBAL_BATCH // args.microbatches)
+    microbatches = [collate(g, pad_multiple=args.tp, min_length=min_length) for g in groups]
+    microbatches = assign_step_weights(microbatches, args.reduction)
+
+    spec = PolicyLossSpec(
+        loss_type=args.loss,
+        reduction=args.reduction,
+        config=PolicyLossConfig(tau_pos=1.0, tau_neg=1.05),
+        logprob_chunk_size=5,
+    )
+    metrics = run_step(chunks, microbatches, spec)
+
+    grads = {n: p.main_grad.detach() for n, p in unwrap(model).named_parameters()}
+    full_grads = merge_over_ranks(gather_full(model, grads))
+    if dist.get_rank() == 0:
+        torch.save({"grads": full_grads, "metrics": metrics}, args.out)
+    destroy()
+
+
+if __name__ == "__main__":
+    main()

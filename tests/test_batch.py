@@ -1,0 +1,104 @@
+"""Collation (padded / packed), the per-sample view, and step-global weights (pure, one process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sapo_megatron.losses import reduction_weights
+from sapo_megatron.megatron.batch import (
+    Sample,
+    collate_packed,
+    collate_padded,
+    per_sample_view,
+    split_step_samples,
+)
+from sapo_megatron.megatron.step import assign_step_weights
+
+
+def _sample(tokens, mask, adv=1.0):
+    tokens = torch.tensor(tokens)
+    n = tokens.numel() - 1
+    return Sample(
+        tokens=tokens,
+        loss_mask=torch.tensor(mask, dtype=torch.bool),
+        old_log_probs=-torch.arange(1, n + 1, dtype=torch.float32),
+        advantages=torch.full((n,), adv),
+    )
+
+
+SAMPLES = [_sample([5, 6, 7, 8], [0, 1, 1]), _sample([9, 10], [1], adv=-1.0), _sample([1, 2, 3], [1, 1])]
+
+
+def test_padded_alignment():
+    mb = collate_padded(SAMPLES, pad_multiple=4)
+    assert mb.tokens.shape == (3, 4)
+    assert mb.labels[0].tolist() == [6, 7, 8, 0]
+    assert mb.loss_mask[0].tolist() == [False, True, True, False]
+    assert mb.loss_mask[1].tolist() == [True, False, False, False]
+    assert mb.fields["old_log_probs"][0, :3].tolist() == [-1, -2, -3]
+    assert mb.sample_index.tolist() == [[0, 1, 2], [4, -1, -1], [8, 9, -1]]
+    # Causal: position t never sees t+1.
+    assert mb.attention_mask[0, 0, 0, 1] and not mb.attention_mask[0, 0, 1, 0]
+
+
+def test_packed_alignment_and_block_mask():
+    mb = collate_packed(SAMPLES, pad_multiple=4)
+    assert mb.tokens.shape == (1, 12)
+    assert mb.tokens[0, :9].tolist() == [5, 6, 7, 8, 9, 10, 1, 2, 3]
+    # No target crosses a sample boundary.
+    assert mb.labels[0, :9].tolist() == [6, 7, 8, 0, 10, 0, 2, 3, 0]
+    assert mb.loss_mask[0, :9].tolist() == [False, True, True, False, True, False, True, True, False]
+    assert mb.position_ids[0, :9].tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2]
+    blocked = mb.attention_mask[0, 0]
+    assert not blocked[3, 0] and blocked[4, 3] and not blocked[5, 4] and blocked[0, 1]
+    assert blocked[9:, :9].all(), "padding must not attend into samples"
+    assert mb.sample_index.tolist() == [[0, 1, 2], [4, -1, -1], [6, 7, -1]]
+
+
+def test_per_sample_view_is_layout_independent():
+    padded, packed = collate_padded(SAMPLES), collate_packed(SAMPLES)
+    for name in ("old_log_probs", "advantages"):
+        a = per_sample_view(padded.fields[name], padded.sample_index)
+        b = per_sample_view(packed.fields[name], packed.sample_index)
+        assert torch.equal(a, b)
+    assert torch.equal(
+        per_sample_view(padded.loss_mask, padded.sample_index, fill=False),
+        per_sample_view(packed.loss_mask, packed.sample_index, fill=False),
+    )
+
+
+def test_thd_params():
+    mb = collate_packed(SAMPLES, pad_multiple=4, use_thd=True)
+    assert mb.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 6, 9, 12]
+    assert mb.packed_seq_params.max_seqlen_q == 4
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])
+def test_step_weights_do_not_depend_on_the_split(reduction):
+    """Weights of each token are the same whether the step is one microbatch or three."""
+    whole = assign_step_weights([collate_padded(SAMPLES)], reduction, norm_length=5)[0]
+    parts = assign_step_weights([collate_packed([s]) for s in SAMPLES], reduction, norm_length=5)
+    expected = reduction_weights(per_sample_view(whole.loss_mask, whole.sample_index, fill=False), reduction, norm_length=5)
+    assert torch.allclose(whole.token_weights, expected)
+    for i, part in enumerate(parts):
+        n = int((part.sample_index >= 0).sum())
+        assert torch.allclose(part.token_weights[0, :n], whole.token_weights[i, :n])
+    assert all(p.step_num_tokens == 5 for p in parts)
+    if reduction in ("token_mean", "seq_mean_token_mean"):
+        total = sum(float(p.token_weights.sum()) for p in parts)
+        assert total == pytest.approx(1.0)
+
+
+def test_split_and_errors():
+    samples = SAMPLES * 4
+    groups = split_step_samples(samples, dp_rank=1, dp_size=2, num_microbatches=3)
+    assert [len(g) for g in groups] == [2, 2, 2] and groups[0][0] is samples[6]
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        split_step_samples(samples, dp_rank=0, dp_size=5, num_microbatches=1)
+    with pytest.raises(ValueError, match=r"Sample.loss_mask has shape \(2,\), expected \(3,\)"):
+        Sample(tokens=torch.arange(4), loss_mask=torch.ones(2, dtype=torch.bool),
+               old_log_probs=torch.zeros(3), advantages=torch.zeros(3))
+    bad = [SAMPLES[0], Sample(**{**SAMPLES[1].__dict__, "ref_log_probs": torch.zeros(1)})]
+    with pytest.raises(ValueError, match="lack 'ref_log_probs'"):
+        collate_padded(bad)
