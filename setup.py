@@ -14,6 +14,8 @@ setup(
         "torch>=2.6",
         "megatron-core>=0.15",
         "pyyaml>=6",
+        # ~10x faster base64 than the standard library: decoding SGLang routed_experts payloads.
+        "pybase64>=1.3",
     ],
     extras_require={
         "test": ["pytest>=8"],

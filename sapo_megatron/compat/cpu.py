@@ -12,8 +12,9 @@ those points instead of forking the library:
 * a ``TorchFunctionMode`` rewrites any CUDA device argument of a factory call, ``Tensor.to``
   or ``Tensor.cuda`` to CPU (one rule covers every literal ``device="cuda"``), and makes
   ``Tensor.type()`` report CUDA type names, which Megatron's gradient clipping asserts on;
-* the CUDA RNG tracker's ``fork`` becomes a no-op context and its seeding function a plain
-  ``torch.manual_seed`` (there is no CUDA RNG to split);
+* the CUDA RNG tracker's ``fork`` becomes a no-op context, its seeding function a plain
+  ``torch.manual_seed`` and the CUDA RNG save/restore of activation recomputation a no-op
+  (there is no CUDA RNG to split or restore);
 * ``moe_utils.te_general_gemm`` is defined as ``None`` when Transformer Engine is absent.
 
 Activation is explicit (:func:`activate_cpu_compat`, called by the CPU launcher and the test
@@ -117,6 +118,14 @@ def _patch_rng_tracker() -> None:
 
     _patch(tp_random, "model_parallel_cuda_manual_seed", manual_seed)
     _patch(tensor_parallel, "model_parallel_cuda_manual_seed", manual_seed)
+    # Activation recomputation saves and restores the CUDA RNG state around the recomputed
+    # forward; there is none on CPU (the CPU state is saved and restored by the same code).
+    for name, value in (
+        ("_get_cuda_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
+        ("_set_cuda_rng_state", lambda *a, **k: None),
+    ):
+        if hasattr(tp_random, name):
+            _patch(tp_random, name, value)
 
 
 def _patch_missing_te_symbols() -> None:

@@ -36,6 +36,10 @@ class Sample:
     advantages: torch.Tensor  # [L-1] (the sequence advantage broadcast over its tokens)
     ref_log_probs: torch.Tensor | None = None
     rollout_log_probs: torch.Tensor | None = None
+    # MoE routes [L-1, num_moe_layers, topk] (compact int), row t = token t. The last token has
+    # none (a rollout engine never feeds it); it routes live, which cannot change any log-prob:
+    # its output predicts nothing inside the sample.
+    routes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         length = self.tokens.numel()
@@ -51,6 +55,11 @@ class Sample:
                     f"Sample.{name} has shape {tuple(value.shape)}, expected ({length - 1},) "
                     f"(one entry per target: {length} tokens - 1)"
                 )
+        if self.routes is not None and (self.routes.dim() != 3 or self.routes.shape[0] != length - 1):
+            raise ValueError(
+                f"Sample.routes has shape {tuple(self.routes.shape)}, expected "
+                f"({length - 1}, num_moe_layers, topk): one row per token but the last of {length}"
+            )
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Microbatch:
     """Tensors for one forward/backward of the training step (see module docstring)."""
 
     tokens: torch.Tensor  # [B, S]
+    layout: str  # "padded" or "packed"
     labels: torch.Tensor  # [B, S]
     position_ids: torch.Tensor  # [B, S]
     attention_mask: torch.Tensor | None  # [B|1, 1, S, S] bool, True = masked out
@@ -68,6 +78,10 @@ class Microbatch:
     sample_index: torch.Tensor
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # TOKEN_FIELDS present, [B, S]
     packed_seq_params: object | None = None
+    # True at padding positions, for MoE routing statistics (Megatron's padding_mask).
+    padding_mask: torch.Tensor | None = None
+    # Routes to replay (sapo_megatron.routing.attach_routes); None when routing is live.
+    routes: object | None = None
     # Filled by sapo_megatron.megatron.step.assign_step_weights:
     token_weights: torch.Tensor | None = None  # [N, L], in sample_index's view
     step_num_tokens: int | None = None
@@ -131,14 +145,17 @@ def collate_padded(
         for name in names:
             fields[name][b, : n - 1] = getattr(s, name)
     causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+    lengths = torch.tensor([s.tokens.numel() for s in samples])
     return Microbatch(
         tokens=tokens,
+        layout="padded",
         labels=labels,
         position_ids=torch.arange(seq).expand(batch, seq).contiguous(),
         attention_mask=causal,
         loss_mask=loss_mask,
         sample_index=_sample_index(starts, [s.tokens.numel() - 1 for s in samples]),
         fields=fields,
+        padding_mask=torch.arange(seq)[None, :] >= lengths[:, None],
     )
 
 
@@ -184,12 +201,14 @@ def collate_packed(
     position_ids[0, start:] = torch.arange(total - start)
     mb = Microbatch(
         tokens=tokens,
+        layout="packed",
         labels=labels,
         position_ids=position_ids,
         attention_mask=None,
         loss_mask=loss_mask,
         sample_index=_sample_index(starts, [n - 1 for n in lengths]),
         fields=fields,
+        padding_mask=(torch.arange(total) >= sum(lengths))[None, :],
     )
     if use_thd:
         from megatron.core.packed_seq_params import PackedSeqParams

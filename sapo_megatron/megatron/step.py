@@ -35,6 +35,7 @@ import torch.distributed as dist
 from sapo_megatron.logprobs import vocab_parallel_log_probs
 from sapo_megatron.losses import PolicyLossConfig, compute_policy_loss, reduction_weights
 from sapo_megatron.megatron.batch import Microbatch, per_sample_view
+from sapo_megatron.megatron.sharding import unwrap
 
 
 @dataclass
@@ -135,16 +136,39 @@ def loss_func(mb: Microbatch, spec: PolicyLossSpec, output_tensor: torch.Tensor)
     return loss * mb.step_num_tokens, num_tokens, reported
 
 
+def _uses_routing_statistics(config) -> bool:
+    return bool(
+        getattr(config, "num_moe_experts", None)
+        and (
+            config.moe_router_load_balancing_type not in ("none", None)
+            or getattr(config, "moe_z_loss_coeff", None)
+            or getattr(config, "moe_router_enable_expert_bias", False)
+        )
+    )
+
+
+def model_forward(model, mb: Microbatch):
+    """The model call shared by the training and the log-prob passes.
+
+    Routes to replay are handed to the routers right here, just before this microbatch's
+    forward (several microbatches are in flight under pipeline 1F1B). Padding is excluded
+    from MoE load-balancing statistics when those are in use.
+    """
+    from sapo_megatron.routing.replay import routing_replay_of
+
+    replay = routing_replay_of(model)
+    if replay is not None:
+        replay.on_microbatch(mb.routes)
+    kwargs = {"packed_seq_params": mb.packed_seq_params}
+    if mb.padding_mask is not None and _uses_routing_statistics(unwrap(model).config):
+        kwargs["padding_mask"] = mb.padding_mask
+    return model(mb.tokens, mb.position_ids, mb.attention_mask, **kwargs)
+
+
 def forward_step(spec: PolicyLossSpec, data_iterator, model):
     """One microbatch forward; returns the output and the loss closure (Megatron's contract)."""
     mb: Microbatch = next(data_iterator)
-    output = model(
-        mb.tokens,
-        mb.position_ids,
-        mb.attention_mask,
-        packed_seq_params=mb.packed_seq_params,
-    )
-    return output, partial(loss_func, mb, spec)
+    return model_forward(model, mb), partial(loss_func, mb, spec)
 
 
 def make_forward_step(spec: PolicyLossSpec):
@@ -272,8 +296,7 @@ def _log_prob_loss_func(mb: Microbatch, temperature: float, chunk_size, output_t
 
 def _log_prob_forward_step(temperature, chunk_size, data_iterator, model):
     mb: Microbatch = next(data_iterator)
-    output = model(mb.tokens, mb.position_ids, mb.attention_mask, packed_seq_params=mb.packed_seq_params)
-    return output, partial(_log_prob_loss_func, mb, temperature, chunk_size)
+    return model_forward(model, mb), partial(_log_prob_loss_func, mb, temperature, chunk_size)
 
 
 @torch.no_grad()

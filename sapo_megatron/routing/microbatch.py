@@ -1,0 +1,27 @@
+"""Attach per-sample routes to a collated microbatch, in the layout its routers will see."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sapo_megatron.megatron.batch import Microbatch, Sample
+from sapo_megatron.routing.align import align_packed, align_padded
+from sapo_megatron.routing.replay import MicrobatchRoutes
+
+_ALIGN = {"padded": align_padded, "packed": align_packed}
+
+
+def attach_routes(mb: Microbatch, samples: list[Sample]) -> Microbatch:
+    """``mb`` (collated from ``samples``) with their routes aligned as ``MicrobatchRoutes``.
+
+    Routes stay in their compact dtype here; each layer's slice becomes int64 only when it is
+    handed to its router.
+    """
+    missing = [i for i, s in enumerate(samples) if s.routes is None]
+    if missing:
+        raise ValueError(f"samples {missing} carry no routes; routing replay needs all of them")
+    if len(samples) != mb.sample_index.shape[0]:
+        raise ValueError(f"microbatch holds {mb.sample_index.shape[0]} samples, got {len(samples)}")
+    topk = samples[0].routes.shape[-1]
+    routes, replay, pad = _ALIGN[mb.layout]([s.routes for s in samples], mb.tokens.shape[1], topk=topk)
+    return dataclasses.replace(mb, routes=MicrobatchRoutes(routes, replay, pad))

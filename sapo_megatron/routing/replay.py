@@ -1,0 +1,361 @@
+"""Force Megatron-Core's MoE routers to use given routes (replay), or record theirs (R2).
+
+Injection, no fork. Since megatron-core 0.16 every ``TopKRouter`` passes its
+``router.router_replay`` object into ``topk_routing_with_score_function``, which calls
+``router_replay.get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)``.
+We put our own :class:`LayerReplay` there (a ``RouterReplay`` subclass that does *not* join
+``RouterReplay.global_router_replay_instances``: that list is process-global, and a reference
+model built with replay enabled silently shifts every index in it, FIELD-NOTES 1). All
+bookkeeping is per model chunk, in a :class:`RoutingReplay` controller.
+
+Why not Megatron's own actions: its REPLAY_FORWARD replays every token of a microbatch, and
+the caller must flip the action between forward and recompute. We need (a) a per-token
+fallback to live routing (SGLang never routes the last generated token), (b) live scores
+while replaying, to measure routing agreement, and (c) correctness with several microbatches
+in flight under PP 1F1B and with activation recomputation. So:
+
+- the forward step pushes each microbatch's routes right before its forward
+  (:meth:`RoutingReplay.on_microbatch`); each layer pops them FIFO on its forward call;
+- a call made while autograd is executing a backward (``torch._C._current_graph_task_id()``
+  is set) is a recomputation: it pops a second FIFO filled by the forward calls, so the
+  backward replays exactly the routes its forward used, in schedule order;
+- :meth:`RoutingReplay.finish` asserts that every pushed route was consumed exactly once by a
+  forward (and once by a recompute when recomputation is on).
+
+Actions: ``None`` (live routing, untouched), ``"record"`` (R2's old-log-prob pass: route live
+and keep the indices), ``"replay"`` (use pushed routes where the replay mask is set, live
+routing elsewhere), ``"compare"`` (route live but measure agreement with pushed routes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.router_replay import RouterReplay
+
+from sapo_megatron.megatron.sharding import unwrap
+from sapo_megatron.routing.align import sp_slice
+
+ACTIONS = (None, "record", "replay", "compare")
+_ATTR = "_sapo_routing_replay"
+
+
+@dataclass
+class MicrobatchRoutes:
+    """Routes of one microbatch in Megatron's router order, full sequence, all MoE layers."""
+
+    routes_SBLK: torch.Tensor  # compact integer dtype, [S, B, num_moe_layers, topk]
+    replay_mask_SB: torch.Tensor  # bool: replay this token (False: live fallback)
+    pad_mask_SB: torch.Tensor  # bool: padding (never counted)
+
+
+@dataclass
+class _Target:
+    idx_TK: torch.Tensor
+    replay_T: torch.Tensor
+    valid_T: torch.Tensor
+
+
+@dataclass
+class _Counts:
+    tokens: int = 0
+    replayed: int = 0
+    agree: int = 0
+    fallback: int = 0
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def same_topk_set(a_TK: torch.Tensor, b_TK: torch.Tensor) -> torch.Tensor:
+    """Per token: do two top-k index rows name the same set of experts (order ignored)?"""
+    return (a_TK.sort(dim=1).values == b_TK.sort(dim=1).values).all(dim=1)
+
+
+class LayerReplay(RouterReplay):
+    """The object a router consults for its top-k; one per local MoE layer."""
+
+    def __init__(self, controller: "RoutingReplay", moe_index: int):
+        # Deliberately not calling RouterReplay.__init__: no global registration.
+        self.controller = controller
+        self.moe_index = moe_index
+        self.forward_queue: list[_Target] = []
+        self.recompute_queue: list[_Target] = []
+        self.recorded: list[torch.Tensor] = []
+        self.counts = _Counts()
+        self.router_replay_action = None
+
+    def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
+        live_values, live_idx = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+        action = self.controller.action
+        if action is None:
+            return live_values, live_idx
+        recompute = _in_backward()
+        if action == "record":
+            if not recompute:
+                self.recorded.append(live_idx.detach().clone())
+            return live_values, live_idx
+        target = self._next_target(recompute)
+        if target.idx_TK.shape != live_idx.shape:
+            raise RuntimeError(
+                f"routing replay: MoE layer {self.moe_index} got routes for "
+                f"{tuple(target.idx_TK.shape)} (tokens, topk) but the router sees "
+                f"{tuple(live_idx.shape)}; the routes were aligned to another layout"
+            )
+        replay_T1 = target.replay_T[:, None]
+        idx = torch.where(replay_T1, target.idx_TK, live_idx)
+        if action == "compare":
+            idx = live_idx
+        if not recompute:
+            self._count(live_idx, torch.where(replay_T1, target.idx_TK, live_idx), target)
+            if self.controller.keep_used:
+                self.recorded.append(idx.detach().clone())
+        if action == "compare":
+            return live_values, live_idx
+        return scores.gather(1, idx), idx
+
+    def _next_target(self, recompute: bool) -> _Target:
+        queue = self.recompute_queue if recompute else self.forward_queue
+        if not queue:
+            kind = "recompute" if recompute else "forward"
+            raise RuntimeError(
+                f"routing replay: MoE layer {self.moe_index} ran a {kind} pass with no routes "
+                f"pushed for it (was the microbatch built without routes?)"
+            )
+        target = queue.pop(0)
+        if not recompute and self.controller.recompute and self.controller.with_backward:
+            self.recompute_queue.append(target)
+        return target
+
+    def _count(self, live_idx, used_idx, target: _Target) -> None:
+        with torch.no_grad():
+            valid = target.valid_T
+            replayed = target.replay_T & valid
+            agree = same_topk_set(live_idx, used_idx) & replayed
+            c = self.counts
+            c.tokens += int(valid.sum())
+            c.replayed += int(replayed.sum())
+            c.agree += int(agree.sum())
+            c.fallback += int((valid & ~target.replay_T).sum())
+
+
+@dataclass
+class RoutingReplay:
+    """Per-model-chunk controller: which routers exist here, what they replay, what they saw."""
+
+    layers: list[LayerReplay] = field(default_factory=list)
+    moe_columns: list[int] = field(default_factory=list)  # column in the MoE-only route axis
+    num_moe_layers: int = 0
+    recompute: bool = False
+    sequence_parallel: bool = False
+    action: str | None = None
+    pushed: int = 0
+    # Keep the indices each router actually used (for checks and R2-style export).
+    keep_used: bool = False
+    # Whether the current pass runs a backward (and so, with recomputation, a second forward).
+    with_backward: bool = False
+
+    def on_microbatch(self, routes: MicrobatchRoutes | None) -> None:
+        """Called by the forward step right before a microbatch's forward."""
+        if self.action not in ("replay", "compare"):
+            return
+        if routes is None:
+            raise ValueError(
+                "routing replay is on but the microbatch carries no routes; attach them with "
+                "sapo_megatron.routing.attach_routes (or set routing mode 'none')"
+            )
+        routes_SBLK, replay_SB, pad_SB = routes.routes_SBLK, routes.replay_mask_SB, routes.pad_mask_SB
+        if routes_SBLK.shape[2] != self.num_moe_layers:
+            raise ValueError(
+                f"microbatch routes cover {routes_SBLK.shape[2]} MoE layers, the model has "
+                f"{self.num_moe_layers}"
+            )
+        if self.sequence_parallel:
+            from megatron.core import parallel_state
+
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            size = parallel_state.get_tensor_model_parallel_world_size()
+            routes_SBLK, replay_SB, pad_SB = (sp_slice(t, rank, size) for t in (routes_SBLK, replay_SB, pad_SB))
+        replay_T = replay_SB.reshape(-1)
+        valid_T = ~pad_SB.reshape(-1)
+        topk = routes_SBLK.shape[-1]
+        for layer, column in zip(self.layers, self.moe_columns):
+            idx_TK = routes_SBLK[:, :, column].reshape(-1, topk).long()
+            layer.forward_queue.append(_Target(idx_TK, replay_T, valid_T))
+        self.pushed += 1
+
+    def begin(self, action: str | None, *, with_backward: bool) -> None:
+        if action not in ACTIONS:
+            raise ValueError(f"unknown routing replay action {action!r}; expected one of {ACTIONS}")
+        self.action = action
+        self.with_backward = with_backward
+        self.pushed = 0
+        self.keep_used = False
+        for layer in self.layers:
+            layer.forward_queue.clear()
+            layer.recompute_queue.clear()
+            layer.recorded.clear()
+
+    def finish(self) -> None:
+        """Check that every pushed route was consumed exactly once per pass, then go idle."""
+        problems = []
+        for layer in self.layers:
+            if layer.forward_queue:
+                problems.append(f"layer {layer.moe_index}: {len(layer.forward_queue)} pushed routes never used by a forward")
+            if layer.recompute_queue:
+                problems.append(f"layer {layer.moe_index}: {len(layer.recompute_queue)} routes never replayed by recomputation")
+        self.action = None
+        if problems:
+            raise RuntimeError("routing replay consumed routes unevenly: " + "; ".join(problems))
+
+    def reset_counts(self) -> None:
+        for layer in self.layers:
+            layer.counts = _Counts()
+
+
+def attach_routing_replay(model, moe_layer_pattern: list[int]) -> RoutingReplay:
+    """Install a :class:`RoutingReplay` on every MoE router of ``model`` (one chunk)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    inner = unwrap(model)
+    config = inner.config
+    if getattr(config, "moe_router_fusion", False):
+        raise ValueError("routing replay needs moe_router_fusion=False (the fused kernel bypasses the replay hook)")
+    moe_globals = [i for i, is_moe in enumerate(moe_layer_pattern) if is_moe]
+    controller = RoutingReplay(
+        num_moe_layers=len(moe_globals),
+        recompute=config.recompute_granularity is not None,
+        sequence_parallel=bool(config.sequence_parallel),
+    )
+    for layer in inner.decoder.layers:
+        if not isinstance(layer.mlp, MoELayer):
+            continue
+        router = layer.mlp.router
+        if not hasattr(router, "router_replay"):
+            raise RuntimeError(
+                "this megatron-core's TopKRouter has no router_replay hook (needs >= 0.16)"
+            )
+        global_index = layer.layer_number - 1
+        column = moe_globals.index(global_index)
+        handle = LayerReplay(controller, global_index)
+        router.router_replay = handle
+        controller.layers.append(handle)
+        controller.moe_columns.append(column)
+    setattr(inner, _ATTR, controller)
+    return controller
+
+
+def routing_replay_of(model) -> RoutingReplay | None:
+    return getattr(unwrap(model), _ATTR, None)
+
+
+@contextlib.contextmanager
+def routing_action(model_chunks, action: str | None, *, with_backward: bool):
+    """Run one pass with ``action`` on every chunk.
+
+    ``with_backward`` says whether the pass runs a backward (``run_step`` training) or not
+    (``collect_log_probs``, ``forward_only``): with activation recomputation, only a pass with
+    a backward must replay each route a second time, and :meth:`RoutingReplay.finish` checks
+    exactly that.
+    """
+    controllers = [c for c in (routing_replay_of(m) for m in model_chunks) if c is not None]
+    for c in controllers:
+        c.begin(action, with_backward=with_backward)
+    try:
+        yield controllers
+    except BaseException:
+        for c in controllers:
+            c.action = None
+        raise
+    for c in controllers:
+        c.finish()
+
+
+def replay_metrics(model_chunks) -> dict[str, float]:
+    """Per-layer routing agreement, replay coverage and fallback fraction, summed over ranks.
+
+    Counts are per token seen by a router: SP shards and DP/CP ranks see different tokens and
+    are summed; without SP, TP ranks see the same tokens, so their duplicate counts are divided
+    out. Every pipeline stage contributes its own layers.
+    """
+    from megatron.core import parallel_state
+
+    controllers = [c for c in (routing_replay_of(m) for m in model_chunks) if c is not None]
+    if not controllers:
+        return {}
+    num = controllers[0].num_moe_layers
+    table = torch.zeros(num, 4, dtype=torch.float64)
+    for c in controllers:
+        for layer, column in zip(c.layers, c.moe_columns):
+            k = layer.counts
+            table[column] += torch.tensor([k.tokens, k.replayed, k.agree, k.fallback], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(table)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if not controllers[0].sequence_parallel and tp > 1:
+            table /= tp
+    out: dict[str, float] = {}
+    tokens, replayed, agree, fallback = table.unbind(1)
+    seen = tokens > 0
+    for column in range(num):
+        if seen[column] and replayed[column] > 0:
+            out[f"routing/agreement_moe{column}"] = float(agree[column] / replayed[column])
+    if seen.any():
+        out["routing/agreement_mean"] = float(agree.sum() / replayed.sum().clamp_min(1))
+        out["routing/coverage"] = float(replayed.sum() / tokens.sum())
+        out["routing/fallback_frac"] = float(fallback.sum() / tokens.sum())
+    return out
+
+
+def recorded_sample_routes(model_chunks, microbatches) -> list[torch.Tensor]:
+    """Turn the routes kept during a pass into per-sample tensors.
+
+    R2 uses it after a ``"record"`` pass (the live routes); with ``keep_used`` set, it returns
+    the routes the routers actually used in a ``"replay"`` pass (the parity check).
+
+    Returns one ``[L_i - 1, num_moe_layers, topk]`` int tensor per sample (microbatch order):
+    tokens ``0 .. L_i - 2``, the form a rollout engine returns (see ``Sample.routes``).
+    Only this rank's MoE layers are filled (a pipeline stage replays its own layers only);
+    sequence-parallel shards are gathered over TP first.
+    """
+    from megatron.core import parallel_state
+
+    controllers = [c for c in (routing_replay_of(m) for m in model_chunks) if c is not None]
+    if not controllers:
+        raise ValueError("no routing replay is attached to these model chunks")
+    num = controllers[0].num_moe_layers
+    samples: list[torch.Tensor] = []
+    for i, mb in enumerate(microbatches):
+        B, S = mb.tokens.shape
+        lengths = (mb.sample_index >= 0).sum(1)
+        starts = mb.sample_index[:, 0]
+        topk = None
+        per_layer: dict[int, torch.Tensor] = {}
+        for c in controllers:
+            for layer, column in zip(c.layers, c.moe_columns):
+                if len(layer.recorded) != len(microbatches):
+                    raise RuntimeError(
+                        f"MoE layer {layer.moe_index} recorded {len(layer.recorded)} microbatches, "
+                        f"expected {len(microbatches)}"
+                    )
+                idx_TK = layer.recorded[i]
+                if c.sequence_parallel:
+                    group = parallel_state.get_tensor_model_parallel_group()
+                    parts = [torch.empty_like(idx_TK) for _ in range(dist.get_world_size(group))]
+                    dist.all_gather(parts, idx_TK.contiguous(), group=group)
+                    idx_TK = torch.cat(parts)
+                topk = idx_TK.shape[1]
+                per_layer[column] = idx_TK.reshape(S, B, topk)
+        for b in range(mb.sample_index.shape[0]):
+            n, first = int(lengths[b]), int(starts[b])
+            flat = first + torch.arange(n)
+            rows_b, rows_s = flat // S, flat % S
+            out = torch.zeros(n, num, topk, dtype=torch.long)
+            for column, routes_SBK in per_layer.items():
+                out[:, column] = routes_SBK[rows_s, rows_b]
+            samples.append(out)
+    return samples
