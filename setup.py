@@ -18,7 +18,10 @@ setup(
         "pybase64>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # transformers: HF parity and tokenizer tests; pyarrow: Parquet prompt sets;
+        # matplotlib: tools/plot_metrics.py. None of them is imported by the core package.
+        "test": ["pytest>=8", "transformers>=4.51", "safetensors", "pyarrow", "matplotlib"],
+        "plot": ["matplotlib"],
         "gpu": ["transformer-engine[pytorch]", "apex"],
     },
     entry_points={"console_scripts": ["sapo-megatron=sapo_megatron.cli:main"]},

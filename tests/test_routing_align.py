@@ -317,3 +317,22 @@ def test_select_moe_layers():
         select_moe_layers(routes, [1, 0, 1])
     # Megatron's integer moe_layer_freq: an MoE layer every N layers from layer 0
     assert moe_layer_indices(3, num_layers=7) == [0, 3, 6]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("tp_size", [1, 2, 4])
+@pytest.mark.parametrize("slots", [None, [1], [0, 2]])
+def test_direct_shard_equals_slicing_the_full_layout(layout, tp_size, slots):
+    """Building only one SP shard / some layers equals building everything and slicing it."""
+    gen = torch.Generator().manual_seed(tp_size)
+    per_sample = [torch.randint(0, 200, (n, 3, 2), generator=gen).to(torch.uint8) for n in (5, 1, 9)]
+    align = align_padded if layout == "padded" else align_packed
+    length = 16 if layout == "padded" else 20
+    full = align(per_sample, length, topk=2)
+    for rank in range(tp_size):
+        got = align(per_sample, length, topk=2, tp_rank=rank, tp_size=tp_size, slots=slots)
+        want = [sp_slice(t, rank, tp_size) for t in full]
+        if slots is not None:
+            want[0] = want[0][:, :, slots]
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)

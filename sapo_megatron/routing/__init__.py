@@ -37,14 +37,23 @@ from sapo_megatron.routing.compact import (
     storage_dtype,
 )
 
-# Injection into Megatron-Core's routers (distribution side).
-from sapo_megatron.routing.microbatch import attach_routes  # noqa: E402
-from sapo_megatron.routing.replay import (  # noqa: E402
-    MicrobatchRoutes,
-    RoutingReplay,
-    attach_routing_replay,
-    recorded_sample_routes,
-    replay_metrics,
-    routing_action,
-    routing_replay_of,
-)
+# Injection into Megatron-Core's routers (distribution side). Imported on first use: they
+# load Megatron-Core, which the pure codec (e.g. the SGLang client) should not pay for.
+_LAZY = {
+    "attach_routes": "sapo_megatron.routing.microbatch",
+    "MicrobatchRoutes": "sapo_megatron.routing.replay",
+    "RoutingReplay": "sapo_megatron.routing.replay",
+    "attach_routing_replay": "sapo_megatron.routing.replay",
+    "recorded_sample_routes": "sapo_megatron.routing.replay",
+    "replay_metrics": "sapo_megatron.routing.replay",
+    "routing_action": "sapo_megatron.routing.replay",
+    "routing_replay_of": "sapo_megatron.routing.replay",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sapo_megatron.routing' has no attribute {name!r}")

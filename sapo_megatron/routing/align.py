@@ -77,32 +77,84 @@ def _check_samples(per_sample_routes: Sequence[torch.Tensor], topk: int) -> tupl
     return first.shape[1], first.dtype
 
 
+def _shard_bounds(seq_length: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    if not 0 <= tp_rank < tp_size or seq_length % tp_size:
+        raise ValueError(
+            f"cannot take sequence-parallel shard {tp_rank} of {tp_size} from a sequence of "
+            f"{seq_length} tokens: the length must be a multiple of the TP size (pad_multiple)"
+        )
+    chunk = seq_length // tp_size
+    return tp_rank * chunk, (tp_rank + 1) * chunk
+
+
+def _fill_shard(
+    per_sample_routes: Sequence[torch.Tensor],
+    starts: Sequence[int],
+    columns: Sequence[int],
+    seq_length: int,
+    *,
+    topk: int,
+    tp_rank: int,
+    tp_size: int,
+    slots: Sequence[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write each sample (tokens ``start .. start + rows`` of column ``b``) into one shard.
+
+    Only the tokens of this sequence-parallel shard and the requested layer ``slots`` are ever
+    copied, so the cost and the memory are those of the shard, not of the microbatch.
+    """
+    layers, dtype = _check_samples(per_sample_routes, topk)
+    lo, hi = _shard_bounds(seq_length, tp_rank, tp_size)
+    slot_list = list(range(layers)) if slots is None else list(slots)
+    width = max(columns) + 1
+    routes = torch.empty(hi - lo, width, len(slot_list), topk, dtype=dtype)
+    routes.copy_(torch.arange(topk, dtype=dtype).expand_as(routes))
+    replay = torch.zeros(hi - lo, width, dtype=torch.bool)
+    pad = torch.ones(hi - lo, width, dtype=torch.bool)
+    # A pipeline stage's MoE layers are consecutive slots: a plain slice avoids a gather.
+    contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))) if slot_list else True
+    pick = slice(slot_list[0], slot_list[0] + len(slot_list)) if slot_list and contiguous else slot_list
+    for i, (sample, start, column) in enumerate(zip(per_sample_routes, starts, columns)):
+        rows = sample.shape[0]
+        if start + rows + 1 > seq_length:
+            where = f" from position {start}" if start else ""
+            raise ValueError(
+                f"sample {i} has {rows + 1} tokens ({rows} route rows + 1){where}, more than "
+                f"seq_length {seq_length}"
+            )
+        # Replayed tokens [start, start + rows), the fallback token right after, then padding.
+        a, b = max(start, lo), min(start + rows, hi)
+        if b > a:
+            part = sample[a - start : b - start]
+            routes[a - lo : b - lo, column] = part[:, pick]
+            replay[a - lo : b - lo, column] = True
+        a, b = max(start, lo), min(start + rows + 1, hi)
+        if b > a:
+            pad[a - lo : b - lo, column] = False
+    return routes, replay, pad
+
+
 def align_padded(
-    per_sample_routes: Sequence[torch.Tensor], seq_length: int, *, topk: int
+    per_sample_routes: Sequence[torch.Tensor],
+    seq_length: int,
+    *,
+    topk: int,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    slots: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routes of samples right-padded to ``seq_length`` (``collate_padded``'s layout).
 
     ``per_sample_routes[b]`` is ``[L_b - 1, M, K]`` (tokens ``0 .. L_b - 2``). Returns
-    ``(routes_SBMK, replay_mask_SB, pad_mask_SB)``.
+    ``(routes_SBMK, replay_mask_SB, pad_mask_SB)``; with ``tp_size > 1`` only the
+    sequence-parallel shard of ``tp_rank`` (``S / tp_size`` tokens), and with ``slots`` only
+    those MoE layers, are built (equal to slicing the full result, without building it).
     """
-    layers, dtype = _check_samples(per_sample_routes, topk)
     batch = len(per_sample_routes)
-    routes = pad_routes(seq_length, layers, topk, dtype)[:, None].expand(
-        seq_length, batch, layers, topk
-    ).contiguous()
-    replay = torch.zeros(seq_length, batch, dtype=torch.bool)
-    pad = torch.zeros(seq_length, batch, dtype=torch.bool)
-    for b, sample in enumerate(per_sample_routes):
-        length = sample.shape[0] + 1
-        if length > seq_length:
-            raise ValueError(
-                f"sample {b} has {length} tokens ({sample.shape[0]} route rows + 1), more than "
-                f"seq_length {seq_length}"
-            )
-        routes[: length - 1, b] = sample
-        replay[: length - 1, b] = True
-        pad[length:, b] = True
-    return routes, replay, pad
+    return _fill_shard(
+        per_sample_routes, [0] * batch, list(range(batch)), seq_length,
+        topk=topk, tp_rank=tp_rank, tp_size=tp_size, slots=slots,
+    )
 
 
 def packed_cu_seqlens(
@@ -130,24 +182,24 @@ def align_packed(
     *,
     topk: int,
     sample_multiple: int = 1,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    slots: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routes of samples packed into one row of ``total_length`` (``collate_packed``'s layout).
 
     Returns ``(routes_SBMK, replay_mask_SB, pad_mask_SB)`` with ``B = 1``. ``sample_multiple``
     rounds each sample up (with padding tokens) as THD context parallelism requires (a multiple
-    of ``2 * cp``); ``collate_packed`` uses 1 today.
+    of ``2 * cp``); ``collate_packed`` uses 1 today. ``tp_rank`` / ``tp_size`` / ``slots`` as in
+    :func:`align_padded`.
     """
-    layers, dtype = _check_samples(per_sample_routes, topk)
+    _check_samples(per_sample_routes, topk)
     lengths = [r.shape[0] + 1 for r in per_sample_routes]
     bounds = packed_cu_seqlens(lengths, total_length, sample_multiple=sample_multiple).tolist()
-    routes = pad_routes(total_length, layers, topk, dtype).contiguous()
-    replay = torch.zeros(total_length, dtype=torch.bool)
-    pad = torch.ones(total_length, dtype=torch.bool)
-    for sample, length, start in zip(per_sample_routes, lengths, bounds):
-        routes[start : start + length - 1] = sample
-        replay[start : start + length - 1] = True
-        pad[start : start + length] = False
-    return routes[:, None], replay[:, None], pad[:, None]
+    return _fill_shard(
+        per_sample_routes, bounds[: len(lengths)], [0] * len(lengths), total_length,
+        topk=topk, tp_rank=tp_rank, tp_size=tp_size, slots=slots,
+    )
 
 
 def sp_slice(x: torch.Tensor, tp_rank: int, tp_size: int, seq_dim: int = 0) -> torch.Tensor:

@@ -11,11 +11,14 @@ from sapo_megatron.routing.replay import MicrobatchRoutes
 _ALIGN = {"padded": align_padded, "packed": align_packed}
 
 
-def attach_routes(mb: Microbatch, samples: list[Sample]) -> Microbatch:
+def attach_routes(
+    mb: Microbatch, samples: list[Sample], *, tp_rank: int = 0, tp_size: int = 1
+) -> Microbatch:
     """``mb`` (collated from ``samples``) with their routes aligned as ``MicrobatchRoutes``.
 
-    Routes stay in their compact dtype here; each layer's slice becomes int64 only when it is
-    handed to its router.
+    With sequence parallelism pass this rank's ``tp_rank`` / ``tp_size``: only its shard of the
+    sequence is built (the routers of this rank never see the rest). Routes stay in their
+    compact dtype here; each layer's slice becomes int64 only when handed to its router.
     """
     missing = [i for i, s in enumerate(samples) if s.routes is None]
     if missing:
@@ -23,5 +26,7 @@ def attach_routes(mb: Microbatch, samples: list[Sample]) -> Microbatch:
     if len(samples) != mb.sample_index.shape[0]:
         raise ValueError(f"microbatch holds {mb.sample_index.shape[0]} samples, got {len(samples)}")
     topk = samples[0].routes.shape[-1]
-    routes, replay, pad = _ALIGN[mb.layout]([s.routes for s in samples], mb.tokens.shape[1], topk=topk)
-    return dataclasses.replace(mb, routes=MicrobatchRoutes(routes, replay, pad))
+    routes, replay, pad = _ALIGN[mb.layout](
+        [s.routes for s in samples], mb.tokens.shape[1], topk=topk, tp_rank=tp_rank, tp_size=tp_size
+    )
+    return dataclasses.replace(mb, routes=MicrobatchRoutes(routes, replay, pad, sp_shard=(tp_rank, tp_size)))

@@ -50,6 +50,8 @@ class MicrobatchRoutes:
     routes_SBLK: torch.Tensor  # compact integer dtype, [S, B, num_moe_layers, topk]
     replay_mask_SB: torch.Tensor  # bool: replay this token (False: live fallback)
     pad_mask_SB: torch.Tensor  # bool: padding (never counted)
+    # (tp_rank, tp_size) of the sequence-parallel shard S already is; (0, 1) = whole sequence.
+    sp_shard: tuple[int, int] = (0, 1)
 
 
 @dataclass
@@ -179,7 +181,13 @@ class RoutingReplay:
 
             rank = parallel_state.get_tensor_model_parallel_rank()
             size = parallel_state.get_tensor_model_parallel_world_size()
-            routes_SBLK, replay_SB, pad_SB = (sp_slice(t, rank, size) for t in (routes_SBLK, replay_SB, pad_SB))
+            if routes.sp_shard == (0, 1):
+                routes_SBLK, replay_SB, pad_SB = (sp_slice(t, rank, size) for t in (routes_SBLK, replay_SB, pad_SB))
+            elif routes.sp_shard != (rank, size):
+                raise ValueError(
+                    f"microbatch routes were aligned for sequence-parallel shard {routes.sp_shard}, "
+                    f"this rank is ({rank}, {size})"
+                )
         replay_T = replay_SB.reshape(-1)
         valid_T = ~pad_SB.reshape(-1)
         topk = routes_SBLK.shape[-1]
@@ -311,7 +319,7 @@ def replay_metrics(model_chunks) -> dict[str, float]:
     return out
 
 
-def recorded_sample_routes(model_chunks, microbatches) -> list[torch.Tensor]:
+def recorded_sample_routes(model_chunks, microbatches, *, include_last: bool = False) -> list[torch.Tensor]:
     """Turn the routes kept during a pass into per-sample tensors.
 
     R2 uses it after a ``"record"`` pass (the live routes); with ``keep_used`` set, it returns
@@ -319,8 +327,10 @@ def recorded_sample_routes(model_chunks, microbatches) -> list[torch.Tensor]:
 
     Returns one ``[L_i - 1, num_moe_layers, topk]`` int tensor per sample (microbatch order):
     tokens ``0 .. L_i - 2``, the form a rollout engine returns (see ``Sample.routes``).
-    Only this rank's MoE layers are filled (a pipeline stage replays its own layers only);
-    sequence-parallel shards are gathered over TP first.
+    ``include_last`` adds the last token's row (``L_i`` rows): the embedded rollout engine
+    needs it, because the token it feeds next is that last one. Only this rank's MoE layers
+    are filled (a pipeline stage replays its own layers only); sequence-parallel shards are
+    gathered over TP first.
     """
     from megatron.core import parallel_state
 
@@ -331,7 +341,7 @@ def recorded_sample_routes(model_chunks, microbatches) -> list[torch.Tensor]:
     samples: list[torch.Tensor] = []
     for i, mb in enumerate(microbatches):
         B, S = mb.tokens.shape
-        lengths = (mb.sample_index >= 0).sum(1)
+        lengths = (mb.sample_index >= 0).sum(1) + int(include_last)
         starts = mb.sample_index[:, 0]
         topk = None
         per_layer: dict[int, torch.Tensor] = {}

@@ -1,0 +1,172 @@
+"""The embedded rollout engine: the training policy samples its own responses (the CPU default).
+
+It runs on every rank of the training job, on the trainer's own (sharded) model, so it needs no
+second copy of the weights and no weight sync. Each data-parallel rank generates for its own
+prompts; the ranks of one model-parallel group run the same forwards together.
+
+Generation is token by token: each step re-runs the model on the whole right-padded batch
+(no KV cache: the CPU demo's sequences are a few dozen tokens, and a full forward keeps the
+Megatron model untouched). The next-token logits of each sequence are gathered over the
+tensor-parallel vocabulary shards on the last pipeline stage, sampled there with the
+configured temperature and top-p (seeded, reproducible), and broadcast to the other stages.
+
+What it returns matches what SGLang returns, so the trainer treats both engines alike:
+- ``response_log_probs``: log-probs of the sampled tokens after temperature, before top-p;
+- ``routes``: for every token but the last, the experts the routers chose in the forward that
+  first fed that token (prompt tokens: the first forward; a generated token: the next one),
+  ``[len - 1, num_moe_layers, topk]`` in compact storage. Recorded with the routing-replay
+  controller's ``record`` action, so the model must have one attached.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from sapo_megatron.megatron.batch import Sample, collate_padded
+from sapo_megatron.megatron.step import model_forward
+from sapo_megatron.rollout.base import RolloutResult, SamplingParams
+from sapo_megatron.routing import recorded_sample_routes, routing_action, storage_dtype
+
+
+def _last_logits_loss(mb, output_tensor):
+    """Loss-function slot of the forward-only schedule: the last real position's full logits."""
+    from megatron.core import parallel_state
+
+    last = (~mb.padding_mask).sum(1) - 1
+    logits_BV = output_tensor[torch.arange(output_tensor.shape[0]), last].float()
+    group = parallel_state.get_tensor_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        parts = [torch.empty_like(logits_BV) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, logits_BV.contiguous(), group=group)
+        logits_BV = torch.cat(parts, dim=-1)
+    return torch.zeros(()), torch.zeros((), dtype=torch.int), {"logits": logits_BV}
+
+
+def _forward_step(data_iterator, model):
+    mb = next(data_iterator)
+    return model_forward(model, mb), partial(_last_logits_loss, mb)
+
+
+def _top_p_filter(probs_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return probs_BV
+    sorted_p, order = probs_BV.sort(dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+    filtered = torch.zeros_like(probs_BV).scatter(-1, order, sorted_p * keep)
+    return filtered / filtered.sum(-1, keepdim=True)
+
+
+class EmbeddedEngine:
+    """Samples from the trainer's own model chunks (see module docstring)."""
+
+    def __init__(self, model_chunks, *, num_experts: int | None, pad_multiple: int = 1, pad_id: int = 0, seed: int = 0):
+        self.model_chunks = model_chunks
+        self.pad_multiple = pad_multiple
+        self.pad_id = pad_id
+        self.seed = seed
+        self.route_dtype = storage_dtype(num_experts) if num_experts else None
+        self.calls = 0
+
+    @torch.no_grad()
+    def _next_logits(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mb = collate_padded([_bare_sample(s) for s in sequences], pad_multiple=self.pad_multiple, pad_id=self.pad_id)
+        chunks = self.model_chunks
+        iterators = [iter([mb]) for _ in chunks]
+        outputs = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=1,
+            seq_length=mb.tokens.shape[1],
+            micro_batch_size=mb.tokens.shape[0],
+            forward_only=True,
+        )
+        logits = outputs[0]["logits"] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
+        group = parallel_state.get_pipeline_model_parallel_group()
+        if dist.get_world_size(group) > 1:
+            box = [logits]
+            dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=group)
+            logits = box[0]
+        return mb, logits
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool) -> list[RolloutResult]:
+        """Generate for this data-parallel rank's ``prompts`` (a collective over its model-parallel group)."""
+        short = [i for i, p in enumerate(prompts) if len(p) < 2]
+        if short:
+            raise ValueError(f"the embedded engine needs prompts of at least 2 tokens; prompts {short} are shorter")
+        for chunk in self.model_chunks:
+            chunk.eval()
+        # An explicit params.seed reproduces a rollout; otherwise every call draws anew.
+        key = (params.seed,) if params.seed is not None else (self.seed, self.calls)
+        gen = torch.Generator().manual_seed(hash((*key, _dp_rank())) % (2**63))
+        self.calls += 1
+        sequences = [torch.tensor(p, dtype=torch.long) for p in prompts]
+        prompt_lens = [len(p) for p in prompts]
+        log_probs: list[list[float]] = [[] for _ in prompts]
+        rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+        fed = [0] * len(prompts)
+        done = [False] * len(prompts)
+        finish = ["length"] * len(prompts)
+        stop = set(params.stop_token_ids)
+        for _ in range(params.max_new_tokens):
+            active = [i for i, d in enumerate(done) if not d]
+            if not active:
+                break
+            batch = [sequences[i] for i in active]
+            if return_routes:
+                with routing_action(self.model_chunks, "record", with_backward=False):
+                    mb, logits = self._next_logits(batch)
+                    recorded = recorded_sample_routes(self.model_chunks, [mb], include_last=True)
+                for j, i in enumerate(active):
+                    n = sequences[i].numel()
+                    rows[i].append(recorded[j][fed[i] : n].to(self.route_dtype))
+                    fed[i] = n
+            else:
+                mb, logits = self._next_logits(batch)
+            logp = torch.log_softmax(logits.double() / params.temperature, dim=-1)
+            probs = _top_p_filter(logp.exp(), params.top_p)
+            tokens = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            for j, i in enumerate(active):
+                tok = int(tokens[j])
+                sequences[i] = torch.cat([sequences[i], tokens[j : j + 1]])
+                log_probs[i].append(float(logp[j, tok]))
+                if tok in stop:
+                    done[i], finish[i] = True, "stop"
+        for chunk in self.model_chunks:
+            chunk.train()
+        results = []
+        for i, seq in enumerate(sequences):
+            routes = torch.cat(rows[i]) if return_routes else None
+            results.append(RolloutResult(
+                prompt_ids=list(prompts[i]),
+                response_ids=seq[prompt_lens[i]:].tolist(),
+                response_log_probs=log_probs[i],
+                finish_reason=finish[i],
+                routes=routes,
+            ))
+        return results
+
+    def update_weights(self, model_chunks, step: int) -> None:
+        """Nothing to sync: the engine samples from the trainer's live weights."""
+
+    def close(self) -> None:
+        pass
+
+
+def _bare_sample(tokens: torch.Tensor) -> Sample:
+    """A sample carrying only tokens: the generation forward needs no loss fields."""
+    n = tokens.numel()
+    zeros = torch.zeros(n - 1)
+    return Sample(tokens=tokens, loss_mask=torch.zeros(n - 1, dtype=torch.bool), old_log_probs=zeros, advantages=zeros)
+
+
+def _dp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank() if dist.is_initialized() else 0

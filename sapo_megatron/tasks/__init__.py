@@ -1,0 +1,53 @@
+"""Tasks and rewards for RL training: what to prompt with and how to score the responses.
+
+Layout: ``base`` (the ``Tokenizer``/``Prompt``/``Task`` interface, the task registry,
+``build_task`` and the resumable ``PromptStream``), ``tokenizers`` (char, byte, lazy HF),
+``arithmetic`` (the embedded CPU default), ``prompt_sets`` (JSONL/JSON/Parquet and the GSM8K /
+DAPO-Math / AIME layouts), ``math_task`` (``math``), ``math_verify`` (answer extraction and
+comparison), ``user_reward`` (``reward_fn: "package.module:function"``).
+
+Use::
+
+    task = build_task({"name": "arithmetic", "max_operand": 4})
+    stream = PromptStream(task, seed=0)
+    batch = stream.next_batch(8)                      # list[Prompt]; feed prompt.ids
+    r = task.reward(batch[0], response_ids, task.tokenizer.decode(response_ids))
+    ckpt["data"] = stream.state_dict()                # later: stream.load_state_dict(ckpt["data"])
+"""
+from . import arithmetic, math_task  # noqa: F401  (register the built-in tasks)
+from .arithmetic import ArithmeticConfig, ArithmeticTask, arithmetic_reward
+from .base import SPLITS, TASKS, Prompt, PromptStream, Task, Tokenizer, build_task, register_task
+from .math_task import MathConfig, MathTask
+from .math_verify import answers_match, extract_answer, math_reward, normalize_answer
+from .prompt_sets import FORMATS, RecordError, load_prompt_set
+from .tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, build_tokenizer
+from .user_reward import UserRewardTask, load_reward_fn
+
+__all__ = [
+    "FORMATS",
+    "SPLITS",
+    "TASKS",
+    "ArithmeticConfig",
+    "ArithmeticTask",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "HFTokenizer",
+    "MathConfig",
+    "MathTask",
+    "Prompt",
+    "PromptStream",
+    "RecordError",
+    "Task",
+    "Tokenizer",
+    "UserRewardTask",
+    "answers_match",
+    "arithmetic_reward",
+    "build_task",
+    "build_tokenizer",
+    "extract_answer",
+    "load_prompt_set",
+    "load_reward_fn",
+    "math_reward",
+    "normalize_answer",
+    "register_task",
+]

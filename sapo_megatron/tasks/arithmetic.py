@@ -1,0 +1,112 @@
+"""``arithmetic``: small integer arithmetic with a character tokenizer; the embedded CPU default.
+
+A prompt is ``"3+4="`` and the expected response is ``"7"`` followed by EOS. With the defaults
+(operands 0..4, ``+`` only) every answer is one digit and the vocabulary has 16 tokens, so a
+randomly initialised policy emits the exact answer about once in 256 samples and the first digit
+right about once in 16: RL alone has signal from the first step. Harder settings:
+``max_operand=9, operators="+-"`` (two-digit and negative answers with ``allow_negative=True``),
+``max_operand=99``, or ``operators="+-*"`` (adds ``*`` to the alphabet, vocabulary 17).
+
+Reward (the response is cut at the first EOS; PAD counts as a stray character):
+- 1.0  the response is exactly the answer, e.g. ``"7"``.
+- ``partial_credit`` (0.5)  the first number in the response equals the answer but other
+  characters surround it, e.g. ``"7+"``, ``" 7"``, ``"07"``.
+- ``format_credit`` (0.1)  the response is a well-formed number (``-?[0-9]+``), but wrong.
+- 0.0  anything else: empty, garbage, a wrong number with extra characters.
+With ``shaping=False`` only the exact answer scores (1.0 or 0.0).
+
+Prompts depend only on ``(seed, split, index)``, so streams are deterministic and resume in O(1).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+from .base import Prompt, check_split, config_from_options, register_task
+from .tokenizers import CharTokenizer
+
+_NUMBER = re.compile(r"-?[0-9]+")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+@dataclass
+class ArithmeticConfig:
+    min_operand: int = 0
+    max_operand: int = 4
+    operators: str = "+"
+    allow_negative: bool = False  # False: for "-", operands are ordered so the answer is >= 0
+    shaping: bool = True
+    partial_credit: float = 0.5
+    format_credit: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_operand <= self.max_operand:
+            raise ValueError(f"arithmetic: need 0 <= min_operand <= max_operand, got "
+                             f"min_operand={self.min_operand}, max_operand={self.max_operand}")
+        bad = sorted(set(self.operators) - set(_OPS))
+        if not self.operators or bad:
+            raise ValueError(f"arithmetic: operators must be a non-empty string of {sorted(_OPS)}, "
+                             f"got {self.operators!r}")
+        for name in ("partial_credit", "format_credit"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"arithmetic: {name} must be in [0, 1], got {getattr(self, name)}")
+
+
+class ArithmeticTask:
+    name = "arithmetic"
+
+    def __init__(self, config: ArithmeticConfig | None = None):
+        self.config = config or ArithmeticConfig()
+        extra = "*" if "*" in self.config.operators else ""
+        self.tokenizer = CharTokenizer("0123456789+-= " + extra)
+
+    def make_prompt(self, *, seed: int, split: str, index: int) -> Prompt:
+        cfg = self.config
+        # A string seed is hashed with SHA-512, so streams match across processes and runs.
+        rng = random.Random(f"arithmetic:{seed}:{split}:{index}")
+        a = rng.randint(cfg.min_operand, cfg.max_operand)
+        b = rng.randint(cfg.min_operand, cfg.max_operand)
+        op = rng.choice(cfg.operators)
+        if op == "-" and not cfg.allow_negative and a < b:
+            a, b = b, a
+        text = f"{a}{op}{b}="
+        answer = str(_OPS[op](a, b))
+        return Prompt(uid=f"arithmetic-{split}-{seed}-{index}", text=text, ids=self.tokenizer.encode(text),
+                      answer=answer, meta={"index": index, "a": a, "b": b, "op": op})
+
+    def prompts(self, *, seed: int, split: str = "train", start: int = 0) -> Iterator[Prompt]:
+        check_split(self.name, split)
+        index = start
+        while True:
+            yield self.make_prompt(seed=seed, split=split, index=index)
+            index += 1
+
+    def reward(self, prompt: Prompt, response_ids: list[int], response_text: str) -> float:
+        return arithmetic_reward(self.tokenizer, prompt.answer, response_ids, self.config)
+
+
+def arithmetic_reward(tokenizer: CharTokenizer, answer: str, response_ids: list[int],
+                      config: ArithmeticConfig) -> float:
+    ids = list(response_ids)
+    if tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    # PAD has no character; "\0" keeps it from vanishing and making "7<pad>" look exact.
+    text = "".join(tokenizer.char(i) or "\0" for i in ids)
+    if text == answer:
+        return 1.0
+    if not config.shaping:
+        return 0.0
+    first = _NUMBER.search(text)
+    if first is not None and int(first.group()) == int(answer):
+        return config.partial_credit
+    if _NUMBER.fullmatch(text):
+        return config.format_credit
+    return 0.0
+
+
+@register_task("arithmetic")
+def build_arithmetic(**options) -> ArithmeticTask:
+    return ArithmeticTask(config_from_options(ArithmeticConfig, "arithmetic", options))

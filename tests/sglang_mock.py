@@ -1,0 +1,357 @@
+"""A local stand-in for an SGLang server, speaking its native HTTP API (FIELD-NOTES section 2).
+
+``MockSGLang`` is a ``ThreadingHTTPServer`` on 127.0.0.1 (port 0 = any free port). Generation is
+fake but deterministic: :func:`fake_generate` derives tokens, log-probs and routes from the
+request alone, so a test can compute what the client must return. Behaviours that tests switch
+on: no routed experts (a server started without ``--enable-return-routed-experts``), aborts,
+delays (to trigger client timeouts), dropped connections and a restart on the same port, the
+stop-edge extra route row, a required API key, failing weight updates. Every request is
+recorded (``server.requests``) with its path, JSON body and whether it was authorised.
+
+Use as a context manager (or call ``stop()``): the server and every waiting handler end at
+teardown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from sapo_megatron.routing import encode_routed_experts
+
+
+@dataclass
+class Behaviour:
+    num_hidden_layers: int = 4
+    topk: int = 2
+    num_experts: int = 8
+    dense_layers: tuple[int, ...] = (0,)
+    vocab_size: int = 50
+    routed_experts: bool = True  # the server flag --enable-return-routed-experts
+    stop_edge: bool = False  # one extra route row when a request stops on a stop token
+    trim_stop_in_output_ids: bool = False  # output_ids without the matched stop token
+    abort_prompts: set = field(default_factory=set)  # tuple(input_ids) answered with an abort
+    reject_prompts: set = field(default_factory=set)  # tuple(input_ids) answered with HTTP 400
+    delay_s: float = 0.0  # every /generate waits this long before answering
+    slow_prompts: set = field(default_factory=set)  # tuple(input_ids): wait slow_delay_s
+    slow_delay_s: float = 0.0
+    slow_times: int | None = None  # only the first N requests of slow prompts are slow
+    fail_5xx: int = 0  # the first N /generate requests get HTTP 500 (body echoes headers)
+    api_key: str | None = None  # required as "Authorization: Bearer <key>" when set
+    weight_update_ok: bool = True
+
+
+# Fields SGLang's GenerateReqInput / SamplingParams accept (a subset: what a client may send).
+# Like SGLang (which builds dataclasses from the JSON), the mock answers others with HTTP 400.
+GENERATE_FIELDS = {
+    "text",
+    "input_ids",
+    "sampling_params",
+    "return_logprob",
+    "logprob_start_len",
+    "top_logprobs_num",
+    "return_text_in_logprobs",
+    "stream",
+    "rid",
+    "return_routed_experts",
+    "routed_experts_start_len",
+}
+SAMPLING_FIELDS = {
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_new_tokens",
+    "min_new_tokens",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "skip_special_tokens",
+    "no_stop_trim",
+    "sampling_seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "n",
+}
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def fake_routes(num_tokens: int, b: Behaviour, seed: int) -> torch.Tensor:
+    """``[num_tokens, num_hidden_layers, topk]`` int32: distinct experts on MoE layers, zeros on
+    dense ones (as SGLang sends them)."""
+    gen = torch.Generator().manual_seed(seed % 2**63)
+    scores = torch.rand(num_tokens, b.num_hidden_layers, b.num_experts, generator=gen)
+    routes = scores.topk(b.topk, dim=-1).indices.to(torch.int32)  # kernel order: not sorted
+    routes[:, list(b.dense_layers)] = 0
+    return routes
+
+
+def fake_generate(request: dict, b: Behaviour) -> dict:
+    """The /generate response SGLang would send for ``request`` (deterministic)."""
+    prompt = list(request["input_ids"])
+    sp = request.get("sampling_params", {})
+    rng = random.Random(_seed(prompt, sp.get("sampling_seed"), sp.get("temperature")))
+    stops = set(sp.get("stop_token_ids") or [])
+    max_new = int(sp.get("max_new_tokens", 16))
+    output, finish = [], {"type": "length", "length": max_new}
+    if tuple(prompt) in b.abort_prompts:
+        finish = {"type": "abort", "message": "Abort in waiting queue", "status_code": 500}
+    else:
+        while len(output) < max_new:
+            token = rng.randrange(b.vocab_size)
+            output.append(token)
+            if token in stops:
+                finish = {"type": "stop", "matched": token}
+                break
+    logprobs = [[-round(rng.uniform(0.01, 5.0), 4), t, None] for t in output]
+    meta = {
+        "id": hashlib.md5(repr(prompt).encode()).hexdigest(),
+        "finish_reason": finish,
+        "prompt_tokens": len(prompt),
+        "completion_tokens": len(output),
+        "cached_tokens": 0,
+    }
+    if request.get("return_logprob"):
+        meta["output_token_logprobs"] = logprobs
+        meta["input_token_logprobs"] = [[None, prompt[-1], None]]  # logprob_start_len -1
+    if request.get("return_routed_experts") and b.routed_experts and output:
+        start = int(request.get("routed_experts_start_len", 0))
+        rows = len(prompt) + len(output) - 1 - start
+        if b.stop_edge and finish["type"] == "stop":
+            rows += 1
+        meta["routed_experts"] = encode_routed_experts(fake_routes(rows, b, _seed(prompt, "r")))
+    output_ids = output[:-1] if b.trim_stop_in_output_ids and finish["type"] == "stop" else output
+    return {"text": " ".join(map(str, output_ids)), "output_ids": output_ids, "meta_info": meta}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_Server"
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def _send(self, status: int, body, content_type: str = "application/json") -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _drop(self) -> None:
+        """A dying server: close the connection without an answer."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(2)
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        mock = self.server.mock
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        b = mock.behaviour
+        authorised = b.api_key is None or self.headers.get("Authorization") == f"Bearer {b.api_key}"
+        with mock.lock:
+            mock.requests.append(
+                {
+                    "path": self.path,
+                    "method": self.command,
+                    "body": body,
+                    "authorised": authorised,
+                    "time": time.monotonic(),
+                }
+            )
+        if not authorised:
+            return self._send(401, {"error": "Unauthorized"})
+        handler = {
+            "/generate": self._generate,
+            "/get_server_info": self._server_info,
+            "/health": lambda _: self._send(200, ""),
+            "/flush_cache": self._flush_cache,
+            "/update_weights_from_disk": self._update_from_disk,
+            "/init_weights_update_group": self._weights_op,
+            "/update_weights_from_distributed": self._weights_op,
+        }.get(self.path)
+        if handler is None:
+            return self._send(404, {"detail": "Not Found"})
+        handler(body)
+
+    def _generate(self, request: dict) -> None:
+        mock, b = self.server.mock, self.server.mock.behaviour
+        with mock.lock:
+            mock.generate_count += 1
+            count = mock.generate_count
+            mock.meter.enter()
+            prompt = tuple(request["input_ids"])
+            slow = prompt in b.slow_prompts
+            if slow:
+                mock.slow_seen[prompt] = mock.slow_seen.get(prompt, 0) + 1
+                slow = b.slow_times is None or mock.slow_seen[prompt] <= b.slow_times
+        try:
+            unknown = (set(request) - GENERATE_FIELDS) | (
+                set(request.get("sampling_params", {})) - SAMPLING_FIELDS
+            )
+            if unknown:
+                message = f"__init__() got an unexpected keyword argument {sorted(unknown)[0]!r}"
+                return self._send(400, {"error": {"message": message}})
+            if mock.die_after is not None and count == mock.die_after:
+                mock.die_after = None
+                threading.Thread(target=mock.restart, args=(mock.down_s,), daemon=True).start()
+                return self._drop()
+            delay = b.slow_delay_s if slow else b.delay_s
+            if delay and mock.stopping.wait(delay):
+                return self._drop()
+            if count <= b.fail_5xx:
+                echo = {k: v for k, v in self.headers.items()}
+                return self._send(500, {"error": {"message": f"internal error, headers {echo}"}})
+            if prompt in b.reject_prompts:
+                return self._send(
+                    400,
+                    {"error": {"message": "The input is longer than the model's context length"}},
+                )
+            self._send(200, fake_generate(request, b))
+        finally:
+            with mock.lock:
+                mock.meter.leave()
+
+    def _server_info(self, _) -> None:
+        b = self.server.mock.behaviour
+        self._send(
+            200,
+            {
+                "model_path": "mock/Qwen3-MoE",
+                "tp_size": 1,
+                "dp_size": 1,
+                "enable_return_routed_experts": b.routed_experts,
+                "version": "0.5.23-mock",
+            },
+        )
+
+    def _flush_cache(self, _) -> None:
+        self._send(
+            200,
+            "Cache flushed.\nPlease check backend logs for more details.",
+            content_type="text/plain",
+        )
+
+    def _update_from_disk(self, body: dict) -> None:
+        b = self.server.mock.behaviour
+        ok = b.weight_update_ok and os.path.isdir(body["model_path"])
+        message = "Succeeded to update model weights." if ok else "Failed to load weights"
+        self._send(
+            200 if ok else 400, {"success": ok, "message": message, "num_paused_requests": 0}
+        )
+
+    def _weights_op(self, body: dict) -> None:
+        ok = self.server.mock.behaviour.weight_update_ok
+        self._send(200 if ok else 400, {"success": ok, "message": "ok" if ok else "failed"})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    mock: "MockSGLang"
+
+
+class ConcurrencyMeter:
+    """Requests in flight, possibly shared by several mock servers (guarded by their locks)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+
+    def enter(self) -> None:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+class MockSGLang:
+    def __init__(self, behaviour: Behaviour | None = None, meter: ConcurrencyMeter | None = None):
+        self.behaviour = behaviour or Behaviour()
+        self.meter = meter or ConcurrencyMeter()
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []
+        self.generate_count = 0
+        self.slow_seen: dict = {}
+        self.die_after: int | None = None
+        self.down_s = 0.0
+        self.restarted = threading.Event()
+        self.stopping = threading.Event()
+        self.port = 0
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.stopping.clear()
+        self._server = _Server(("127.0.0.1", self.port), _Handler)
+        self._server.mock = self
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self.stopping.set()  # wakes delayed handlers, which drop their connections
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._server = None
+
+    def die_at(self, request_number: int, down_s: float) -> None:
+        """The ``request_number``-th /generate drops its connection and the server goes away
+        for ``down_s`` seconds (connections refused), then serves again on the same port."""
+        self.die_after, self.down_s = request_number, down_s
+
+    def restart(self, down_s: float) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+        self.restarted.set()
+
+    def paths(self) -> list[str]:
+        with self.lock:
+            return [r["path"] for r in self.requests]
+
+    def bodies(self, path: str) -> list[dict]:
+        with self.lock:
+            return [r["body"] for r in self.requests if r["path"] == path]
+
+    def __enter__(self) -> "MockSGLang":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
