@@ -16,6 +16,8 @@ setup(
         "pyyaml>=6",
         # ~10x faster base64 than the standard library: decoding SGLang routed_experts payloads.
         "pybase64>=1.3",
+        # Checkpoint conversion reads and writes HF safetensors shards (sapo_megatron.checkpoint).
+        "safetensors>=0.4",
     ],
     extras_require={
         # transformers: HF parity and tokenizer tests; pyarrow: Parquet prompt sets;

@@ -1,9 +1,12 @@
 """The ``sapo-megatron`` command.
 
-Subcommands are a registry (name -> handler). ``demo`` starts torchrun itself when it is not
-already running under it, so one command runs the multi-rank CPU smoke run::
+Subcommands are a registry (name -> handler):
 
-    sapo-megatron demo [--nproc 2] [--tp 2] [--updates 4]
+    sapo-megatron train --config configs/tiny_cpu.yaml [key.sub=value ...]   # the RL trainer
+    sapo-megatron demo [--nproc 2] [--tp 2] [--updates 4]                   # one-batch smoke run
+
+``train`` runs in the current process group: launch it with torchrun for several ranks
+(``examples/run_tiny_cpu.sh``). ``demo`` starts torchrun itself when not already under it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,31 @@ def _demo(argv: list[str]) -> int:
         print(f"sapo-megatron demo: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
         return 2
     return _launch_torchrun("sapo_megatron.demo", args.nproc, argv)
+
+
+@command("train")
+def _train(argv: list[str]) -> int:
+    """``sapo-megatron train --config X.yaml [key.sub=value ...]``; under torchrun for >1 rank."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="sapo-megatron train")
+    ap.add_argument("--config", help="YAML file (configs/*.yaml); defaults apply without one")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides (output_dir=, seed= aliases)")
+    args = ap.parse_args(argv)
+
+    from sapo_megatron.config import ConfigError, load_config, validate_for_world
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate_for_world(cfg, world)
+    except (ConfigError, ValueError) as err:
+        print(f"sapo-megatron train: {err}", file=sys.stderr)
+        return 2
+    from sapo_megatron.trainer.loop import train
+
+    train(cfg)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

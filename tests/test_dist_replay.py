@@ -81,7 +81,7 @@ def single(rollout):
 
 LAYOUTS = {
     "single": (1, []),
-    "tp2_sp": (2, ["--tp", "2"]),
+    "tp2_sp_2mb": (2, ["--tp", "2", "--microbatches", "2"]),
     "pp2_4mb": (2, ["--pp", "2", "--microbatches", "4"]),
     "ep2": (2, ["--ep", "2"]),
     "recompute": (1, ["--recompute", "--microbatches", "2"]),

@@ -14,8 +14,13 @@ import torch
 from sapo_megatron.models import ModelConfig, ParallelConfig, build_gpt_model, to_transformer_config
 
 
-def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, wrap_ddp: bool = True):
-    """This rank's model chunks (one per virtual pipeline stage), DDP-wrapped and hooked."""
+def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, wrap_ddp: bool = True,
+                       use_distributed_optimizer: bool = False):
+    """This rank's model chunks (one per virtual pipeline stage), DDP-wrapped and hooked.
+
+    ``use_distributed_optimizer`` must match the optimizer's setting (Megatron's DDP lays out
+    its gradient buffers for the sharded optimizer).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
 
@@ -28,7 +33,7 @@ def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
@@ -41,8 +46,15 @@ def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
 
 
 def build_optimizer(model_chunks, *, lr: float = 1e-6, weight_decay: float = 0.0, clip_grad: float = 1.0,
-                    adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_eps: float = 1e-8):
-    """Megatron-Core's optimizer (Adam) over ``model_chunks``."""
+                    adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_eps: float = 1e-8,
+                    megatron: dict | None = None):
+    """Megatron-Core's optimizer (Adam) over ``model_chunks``.
+
+    ``megatron`` passes further ``OptimizerConfig`` fields through (e.g. the distributed
+    optimizer and its CPU offload on GPU clusters); unknown names are refused.
+    """
+    import dataclasses
+
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = model_chunks[0].config
@@ -59,4 +71,9 @@ def build_optimizer(model_chunks, *, lr: float = 1e-6, weight_decay: float = 0.0
         params_dtype=config.params_dtype,
         use_distributed_optimizer=False,
     )
+    extra = dict(megatron or {})
+    unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(OptimizerConfig)})
+    if unknown:
+        raise ValueError(f"optim.megatron has keys that are not Megatron-Core OptimizerConfig fields: {unknown}")
+    opt_config = dataclasses.replace(opt_config, **extra)
     return get_megatron_optimizer(opt_config, model_chunks)

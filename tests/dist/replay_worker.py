@@ -193,7 +193,14 @@ def main() -> None:
         dp_size=parallel_state.get_data_parallel_world_size(),
         num_microbatches=args.microbatches,
     )
-    microbatches = [attach_routes(collate_padded(g, pad_multiple=args.tp, min_length=SEQ), g) for g in groups]
+    # Alternate between aligning the whole sequence (sliced by the controller) and building
+    # only this rank's sequence-parallel shard: both paths must replay the same routes.
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    microbatches = [
+        attach_routes(collate_padded(g, pad_multiple=args.tp, min_length=SEQ), g,
+                      **({"tp_rank": tp_rank, "tp_size": args.tp} if i % 2 else {}))
+        for i, g in enumerate(groups)
+    ]
     mine = [s for g in groups for s in g]
 
     # 1. Live routing, agreement with the rollout's routes measured.

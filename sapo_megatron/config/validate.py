@@ -1,0 +1,125 @@
+"""Checks across sections, run before anything is built.
+
+:func:`validate` needs only the config (``load_config`` calls it); :func:`validate_for_world`
+also needs the world size and returns the :class:`BatchPlan` the trainer follows:
+
+    rollout batch  = rollout.prompts_per_step * rollout.samples_per_prompt samples
+    minibatch      = rollout batch / train.updates_per_rollout      (one optimizer step each)
+    per DP rank    = minibatch / data-parallel size
+    microbatches   = per DP rank / train.micro_batch_size           (Megatron's num_microbatches)
+
+Every division must be exact: a remainder would mean dropped samples or uneven optimizer steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sapo_megatron.config.io import ConfigError
+from sapo_megatron.config.schema import TrainConfig
+
+
+def validate(cfg: TrainConfig) -> None:
+    problems: list[str] = []
+    model = cfg.model.resolve()
+    try:
+        import torch
+
+        from sapo_megatron.models.config import to_transformer_config
+
+        # Its divisibility checks (heads % TP, layers % PP, experts % EP, megatron: keys) and
+        # Megatron-Core's own TransformerConfig checks, without building anything.
+        to_transformer_config(model, cfg.parallel, on_cpu=not torch.cuda.is_available())
+    except (ValueError, AssertionError) as err:
+        problems.append(f"model x parallel: {err}")
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if vpp is not None and (pp < 2 or model.num_hidden_layers % (pp * vpp)):
+        problems.append(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
+                        f"pipeline_model_parallel_size > 1 and model.num_hidden_layers "
+                        f"({model.num_hidden_layers}) divisible by pipeline x virtual ({pp} x {vpp})")
+    if cfg.routing.mode != "none" and not any(model.moe_layer_pattern()):
+        problems.append(f"routing.mode={cfg.routing.mode} replays MoE routes, but the model has no "
+                        f"MoE layers (model.num_experts={model.num_experts}); use routing.mode=none")
+    if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang.urls:
+        problems.append("rollout.engine=sglang needs rollout.sglang.urls (the servers' "
+                        "http://host:port addresses)")
+    if cfg.train.advantage in ("grpo", "grpo_no_std", "rloo") and cfg.rollout.samples_per_prompt < 2:
+        problems.append(f"train.advantage={cfg.train.advantage} compares samples of the same prompt: "
+                        f"rollout.samples_per_prompt must be >= 2, got {cfg.rollout.samples_per_prompt}")
+    if cfg.loss.kl_coef > 0 and not cfg.train.use_reference_model:
+        problems.append(f"loss.kl_coef={cfg.loss.kl_coef} needs a reference model: set "
+                        f"train.use_reference_model=true (or loss.kl_coef=0)")
+    if cfg.loss.temperature != cfg.rollout.temperature:
+        # The trainer's log-probs must describe the distribution the engine sampled from, or
+        # ratios, TIS weights and the train/rollout log-prob gap compare different policies.
+        problems.append(f"loss.temperature ({cfg.loss.temperature}) differs from "
+                        f"rollout.temperature ({cfg.rollout.temperature}); set both to the same value")
+    optimizer_steps = cfg.run.steps * cfg.train.updates_per_rollout
+    if cfg.optim.warmup_steps > optimizer_steps:
+        problems.append(f"optim.warmup_steps ({cfg.optim.warmup_steps}) exceeds the run's optimizer "
+                        f"steps (run.steps x train.updates_per_rollout = {optimizer_steps})")
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one rollout batch is split, for a given world size (see the module docstring)."""
+
+    world_size: int
+    data_parallel_size: int
+    expert_data_parallel_size: int
+    rollout_batch_size: int  # samples per training step, all ranks
+    minibatch_size: int  # samples per optimizer step, all ranks
+    samples_per_rank: int  # samples per optimizer step on one DP rank
+    num_microbatches: int  # per optimizer step on one DP rank
+
+
+def validate_for_world(cfg: TrainConfig, world_size: int) -> BatchPlan:
+    """Refuse parallel sizes and batch sizes that do not divide ``world_size``; the split."""
+    if world_size < 1:
+        raise ConfigError([f"world size must be >= 1, got {world_size}"])
+    p = cfg.parallel
+    tp, pp, cp, ep = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                      p.context_parallel_size, p.expert_model_parallel_size)
+    etp = p.expert_tensor_parallel_size or tp
+    problems = []
+    if world_size % (tp * pp * cp):
+        problems.append(
+            f"world size {world_size} is not divisible by parallel.tensor x pipeline x context "
+            f"= {tp} x {pp} x {cp} = {tp * pp * cp}")
+    if world_size % (etp * ep * pp):
+        problems.append(
+            f"world size {world_size} is not divisible by parallel.expert_tensor x expert_model x "
+            f"pipeline = {etp} x {ep} x {pp} = {etp * ep * pp}")
+    if problems:
+        raise ConfigError(problems)
+    dp = world_size // (tp * pp * cp)
+    r, t = cfg.rollout, cfg.train
+    rollout_batch = r.prompts_per_step * r.samples_per_prompt
+    split = (f"rollout.prompts_per_step x samples_per_prompt = {r.prompts_per_step} x "
+             f"{r.samples_per_prompt} = {rollout_batch} samples")
+    if r.prompts_per_step % dp:
+        # Each data-parallel rank samples whole prompt groups (GRPO advantages are per group).
+        raise ConfigError([f"rollout.prompts_per_step={r.prompts_per_step} is not divisible by the "
+                           f"data-parallel size {dp}: each DP rank takes whole prompt groups"])
+    if rollout_batch % t.updates_per_rollout:
+        raise ConfigError([f"{split} do not split into train.updates_per_rollout="
+                           f"{t.updates_per_rollout} equal minibatches"])
+    minibatch = rollout_batch // t.updates_per_rollout
+    if minibatch % (dp * t.micro_batch_size):
+        raise ConfigError([
+            f"{split}, in {t.updates_per_rollout} minibatches of {minibatch}: a minibatch must be "
+            f"divisible by data-parallel size x train.micro_batch_size = {dp} x "
+            f"{t.micro_batch_size} = {dp * t.micro_batch_size} (world {world_size} / model-parallel "
+            f"{tp * pp * cp} = DP {dp})"])
+    return BatchPlan(
+        world_size=world_size,
+        data_parallel_size=dp,
+        expert_data_parallel_size=world_size // (etp * ep * pp),
+        rollout_batch_size=rollout_batch,
+        minibatch_size=minibatch,
+        samples_per_rank=minibatch // dp,
+        num_microbatches=minibatch // dp // t.micro_batch_size,
+    )

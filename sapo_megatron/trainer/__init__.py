@@ -1,0 +1,1 @@
+"""The RL trainer: the loop (loop.py), checkpoints, metrics logging."""

@@ -1,0 +1,242 @@
+"""The run configuration: precedence, aliases, refusals with dotted keys, world/model checks,
+resolved-config round trip, secret redaction, and every shipped YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sapo_megatron.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_argv,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    redact,
+    save_resolved,
+    validate_for_world,
+)
+from sapo_megatron.losses import PolicyLossConfig
+from sapo_megatron.megatron.step import PolicyLossSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
+    path = write(tmp_path, {"run": {"steps": 7, "seed": 5}, "loss": {"tau_neg": 1.2},
+                            "optim": {"lr": "1e-4"}, "model": {"hidden_size": 32}})
+    cfg = load_config(path, ["loss.tau_neg=1.3", "optim.lr=1e-6", "rollout.sglang.urls=[http://a:1,http://b:2]"])
+    assert cfg.run.steps == 7 and cfg.run.seed == 5  # YAML over defaults
+    assert cfg.run.save_every == TrainConfig().run.save_every  # untouched default
+    assert cfg.loss.tau_neg == 1.3 and cfg.optim.lr == 1e-6  # overrides over YAML; "1e-6" is a float
+    assert cfg.rollout.sglang.urls == ["http://a:1", "http://b:2"]
+    model = cfg.model.resolve()
+    assert model.hidden_size == 32 and model.num_experts == 4  # the preset under the YAML fields
+
+
+def test_derived_defaults_stay_derived(tmp_path):
+    # sequence_parallel follows TP unless set: a YAML that only sets TP=2 must get SP on.
+    cfg = load_config(write(tmp_path, {"parallel": {"tensor_model_parallel_size": 2}}))
+    assert cfg.parallel.sequence_parallel is True
+    assert load_config(None, ["parallel.sequence_parallel=false"]).parallel.sequence_parallel is False
+
+
+def test_aliases_and_override_text():
+    cfg = load_config(None, ["output_dir=2024", "seed=3", "task.options.level=2"])
+    assert cfg.run.output_dir == "2024"  # a str field keeps the text as typed
+    assert cfg.run.seed == 3 and cfg.task.options == {"level": 2}
+    cfg = config_from_argv(["--config", str(REPO / "configs/tiny_cpu.yaml"), "output_dir=/tmp/x", "seed=4"])
+    assert (cfg.run.output_dir, cfg.run.seed, cfg.model.resolve().vocab_size) == ("/tmp/x", 4, 16)
+    with pytest.raises(ConfigError, match="expected --config PATH or key.sub=value"):
+        config_from_argv(["--tau", "1"])
+
+
+@pytest.mark.parametrize("source", ["yaml", "override"])
+def test_unknown_keys_named_with_suggestions(tmp_path, source):
+    if source == "yaml":
+        args = (write(tmp_path, {"loss": {"tau_nge": 1.0}, "rollut": {}}), [])
+    else:
+        args = (None, ["loss.tau_nge=1.0", "rollut.engine=sglang"])
+    with pytest.raises(ConfigError) as err:
+        load_config(*args)
+    message = str(err.value)
+    assert "unknown key 'loss.tau_nge'; did you mean 'loss.tau_neg'?" in message
+    assert "valid keys under loss:" in message and "tau_pos" in message
+    assert "unknown key 'rollut'; did you mean 'rollout'" in message
+
+
+def test_unknown_upstream_passthrough_keys():
+    with pytest.raises(ConfigError, match=r"'model.megatron.recompute_granulrity'; did you mean "
+                                          r"'model.megatron.recompute_granularity'"):
+        load_config(None, ["model.megatron.recompute_granulrity=full"])
+    with pytest.raises(ConfigError, match="'optim.megatron.use_distributed_optimzer'"):
+        load_config(None, ["optim.megatron.use_distributed_optimzer=true"])
+    # Megatron-Core's own TransformerConfig checks run at load time too.
+    with pytest.raises(ConfigError, match='recompute_method must be "block" or "uniform"'):
+        load_config(None, ["model.megatron.recompute_granularity=full"])
+    cfg = load_config(None, ["model.megatron={recompute_granularity: full, recompute_method: uniform, recompute_num_layers: 1}",
+                             "optim.megatron.use_distributed_optimizer=true"])
+    assert cfg.model.resolve().megatron["recompute_method"] == "uniform"
+    assert cfg.optim.megatron == {"use_distributed_optimizer": True}
+
+
+def test_wrong_types_all_reported():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["run.steps=abc", "run.resume=maybe", "rollout.engine=vllm",
+                           "loss.tau_pos=[1]", "model.num_experts=2.5"])
+    message = str(err.value)
+    assert "run.steps: expected an integer, got 'abc'" in message
+    assert "run.resume: expected true or false, got 'maybe'" in message
+    assert "rollout.engine: expected one of ['embedded', 'sglang'], got 'vllm'" in message
+    assert "loss.tau_pos: expected a number, got '[1]'" in message
+    assert "model.num_experts: expected an integer, got '2.5'" in message
+    with pytest.raises(ConfigError, match=r"loss.type must be one of \['dual_clip', 'grpo', .*got 'ppo'"):
+        load_config(None, ["loss.type=ppo"])
+
+
+@pytest.mark.parametrize("key", ["tau_pos", "tau_neg"])
+@pytest.mark.parametrize("value", ["0", "-1.05", ".nan"])
+def test_tau_not_positive_refused_with_dotted_key(key, value):
+    with pytest.raises(ConfigError, match=rf"loss\.{key} must be a finite number > 0"):
+        load_config(None, [f"loss.{key}={value}"])
+
+
+def test_configured_tau_reaches_the_loss_spec():
+    spec = load_config(None, ["loss.tau_pos=0.7", "loss.tau_neg=1.3", "loss.type=sapo_seq",
+                              "loss.norm_length=64"]).loss.to_spec()
+    assert isinstance(spec, PolicyLossSpec) and type(spec.config) is PolicyLossConfig
+    assert (spec.loss_type, spec.config.tau_pos, spec.config.tau_neg, spec.norm_length) == ("sapo_seq", 0.7, 1.3, 64)
+
+
+def test_model_and_parallel_sizes_refused():
+    with pytest.raises(ConfigError, match=r"num_attention_heads \(4\) is not divisible by tensor_model_parallel_size \(3\)"):
+        load_config(None, ["parallel.tensor_model_parallel_size=3"])
+    with pytest.raises(ConfigError, match=r"num_hidden_layers \(2\) is not divisible by pipeline"):
+        load_config(None, ["parallel.pipeline_model_parallel_size=4"])
+    with pytest.raises(ConfigError, match=r"num_experts \(4\) is not divisible by expert_model_parallel_size \(3\)"):
+        load_config(None, ["parallel.expert_model_parallel_size=3"])
+    with pytest.raises(ConfigError, match="parallel.tensor_model_parallel_size must be a positive integer"):
+        load_config(None, ["parallel.tensor_model_parallel_size=0"])
+
+
+def test_sizes_against_the_world():
+    cfg = load_config(None, ["parallel.tensor_model_parallel_size=2"])
+    plan = validate_for_world(cfg, 4)  # DP 2; 16 x 8 = 128 -> 2 x 64 -> 32 per rank -> 4 x 8
+    assert (plan.data_parallel_size, plan.minibatch_size, plan.samples_per_rank, plan.num_microbatches) == (2, 64, 32, 4)
+    with pytest.raises(ConfigError, match=r"world size 3 is not divisible by parallel.tensor x pipeline x context = 2 x 1 x 1 = 2"):
+        validate_for_world(cfg, 3)
+    cfg = load_config(None, ["parallel.expert_model_parallel_size=4"])
+    with pytest.raises(ConfigError, match=r"expert_tensor x expert_model x pipeline = 1 x 4 x 1 = 4"):
+        validate_for_world(cfg, 2)
+    cfg = load_config(None, ["rollout.prompts_per_step=3", "rollout.samples_per_prompt=4",
+                             "train.updates_per_rollout=2", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"minibatches of 6: a minibatch must be divisible by data-parallel size x "
+                                          r"train.micro_batch_size = 1 x 4 = 4"):
+        validate_for_world(cfg, 1)
+    with pytest.raises(ConfigError, match="do not split into train.updates_per_rollout=5"):
+        validate_for_world(load_config(None, ["train.updates_per_rollout=5"]), 1)
+
+
+def test_cross_section_refusals():
+    cases = {
+        "routing.mode=R3 replays MoE routes, but the model has no MoE layers": ["routing.mode=R3", "model.num_experts=0"],
+        "rollout.engine=sglang needs rollout.sglang.urls": ["rollout.engine=sglang"],
+        "loss.kl_coef=0.1 needs a reference model": ["loss.kl_coef=0.1"],
+        "loss.temperature (0.7) differs from rollout.temperature (1.0)": ["loss.temperature=0.7"],
+        "rollout.samples_per_prompt must be >= 2": ["rollout.samples_per_prompt=1"],
+    }
+    for expected, overrides in cases.items():
+        with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            load_config(None, overrides)
+    # R3 with the SGLang engine is the production setting.
+    cfg = load_config(None, ["routing.mode=R3", "rollout.engine=sglang", "rollout.sglang.urls=[http://h:30000]"])
+    assert cfg.routing.mode == "R3"
+
+
+def test_env_placeholders(tmp_path):
+    path = write(tmp_path, {"task": {"path": "${MY_DATA}/train.jsonl"}, "run": {"output_dir": "${MY_OUT:-runs/x}"}})
+    cfg = load_config(path, env={"MY_DATA": "/data"})
+    assert (cfg.task.path, cfg.run.output_dir) == ("/data/train.jsonl", "runs/x")
+    with pytest.raises(ConfigError, match="task.path: environment variable MY_DATA is not set"):
+        load_config(path, env={})
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["loss.tau_neg=1.2", "task.options.level=3"])
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    saved = save_resolved(cfg, tmp_path / "run" / "config.yaml")
+    data = yaml.safe_load(saved.read_text())
+    # Every field is written, the model fully resolved from its preset.
+    assert set(data["model"]) >= {"preset", "vocab_size", "num_experts", "megatron", "rope_theta"}
+    assert set(data["loss"]) >= {"tau_pos", "tau_neg", "type", "reduction", "kl_type"}
+    again = load_config(saved)
+    assert again.model.resolve() == cfg.model.resolve()
+    assert config_to_dict(again, resolved=True) == config_to_dict(cfg, resolved=True)
+    assert again.loss == cfg.loss and again.parallel == cfg.parallel and again.task == cfg.task
+
+
+def test_secrets_never_saved(tmp_path):
+    cfg = load_config(None, ["task.options.hf_token=hf_abcdefghijklmnopqrstuvwx",
+                             "task.options.auth_header=Bearer xyz",
+                             "task.options.endpoint=https://user:hunter2@example.com/v1",
+                             "task.options.note=sk-ABCDEFGHIJKLMNOPQRSTU",
+                             "rollout.engine=sglang", "rollout.sglang.urls=[http://h:30000]"])
+    text = save_resolved(cfg, tmp_path / "config.yaml").read_text()
+    for secret in ("hf_abcdefghijklmnopqrstuvwx", "xyz", "hunter2", "sk-ABCDEFGHIJKLMNOPQRSTU"):
+        assert secret not in text
+    data = yaml.safe_load(text)
+    assert data["task"]["options"]["endpoint"] == "https://user:<redacted>@example.com/v1"
+    # The environment variable's NAME stays; ordinary *token* settings are not secrets.
+    assert data["rollout"]["sglang"]["api_key_env"] == "SGLANG_API_KEY"
+    assert data["rollout"]["max_new_tokens"] == 8
+    assert redact({"api_key_env": "sk-ABCDEFGHIJKLMNOPQRSTU"}) == {"api_key_env": "<redacted>"}
+    # A key pasted where the variable name belongs is refused, and not echoed.
+    with pytest.raises(ConfigError, match="rollout.sglang.api_key_env must be the NAME") as err:
+        load_config(None, ["rollout.sglang.api_key_env=abc-123-secret"])
+    assert "abc-123-secret" not in str(err.value)
+
+
+SHIPPED = {  # config -> (world sizes it is meant for, overrides the launch scripts add)
+    "tiny_cpu.yaml": ([2], []),
+    "qwen3_30b_a3b_sapo.yaml": ([4], ["rollout.sglang.urls=[http://127.0.0.1:30000,http://127.0.0.1:30001]"]),
+    "qwen3_235b_a22b_sapo.yaml": ([64], ["rollout.sglang.urls=[http://node009:30000]"]),
+}
+ENV = {"QWEN3_30B_A3B_HF_DIR": "/models/q30", "QWEN3_235B_A22B_HF_DIR": "/models/q235", "DAPO_MATH_PATH": "/data/dapo.parquet"}
+
+
+def test_every_shipped_config_is_covered():
+    assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == sorted(SHIPPED)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_configs_load_and_validate(name, monkeypatch):
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    worlds, overrides = SHIPPED[name]
+    cfg = load_config(REPO / "configs" / name, overrides)
+    for world in worlds:
+        validate_for_world(cfg, world)
+    assert (cfg.loss.type, cfg.loss.tau_pos, cfg.loss.tau_neg) == ("sapo", 1.0, 1.05)
+    if name.startswith("qwen3"):
+        assert cfg.rollout.samples_per_prompt == 16 and cfg.optim.lr == 1e-6
+        assert (cfg.rollout.engine, cfg.routing.mode, cfg.model.resolve().params_dtype) == ("sglang", "R3", "bfloat16")
+        assert cfg.task.path == "/data/dapo.parquet"
+    else:
+        assert cfg.model.resolve().vocab_size == 16 and cfg.routing.mode == "R3"
+
+
+def test_slurm_30b_override_fits_one_trainer_node(monkeypatch):
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config(REPO / "configs/qwen3_30b_a3b_sapo.yaml",
+                      ["parallel.expert_model_parallel_size=8", "rollout.sglang.urls=[http://node002:30000]"])
+    assert validate_for_world(cfg, 8).expert_data_parallel_size == 1

@@ -1,0 +1,119 @@
+"""The launch scripts: `bash -n`, and DRY_RUN=1 printing the resolved commands (no Slurm, GPUs
+or SGLang needed)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*REPO.glob("examples/*.sh"), *REPO.glob("examples/slurm/*.sbatch")])
+
+
+def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
+    """The printed commands, split into words (comment lines dropped)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SGLANG_", "QWEN3_", "SAPO_"))}
+    clean.pop("HOSTS", None)
+    out = subprocess.run(["bash", str(REPO / script), *args], env={**clean, "DRY_RUN": "1", **env},
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return [shlex.split(line) for line in out.splitlines() if line and not line.startswith("#")]
+
+
+def test_every_script_is_tested():
+    names = {p.relative_to(REPO).as_posix() for p in SCRIPTS}
+    assert names == {"examples/common.sh", "examples/run_tiny_cpu.sh", "examples/run_qwen3_30b_a3b_sapo.sh",
+                     "examples/slurm/qwen3_30b_a3b_sapo.sbatch", "examples/slurm/qwen3_235b_a22b_sapo.sbatch"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_tiny_cpu_passes_overrides_through():
+    (cmd,) = dry_run("examples/run_tiny_cpu.sh", "output_dir=/tmp/run a", "seed=3", "loss.tau_neg=1.1")
+    assert cmd[:2] == ["env", "OMP_NUM_THREADS=1"]
+    assert cmd[2:] == ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "sapo_megatron.cli", "train",
+                       "--config", "configs/tiny_cpu.yaml", "output_dir=/tmp/run a", "seed=3", "loss.tau_neg=1.1"]
+
+
+def test_tiny_cpu_command_resolves_to_a_valid_config():
+    from sapo_megatron.config import config_from_argv, validate_for_world
+
+    (cmd,) = dry_run("examples/run_tiny_cpu.sh", "output_dir=/tmp/x", "seed=7")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        cfg = config_from_argv(cmd[cmd.index("train") + 1:])
+    finally:
+        os.chdir(cwd)
+    assert (cfg.run.output_dir, cfg.run.seed) == ("/tmp/x", 7)
+    validate_for_world(cfg, int(cmd[cmd.index("--standalone") + 1].split("=")[1]))
+
+
+def test_single_node_30b():
+    cmds = dry_run("examples/run_qwen3_30b_a3b_sapo.sh", "seed=2", QWEN3_30B_A3B_HF_DIR="/models/q30",
+                   SGLANG_API_KEY="very-secret")
+    servers, (trainer,) = cmds[:-1], cmds[-1:]
+    assert len(servers) == 2
+    for i, (server, gpus) in enumerate(zip(servers, ["4,5", "6,7"])):
+        assert server[:2] == ["env", f"CUDA_VISIBLE_DEVICES={gpus}"]
+        assert "sglang.launch_server" in server and "--enable-return-routed-experts" in server
+        assert server[server.index("--host") + 1] == "127.0.0.1"  # loopback: one node
+        assert server[server.index("--port") + 1] == str(30000 + i)
+        assert server[server.index("--model-path") + 1] == "/models/q30"
+        assert server[server.index("--api-key") + 1] == "$SGLANG_API_KEY"  # the name, never the value
+    assert trainer[1] == "CUDA_VISIBLE_DEVICES=0,1,2,3" and "--nproc_per_node=4" in trainer
+    assert "rollout.sglang.urls=[http://127.0.0.1:30000,http://127.0.0.1:30001]" in trainer
+    assert trainer[-1] == "seed=2" and "configs/qwen3_30b_a3b_sapo.yaml" in trainer
+
+
+def test_single_node_30b_key_never_printed():
+    out = subprocess.run(["bash", str(REPO / "examples/run_qwen3_30b_a3b_sapo.sh")], capture_output=True,
+                         text=True, env={**os.environ, "DRY_RUN": "1", "SGLANG_API_KEY": "very-secret"}).stdout
+    assert "very-secret" not in out
+
+
+@pytest.mark.parametrize("script, nodes, trainer_nodes, server_flags", [
+    ("examples/slurm/qwen3_30b_a3b_sapo.sbatch", 2, 1, ["--tp-size", "2", "--dp-size", "4"]),
+    ("examples/slurm/qwen3_235b_a22b_sapo.sbatch", 12, 8, ["--tp-size", "8"]),
+])
+def test_slurm_dry_run(script, nodes, trainer_nodes, server_flags):
+    hosts = [f"gpu{i:02d}" for i in range(nodes)]
+    cmds = dry_run(script, "output_dir=ignored-by-nobody", "loss.tau_neg=1.1",
+                   HOSTS=" ".join(hosts), SAPO_SHARED_DIR="/shared/run")
+    servers, trainer = cmds[:-1], cmds[-1]
+    sglang_hosts = hosts[trainer_nodes:]
+    assert len(servers) == len(sglang_hosts)
+    for server, host in zip(servers, sglang_hosts):
+        assert server[:4] == ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}"]
+        assert "--enable-return-routed-experts" in server
+        assert server[server.index("--host") + 1] == "0.0.0.0"  # reached from the trainer nodes
+        i = server.index(server_flags[0])
+        assert server[i:i + len(server_flags)] == server_flags
+        assert "--api-key" not in server  # no key in the environment: none passed
+    assert trainer[:2] == ["srun", f"--nodes={trainer_nodes}"]
+    assert f"--nodelist={','.join(hosts[:trainer_nodes])}" in trainer
+    assert f"--nnodes={trainer_nodes}" in trainer and "--nproc_per_node=8" in trainer
+    assert "--rdzv_backend=c10d" in trainer and f"--rdzv_endpoint={hosts[0]}:29500" in trainer
+    urls = ",".join(f"http://{h}:30000" for h in sglang_hosts)
+    assert f"rollout.sglang.urls=[{urls}]" in trainer
+    assert "rollout.sglang.weight_dir=/shared/run/weights" in trainer
+    assert trainer[-2:] == ["output_dir=ignored-by-nobody", "loss.tau_neg=1.1"]  # user's last: they win
+
+
+def test_slurm_dry_run_without_hosts_uses_a_fake_hostlist():
+    cmds = dry_run("examples/slurm/qwen3_235b_a22b_sapo.sbatch")
+    assert "--rdzv_endpoint=node001:29500" in cmds[-1]
+    assert cmds[0][3] == "--nodelist=node009"
+    assert cmds[0][cmds[0].index("--model-path") + 1] == "$QWEN3_235B_A22B_HF_DIR"
+
+
+def test_slurm_refuses_too_few_nodes():
+    result = subprocess.run(["bash", str(REPO / "examples/slurm/qwen3_235b_a22b_sapo.sbatch")],
+                            env={**os.environ, "DRY_RUN": "1", "HOSTS": "a b c"}, capture_output=True, text=True)
+    assert result.returncode != 0 and "need more than TRAINER_NODES=8 nodes" in result.stderr
