@@ -102,3 +102,23 @@ def test_split_and_errors():
     bad = [SAMPLES[0], Sample(**{**SAMPLES[1].__dict__, "ref_log_probs": torch.zeros(1)})]
     with pytest.raises(ValueError, match="lack 'ref_log_probs'"):
         collate_padded(bad)
+
+
+def test_global_names_for_both_expert_layouts(monkeypatch):
+    """PP layer offsets and EP expert offsets; grouped-GEMM names map to SequentialMLP names."""
+    import types
+
+    from megatron.core import parallel_state
+
+    from sapo_megatron.megatron.sharding import global_name
+
+    experts = types.SimpleNamespace(num_local_experts=4, local_experts=[None] * 4)
+    layer = types.SimpleNamespace(layer_number=7, mlp=types.SimpleNamespace(experts=experts))
+    model = types.SimpleNamespace(decoder=types.SimpleNamespace(layers=[layer]))
+    monkeypatch.setattr(parallel_state, "get_expert_model_parallel_rank", lambda: 2)
+    assert global_name(model, "decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight") == \
+        "decoder.layers.6.mlp.experts.local_experts.9.linear_fc2.weight"
+    assert global_name(model, "decoder.layers.0.mlp.experts.linear_fc1.weight3") == \
+        "decoder.layers.6.mlp.experts.local_experts.11.linear_fc1.weight"
+    assert global_name(model, "decoder.layers.0.mlp.router.weight") == "decoder.layers.6.mlp.router.weight"
+    assert global_name(model, "output_layer.weight") == "output_layer.weight"

@@ -6,7 +6,8 @@ the same parameter name. Three things differ on a sharded rank:
 
 - names: pipeline stages number their layers from 0 (the global index is
   ``layer.layer_number - 1``) and expert-parallel ranks number their local experts from 0
-  (global = ``ep_rank * num_local_experts + local``);
+  (global = ``ep_rank * num_local_experts + local``); grouped-GEMM experts
+  (``experts.linear_fc1.weight<e>``) map to the SequentialMLP name of the same expert;
 - tensor-parallel slices: parameters with ``tensor_model_parallel=True`` hold a contiguous
   slice along ``partition_dim``, over the expert-TP group for experts and the TP group
   otherwise;
@@ -26,6 +27,8 @@ import torch.distributed as dist
 
 _LAYER = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
 _EXPERT = re.compile(r"(local_experts\.)(\d+)(\.)")
+# Grouped-GEMM experts (TE spec on GPU) hold local expert e as `experts.linear_fc1.weight<e>`.
+_GROUPED = re.compile(r"experts\.(linear_fc[12])\.weight(\d+)$")
 
 
 def unwrap(model):
@@ -50,13 +53,16 @@ def global_name(model, name: str) -> str:
             name,
             count=1,
         )
-        experts = unwrap(model).decoder.layers[layer_idx].mlp
-        e = _EXPERT.search(name)
-        if e:
-            num_local = len(experts.experts.local_experts)
+        if _EXPERT.search(name) or _GROUPED.search(name):
+            experts = unwrap(model).decoder.layers[layer_idx].mlp.experts
+            num_local = getattr(experts, "num_local_experts", None) or len(experts.local_experts)
             offset = parallel_state.get_expert_model_parallel_rank() * num_local
             name = _EXPERT.sub(
                 lambda mm: f"{mm.group(1)}{offset + int(mm.group(2))}{mm.group(3)}", name, count=1
+            )
+            # Both expert layouts get the SequentialMLP name: one canonical full-tensor name.
+            name = _GROUPED.sub(
+                lambda mm: f"experts.local_experts.{offset + int(mm.group(2))}.{mm.group(1)}.weight", name
             )
     return name
 
@@ -81,8 +87,11 @@ def _tp_layout(param):
     return group, rank, size, param.partition_dim
 
 
+_FC1 = re.compile(r"linear_fc1\.weight\d*$")  # SequentialMLP / dense MLP, or grouped-GEMM expert
+
+
 def _is_glu_fc1(name: str, config) -> bool:
-    return config.gated_linear_unit and name.endswith("linear_fc1.weight")
+    return bool(config.gated_linear_unit and _FC1.search(name))
 
 
 def shard_full_tensor(full: torch.Tensor, param, name: str, config) -> torch.Tensor:
