@@ -97,17 +97,12 @@ def assign_step_weights(
 
 def loss_func(mb: Microbatch, spec: PolicyLossSpec, output_tensor: torch.Tensor):
     """Loss on the last pipeline stage; the 3-tuple contract of ``calculate_per_token_loss``."""
-    from megatron.core import parallel_state
-
     if mb.token_weights is None or mb.step_num_tokens is None:
         raise ValueError("microbatch has no step weights: call assign_step_weights first")
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    if dist.get_world_size(tp_group) == 1:
-        tp_group = None
     log_probs, entropy = vocab_parallel_log_probs(
         output_tensor,
         mb.labels,
-        tp_group=tp_group,
+        tp_group=tp_group_or_none(),
         temperature=spec.temperature,
         with_entropy=True,
         chunk_size=spec.logprob_chunk_size,
@@ -178,6 +173,44 @@ def make_forward_step(spec: PolicyLossSpec):
 _SUMMED = ("loss_sum", "num_tokens", "num_sequences")
 
 
+def tp_group_or_none():
+    """The tensor-parallel group, or None without tensor parallelism (a local computation)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def run_schedule(model_chunks: list, microbatches: list, forward_step_func, *, forward_only: bool) -> list:
+    """Drive Megatron's pipeline schedule over ``microbatches`` (one shape per call under PP)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batch_size, seq_length = microbatches[0].tokens.shape
+    num_chunks = len(model_chunks)
+    iterators = [iter(microbatches) for _ in range(num_chunks)]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iterators if num_chunks > 1 else iterators[0],
+        model=model_chunks if num_chunks > 1 else model_chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def broadcast_from_last_stage(obj):
+    """``obj`` as held by the last pipeline stage, on every stage (an object broadcast)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=group)
+    return box[0]
+
+
 def _merge_metrics(per_microbatch: Iterable[dict]) -> dict[str, float]:
     """Combine microbatch metrics: exact loss sum, min/max, token-weighted means; DP-reduced."""
     from megatron.core import parallel_state
@@ -213,18 +246,6 @@ def _merge_metrics(per_microbatch: Iterable[dict]) -> dict[str, float]:
     return out
 
 
-def _broadcast_from_last_stage(metrics: dict[str, float] | None) -> dict[str, float]:
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_pipeline_model_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return metrics or {}
-    box = [metrics]
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast_object_list(box, src=last, group=group)
-    return box[0]
-
-
 def run_step(
     model_chunks: list,
     microbatches: list[Microbatch],
@@ -240,7 +261,6 @@ def run_step(
     update.
     """
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not microbatches:
         raise ValueError("run_step needs at least one microbatch")
@@ -249,27 +269,16 @@ def run_step(
         raise ValueError(
             f"pipeline parallelism needs equally shaped microbatches, got shapes {sorted(shapes)}"
         )
-    micro_batch_size, seq_length = microbatches[0].tokens.shape
     if not forward_only:
         for chunk in model_chunks:
             chunk.zero_grad_buffer()
         if optimizer is not None:
             optimizer.zero_grad()
-    num_chunks = len(model_chunks)
-    iterators = [iter(microbatches) for _ in range(num_chunks)]
-    outputs = get_forward_backward_func()(
-        forward_step_func=make_forward_step(spec),
-        data_iterator=iterators if num_chunks > 1 else iterators[0],
-        model=model_chunks if num_chunks > 1 else model_chunks[0],
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    outputs = run_schedule(model_chunks, microbatches, make_forward_step(spec), forward_only=forward_only)
     metrics = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         metrics = _merge_metrics(outputs)
-    metrics = _broadcast_from_last_stage(metrics)
+    metrics = broadcast_from_last_stage(metrics)
     if optimizer is not None and not forward_only:
         success, grad_norm, _ = optimizer.step()
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -278,13 +287,10 @@ def run_step(
 
 
 def _log_prob_loss_func(mb: Microbatch, temperature: float, chunk_size, output_tensor):
-    from megatron.core import parallel_state
-
-    tp_group = parallel_state.get_tensor_model_parallel_group()
     log_probs = vocab_parallel_log_probs(
         output_tensor,
         mb.labels,
-        tp_group=tp_group if dist.get_world_size(tp_group) > 1 else None,
+        tp_group=tp_group_or_none(),
         temperature=temperature,
         chunk_size=chunk_size,
     )
@@ -313,26 +319,11 @@ def collect_log_probs(
     loss function returns log-probs instead of a loss.
     """
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    micro_batch_size, seq_length = microbatches[0].tokens.shape
-    num_chunks = len(model_chunks)
-    iterators = [iter(microbatches) for _ in range(num_chunks)]
-    outputs = get_forward_backward_func()(
-        forward_step_func=partial(_log_prob_forward_step, temperature, chunk_size),
-        data_iterator=iterators if num_chunks > 1 else iterators[0],
-        model=model_chunks if num_chunks > 1 else model_chunks[0],
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=True,
+    outputs = run_schedule(
+        model_chunks, microbatches, partial(_log_prob_forward_step, temperature, chunk_size), forward_only=True
     )
     rows = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         rows = [row for out in outputs for row in out["log_probs"]]
-    group = parallel_state.get_pipeline_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        box = [rows]
-        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=group)
-        rows = box[0]
-    return rows
+    return broadcast_from_last_stage(rows)

@@ -99,17 +99,22 @@ def _sglang(cfg, model_chunks, model_cfg, tokenizer):
     from sapo_megatron.rollout.sglang import SGLangConfig, SGLangEngine
 
     s = cfg.rollout.sglang
-    if not cfg.model.hf_dir:
+    if cfg.model.ckpt_dir:
+        from sapo_megatron.checkpoint import McoreCheckpoint
+
+        hf_config = McoreCheckpoint(cfg.model.ckpt_dir).hf_config
+    elif cfg.model.hf_dir:
+        hf_config = json.loads((Path(cfg.model.hf_dir) / "config.json").read_text())
+    else:
         raise ValueError(
-            "rollout.engine=sglang needs model.hf_dir: the servers load HF checkpoints, and the "
-            "HF config of the served model is what weight sync writes"
+            "rollout.engine=sglang needs model.hf_dir or model.ckpt_dir: the servers load HF "
+            "checkpoints, and weight sync writes the served model's HF config"
         )
     if s.weight_sync != "disk":
         raise ValueError(
             f"rollout.sglang.weight_sync={s.weight_sync!r}: the trainer wires disk sync today; NCCL "
             f"sync is available in SGLangEngine(weight_broadcaster=...) for custom launchers"
         )
-    hf_config = json.loads((Path(cfg.model.hf_dir) / "config.json").read_text())
     weight_dir = s.weight_dir or str(Path(cfg.run.output_dir) / "sglang_weights")
     config = SGLangConfig(
         urls=list(s.urls), api_key_env=s.api_key_env, concurrency=s.concurrency, timeout_s=s.timeout_s,

@@ -26,19 +26,17 @@ import torch
 import torch.distributed as dist
 
 from sapo_megatron.megatron.batch import Sample, collate_padded
-from sapo_megatron.megatron.step import model_forward
+from sapo_megatron.megatron.step import tp_group_or_none, broadcast_from_last_stage, model_forward, run_schedule
 from sapo_megatron.rollout.base import RolloutResult, SamplingParams
 from sapo_megatron.routing import recorded_sample_routes, routing_action, storage_dtype
 
 
 def _last_logits_loss(mb, output_tensor):
     """Loss-function slot of the forward-only schedule: the last real position's full logits."""
-    from megatron.core import parallel_state
-
     last = (~mb.padding_mask).sum(1) - 1
     logits_BV = output_tensor[torch.arange(output_tensor.shape[0]), last].float()
-    group = parallel_state.get_tensor_model_parallel_group()
-    if dist.get_world_size(group) > 1:
+    group = tp_group_or_none()
+    if group is not None:
         parts = [torch.empty_like(logits_BV) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, logits_BV.contiguous(), group=group)
         logits_BV = torch.cat(parts, dim=-1)
@@ -71,29 +69,14 @@ class EmbeddedEngine:
         self.calls = 0
 
     @torch.no_grad()
-    def _next_logits(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+    def _next_logits(self, sequences: list[torch.Tensor]):
+        """The batch's microbatch and each sequence's next-token logits ``[B, V]`` (every rank)."""
         from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         mb = collate_padded([_bare_sample(s) for s in sequences], pad_multiple=self.pad_multiple, pad_id=self.pad_id)
-        chunks = self.model_chunks
-        iterators = [iter([mb]) for _ in chunks]
-        outputs = get_forward_backward_func()(
-            forward_step_func=_forward_step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=1,
-            seq_length=mb.tokens.shape[1],
-            micro_batch_size=mb.tokens.shape[0],
-            forward_only=True,
-        )
+        outputs = run_schedule(self.model_chunks, [mb], _forward_step, forward_only=True)
         logits = outputs[0]["logits"] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
-        group = parallel_state.get_pipeline_model_parallel_group()
-        if dist.get_world_size(group) > 1:
-            box = [logits]
-            dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=group)
-            logits = box[0]
-        return mb, logits
+        return mb, broadcast_from_last_stage(logits)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool) -> list[RolloutResult]:
         """Generate for this data-parallel rank's ``prompts`` (a collective over its model-parallel group)."""

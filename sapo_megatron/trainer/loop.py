@@ -126,11 +126,15 @@ class Trainer:
             self.model_cfg, cfg.parallel,
             use_distributed_optimizer=bool(cfg.optim.megatron.get("use_distributed_optimizer", False)),
         )
-        if cfg.model.hf_dir:
+        # Initial weights: a converted Megatron checkpoint, else HF safetensors, else random init.
+        if cfg.model.ckpt_dir:
+            from sapo_megatron.checkpoint import load_into_model
+
+            load_into_model(self.chunks, cfg.model.ckpt_dir)
+        elif cfg.model.hf_dir:
             from sapo_megatron.checkpoint import load_hf_into_model
 
-            for chunk in self.chunks:
-                load_hf_into_model(chunk, cfg.model.hf_dir)
+            load_hf_into_model(self.chunks, cfg.model.hf_dir)
         self.optimizer = build_optimizer(
             self.chunks, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, clip_grad=cfg.optim.clip_grad,
             adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
