@@ -9,6 +9,7 @@ restored.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,3 +103,42 @@ def test_checkpoint_survives_a_crash_mid_save(single_rank_parallel, tmp_path, mo
     ckpt.save_checkpoint(tmp_path, 2, chunks, optimizer, extra={"data": {"position": 9}})
     assert ckpt.latest_checkpoint(tmp_path).name == "step_000002"
     assert not (tmp_path / "checkpoints" / "step_000002.tmp").exists()
+
+
+def test_r2_with_reference_model_and_kl(tmp_path):
+    """R2 (routes recorded in the old-log-prob pass, replayed in the updates) plus a reference
+    model (live routing) for the KL penalty."""
+    out = tmp_path / "r2"
+    _train(out, "run.steps=2", "routing.mode=R2", "train.use_reference_model=true", "loss.kl_coef=0.01")
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        assert math.isfinite(r["kl"]) and r["kl"] >= 0.0
+        assert 0.5 < r["routing/coverage"] < 1.0
+    # The reference is the initial policy; the policy moves away from it with every update.
+    assert rows[1]["kl"] > 0.0, "after two updates the policy has moved away from the reference"
+
+
+def test_aborted_requests_neither_train_nor_move_their_group():
+    from sapo_megatron.losses import grpo_advantages
+    from sapo_megatron.rollout.base import RolloutResult
+    from sapo_megatron.trainer.loop import _build_samples, group_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.2, 0.9], dtype=torch.float64)
+    aborted = torch.tensor([False, False, True, False, False, False])
+    adv = group_advantages("grpo", rewards, 3, aborted)
+    assert adv[2] == 0.0
+    # The completed samples of group 0 get the advantages of a group of two.
+    two = grpo_advantages(torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64), 3)
+    assert adv[0] == pytest.approx(float(two[0])) and adv[1] == pytest.approx(float(two[1]))
+    assert torch.equal(adv[3:], grpo_advantages(rewards[3:], 3))
+
+    routes = torch.zeros(4, 2, 2, dtype=torch.uint8)
+    results = [
+        RolloutResult([3, 4, 5], [6, 1], [-0.5, -0.1], "stop", routes=routes),
+        RolloutResult([3, 4, 5], [], [], "abort"),
+    ]
+    ok, bad = _build_samples(results, [1.0, 0.0], use_routes=True)
+    assert ok.loss_mask.tolist() == [False, False, True, True]  # targets of tokens 6 and 1
+    assert not bad.loss_mask.any() and bad.routes.shape == (2, 2, 2)
+    assert bad.routes[0, 0].tolist() == [0, 1], "placeholder routes name distinct experts"

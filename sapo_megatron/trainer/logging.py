@@ -1,6 +1,7 @@
 """Metrics out of the trainer: JSONL (always), TensorBoard and wandb (optional), a progress line.
 
-``metrics.jsonl`` gets one JSON object per step (``step``, ``reward_mean``, the loss and
+Each phase of a step (rollout, log-prob passes, updates, weight sync, checkpoint) shows a
+progress bar on rank 0 when tqdm is installed; ``metrics.jsonl`` gets one JSON object per step (``step``, ``reward_mean``, the loss and
 routing statistics, timings) and is what ``tools/plot_metrics.py`` reads. TensorBoard is used
 when ``torch.utils.tensorboard`` can be imported (the ``tensorboard`` package), wandb when
 ``run.wandb_project`` is set and wandb is installed; its API key comes from the environment
@@ -9,6 +10,7 @@ when ``torch.utils.tensorboard`` can be imported (the ``tensorboard`` package), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -43,6 +45,25 @@ class MetricsLogger:
                 self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, config=config, dir=str(out_dir))
             except ImportError:
                 print("wandb is not installed; logging to JSONL/TensorBoard only", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, total: int):
+        """A progress bar for one phase of a step (rank 0, on a terminal, tqdm when installed);
+        yields ``advance()``. Otherwise a no-op."""
+        bar = None
+        # Bars only on a terminal: in a log file they would bury the per-step lines.
+        if self.enabled and self.progress and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, desc=f"{name:>12}", leave=False, file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                bar = None
+        try:
+            yield (lambda n=1: bar.update(n)) if bar is not None else (lambda n=1: None)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:

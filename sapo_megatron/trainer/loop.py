@@ -82,24 +82,49 @@ def _set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def group_advantages(kind: str, rewards: torch.Tensor, group_size: int, aborted: torch.Tensor) -> torch.Tensor:
+    """Per-sample advantages; aborted requests (no response) get 0 and do not move their group.
+
+    An aborted sample's reward is replaced by the mean of its group's completed samples before
+    normalisation (so the others' advantages are those of the completed group), then zeroed.
+    """
+    rewards = rewards.clone()
+    groups, done = rewards.view(-1, group_size), ~aborted.view(-1, group_size)
+    means = (groups * done).sum(1) / done.sum(1).clamp_min(1)
+    groups[~done] = means[:, None].expand_as(groups)[~done]
+    advantages = ADVANTAGES[kind](groups.reshape(-1), group_size)
+    return torch.where(aborted, torch.zeros_like(advantages), advantages)
+
+
 def _build_samples(results, advantages, *, use_routes: bool) -> list[Sample]:
     """Rollout results -> training samples; old log-probs start as the engine's (replaced by
-    the trainer's own pass unless ``train.use_rollout_log_probs``)."""
+    the trainer's own pass unless ``train.use_rollout_log_probs``). An aborted request keeps
+    its prompt with no loss tokens (and placeholder routes, distinct ids, under R3)."""
+    like = next((r.routes for r in results if r.routes is not None), None)
     samples = []
     for res, adv in zip(results, advantages):
+        aborted = res.finish_reason == "abort"
         tokens = torch.tensor(res.prompt_ids + res.response_ids, dtype=torch.long)
+        if tokens.numel() < 2:  # a one-token prompt with no response: nothing to train on
+            tokens = torch.cat([tokens, tokens])
+            aborted = True
         n, p = tokens.numel(), len(res.prompt_ids)
         mask = torch.zeros(n - 1, dtype=torch.bool)
-        mask[p - 1 :] = True
+        if not aborted:
+            mask[p - 1 :] = True
+        routes = res.routes
+        if use_routes and routes is None and like is not None:
+            routes = torch.arange(like.shape[-1], dtype=like.dtype).expand(n - 1, like.shape[1], -1).contiguous()
         rollout_lp = torch.zeros(n - 1)
-        rollout_lp[p - 1 :] = torch.tensor(res.response_log_probs, dtype=torch.float32)
+        if not aborted:
+            rollout_lp[p - 1 :] = torch.tensor(res.response_log_probs, dtype=torch.float32)
         samples.append(Sample(
             tokens=tokens,
             loss_mask=mask,
             old_log_probs=rollout_lp.clone(),
             advantages=torch.full((n - 1,), float(adv)),
             rollout_log_probs=rollout_lp,
-            routes=res.routes if use_routes else None,
+            routes=routes if use_routes else None,
         ))
     return samples
 
@@ -215,18 +240,46 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, timings = self.cfg, {}
         t0 = time.perf_counter()
-        prompts, results, rewards = self.rollout()
+        with self.logger.phase("rollout", 1) as advance:
+            _, results, rewards = self.rollout()
+            advance()
         timings["time/rollout_s"] = time.perf_counter() - t0
-        advantages = ADVANTAGES[cfg.train.advantage](rewards, cfg.rollout.samples_per_prompt)
+        aborted = torch.tensor([r.finish_reason == "abort" for r in results])
+        advantages = group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
         samples = _build_samples(results, advantages, use_routes=self.mode == "R3")
         self._step_max_len = self._global_max(max(s.tokens.numel() for s in samples))
         microbatches = self._microbatches(samples)
 
         t0 = time.perf_counter()
+        passes = int(self.reference is not None) + int(not cfg.train.use_rollout_log_probs)
+        with self.logger.phase("log-probs", passes) as advance:
+            samples = self._log_prob_passes(samples, microbatches, advance)
+        timings["time/old_logprob_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        _set_lr(self.optimizer, learning_rate(cfg, self.step))
+        per_update = len(samples) // cfg.train.updates_per_rollout
+        update_metrics = []
+        with self.logger.phase("updates", cfg.train.updates_per_rollout) as advance:
+            for u in range(cfg.train.updates_per_rollout):
+                update_metrics.append(self._update(samples[u * per_update : (u + 1) * per_update]))
+                advance()
+        timings["time/update_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with self.logger.phase("weight sync", 1) as advance:
+            self.engine.update_weights(self.chunks, self.step)
+            advance()
+        timings["time/weight_sync_s"] = time.perf_counter() - t0
+        return self._step_metrics(rewards, results, update_metrics, timings)
+
+    def _log_prob_passes(self, samples: list[Sample], microbatches, advance) -> list[Sample]:
+        """Reference log-probs (live routing), then old log-probs under the routing mode."""
         if self.reference is not None:
             ref = collect_log_probs(self.reference, microbatches, temperature=self.spec.temperature)
             samples = [dataclasses.replace(s, ref_log_probs=r) for s, r in zip(samples, ref)]
-        if not cfg.train.use_rollout_log_probs:
+            advance()
+        if not self.cfg.train.use_rollout_log_probs:
             action = {"none": None, "R2": "record", "R3": "replay"}[self.mode]
             with routing_action(self.chunks, action, with_backward=False):
                 old = collect_log_probs(self.chunks, microbatches, temperature=self.spec.temperature)
@@ -235,27 +288,19 @@ class Trainer:
             samples = [dataclasses.replace(s, old_log_probs=o) for s, o in zip(samples, old)]
             if self.mode == "R2":
                 samples = [dataclasses.replace(s, routes=r) for s, r in zip(samples, recorded)]
-        timings["time/old_logprob_s"] = time.perf_counter() - t0
+            advance()
+        return samples
 
-        t0 = time.perf_counter()
-        _set_lr(self.optimizer, learning_rate(cfg, self.step))
-        per_update = len(samples) // cfg.train.updates_per_rollout
-        update_metrics = []
-        for u in range(cfg.train.updates_per_rollout):
-            minibatch = self._microbatches(samples[u * per_update : (u + 1) * per_update])
-            minibatch = assign_step_weights(minibatch, self.spec.reduction, norm_length=self.spec.norm_length)
-            for controller in filter(None, map(routing_replay_of, self.chunks)):
-                controller.reset_counts()
-            with routing_action(self.chunks, None if self.mode == "none" else "replay", with_backward=True):
-                m = run_step(self.chunks, minibatch, self.spec, optimizer=self.optimizer)
-            m.update(replay_metrics(self.chunks) if self.mode != "none" else {})
-            update_metrics.append(m)
-        timings["time/update_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        self.engine.update_weights(self.chunks, self.step)
-        timings["time/weight_sync_s"] = time.perf_counter() - t0
-        return self._step_metrics(rewards, results, update_metrics, timings)
+    def _update(self, minibatch_samples: list[Sample]) -> dict:
+        """One optimizer step on a minibatch, replaying routes unless routing is live."""
+        minibatch = self._microbatches(minibatch_samples)
+        minibatch = assign_step_weights(minibatch, self.spec.reduction, norm_length=self.spec.norm_length)
+        for controller in filter(None, map(routing_replay_of, self.chunks)):
+            controller.reset_counts()
+        with routing_action(self.chunks, None if self.mode == "none" else "replay", with_backward=True):
+            metrics = run_step(self.chunks, minibatch, self.spec, optimizer=self.optimizer)
+        metrics.update(replay_metrics(self.chunks) if self.mode != "none" else {})
+        return metrics
 
     def _global_max(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64)
@@ -292,7 +337,9 @@ class Trainer:
             self.step += 1
             self.logger.log(metrics)
             if self.step % self.cfg.run.save_every == 0 or self.step == self.cfg.run.steps:
-                self._save()
+                with self.logger.phase("checkpoint", 1) as advance:
+                    self._save()
+                    advance()
         self.engine.close()
         self.logger.close()
 
