@@ -107,9 +107,10 @@ def test_checkpoint_survives_a_crash_mid_save(single_rank_parallel, tmp_path, mo
 
 def test_r2_with_reference_model_and_kl(tmp_path):
     """R2 (routes recorded in the old-log-prob pass, replayed in the updates) plus a reference
-    model (live routing) for the KL penalty."""
+    model (live routing) for the KL penalty, on packed microbatches."""
     out = tmp_path / "r2"
-    _train(out, "run.steps=2", "routing.mode=R2", "train.use_reference_model=true", "loss.kl_coef=0.01")
+    _train(out, "run.steps=2", "routing.mode=R2", "train.use_reference_model=true", "loss.kl_coef=0.01",
+           "train.layout=packed")
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [0, 1]
     for r in rows:

@@ -205,14 +205,8 @@ def align_packed(
 def sp_slice(x: torch.Tensor, tp_rank: int, tp_size: int, seq_dim: int = 0) -> torch.Tensor:
     """Sequence-parallel shard: the ``tp_rank``-th contiguous chunk of ``seq_dim`` (Megatron's
     ``scatter_to_sequence_parallel_region`` splits the ``[S, B, H]`` input along S)."""
-    length = x.shape[seq_dim]
-    if not 0 <= tp_rank < tp_size or length % tp_size:
-        raise ValueError(
-            f"cannot take sequence-parallel shard {tp_rank} of {tp_size} from a sequence of "
-            f"{length} tokens: the length must be a multiple of the TP size (pad_multiple)"
-        )
-    chunk = length // tp_size
-    return x.narrow(seq_dim, tp_rank * chunk, chunk)
+    lo, hi = _shard_bounds(x.shape[seq_dim], tp_rank, tp_size)
+    return x.narrow(seq_dim, lo, hi - lo)
 
 
 def cp_slice(x: torch.Tensor, cp_rank: int, cp_size: int, seq_dim: int = 0) -> torch.Tensor:

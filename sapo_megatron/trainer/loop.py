@@ -38,6 +38,7 @@ from sapo_megatron.megatron import (
     collect_log_probs,
     run_step,
 )
+from sapo_megatron.models.builder import use_transformer_engine
 from sapo_megatron.routing import (
     attach_routes,
     attach_routing_replay,
@@ -210,9 +211,13 @@ class Trainer:
         longest = max(s.tokens.numel() for s in group)
         # Pipeline parallelism needs one shape per step: pad to the step's longest sample.
         length = self._step_max_len if self.cfg.parallel.pipeline_model_parallel_size > 1 else longest
+        kwargs = {}
         if self.cfg.train.layout == "packed":
             length = length * len(group)
-        mb = collate(group, pad_multiple=tp, min_length=length)
+            # Transformer Engine attends packed samples through cu_seqlens (THD); the local
+            # spec (CPU) gets the equivalent block-diagonal mask.
+            kwargs["use_thd"] = use_transformer_engine()
+        mb = collate(group, pad_multiple=tp, min_length=length, **kwargs)
         if self.mode != "none" and group[0].routes is not None:
             from megatron.core import parallel_state
 
