@@ -26,6 +26,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _require_positive_ints(obj, section: str, names) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
+
+
 @dataclass
 class ParallelConfig:
     """Model-parallel sizes; data parallelism is whatever remains of the world."""
@@ -40,15 +47,16 @@ class ParallelConfig:
     sequence_parallel: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in (
-            "tensor_model_parallel_size",
-            "pipeline_model_parallel_size",
-            "expert_model_parallel_size",
-            "context_parallel_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
+        _require_positive_ints(
+            self,
+            "parallel",
+            (
+                "tensor_model_parallel_size",
+                "pipeline_model_parallel_size",
+                "expert_model_parallel_size",
+                "context_parallel_size",
+            ),
+        )
         if self.sequence_parallel is None:
             self.sequence_parallel = self.tensor_model_parallel_size > 1
 
@@ -92,17 +100,12 @@ class ModelConfig:
     megatron: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "num_experts_per_tok",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        _require_positive_ints(
+            self,
+            "model",
+            ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "num_experts_per_tok"),
+        )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
