@@ -213,9 +213,10 @@ def collate_packed(
     if use_thd:
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        if total > bounds[-1]:
-            bounds = torch.cat([bounds, torch.tensor([total], dtype=torch.int32)])
+        # The same segment bounds the routing alignment packs routes into.
+        from sapo_megatron.routing.align import packed_cu_seqlens
+
+        bounds = packed_cu_seqlens(lengths, total)
         max_len = int((bounds[1:] - bounds[:-1]).max())
         mb.packed_seq_params = PackedSeqParams(
             qkv_format="thd",
