@@ -143,11 +143,11 @@ def bench_replay_overhead(args) -> dict:
     import dataclasses
     import statistics
 
-    from sapo_megatron.megatron import (
+    from sapo_megatron.step import (
         PolicyLossSpec, assign_step_weights, build_model_chunks, build_optimizer, collate_padded,
         collect_log_probs, run_step,
     )
-    from sapo_megatron.megatron.synthetic import synthetic_samples
+    from sapo_megatron.step.synthetic import synthetic_samples
     from sapo_megatron.models import ParallelConfig, preset
     from sapo_megatron.parallel import initialize_model_parallel
     from sapo_megatron.routing import attach_routes, attach_routing_replay, recorded_sample_routes, routing_action

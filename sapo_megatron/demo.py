@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     from megatron.core import parallel_state
 
     from sapo_megatron.losses import PolicyLossConfig
-    from sapo_megatron.megatron import (
+    from sapo_megatron.step import (
         PolicyLossSpec,
         assign_step_weights,
         build_model_chunks,
@@ -54,8 +54,8 @@ def main(argv=None) -> None:
         collect_log_probs,
         run_step,
     )
-    from sapo_megatron.megatron.batch import split_step_samples
-    from sapo_megatron.megatron.synthetic import synthetic_samples
+    from sapo_megatron.step.batch import split_step_samples
+    from sapo_megatron.step.synthetic import synthetic_samples
     from sapo_megatron.models import ParallelConfig, preset
     from sapo_megatron.parallel import destroy, init_distributed, initialize_model_parallel
 

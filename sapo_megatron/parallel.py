@@ -14,7 +14,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from sapo_megatron.compat import activate_cpu_compat
+from sapo_megatron.mcore import activate_cpu_compat
 from sapo_megatron.models.config import ParallelConfig
 
 

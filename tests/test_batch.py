@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from sapo_megatron.losses import reduction_weights
-from sapo_megatron.megatron.batch import (
+from sapo_megatron.step.batch import (
     Sample,
     collate_packed,
     collate_padded,
     per_sample_view,
     split_step_samples,
 )
-from sapo_megatron.megatron.step import assign_step_weights
+from sapo_megatron.step.run import assign_step_weights
 
 
 def _sample(tokens, mask, adv=1.0):
@@ -110,7 +110,7 @@ def test_global_names_for_both_expert_layouts(monkeypatch):
 
     from megatron.core import parallel_state
 
-    from sapo_megatron.megatron.sharding import global_name
+    from sapo_megatron.step.sharding import global_name
 
     experts = types.SimpleNamespace(num_local_experts=4, local_experts=[None] * 4)
     layer = types.SimpleNamespace(layer_number=7, mlp=types.SimpleNamespace(experts=experts))

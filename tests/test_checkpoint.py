@@ -38,7 +38,7 @@ from sapo_megatron.checkpoint.parity import (  # noqa: E402
     random_input_ids,
 )
 from sapo_megatron.checkpoint.transforms import merge_qkv, split_qkv  # noqa: E402
-from sapo_megatron.megatron.sharding import unwrap  # noqa: E402
+from sapo_megatron.step.sharding import unwrap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "dist" / "ckpt_worker.py"

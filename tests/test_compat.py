@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sapo_megatron.compat import activate_cpu_compat, cpu_compat_active, deactivate_cpu_compat
+from sapo_megatron.mcore import activate_cpu_compat, cpu_compat_active, deactivate_cpu_compat
 
 
 @pytest.fixture

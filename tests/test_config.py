@@ -20,7 +20,7 @@ from sapo_megatron.config import (
     validate_for_world,
 )
 from sapo_megatron.losses import PolicyLossConfig
-from sapo_megatron.megatron.step import PolicyLossSpec
+from sapo_megatron.step.run import PolicyLossSpec
 
 REPO = Path(__file__).resolve().parents[1]
 

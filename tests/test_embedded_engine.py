@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from sapo_megatron.megatron import Sample, build_model_chunks, collate_padded, collect_log_probs
+from sapo_megatron.step import Sample, build_model_chunks, collate_padded, collect_log_probs
 from sapo_megatron.models import ModelConfig, ParallelConfig
 from sapo_megatron.rollout.base import SamplingParams
 from sapo_megatron.rollout.embedded import EmbeddedEngine

@@ -7,7 +7,7 @@ import torch
 
 from sapo_megatron.models import ModelConfig, ParallelConfig, build_gpt_model, preset, to_transformer_config
 from sapo_megatron.models.builder import model_config_from_dict
-from sapo_megatron.models.norms import SequenceParallelRMSNorm
+from sapo_megatron.mcore.norms import SequenceParallelRMSNorm
 
 
 def test_layer_pattern_and_qwen3_shape(single_rank_parallel):

@@ -9,7 +9,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from sapo_megatron.megatron.batch import Sample, collate_packed, collate_padded
+from sapo_megatron.step.batch import Sample, collate_packed, collate_padded
 from sapo_megatron.models.config import ModelConfig
 from sapo_megatron.routing.align import (
     add_fallback_row,

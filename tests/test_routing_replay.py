@@ -8,7 +8,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay
 
-from sapo_megatron.megatron import (
+from sapo_megatron.step import (
     PolicyLossSpec,
     assign_step_weights,
     build_model_chunks,
@@ -17,7 +17,7 @@ from sapo_megatron.megatron import (
     collect_log_probs,
     run_step,
 )
-from sapo_megatron.megatron.synthetic import synthetic_samples
+from sapo_megatron.step.synthetic import synthetic_samples
 from sapo_megatron.models import ModelConfig, ParallelConfig
 from sapo_megatron.routing import (
     attach_routes,

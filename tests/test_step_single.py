@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sapo_megatron.losses import PolicyLossConfig
-from sapo_megatron.megatron import (
+from sapo_megatron.step import (
     PolicyLossSpec,
     assign_step_weights,
     build_model_chunks,
@@ -23,8 +23,8 @@ from sapo_megatron.megatron import (
     collect_log_probs,
     run_step,
 )
-from sapo_megatron.megatron.sharding import load_full_state_dict, unwrap
-from sapo_megatron.megatron.synthetic import synthetic_samples
+from sapo_megatron.step.sharding import load_full_state_dict, unwrap
+from sapo_megatron.step.synthetic import synthetic_samples
 from sapo_megatron.models import ModelConfig, ParallelConfig
 
 MODEL = ModelConfig(num_hidden_layers=2, first_k_dense=0, hidden_size=32, intermediate_size=64)

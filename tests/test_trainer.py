@@ -73,7 +73,7 @@ def test_resume_reproduces_the_next_steps_exactly(full_run, tmp_path):
 
 def test_checkpoint_survives_a_crash_mid_save(single_rank_parallel, tmp_path, monkeypatch):
     """A save killed half-way leaves ``latest`` on the previous, loadable checkpoint."""
-    from sapo_megatron.megatron import build_model_chunks, build_optimizer
+    from sapo_megatron.step import build_model_chunks, build_optimizer
     from sapo_megatron.models import ModelConfig, ParallelConfig
     from sapo_megatron.trainer import checkpoint as ckpt
 

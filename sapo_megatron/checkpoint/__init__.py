@@ -5,7 +5,7 @@
 - :mod:`.hf_io` / :mod:`.mcore_io`: streaming readers and writers of the two formats;
 - :mod:`.convert`: offline conversion, one layer in memory at a time;
 - :mod:`.live`: load into / export from a live sharded model (TP/PP/EP slicing comes from
-  :mod:`sapo_megatron.megatron.sharding`).
+  :mod:`sapo_megatron.step.sharding`).
 """
 
 from sapo_megatron.checkpoint.convert import hf_to_mcore, mcore_to_hf

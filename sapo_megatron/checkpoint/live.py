@@ -36,7 +36,7 @@ from sapo_megatron.checkpoint.mapping import (
 )
 from sapo_megatron.checkpoint.mcore_io import McoreCheckpoint, McoreCheckpointWriter
 from sapo_megatron.checkpoint.transforms import to_hf, to_mcore
-from sapo_megatron.megatron.sharding import gather_full_tensor, global_name, shard_full_tensor, unwrap
+from sapo_megatron.step.sharding import gather_full_tensor, global_name, shard_full_tensor, unwrap
 
 # The Transformer Engine spec fuses the pre-attention / dense pre-MLP norms into the following
 # linear layer; our names are the local spec's.

@@ -8,7 +8,7 @@ config implies, written with symbolic dimensions (``"Q"`` = heads x head_dim, ..
 Templates use ``{i}`` for the layer and ``{e}`` for the expert.
 
 Nothing here knows about tensor/pipeline/expert parallelism: a Megatron name is always the
-TP=PP=EP=1 name, and :mod:`sapo_megatron.megatron.sharding` maps it to and from a rank's shard.
+TP=PP=EP=1 name, and :mod:`sapo_megatron.step.sharding` maps it to and from a rank's shard.
 
 Conversion units come in *groups* that are read and written together, which is what bounds
 memory by about one layer: ``"embedding"``, then each layer index, then ``"final"``.

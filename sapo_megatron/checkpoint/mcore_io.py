@@ -9,7 +9,7 @@ Layout of a checkpoint directory ``C``::
 Tensors are keyed by their Megatron-Core single-rank (TP=PP=EP=1, local spec) names and stored
 whole, in the dtype they came in. That makes the checkpoint independent of the parallel layout:
 a rank reads only the full tensors it needs and slices them with
-:mod:`sapo_megatron.megatron.sharding`. (Megatron's own ``dist_checkpointing.save`` needs the
+:mod:`sapo_megatron.step.sharding`. (Megatron's own ``dist_checkpointing.save`` needs the
 whole model's sharded state dict in memory and CUDA in its writer; this format needs neither.)
 
 Each group is written by its own ``torch.distributed.checkpoint.save`` (no_dist), so memory

@@ -23,7 +23,7 @@ def causal_mask(seq_len: int) -> torch.Tensor:
 
 def build_model_for_hf_config(hf_config: dict, parallel: ParallelConfig | None = None) -> list:
     """This rank's model chunks (unwrapped, eval mode) for an HF config; parallelism must be set up."""
-    from sapo_megatron.megatron.setup import build_model_chunks
+    from sapo_megatron.step.setup import build_model_chunks
 
     chunks = build_model_chunks(model_config_from_hf(hf_config), parallel or ParallelConfig(), wrap_ddp=False)
     for chunk in chunks:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from sapo_megatron.losses import POLICY_LOSSES, REDUCTIONS, PolicyLossConfig
 from sapo_megatron.models.config import PRESETS, ModelConfig, ParallelConfig, preset
-from sapo_megatron.megatron.step import PolicyLossSpec
+from sapo_megatron.step.run import PolicyLossSpec
 from sapo_megatron.rollout.base import SamplingParams
 
 RolloutEngineName = Literal["embedded", "sglang"]

@@ -17,7 +17,7 @@ import importlib.util
 import torch
 
 from sapo_megatron.models.config import ModelConfig, ParallelConfig, to_transformer_config
-from sapo_megatron.models.norms import SequenceParallelRMSNorm
+from sapo_megatron.mcore.norms import SequenceParallelRMSNorm
 
 _NORM_FIELDS = ("input_layernorm", "pre_mlp_layernorm")
 _QK_NORM_FIELDS = ("q_layernorm", "k_layernorm")

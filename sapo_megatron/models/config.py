@@ -11,7 +11,7 @@ Choices that matter for RL and for parity with HF (FIELD-NOTES section 4):
   ``norm_topk_prob=True``.
 - ``calculate_per_token_loss=True``: our loss function returns a sum already weighted by
   step-global denominators, and Megatron must then neither average over microbatches nor
-  scale by the context-parallel size (see ``sapo_megatron.megatron.step``).
+  scale by the context-parallel size (see ``sapo_megatron.step.run``).
 - On CPU the ``allgather`` dispatcher and ``SequentialMLP`` experts are used (the alltoall
   dispatcher creates a CUDA stream; grouped GEMM needs CUDA kernels).
 """

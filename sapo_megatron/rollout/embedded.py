@@ -25,8 +25,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from sapo_megatron.megatron.batch import Sample, collate_padded
-from sapo_megatron.megatron.step import tp_group_or_none, broadcast_from_last_stage, model_forward, run_schedule
+from sapo_megatron.step.batch import Sample, collate_padded
+from sapo_megatron.step.run import tp_group_or_none, broadcast_from_last_stage, model_forward, run_schedule
 from sapo_megatron.rollout.base import RolloutResult, SamplingParams
 from sapo_megatron.routing import recorded_sample_routes, routing_action, storage_dtype
 

@@ -7,7 +7,7 @@ reports tokens ``0 .. L-2`` (the last token ``L-1`` is never fed through its mod
 training forward, which does feed it, has no route for it: :func:`add_fallback_row` appends a
 placeholder row and marks it not-replayed; that token routes live and is counted as a fallback.
 
-Layouts (those of ``sapo_megatron.megatron.batch``): padded ``[B, S]`` (sample ``b`` in row
+Layouts (those of ``sapo_megatron.step.batch``): padded ``[B, S]`` (sample ``b`` in row
 ``b``, tokens ``[0, L_b)``, right padding) and packed ``[1, T]`` (samples back to back from 0,
 padding at the end). Megatron's router receives hidden states ``[S, B, H]`` flattened
 sequence-major, so token ``(b, s)`` is router row ``s * B + b``; routes are therefore laid out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sapo_megatron.megatron.batch import Microbatch, Sample
+from sapo_megatron.step.batch import Microbatch, Sample
 from sapo_megatron.routing.align import align_packed, align_padded
 from sapo_megatron.routing.replay import MicrobatchRoutes
 

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router_replay import RouterReplay
 
-from sapo_megatron.megatron.sharding import unwrap
+from sapo_megatron.step.sharding import unwrap
 from sapo_megatron.routing.align import sp_slice
 
 ACTIONS = (None, "record", "replay", "compare")

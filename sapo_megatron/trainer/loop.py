@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from sapo_megatron.losses import grpo_advantages, rloo_advantages
-from sapo_megatron.megatron import (
+from sapo_megatron.step import (
     Sample,
     assign_step_weights,
     build_model_chunks,

@@ -35,7 +35,7 @@ from sapo_megatron.checkpoint.parity import (  # noqa: E402
     mcore_logits,
     random_input_ids,
 )
-from sapo_megatron.megatron.sharding import unwrap  # noqa: E402
+from sapo_megatron.step.sharding import unwrap  # noqa: E402
 from sapo_megatron.models import ParallelConfig  # noqa: E402
 from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
 

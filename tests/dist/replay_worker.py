@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 warnings.filterwarnings("ignore")
 
-from sapo_megatron.megatron import (  # noqa: E402
+from sapo_megatron.step import (  # noqa: E402
     PolicyLossSpec,
     Sample,
     assign_step_weights,
@@ -37,8 +37,8 @@ from sapo_megatron.megatron import (  # noqa: E402
     collect_log_probs,
     run_step,
 )
-from sapo_megatron.megatron.batch import split_step_samples  # noqa: E402
-from sapo_megatron.megatron.sharding import gather_full, load_full_state_dict, merge_over_ranks, unwrap  # noqa: E402
+from sapo_megatron.step.batch import split_step_samples  # noqa: E402
+from sapo_megatron.step.sharding import gather_full, load_full_state_dict, merge_over_ranks, unwrap  # noqa: E402
 from sapo_megatron.models import ModelConfig, ParallelConfig  # noqa: E402
 from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
 from sapo_megatron.routing import (  # noqa: E402

@@ -21,7 +21,7 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore")
 
 from sapo_megatron.losses import PolicyLossConfig  # noqa: E402
-from sapo_megatron.megatron import (  # noqa: E402
+from sapo_megatron.step import (  # noqa: E402
     PolicyLossSpec,
     assign_step_weights,
     build_model_chunks,
@@ -29,14 +29,14 @@ from sapo_megatron.megatron import (  # noqa: E402
     collate_padded,
     run_step,
 )
-from sapo_megatron.megatron.batch import split_step_samples  # noqa: E402
-from sapo_megatron.megatron.sharding import (  # noqa: E402
+from sapo_megatron.step.batch import split_step_samples  # noqa: E402
+from sapo_megatron.step.sharding import (  # noqa: E402
     gather_full,
     load_full_state_dict,
     merge_over_ranks,
     unwrap,
 )
-from sapo_megatron.megatron.synthetic import synthetic_samples  # noqa: E402
+from sapo_megatron.step.synthetic import synthetic_samples  # noqa: E402
 from sapo_megatron.models import ModelConfig, ParallelConfig  # noqa: E402
 from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
 

@@ -23,7 +23,7 @@ fixtures), idempotent, and a no-op when CUDA is available. Every patch is record
 
 Usage::
 
-    from sapo_megatron.compat import activate_cpu_compat
+    from sapo_megatron.mcore import activate_cpu_compat
     activate_cpu_compat()   # before building Megatron-Core models on a CPU-only machine
 """
 

@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 from sapo_megatron.logprobs import vocab_parallel_log_probs
 from sapo_megatron.losses import PolicyLossConfig, compute_policy_loss, reduction_weights
-from sapo_megatron.megatron.batch import Microbatch, per_sample_view
-from sapo_megatron.megatron.sharding import unwrap
+from sapo_megatron.step.batch import Microbatch, per_sample_view
+from sapo_megatron.step.sharding import unwrap
 
 
 @dataclass

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from sapo_megatron.megatron.batch import Sample
+from sapo_megatron.step.batch import Sample
 
 
 def synthetic_samples(

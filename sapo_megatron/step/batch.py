@@ -82,7 +82,7 @@ class Microbatch:
     padding_mask: torch.Tensor | None = None
     # Routes to replay (sapo_megatron.routing.attach_routes); None when routing is live.
     routes: object | None = None
-    # Filled by sapo_megatron.megatron.step.assign_step_weights:
+    # Filled by sapo_megatron.step.run.assign_step_weights:
     token_weights: torch.Tensor | None = None  # [N, L], in sample_index's view
     step_num_tokens: int | None = None
 

@@ -1,8 +1,8 @@
 """The SAPO training step inside Megatron-Core's parallel schedules."""
 
-from sapo_megatron.megatron.batch import Microbatch, Sample, collate_packed, collate_padded
-from sapo_megatron.megatron.setup import build_model_chunks, build_optimizer
-from sapo_megatron.megatron.step import (
+from sapo_megatron.step.batch import Microbatch, Sample, collate_packed, collate_padded
+from sapo_megatron.step.setup import build_model_chunks, build_optimizer
+from sapo_megatron.step.run import (
     PolicyLossSpec,
     assign_step_weights,
     loss_func,
