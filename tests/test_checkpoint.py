@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from ckpt_models import ARCHS, make_hf_model, read_safetensors_dir  # noqa: E402
+from tests.dist.ckpt_models import ARCHS, make_hf_model, read_safetensors_dir  # noqa: E402
 
 from sapo_megatron.checkpoint import (  # noqa: E402
     McoreCheckpoint,

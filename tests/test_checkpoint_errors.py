@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from ckpt_models import make_hf_model  # noqa: E402
+from tests.dist.ckpt_models import make_hf_model  # noqa: E402
 
 from sapo_megatron.checkpoint import (  # noqa: E402
     McoreCheckpoint,

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from sglang_mock import Behaviour, ConcurrencyMeter, MockSGLang, fake_generate, fake_routes
+from tests.sglang_mock import Behaviour, ConcurrencyMeter, MockSGLang, fake_generate, fake_routes
 
 from sapo_megatron.rollout.base import RouteSpec, SamplingParams
 from sapo_megatron.rollout.sglang import DistributedSync, SGLangConfig, SGLangEngine

@@ -17,11 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
 
-from ckpt_models import make_hf_model  # noqa: E402
-from sglang_mock import Behaviour, MockSGLang  # noqa: E402
+from tests.dist.ckpt_models import make_hf_model  # noqa: E402
+from tests.sglang_mock import Behaviour, MockSGLang  # noqa: E402
 
 CONFIG = """
 run: {{output_dir: {out}, steps: 2, save_every: 2, tensorboard: false}}

@@ -1,0 +1,56 @@
+"""One way for tests to start real multi-process runs: ``torchrun`` with gloo, a clean env.
+
+Every distributed test runs its worker through :func:`torchrun` (or a plain script through
+:func:`run_python`), so the environment, the time limit and the failure message are the same
+everywhere. The environment drops any torchrun variables the test process itself may have
+(``RANK``, ``MASTER_PORT``...), pins ``OMP_NUM_THREADS=1`` so that ranks do not oversubscribe
+the cores, and puts this checkout first on ``PYTHONPATH``. A time limit is always set: a failed
+dist-checkpoint write can leave a spawned manager process holding stdout.
+
+Usage::
+
+    from tests.launch import torchrun
+    torchrun(WORKER, "--out", str(out), nproc=2)                     # a script
+    torchrun("sapo_megatron.cli", "train", "--config", cfg, nproc=2, module=True)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without torchrun's variables, one thread per rank, this checkout first."""
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    env.update(extra)
+    return env
+
+
+def _check(cmd: list[str], proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def torchrun(target, *args, nproc: int, module: bool = False, timeout: float = 600,
+             env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``target`` (a script path, or a module with ``module=True``) on ``nproc`` local gloo ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *(["-m", str(target)] if module else [str(target)]), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or clean_env(), timeout=timeout, cwd=ROOT)
+    return _check(cmd, proc) if check else proc
+
+
+def run_python(*args, timeout: float = 300, env: dict[str, str] | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python ARGS...`` in a clean environment from the repository root."""
+    cmd = [sys.executable, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or clean_env(), timeout=timeout, cwd=ROOT)
+    return _check(cmd, proc) if check else proc
