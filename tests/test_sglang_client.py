@@ -106,7 +106,7 @@ def test_generate_decodes_tokens_logprobs_and_routes(servers, engines):
 
 
 def _route_seed(prompt):
-    from sglang_mock import _seed
+    from tests.sglang_mock import _seed
 
     return _seed(prompt, "r")
 
