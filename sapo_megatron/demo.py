@@ -44,7 +44,6 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", module="megatron")
     from megatron.core import parallel_state
 
-    from sapo_megatron.losses import PolicyLossConfig
     from sapo_megatron.step import (
         PolicyLossSpec,
         assign_step_weights,
@@ -88,7 +87,7 @@ def main(argv=None) -> None:
     per_mb = len(flat) // num_mb
     groups = [flat[i * per_mb : (i + 1) * per_mb] for i in range(num_mb)]
 
-    spec = PolicyLossSpec(loss_type=args.loss, config=PolicyLossConfig(tau_pos=1.0, tau_neg=1.05))
+    spec = PolicyLossSpec(type=args.loss, tau_pos=1.0, tau_neg=1.05)
     if rank0:
         print(f"sapo_megatron demo: {dist.get_world_size()} ranks, TP={tp} PP={args.pp} EP={args.ep} "
               f"DP={dp_size}, loss={args.loss}, {args.samples} samples x {num_mb} microbatches")

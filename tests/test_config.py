@@ -19,7 +19,9 @@ from sapo_megatron.config import (
     save_resolved,
     validate_for_world,
 )
+from sapo_megatron.config import run_config_command
 from sapo_megatron.losses import PolicyLossConfig
+from sapo_megatron.rollout.base import SamplingParams
 from sapo_megatron.step.run import PolicyLossSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,10 +113,48 @@ def test_tau_not_positive_refused_with_dotted_key(key, value):
 
 
 def test_configured_tau_reaches_the_loss_spec():
+    # loss: IS the step's PolicyLossSpec (and so a PolicyLossConfig): no copy between them.
     spec = load_config(None, ["loss.tau_pos=0.7", "loss.tau_neg=1.3", "loss.type=sapo_seq",
-                              "loss.norm_length=64"]).loss.to_spec()
-    assert isinstance(spec, PolicyLossSpec) and type(spec.config) is PolicyLossConfig
-    assert (spec.loss_type, spec.config.tau_pos, spec.config.tau_neg, spec.norm_length) == ("sapo_seq", 0.7, 1.3, 64)
+                              "loss.norm_length=64"]).loss
+    assert isinstance(spec, PolicyLossSpec) and isinstance(spec, PolicyLossConfig)
+    assert (spec.type, spec.tau_pos, spec.tau_neg, spec.norm_length) == ("sapo_seq", 0.7, 1.3, 64)
+
+
+def test_merged_sections_validate_once(monkeypatch):
+    # loss and rollout were each a config class plus the runtime class it was copied into, and
+    # validated in both; now each is one class whose check runs once per load.
+    calls = {"loss": 0, "sampling": 0}
+    loss_validate, sampling_post_init = PolicyLossSpec.validate, SamplingParams.__post_init__
+
+    def count_loss(self):
+        calls["loss"] += 1
+        loss_validate(self)
+
+    def count_sampling(self):
+        calls["sampling"] += 1
+        sampling_post_init(self)
+
+    load_config(None)  # the schema (built once, from the defaults) is not counted
+    monkeypatch.setattr(PolicyLossSpec, "validate", count_loss)
+    monkeypatch.setattr(SamplingParams, "__post_init__", count_sampling)
+    cfg = load_config(None, ["loss.tau_neg=1.2", "rollout.top_p=0.9"])
+    assert calls == {"loss": 1, "sampling": 1}
+    assert isinstance(cfg.rollout, SamplingParams) and cfg.rollout.top_p == 0.9
+    with pytest.raises(ConfigError, match=r"^rollout.top_p must be in \(0, 1\], got 1.5$"):
+        load_config(None, ["rollout.top_p=1.5"])
+    with pytest.raises(ConfigError, match=r"^loss.temperature must be > 0, got 0.0$"):
+        load_config(None, ["loss.temperature=0"])
+
+
+def test_sampling_params_of_a_step():
+    cfg = load_config(None, ["rollout.stop_token_ids=[7]", "rollout.max_new_tokens=5"]).rollout
+    params = cfg.sampling_params(stop_token_ids=(3, 7), run_seed=2, step=5)
+    assert type(params) is SamplingParams
+    assert (params.stop_token_ids, params.max_new_tokens, params.seed) == ((7, 3), 5, 2 * 1_000_003 + 5)
+    # rollout.seed, when set, replaces run.seed as the root of the per-step seeds.
+    seeded = load_config(None, ["rollout.seed=9"]).rollout
+    assert seeded.sampling_params(run_seed=2, step=5).seed == 9 * 1_000_003 + 5
+    assert seeded.sampling_params().seed is None
 
 
 def test_model_and_parallel_sizes_refused():
@@ -162,12 +202,71 @@ def test_cross_section_refusals():
     assert cfg.routing.mode == "R3"
 
 
-def test_env_placeholders(tmp_path):
-    path = write(tmp_path, {"task": {"path": "${MY_DATA}/train.jsonl"}, "run": {"output_dir": "${MY_OUT:-runs/x}"}})
-    cfg = load_config(path, env={"MY_DATA": "/data"})
+def test_env_interpolation(tmp_path, monkeypatch):
+    path = write(tmp_path, {"task": {"path": "${oc.env:MY_DATA}/train.jsonl"},
+                            "run": {"output_dir": "${oc.env:MY_OUT,runs/x}"}})
+    monkeypatch.setenv("MY_DATA", "/data")
+    monkeypatch.delenv("MY_OUT", raising=False)
+    cfg = load_config(path)
     assert (cfg.task.path, cfg.run.output_dir) == ("/data/train.jsonl", "runs/x")
-    with pytest.raises(ConfigError, match="task.path: environment variable MY_DATA is not set"):
-        load_config(path, env={})
+    monkeypatch.setenv("MY_OUT", "/scratch/out")
+    assert load_config(path).run.output_dir == "/scratch/out"  # the variable over its default
+    # A typed field converts what the variable holds.
+    monkeypatch.setenv("MY_STEPS", "12")
+    assert load_config(path, ["run.steps=${oc.env:MY_STEPS}"]).run.steps == 12
+    monkeypatch.delenv("MY_DATA")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == ("task.path: environment variable MY_DATA is not set (the value is "
+                              "'${oc.env:MY_DATA}/train.jsonl'); export MY_DATA or override task.path=...")
+
+
+@pytest.mark.parametrize("old, new", [
+    ("${MY_DATA}/train.jsonl", "${oc.env:MY_DATA}"),
+    ("${MY_DATA:-/data}/train.jsonl", "${oc.env:MY_DATA,/data}"),
+])
+@pytest.mark.parametrize("source", ["yaml", "override"])
+def test_shell_env_syntax_refused_with_the_new_spelling(tmp_path, monkeypatch, old, new, source):
+    monkeypatch.setenv("MY_DATA", "/data")  # set or not, the old syntax is refused
+    if source == "yaml":
+        args = (write(tmp_path, {"task": {"path": old}}), [])
+    else:
+        args = (None, [f"task.path={old}"])
+    with pytest.raises(ConfigError) as err:
+        load_config(*args)
+    reference = old.split("/train")[0]
+    assert str(err.value) == (f"task.path: {reference!r} is the old environment-variable syntax; "
+                              f"write {new!r} instead")
+    # OmegaConf's own interpolation of a section's value still works.
+    cfg = load_config(None, ["task.path=${run.output_dir}/prompts.jsonl"])
+    assert cfg.task.path == "runs/tiny-cpu/prompts.jsonl"
+
+
+def test_saved_config_keeps_env_references_and_no_secret(tmp_path, monkeypatch):
+    secret = "hf_" + "q7Zt" * 8
+    monkeypatch.setenv("MY_HF_TOKEN", secret)
+    monkeypatch.setenv("MY_DATA", "/data")
+    monkeypatch.setenv("MY_TOKENIZER", "/models/tok")
+    path = write(tmp_path, {"task": {"path": "${oc.env:MY_DATA}/train.jsonl",
+                                     "options": {"hf_token": "${oc.env:MY_HF_TOKEN}",
+                                                 "tokenizer": "${oc.env:MY_TOKENIZER}"}},
+                            "rollout": {"sglang": {"urls": ["http://${oc.env:MY_HOST,localhost}:30000"]}}})
+    cfg = load_config(path, ["run.output_dir=${oc.env:MY_OUT,runs/env}"])
+    assert cfg.task.options["hf_token"] == secret  # the run itself sees the value
+    cfg.task.options["tokenizer"] = "/elsewhere"  # changed after loading: saved as it is now
+    text = save_resolved(cfg, tmp_path / "run" / "config.yaml").read_text()
+    assert secret not in text and "/data" not in text  # guard: the values were resolved above
+    data = yaml.safe_load(text)
+    assert data["task"]["path"] == "${oc.env:MY_DATA}/train.jsonl"
+    assert data["task"]["options"]["hf_token"] == "${oc.env:MY_HF_TOKEN}"  # a name, not redacted
+    assert data["task"]["options"]["tokenizer"] == "/elsewhere"
+    assert data["rollout"]["sglang"]["urls"] == ["http://${oc.env:MY_HOST,localhost}:30000"]
+    assert data["run"]["output_dir"] == "${oc.env:MY_OUT,runs/env}"
+    # The saved file loads back to the same run where the same variables are set.
+    monkeypatch.setenv("MY_DATA", "/data2")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again.task.path == "/data2/train.jsonl" and again.task.options["hf_token"] == secret
+    assert again.rollout.sglang.urls == ["http://localhost:30000"]
 
 
 def test_resolved_config_round_trip(tmp_path):

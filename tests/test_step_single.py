@@ -14,7 +14,6 @@ import dataclasses
 import pytest
 import torch
 
-from sapo_megatron.losses import PolicyLossConfig
 from sapo_megatron.step import (
     PolicyLossSpec,
     assign_step_weights,
@@ -58,7 +57,7 @@ def test_step_matches_hand_written_sapo(single_rank_parallel):
     samples = synthetic_samples(6, vocab_size=MODEL.vocab_size, seed=3, max_length=12)
     microbatches = [collate_padded(samples[:3], min_length=12), collate_padded(samples[3:], min_length=12)]
     microbatches = assign_step_weights(microbatches, "seq_mean_token_mean")
-    spec = PolicyLossSpec(config=PolicyLossConfig(tau_pos=TAU_POS, tau_neg=TAU_NEG), logprob_chunk_size=4)
+    spec = PolicyLossSpec(tau_pos=TAU_POS, tau_neg=TAU_NEG, logprob_chunk_size=4)
     metrics = run_step(chunks, microbatches, spec)
 
     ref_loss, _, _ = _reference_loss(plain, samples)
@@ -77,8 +76,8 @@ def test_tau_reaches_the_step(single_rank_parallel):
     chunks, _ = _models()
     samples = synthetic_samples(4, vocab_size=MODEL.vocab_size, seed=4, max_length=10)
     mbs = assign_step_weights([collate_padded(samples)], "token_mean")
-    a = run_step(chunks, mbs, PolicyLossSpec(config=PolicyLossConfig(tau_pos=1.0)), forward_only=True)
-    b = run_step(chunks, mbs, PolicyLossSpec(config=PolicyLossConfig(tau_pos=3.0)), forward_only=True)
+    a = run_step(chunks, mbs, PolicyLossSpec(tau_pos=1.0), forward_only=True)
+    b = run_step(chunks, mbs, PolicyLossSpec(tau_pos=3.0), forward_only=True)
     assert a["loss"] != pytest.approx(b["loss"], rel=1e-3)
 
 

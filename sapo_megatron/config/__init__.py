@@ -1,5 +1,6 @@
-"""Run configuration: a typed tree (``schema``), YAML + ``key.sub=value`` overrides (``io``),
-and the checks that refuse a bad run before anything is built (``validate``).
+"""Run configuration: a typed tree (``schema``) used as an OmegaConf structured-config schema,
+YAML + ``key.sub=value`` overrides onto it (``io``), and the checks that refuse a bad run before
+anything is built (``validate``); ``config show|validate`` (``commands``).
 
 ::
 
@@ -11,19 +12,21 @@ and the checks that refuse a bad run before anything is built (``validate``).
 
 From a shell, check a config without launching anything::
 
-    python -m sapo_megatron.config --config configs/tiny_cpu.yaml --world-size 2 [key=value ...]
+    sapo-megatron config validate --config configs/tiny_cpu.yaml --world-size 2 [key=value ...]
+    python -m sapo_megatron.config show --config configs/tiny_cpu.yaml [key=value ...]
 """
 
+from sapo_megatron.config.errors import ConfigError
 from sapo_megatron.config.io import (
     ALIASES,
-    ConfigError,
     config_from_argv,
     config_from_dict,
     config_to_dict,
+    dump_yaml,
     load_config,
-    parse_override,
     redact,
     save_resolved,
+    to_saved_dict,
 )
 from sapo_megatron.config.schema import (
     LossSection,
@@ -38,6 +41,7 @@ from sapo_megatron.config.schema import (
     TrainSection,
 )
 from sapo_megatron.config.validate import BatchPlan, validate, validate_for_world
+from sapo_megatron.config.commands import run_config_command
 
 __all__ = [
     "ALIASES",
@@ -56,10 +60,12 @@ __all__ = [
     "config_from_argv",
     "config_from_dict",
     "config_to_dict",
+    "dump_yaml",
     "load_config",
-    "parse_override",
     "redact",
+    "run_config_command",
     "save_resolved",
+    "to_saved_dict",
     "validate",
     "validate_for_world",
 ]

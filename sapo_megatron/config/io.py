@@ -1,79 +1,69 @@
-"""YAML files and ``key.sub=value`` overrides onto the typed tree, and back to YAML.
+"""YAML files and ``key.sub=value`` overrides onto the typed tree (OmegaConf structured configs),
+and back to YAML.
 
-Precedence: dataclass defaults < YAML file < command-line overrides. Both sources are merged
-into one plain dict first; :func:`config_from_dict` then checks every key and type in one pass
-and reports all problems together, each under its full dotted key.
+Precedence: dataclass defaults < YAML file < command-line overrides, i.e.
+``OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path), from_dotlist(...))``,
+then ``OmegaConf.to_object`` builds the dataclasses, so every ``__post_init__`` check runs (a
+merge alone type-checks but accepts out-of-range values).
 
-- Override values are parsed with ``yaml.safe_load`` (``true``, ``[a,b]``, ``null``), then
-  coerced to the field's type; a ``str`` field takes the text as typed (``run.output_dir=2024``
-  is the string "2024"). PyYAML reads ``1e-6`` as a string: float fields accept it.
-- ``${VAR}`` / ``${VAR:-default}`` in string values are expanded from the environment when a
-  config is loaded, so paths that differ per cluster are named variables in the shipped YAML.
+- Types, unknown keys and value parsing are OmegaConf's (``true``, ``[a,b]``, ``null``, ``1e-6``;
+  a ``str`` field takes ``run.output_dir=2024`` as the string "2024"). Its errors are turned into
+  one line per problem: the dotted key, what was given, what was expected; a source that fails
+  is merged again key by key so that every problem is reported at once.
+- Environment variables: ``${oc.env:VAR}`` / ``${oc.env:VAR,default}``. The shell-style
+  ``${VAR}`` / ``${VAR:-default}`` of earlier configs is refused with the new spelling.
+- The saved and shown config keeps every ``${oc.env:...}`` unresolved, so paths and secrets
+  that come from the environment are never written; strings that look like secrets are
+  redacted as well (configs name environment variables, e.g. ``rollout.sglang.api_key_env``).
 - Bare aliases: ``output_dir=DIR`` is ``run.output_dir=DIR``, ``seed=N`` is ``run.seed=N``.
-- Secrets: configs name environment variables (``rollout.sglang.api_key_env``), never hold
-  keys; :func:`save_resolved` still redacts any string that looks like one.
+- Pass-through sections (``model.megatron``, ``optim.megatron``) are checked against the
+  Megatron-Core dataclass they feed (``upstream.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import functools
 import os
 import re
-import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Union
+from typing import Any, Iterable, Mapping
 
 import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from sapo_megatron.config.errors import ConfigError
 from sapo_megatron.config.schema import MODEL_SECTION_KEYS, ModelSection, TrainConfig
+from sapo_megatron.config.upstream import check_passthrough, type_name, unknown_key
+from sapo_megatron.config.validate import validate
 from sapo_megatron.models.config import ModelConfig
 
 ALIASES = {"output_dir": "run.output_dir", "seed": "run.seed"}
 REDACTED = "<redacted>"
+# Where a loaded config's ``${...}`` values came from: {path: (template, resolved value)}.
+_TEMPLATES = "_sapo_interpolations"
 
-
-class ConfigError(ValueError):
-    """One or more problems in a configuration, each naming its dotted key."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+Path_ = tuple[str | int, ...]  # a key path into the tree: ("rollout", "sglang", "urls", 0)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(
-    path: str | os.PathLike | None = None,
-    overrides: Iterable[str] = (),
-    *,
-    env: Mapping[str, str] | None = None,
-) -> TrainConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
     """Defaults < YAML file at ``path`` < ``key.sub=value`` overrides; checked and validated
     (everything that does not depend on the world size: see ``validate_for_world``)."""
-    from sapo_megatron.config.validate import validate
-
-    # Defaults are filled in when the tree is built, not copied here: some are derived in
-    # __post_init__ (parallel.sequence_parallel follows TP) and must stay derived.
-    data: dict[str, Any] = {}
-    if path is not None:
-        _deep_merge(data, read_yaml(path))
+    sources = [] if path is None else [_read_yaml(path)]
     problems: list[str] = []
     for item in overrides:
         try:
-            key, value = parse_override(item)
+            sources.append(_parse_override(item))
         except ValueError as err:
             problems.append(str(err))
-            continue
-        _set_dotted(data, key, value, problems)
     if problems:
         raise ConfigError(problems)
-    data = _expand_env(data, dict(os.environ) if env is None else env, "", problems)
-    if problems:
-        raise ConfigError(problems)
-    cfg = config_from_dict(data)
+    cfg = _build(sources)
     validate(cfg)
     return cfg
 
@@ -98,112 +88,286 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
     return load_config(path, overrides)
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """The typed tree from a plain dict (any subset of keys; the rest default). Unknown keys,
+    wrong types and out-of-range values are all reported together as a :class:`ConfigError`."""
+    return _build([_Source("the config", _plain(dict(data)), None)])
+
+
+@dataclasses.dataclass
+class _Source:
+    name: str  # how errors name it: a file, or "override 'loss.tau_pos=x'"
+    data: dict[str, Any]  # plain containers, ${...} strings unresolved
+    text: str | None  # an override's value as typed (errors show it), else None
+
+
+def _read_yaml(path: str | os.PathLike) -> _Source:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"])
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path} is not valid YAML: {err}"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a mapping of sections at the top level, got "
-                           f"{type(data).__name__}"])
-    return data
+        node = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError([f"{path} is not valid YAML: {' '.join(str(err).split())}"]) from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError([f"{path}: expected a mapping of sections at the top level, got a list"])
+    return _Source(str(path), OmegaConf.to_container(node, resolve=False), None)
 
 
-class _OverrideValue:
-    """A value from the command line: the text as typed and its YAML parse."""
-
-    def __init__(self, text: str):
-        self.text = text
-        try:
-            self.parsed = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            self.parsed = text
-
-    def __repr__(self) -> str:
-        return repr(self.text)
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"loss.tau_neg=1.05"`` -> ``("loss.tau_neg", <1.05>)``; aliases resolved."""
+def _parse_override(item: str) -> _Source:
+    """``"loss.tau_neg=1.05"`` -> the nested mapping OmegaConf's dotlist parser makes of it."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"override {item!r} is not of the form key.sub=value")
-    return ALIASES.get(key, key), _OverrideValue(text)
+    key = ALIASES.get(key, key)
+    try:
+        node = OmegaConf.from_dotlist([f"{key}={text}"])
+    except OmegaConfBaseException as err:
+        raise ValueError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+    return _Source(f"override {item!r}", OmegaConf.to_container(node, resolve=False), text)
 
 
-def _deep_merge(base: dict, update: Mapping) -> None:
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value
+def _build(sources: list[_Source]) -> TrainConfig:
+    problems: list[str] = []
+    for source in sources:
+        _refuse_shell_env_syntax(source.data, (), problems)
+    if problems:
+        raise ConfigError(problems)
+    merged = _train_schema()
+    for source in sources:
+        merged = _merge(merged, source.data, (), source, problems)
+    if problems:
+        raise ConfigError(problems)
+    templates = _resolve_interpolations(merged, problems)
+    if problems:
+        raise ConfigError(problems)
+    cfg = _instantiate(merged, problems)
+    if cfg is not None:
+        _check_passthroughs(cfg, (), problems)
+    if not problems:
+        try:
+            cfg.model.resolve()  # ModelConfig's own checks, with "model.x" in their messages
+        except (ValueError, TypeError) as err:
+            problems.append(str(err) if str(err).startswith("model") else f"model: {err}")
+    if problems:
+        raise ConfigError(problems)
+    cfg.__dict__[_TEMPLATES] = templates
+    return cfg
 
 
-def _set_dotted(data: dict, key: str, value: Any, problems: list[str]) -> None:
-    parts = key.split(".")
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
-            problems.append(f"override {key}: {where} is a value, not a section")
-            return
-        node = child
-    node[parts[-1]] = value
+@functools.cache
+def _train_schema() -> DictConfig:
+    # Built once: merges copy it, never change it.
+    return _schema(TrainConfig)
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+def _schema(cls: type) -> DictConfig:
+    """``OmegaConf.structured(cls)``, each section taken from its class rather than from an
+    instance made by its ``default_factory``: an instance has run ``__post_init__``, which would
+    freeze derived defaults (``parallel.sequence_parallel`` follows TP unless set)."""
+    node = OmegaConf.structured(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            node[f.name] = _schema(hints[f.name])
+    return node
 
 
-def _expand_env(value: Any, env: Mapping[str, str], key: str, problems: list[str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand_env(v, env, f"{key}.{k}" if key else str(k), problems) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(v, env, key, problems) for v in value]
-    if isinstance(value, _OverrideValue):
-        if isinstance(value.parsed, str) and _ENV_REF.search(value.text):
-            expanded = _OverrideValue.__new__(_OverrideValue)
-            expanded.text = expanded.parsed = _expand_env(value.text, env, key, problems)
-            return expanded
-        return value
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        problems.append(f"{key}: environment variable {name} is not set (the value is "
-                        f"{value!r}); export {name} or override {key}=...")
-        return match.group(0)
-
-    return _ENV_REF.sub(substitute, value)
+def _merge(base: DictConfig, data: Any, path: Path_, source: _Source, problems: list[str]) -> DictConfig:
+    """``base`` with ``data`` merged in at ``path``; on failure, key by key into sections, so
+    that each bad leaf is reported once and the good ones still apply."""
+    update: Any = data
+    for key in reversed(path):
+        update = {key: update}
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        if isinstance(data, dict) and data and isinstance(_node(base, path), DictConfig):
+            for key, value in data.items():
+                base = _merge(base, value, (*path, key), source, problems)
+            return base
+        problems.append(_describe(err, data, source))
+        return base
 
 
-# --------------------------------------------------------------------------- dict <-> tree
+def _node(cfg: DictConfig, path: Path_) -> Any:
+    node: Any = cfg
+    for key in path:
+        if not isinstance(node, DictConfig) or key not in node:
+            return None
+        node = node._get_node(key)
+    return node
+
+
+def _describe(err: OmegaConfBaseException, given: Any, source: _Source) -> str:
+    """One line for an OmegaConf error: dotted key, what was given, what was expected."""
+    dotted = str(getattr(err, "full_key", None) or "")
+    owner, key = getattr(err, "object_type", None), getattr(err, "key", None)
+    if isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(owner):
+        valid = [f.name for f in dataclasses.fields(owner)]
+        where = dotted.rpartition(".")[0] or "the top level"
+        return unknown_key(dotted, str(key), valid, where)
+    value = err.value if getattr(err, "value", None) is not None else given
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    shown = source.text if source.text is not None and not isinstance(given, dict) else value
+    hint = _hint(owner, key)
+    expected = type_name(hint) if hint is not None else str(err.msg).splitlines()[0]
+    return f"{dotted or source.name}: expected {expected}, got {shown!r}"
+
+
+def _hint(owner: Any, key: Any) -> Any:
+    if not (dataclasses.is_dataclass(owner) and isinstance(key, str)):
+        return None
+    if owner is ModelSection and key not in MODEL_SECTION_KEYS:
+        owner = ModelConfig  # null there means "from the preset": name the real type
+    return typing.get_type_hints(owner).get(key)
+
+
+# Shell-style references: ${VAR} (top-level section names excepted: those are OmegaConf's own
+# node interpolations) and ${VAR:-default}.
+_SHELL_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+_SECTIONS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _refuse_shell_env_syntax(data: Any, path: Path_, problems: list[str]) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _refuse_shell_env_syntax(value, (*path, key), problems)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _refuse_shell_env_syntax(value, (*path, i), problems)
+    elif isinstance(data, str):
+        for match in _SHELL_ENV.finditer(data):
+            name, default = match.group(1), match.group(3)
+            if default is None and name in _SECTIONS:
+                continue
+            new = f"${{oc.env:{name}}}" if default is None else f"${{oc.env:{name},{default}}}"
+            problems.append(f"{dotted(path)}: {match.group(0)!r} is the old environment-variable "
+                            f"syntax; write {new!r} instead")
+
+
+def _resolve_interpolations(merged: DictConfig, problems: list[str]) -> dict[Path_, tuple[str, Any]]:
+    """Resolve every ``${...}`` now, one line per failure; what each came from, for saving."""
+    templates = {}
+    raw = OmegaConf.to_container(merged, resolve=False)
+    for path, template in _leaves(raw, ()):
+        if not (isinstance(template, str) and "${" in template):
+            continue
+        key = dotted(path)
+        try:
+            templates[path] = (template, OmegaConf.select(merged, key, throw_on_resolution_failure=True))
+        except OmegaConfBaseException as err:
+            missing = re.search(r"Environment variable '(\w+)' not found", str(err))
+            if missing:
+                name = missing.group(1)
+                problems.append(f"{key}: environment variable {name} is not set (the value is "
+                                f"{template!r}); export {name} or override {key}=...")
+            else:
+                problems.append(f"{key}: cannot resolve {template!r}: {str(err).splitlines()[0]}")
+    return templates
+
+
+def _leaves(data: Any, path: Path_):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _leaves(value, (*path, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _leaves(value, (*path, i))
+    else:
+        yield path, data
+
+
+def dotted(path: Path_) -> str:
+    """``("rollout", "sglang", "urls", 0)`` -> ``"rollout.sglang.urls[0]"``."""
+    out = ""
+    for key in path:
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else str(key))
+    return out
+
+
+def _instantiate(merged: DictConfig, problems: list[str]) -> TrainConfig | None:
+    """``OmegaConf.to_object``: the dataclasses, their ``__post_init__`` checks run. On failure
+    each section is built alone, so that a problem in every section is reported."""
+    try:
+        return OmegaConf.to_object(merged)
+    except (ValueError, TypeError, OmegaConfBaseException):
+        pass
+    for name in _SECTIONS:
+        try:
+            OmegaConf.to_object(merged[name])
+        except (ValueError, TypeError, OmegaConfBaseException) as err:
+            message = " ".join(str(err).split("\n    full_key")[0].split())
+            problems.append(message if message.startswith(name) else f"{name}: {message}")
+    if not problems:  # only the whole tree fails (a check across sections in a __post_init__)
+        try:
+            return OmegaConf.to_object(merged)
+        except (ValueError, TypeError, OmegaConfBaseException) as err:
+            problems.append(" ".join(str(err).split()))
+    return None
+
+
+def _check_passthroughs(obj: Any, path: Path_, problems: list[str]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if "passthrough" in f.metadata and value:
+            problems.extend(check_passthrough(value, dotted((*path, f.name)), f.metadata["passthrough"]))
+        elif dataclasses.is_dataclass(value):
+            _check_passthroughs(value, (*path, f.name), problems)
+
+
+# --------------------------------------------------------------------------- tree -> dict
 
 
 def config_to_dict(cfg: TrainConfig, *, resolved: bool = False) -> dict[str, Any]:
-    """Plain nested dict of ``cfg`` (YAML-ready). ``resolved=True`` writes the model section as
-    the full :class:`ModelConfig` it resolves to, not only the fields that were set."""
+    """Plain nested dict of ``cfg`` (YAML-ready; environment values as resolved at load).
+    ``resolved=True`` writes the model section as the full :class:`ModelConfig` it resolves to,
+    not only the fields that were set."""
     data = _plain(cfg)
-    model = data.pop("model")
-    fields = cfg.model.resolve() if resolved else None
-    data["model"] = {key: model[key] for key in MODEL_SECTION_KEYS}
-    data["model"].update(_plain(fields) if fields is not None else model["overrides"])
-    return {key: data[key] for key in (f.name for f in dataclasses.fields(TrainConfig))}
+    model = data["model"]
+    if resolved:
+        data["model"] = {key: model[key] for key in MODEL_SECTION_KEYS} | _plain(cfg.model.resolve())
+    return data
+
+
+def to_saved_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """What a run saves and ``config show`` prints: :func:`config_to_dict` with ``resolved=True``,
+    every value that came from ``${oc.env:...}`` written as that template again (unless it was
+    changed since loading), secret-looking strings redacted."""
+    data = config_to_dict(cfg, resolved=True)
+    for path, (template, value) in cfg.__dict__.get(_TEMPLATES, {}).items():
+        if "oc.env:" not in template:
+            continue  # other interpolations (${run.output_dir}/x) are saved resolved
+        parent = data
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(parent, (dict, list)) else None
+            if parent is None:
+                break
+        here = _lookup(parent, path[-1])
+        if here is not _ABSENT and here == _plain(value):
+            parent[path[-1]] = template
+    return redact(data)
+
+
+_ABSENT = object()
+
+
+def _lookup(parent: Any, key: str | int) -> Any:
+    if isinstance(parent, dict):
+        return parent.get(key, _ABSENT)
+    if isinstance(parent, list) and isinstance(key, int) and 0 <= key < len(parent):
+        return parent[key]
+    return _ABSENT
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_saved_dict(cfg), sort_keys=False)
 
 
 def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
@@ -212,221 +376,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """The typed tree from a plain dict (any subset of keys; the rest default). Unknown keys,
-    wrong types and out-of-range values are all reported together as a :class:`ConfigError`."""
-    problems: list[str] = []
-    data = dict(data)
-    model = data.pop("model", {})
-    cfg = _build(TrainConfig, {**data, "model": {}}, "", problems)
-    section = _build_model_section(model, problems)
-    if problems:
-        raise ConfigError(problems)
-    cfg.model = section
-    return cfg
-
-
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    if not isinstance(data, Mapping):
-        problems.append(f"{prefix}: expected a mapping of {cls.__name__} settings, got {data!r}")
-        return None
-    count = len(problems)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            problems.append(_unknown(dotted, str(key), list(fields), prefix or "the top level"))
-            continue
-        try:
-            if dataclasses.is_dataclass(hints[key]):
-                kwargs[key] = _build(hints[key], value, dotted, problems)
-            elif "passthrough" in fields[key].metadata:
-                kwargs[key] = _passthrough(value, dotted, _field_names(fields[key].metadata["passthrough"]))
-            else:
-                kwargs[key] = coerce(value, hints[key], dotted)
-        except ValueError as err:
-            problems.append(str(err))
-    if len(problems) > count:
-        return None
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:
-        message = str(err)
-        named = not prefix or message.startswith(prefix.split(".")[0])
-        problems.append(message if named else f"{prefix}: {message}")
-        return None
-
-
-def _build_model_section(data: Any, problems: list[str]) -> ModelSection | None:
-    if not isinstance(data, Mapping):
-        problems.append(f"model: expected a mapping (preset, hf_dir, ckpt_dir and ModelConfig "
-                        f"fields), got {data!r}")
-        return None
-    section_hints = typing.get_type_hints(ModelSection)
-    model_hints = typing.get_type_hints(ModelConfig)
-    names = list(MODEL_SECTION_KEYS) + list(model_hints)
-    kwargs: dict[str, Any] = {}
-    overrides: dict[str, Any] = {}
-    count = len(problems)
-    for key, value in data.items():
-        dotted = f"model.{key}"
-        try:
-            if key in MODEL_SECTION_KEYS:
-                kwargs[key] = coerce(value, section_hints[key], dotted)
-            elif key == "megatron":
-                overrides[key] = _passthrough(value, dotted, _field_names(TRANSFORMER_CONFIG))
-            elif key in model_hints:
-                overrides[key] = coerce(value, model_hints[key], dotted)
-            else:
-                problems.append(_unknown(dotted, str(key), names, "model"))
-        except ValueError as err:
-            problems.append(str(err))
-    if len(problems) > count:
-        return None
-    try:
-        section = ModelSection(**kwargs, overrides=overrides)
-        section.resolve()  # ModelConfig's own checks, with "model.x" in their messages
-        return section
-    except (ValueError, TypeError) as err:
-        problems.append(str(err) if str(err).startswith("model") else f"model: {err}")
-        return None
-
-
-def _passthrough(value: Any, key: str, allowed: list[str]) -> dict[str, Any]:
-    """A dict of upstream config fields, e.g. ``model.megatron``: names checked, values as given."""
-    value = coerce(value, dict[str, Any], key)
-    for name in value:
-        if name not in allowed:
-            raise ValueError(_unknown(f"{key}.{name}", name, allowed, key))
-    return value
-
-
-TRANSFORMER_CONFIG = "megatron.core.transformer.TransformerConfig"
-
-
-def _field_names(qualified_class: str) -> list[str]:
-    """Field names of an upstream config dataclass, imported only when a passthrough is used."""
-    import importlib
-
-    module, _, name = qualified_class.rpartition(".")
-    return [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
-
-
-def _unknown(dotted: str, key: str, valid: list[str], where: str) -> str:
-    parent = dotted[: -len(key)]
-    close = difflib.get_close_matches(key, valid, n=3)
-    hint = f"; did you mean {' or '.join(repr(parent + c) for c in close)}?" if close else ""
-    if len(valid) > 40:  # an upstream config class: its field list would drown the message
-        return f"unknown key {dotted!r}{hint} (not one of the {len(valid)} fields accepted under {where})"
-    return f"unknown key {dotted!r}{hint} (valid keys under {where}: {', '.join(sorted(valid))})"
-
-
-# --------------------------------------------------------------------------- types
-
-
-_NONE_WORDS = ("none", "None", "null", "~")
-
-
-def coerce(value: Any, expected: Any, key: str) -> Any:
-    """``value`` as type ``expected`` (int, float, bool, str, Any, Optional/Union, list, tuple,
-    dict, Literal), or ValueError naming ``key``, the value and the expected type."""
-    text = value.text if isinstance(value, _OverrideValue) else None
-    if isinstance(value, _OverrideValue):
-        value = value.parsed
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-
-    def fail() -> ValueError:
-        shown = text if text is not None else value
-        return ValueError(f"{key}: expected {type_name(expected)}, got {shown!r}")
-
-    if expected is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value in _NONE_WORDS)):
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value if text is None else _raw(text, value), option, key)
-            except ValueError:
-                pass
-        raise fail()
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ValueError(f"{key}: expected one of {list(args)}, got {text if text is not None else value!r}")
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-        raise fail()
-    if expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return int(value)
-        raise fail()
-    if expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise fail()
-    if expected is str:
-        if text is not None and value is not None and not isinstance(value, (list, dict)):
-            return text
-        if isinstance(value, str):
-            return value
-        raise fail()
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise fail()
-        item_type = args[0] if args else Any
-        items = [coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict or expected is dict:
-        if not isinstance(value, Mapping):
-            raise fail()
-        value_type = args[1] if len(args) == 2 else Any
-        return {str(k): coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    raise ValueError(f"{key}: unsupported field type {expected!r}")
-
-
-def _raw(text: str, parsed: Any) -> _OverrideValue:
-    raw = _OverrideValue.__new__(_OverrideValue)
-    raw.text, raw.parsed = text, parsed
-    return raw
-
-
-def type_name(expected: Any) -> str:
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else type_name(a) for a in args)
-    if origin is Literal:
-        return f"one of {list(args)}"
-    if origin in (list, tuple):
-        return f"a list of {type_name(args[0]) if args else 'values'}"
-    if origin is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        expected, getattr(expected, "__name__", str(expected)))
-
-
 # --------------------------------------------------------------------------- saving
 
 
 def save_resolved(cfg: TrainConfig, path: str | os.PathLike) -> Path:
-    """Write every field of ``cfg`` (model fully resolved) as YAML, secrets redacted; atomic."""
+    """Write every field of ``cfg`` (model fully resolved, ``${oc.env:...}`` kept, secrets
+    redacted) as YAML; atomic."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = yaml.safe_dump(redact(config_to_dict(cfg, resolved=True)), sort_keys=False)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("# Resolved configuration of this run (sapo_megatron). Re-run with --config.\n" + body)
+    tmp.write_text("# Resolved configuration of this run (sapo_megatron). Re-run with --config.\n"
+                   + dump_yaml(cfg))
     os.replace(tmp, path)
     return path
 
@@ -436,17 +396,19 @@ _SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "cred
 _SECRET_VALUE = re.compile(r"^(sk-|hf_|ghp_|gho_|github_pat_|xox[abp]-|AKIA|glpat-)[A-Za-z0-9_\-]{12,}$")
 _URL_PASSWORD = re.compile(r"^(\w+://[^/:@\s]+):[^/@\s]+@")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_REFERENCE = re.compile(r"\$\{oc\.env:[A-Za-z_][A-Za-z0-9_]*\}")  # names a variable, holds nothing
 
 
 def redact(data: Any, key: str = "") -> Any:
     """A copy of ``data`` with secret-looking strings replaced by ``<redacted>``: values of keys
     named like *key* / *token* / *secret* / *password* (except ``*_env`` keys holding a
-    variable name), values shaped like well-known tokens, and passwords inside URLs."""
+    variable name, and bare ``${oc.env:VAR}`` references), values shaped like well-known
+    tokens, and passwords inside URLs."""
     if isinstance(data, Mapping):
         return {k: redact(v, str(k)) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
         return [redact(v, key) for v in data]
-    if not isinstance(data, str) or not data:
+    if not isinstance(data, str) or not data or _ENV_REFERENCE.fullmatch(data):
         return data
     words = set(re.split(r"[_\-.]", key.lower()))
     names_a_variable = key.lower().endswith("_env") and _ENV_NAME.fullmatch(data)

@@ -2,25 +2,32 @@
 
 Design choices:
 - Megatron-Core's and our own config classes are wrapped, never re-declared: ``parallel`` IS a
-  :class:`ParallelConfig`, ``loss`` subclasses :class:`PolicyLossConfig` (so its validation runs
-  unchanged), ``model`` holds a preset name plus :class:`ModelConfig` field overrides, and
-  ``model.megatron`` / ``optim.megatron`` pass further ``TransformerConfig`` /
-  ``OptimizerConfig`` fields through by name.
+  :class:`ParallelConfig`, ``loss`` IS the step's :class:`PolicyLossSpec`, ``rollout``
+  subclasses the engines' :class:`SamplingParams`, ``model`` is a preset name plus every
+  :class:`ModelConfig` field as an optional override (generated from ModelConfig, so a field
+  added there is accepted here), and ``model.megatron`` / ``optim.megatron`` pass further
+  ``TransformerConfig`` / ``OptimizerConfig`` fields through by name.
+- The tree is an OmegaConf structured-config schema (``io.py`` loads onto it), so every field
+  needs a type OmegaConf understands: ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``,
+  ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, ``Any`` or another such
+  dataclass; a default (``field(default_factory=...)`` for containers); no ``InitVar``.
 - Fixed choices are ``Literal`` annotations; choices backed by a registry (loss type,
   reduction) are checked against the registry when the section is built, so a loss registered
   by user code is accepted.
-- Each section checks its own ranges in ``__post_init__`` with the dotted key in the message;
-  checks across sections live in ``validate.py``.
+- Each section checks its own ranges in ``__post_init__`` with the dotted key in the message
+  (``OmegaConf.to_object`` runs them); checks across sections live in ``validate.py``.
+- A pass-through ``dict`` field names its upstream dataclass in ``metadata={"passthrough":
+  "module.Class"}``; its keys are checked against that class's fields when a config is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Optional
 
-from sapo_megatron.losses import POLICY_LOSSES, REDUCTIONS, PolicyLossConfig
 from sapo_megatron.models.config import PRESETS, ModelConfig, ParallelConfig, preset
 from sapo_megatron.step.run import PolicyLossSpec
 from sapo_megatron.rollout.base import SamplingParams
@@ -46,7 +53,6 @@ class RunConfig:
     save_every: int = 20  # 0: no periodic checkpoints
     keep_last: int = 2
     resume: bool = True  # continue from output_dir's latest checkpoint when there is one
-    log_every: int = 1
     progress: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None  # None: no wandb
@@ -56,23 +62,19 @@ class RunConfig:
         _check(self.steps >= 1, "run.steps", ">= 1", self.steps)
         _check(self.save_every >= 0, "run.save_every", ">= 0 (0 disables checkpoints)", self.save_every)
         _check(self.keep_last >= 1, "run.keep_last", ">= 1", self.keep_last)
-        _check(self.log_every >= 1, "run.log_every", ">= 1", self.log_every)
         _check(bool(self.output_dir), "run.output_dir", "a non-empty path", self.output_dir)
 
 
 # Section keys of `model:`; every other key there is a ModelConfig field.
 MODEL_SECTION_KEYS = ("preset", "hf_dir", "ckpt_dir")
+TRANSFORMER_CONFIG = "megatron.core.transformer.TransformerConfig"
 
 
 @dataclass
-class ModelSection:
-    """Which model: a preset (or ``hf_dir``'s config.json when ``preset`` is null), with
-    :class:`ModelConfig` fields on top; weights from ``ckpt_dir`` or ``hf_dir`` (None: random)."""
-
+class _ModelSource:
     preset: str | None = "tiny-moe"
     hf_dir: str | None = None
     ckpt_dir: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -81,11 +83,18 @@ class ModelSection:
             raise ValueError("model.preset is null: set model.hf_dir (its config.json gives the "
                              "architecture) or a preset")
 
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The :class:`ModelConfig` fields this section sets (null: from the preset / hf_dir)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)
+                if getattr(self, f.name) is not None}
+
     def resolve(self) -> ModelConfig:
-        if _complete(self.overrides):  # a resolved config saved by a run: nothing to read
-            return ModelConfig(**self.overrides)
+        overrides = self.overrides
+        if _complete(overrides):  # a resolved config saved by a run: nothing to read
+            return ModelConfig(**overrides)
         if self.preset is not None:
-            return preset(self.preset, **self.overrides)
+            return preset(self.preset, **overrides)
         import json
         from pathlib import Path
 
@@ -96,51 +105,41 @@ class ModelSection:
             raise ValueError(f"model.hf_dir: {config_json} does not exist (model.preset is null, so "
                              f"the architecture is read from it)")
         base = model_config_from_hf(json.loads(config_json.read_text()))
-        return dataclasses.replace(base, **self.overrides)
+        return dataclasses.replace(base, **overrides)
+
+
+def _required_model_fields() -> set[str]:
+    hints = typing.get_type_hints(ModelConfig)
+    return {name for name, hint in hints.items() if type(None) not in typing.get_args(hint)}
 
 
 def _complete(overrides: dict[str, Any]) -> bool:
-    return {f.name for f in dataclasses.fields(ModelConfig)} <= set(overrides)
+    # Every field that cannot be null is set: the section is a whole ModelConfig.
+    return _required_model_fields() <= set(overrides)
 
 
-@dataclass
-class LossSection(PolicyLossConfig):
-    """The policy loss: every :class:`PolicyLossConfig` field plus what :class:`PolicyLossSpec`
-    adds around it (``type`` is the spec's ``loss_type``)."""
+def _model_section() -> type:
+    """``model:``: the source keys plus every :class:`ModelConfig` field as ``X | None = None``
+    (None: the preset's / hf_dir's value). Generated, so it follows ModelConfig's fields."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = []
+    for f in dataclasses.fields(ModelConfig):
+        metadata = {"passthrough": TRANSFORMER_CONFIG} if f.name == "megatron" else f.metadata
+        fields.append((f.name, Optional[hints[f.name]], field(default=None, metadata=metadata)))
+    cls = dataclasses.make_dataclass("ModelSection", fields, bases=(_ModelSource,))
+    cls.__module__, cls.__qualname__ = __name__, "ModelSection"
+    cls.__doc__ = ("Which model: a preset (or ``hf_dir``'s config.json when ``preset`` is null), "
+                   "with :class:`ModelConfig` fields on top; weights from ``ckpt_dir`` or ``hf_dir`` "
+                   "(None: random).")
+    return cls
 
-    type: str = PolicyLossSpec.loss_type  # a name in sapo_megatron.losses.POLICY_LOSSES
-    reduction: str = PolicyLossSpec.reduction  # a name in sapo_megatron.losses.REDUCTIONS
-    temperature: float = PolicyLossSpec.temperature
-    logprob_chunk_size: int | None = PolicyLossSpec.logprob_chunk_size
-    norm_length: int | None = PolicyLossSpec.norm_length
 
-    def validate(self) -> None:
-        try:
-            super().validate()
-        except ValueError as err:
-            # PolicyLossConfig names its fields "PolicyLossConfig.x"; here they are "loss.x".
-            raise ValueError(re.sub(r"PolicyLossConfig\.(\w+)", r"loss.\1", str(err))) from None
-        # Registries are read now, so a loss registered by user code before loading is accepted.
-        _check(self.type in POLICY_LOSSES, "loss.type", f"one of {sorted(POLICY_LOSSES)}", self.type)
-        _check(self.reduction in REDUCTIONS, "loss.reduction", f"one of {sorted(REDUCTIONS)}", self.reduction)
-        _check(self.temperature > 0, "loss.temperature", "> 0", self.temperature)
-        for name in ("logprob_chunk_size", "norm_length"):
-            value = getattr(self, name)
-            _check(value is None or value >= 1, f"loss.{name}", ">= 1 or null", value)
+ModelSection = _model_section()
 
-    def policy_loss_config(self) -> PolicyLossConfig:
-        names = [f.name for f in dataclasses.fields(PolicyLossConfig)]
-        return PolicyLossConfig(**{name: getattr(self, name) for name in names})
 
-    def to_spec(self) -> PolicyLossSpec:
-        return PolicyLossSpec(
-            loss_type=self.type,
-            reduction=self.reduction,
-            config=self.policy_loss_config(),
-            temperature=self.temperature,
-            logprob_chunk_size=self.logprob_chunk_size,
-            norm_length=self.norm_length,
-        )
+# The policy loss: the step's own spec (PolicyLossConfig's fields plus type, reduction,
+# temperature, ...), validated once, in its __post_init__, with "loss.x" in its messages.
+LossSection = PolicyLossSpec
 
 
 @dataclass
@@ -203,26 +202,33 @@ class SGLangSection:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(SamplingParams):
+    """The rollout engine and batch, plus the engines' :class:`SamplingParams` (temperature,
+    top_p, max_new_tokens, stop_token_ids, seed) as fields of this section: declared and
+    checked once, there."""
+
+    key_prefix: ClassVar[str] = "rollout"
+    max_new_tokens: int = 8
     engine: RolloutEngineName = "embedded"
     prompts_per_step: int = 16
     samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 8
     sglang: SGLangSection = field(default_factory=SGLangSection)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", ">= 1", self.prompts_per_step)
         _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", ">= 1", self.samples_per_prompt)
-        try:
-            self.sampling_params()
-        except ValueError as err:
-            raise ValueError(f"rollout: {err}") from None
 
-    def sampling_params(self, *, stop_token_ids: tuple[int, ...] = (), seed: int | None = None) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p,
-                              max_new_tokens=self.max_new_tokens, stop_token_ids=stop_token_ids, seed=seed)
+    def sampling_params(self, *, stop_token_ids: tuple[int, ...] = (), run_seed: int = 0,
+                        step: int | None = None) -> SamplingParams:
+        """One step's request parameters: this section's, plus the task's stop tokens, seeded by
+        (``rollout.seed``, or ``run.seed`` when that is null; step) so that a resumed run samples
+        exactly what the original did. ``step=None``: unseeded."""
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
+        stops = tuple(dict.fromkeys((*self.stop_token_ids, *stop_token_ids)))
+        root = self.seed if self.seed is not None else run_seed
+        seed = None if step is None else root * 1_000_003 + step
+        return SamplingParams(**{**base, "stop_token_ids": stops, "seed": seed})
 
 
 @dataclass

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sapo_megatron.config.io import ConfigError
+from sapo_megatron.config.errors import ConfigError
 from sapo_megatron.config.schema import TrainConfig
 
 
 def validate(cfg: TrainConfig) -> None:
     problems: list[str] = []
-    model = cfg.model.resolve()
+    try:
+        model = cfg.model.resolve()
+    except (ValueError, TypeError) as err:
+        raise ConfigError([str(err) if str(err).startswith("model") else f"model: {err}"]) from None
     try:
         import torch
 

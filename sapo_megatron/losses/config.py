@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .kl import KL_PENALTIES
 
@@ -22,6 +23,7 @@ DEFAULT_DUAL_CLIP_C = 3.0
 
 @dataclass
 class PolicyLossConfig:
+    key_prefix: ClassVar[str] = "PolicyLossConfig"  # how errors name the fields
     tau_pos: float = 1.0
     tau_neg: float = 1.05
     eps_clip: float = 0.2
@@ -45,15 +47,15 @@ class PolicyLossConfig:
                 positive[field] = getattr(self, field)
         for field, value in positive.items():
             if not _is_real(value) or not value > 0 or math.isinf(value):
-                raise ValueError(f"PolicyLossConfig.{field} must be a finite number > 0, got {value!r}")
+                raise ValueError(f"{self.key_prefix}.{field} must be a finite number > 0, got {value!r}")
         if self.dual_clip_c is not None and (not _is_real(self.dual_clip_c) or not 1 < self.dual_clip_c < math.inf):
-            raise ValueError(f"PolicyLossConfig.dual_clip_c must be a finite number > 1, got {self.dual_clip_c!r}")
+            raise ValueError(f"{self.key_prefix}.dual_clip_c must be a finite number > 1, got {self.dual_clip_c!r}")
         if not _is_real(self.kl_coef) or not 0 <= self.kl_coef < math.inf:
-            raise ValueError(f"PolicyLossConfig.kl_coef must be a finite number >= 0, got {self.kl_coef!r}")
+            raise ValueError(f"{self.key_prefix}.kl_coef must be a finite number >= 0, got {self.kl_coef!r}")
         if not _is_real(self.entropy_coef) or not math.isfinite(self.entropy_coef):
-            raise ValueError(f"PolicyLossConfig.entropy_coef must be a finite number, got {self.entropy_coef!r}")
+            raise ValueError(f"{self.key_prefix}.entropy_coef must be a finite number, got {self.entropy_coef!r}")
         if self.kl_type not in KL_PENALTIES:
-            raise ValueError(f"PolicyLossConfig.kl_type must be one of {sorted(KL_PENALTIES)}, got {self.kl_type!r}")
+            raise ValueError(f"{self.key_prefix}.kl_type must be one of {sorted(KL_PENALTIES)}, got {self.kl_type!r}")
 
     @property
     def eps_high(self) -> float:

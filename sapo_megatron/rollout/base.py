@@ -9,13 +9,16 @@ when asked, the MoE routes it used, already decoded into our compact form
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
 
 @dataclass
 class SamplingParams:
+    """One request's sampling; the config's ``rollout:`` section subclasses it (one definition)."""
+
+    key_prefix: ClassVar[str] = "sampling"  # how errors name the fields ("rollout" in a config)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 16
@@ -23,12 +26,13 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"sampling temperature must be > 0, got {self.temperature}")
+        # `not (x > 0)` rather than `x <= 0` so that NaN is rejected too.
+        if not self.temperature > 0:
+            raise ValueError(f"{self.key_prefix}.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"{self.key_prefix}.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"sampling max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ValueError(f"{self.key_prefix}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass

@@ -25,31 +25,52 @@ Usage: see ``sapo_megatron.cli demo`` and ``tests/dist/step_worker.py``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.distributed as dist
 
 from sapo_megatron.logprobs import vocab_parallel_log_probs
-from sapo_megatron.losses import PolicyLossConfig, compute_policy_loss, reduction_weights
+from sapo_megatron.losses import (
+    POLICY_LOSSES,
+    REDUCTIONS,
+    PolicyLossConfig,
+    compute_policy_loss,
+    reduction_weights,
+)
 from sapo_megatron.step.batch import Microbatch, per_sample_view
 from sapo_megatron.step.sharding import unwrap
 
 
 @dataclass
-class PolicyLossSpec:
-    """What the loss function computes; one per training phase."""
+class PolicyLossSpec(PolicyLossConfig):
+    """What the loss function computes: the loss's parameters (:class:`PolicyLossConfig`, which
+    it is) plus which loss and reduction, and how log-probs are taken. The config's ``loss:``
+    section is this class, so it is validated once, here, with ``loss.x`` in its messages."""
 
-    loss_type: str = "sapo"
-    reduction: str = "seq_mean_token_mean"
-    config: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    key_prefix: ClassVar[str] = "loss"
+    type: str = "sapo"  # a name in sapo_megatron.losses.POLICY_LOSSES
+    reduction: str = "seq_mean_token_mean"  # a name in sapo_megatron.losses.REDUCTIONS
     temperature: float = 1.0
     # Rows per float32 chunk in the vocab-parallel log-softmax (None: the module's default).
     logprob_chunk_size: int | None = None
     # Dr.GRPO's constant for seq_mean_token_sum_norm; None = longest sample of the step.
     norm_length: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        # Registries are read now, so a loss registered by user code before loading is accepted.
+        for name, registry in (("type", POLICY_LOSSES), ("reduction", REDUCTIONS)):
+            if getattr(self, name) not in registry:
+                raise ValueError(f"loss.{name} must be one of {sorted(registry)}, got {getattr(self, name)!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature!r}")
+        for name in ("logprob_chunk_size", "norm_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"loss.{name} must be >= 1 or null, got {value!r}")
 
 
 def _data_parallel_group():
@@ -111,12 +132,12 @@ def loss_func(mb: Microbatch, spec: PolicyLossSpec, output_tensor: torch.Tensor)
     view = partial(per_sample_view, sample_index=mb.sample_index)
     fields = {name: view(value) for name, value in mb.fields.items()}
     loss, metrics = compute_policy_loss(
-        spec.loss_type,
+        spec.type,
         view(log_probs),
         fields["old_log_probs"],
         fields["advantages"],
         view(mb.loss_mask, fill=False),
-        config=spec.config,
+        config=spec,
         reduction=spec.reduction,
         ref_log_probs=fields.get("ref_log_probs"),
         entropy=view(entropy),

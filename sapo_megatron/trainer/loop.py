@@ -179,7 +179,7 @@ class Trainer:
         self.task = build_task(task_options(cfg.task))
         self.stream = PromptStream(self.task, seed=cfg.run.seed)
         self.engine = build_engine(cfg, self.chunks, self.model_cfg, tokenizer=self.task.tokenizer)
-        self.spec = cfg.loss.to_spec()
+        self.spec = cfg.loss
         self.step = 0
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -233,9 +233,9 @@ class Trainer:
         cfg = self.cfg.rollout
         prompts = self.stream.next_batch(cfg.prompts_per_step)[self.dp_rank :: self.dp_size]
         flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-        # Seeded by (run seed, step): a resumed run samples exactly what the original did.
+        # Seeded by (seed, step): a resumed run samples exactly what the original did.
         params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
-                                     seed=self.cfg.run.seed * 1_000_003 + self.step)
+                                     run_seed=self.cfg.run.seed, step=self.step)
         results = self.engine.generate([p.ids for p in flat], params, return_routes=self.mode == "R3")
         rewards = torch.tensor([
             self.task.reward(p, r.response_ids, self.task.tokenizer.decode(r.response_ids)) for p, r in zip(flat, results)

@@ -221,7 +221,7 @@ def main() -> None:
     # 3. One SAPO step with replay (and recomputation when asked).
     weighted = assign_step_weights(microbatches, "seq_mean_token_mean")
     with routing_action(chunks, "replay", with_backward=True):
-        metrics = run_step(chunks, weighted, PolicyLossSpec(loss_type="sapo"))
+        metrics = run_step(chunks, weighted, PolicyLossSpec(type="sapo"))
     grads = {n: p.main_grad.detach() for n, p in unwrap(chunks[0]).named_parameters()}
     full_grads = merge_over_ranks(gather_full(chunks[0], grads))
 

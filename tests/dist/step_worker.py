@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 warnings.filterwarnings("ignore")
 
-from sapo_megatron.losses import PolicyLossConfig  # noqa: E402
 from sapo_megatron.step import (  # noqa: E402
     PolicyLossSpec,
     assign_step_weights,
@@ -104,9 +103,10 @@ def main() -> None:
     microbatches = assign_step_weights(microbatches, args.reduction)
 
     spec = PolicyLossSpec(
-        loss_type=args.loss,
+        type=args.loss,
         reduction=args.reduction,
-        config=PolicyLossConfig(tau_pos=1.0, tau_neg=1.05),
+        tau_pos=1.0,
+        tau_neg=1.05,
         logprob_chunk_size=5,
     )
     metrics = run_step(chunks, microbatches, spec)
