@@ -3,6 +3,7 @@ resolved-config round trip, secret redaction, and every shipped YAML."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from sapo_megatron.config import (
     ConfigError,
+    ModelSection,
     TrainConfig,
     config_from_argv,
     config_from_dict,
@@ -17,6 +19,7 @@ from sapo_megatron.config import (
     load_config,
     redact,
     save_resolved,
+    to_saved_dict,
     validate_for_world,
 )
 from sapo_megatron.config import run_config_command
@@ -339,3 +342,141 @@ def test_slurm_30b_override_fits_one_trainer_node(monkeypatch):
     cfg = load_config(REPO / "configs/qwen3_30b_a3b_sapo.yaml",
                       ["parallel.expert_model_parallel_size=8", "rollout.sglang.urls=[http://node002:30000]"])
     assert validate_for_world(cfg, 8).expert_data_parallel_size == 1
+
+
+# --------------------------------------------------------------------------- one-line refusals
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["loss.tua_pos=1"], "unknown key 'loss.tua_pos'; did you mean 'loss.tau_pos'? (valid keys under loss: "),
+    (["optim.lr=fast"], "optim.lr: expected a number, got 'fast'"),
+    (["run.log_every=1"], "unknown key 'run.log_every'"),  # deleted: nothing read it
+    (["model.hidden_sise=32"], "unknown key 'model.hidden_sise'; did you mean 'model.hidden_size'?"),
+    (["model.hidden_size=big"], "model.hidden_size: expected an integer, got 'big'"),
+    (["model.mlp_only_layers=[0,x]"], "model.mlp_only_layers[1]: "),
+    (["model.megatron.recompute_num_layers=abc"],
+     "model.megatron.recompute_num_layers: expected an integer or null (TransformerConfig.recompute_num_layers), got 'abc'"),
+    (["optim.megatron.use_distributed_optimizer=maybe"],
+     "optim.megatron.use_distributed_optimizer: expected true or false (OptimizerConfig.use_distributed_optimizer), got 'maybe'"),
+    (["optim.megatron.use_distributed_optimzer=true"],
+     "unknown key 'optim.megatron.use_distributed_optimzer'; did you mean 'optim.megatron.use_distributed_optimizer'"),
+    (["rollout.sglang.timeout_s=soon"], "rollout.sglang.timeout_s: expected a number, got 'soon'"),
+    (["run=3"], "run: expected a mapping of run settings (RunConfig), got '3'"),
+])
+def test_one_line_errors_name_the_dotted_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(expected), message
+
+
+def test_inline_model_fields_checked_in_yaml(tmp_path):
+    path = write(tmp_path, {"model": {"preset": "tiny-moe", "num_experst": 8, "rope_theta": "high",
+                                      "megatron": {"recompute_granulrity": "full"}}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    typo, wrong_type = err.value.problems  # the pass-through is checked once the rest is right
+    assert typo == ("unknown key 'model.num_experst'; did you mean 'model.num_experts' or "
+                    "'model.num_experts_per_tok'? (valid keys under model: "
+                    + ", ".join(sorted(f.name for f in dataclasses.fields(ModelSection))) + ")")
+    assert wrong_type == "model.rope_theta: expected a number, got 'high'"
+    path = write(tmp_path, {"model": {"megatron": {"recompute_granulrity": "full"}}})
+    with pytest.raises(ConfigError, match=r"^unknown key 'model.megatron.recompute_granulrity'; did you mean "
+                                          r"'model.megatron.recompute_granularity' or .*\? \(not one of the \d+ "
+                                          r"TransformerConfig fields accepted under model.megatron\)$"):
+        load_config(path)
+    # Every ModelConfig field is accepted inline, and a megatron value of the right type passes.
+    cfg = load_config(write(tmp_path, {"model": {"num_experts": 8, "megatron": {"recompute_num_layers": 2,
+                                                                                "recompute_granularity": "full",
+                                                                                "recompute_method": "block"}}}))
+    assert cfg.model.resolve().num_experts == 8 and cfg.model.resolve().megatron["recompute_num_layers"] == 2
+
+
+def test_post_init_checks_run_through_to_object():
+    from omegaconf import OmegaConf
+
+    from sapo_megatron.config.io import _train_schema
+
+    # Guard: a merge alone type-checks but accepts these out-of-range values ...
+    bad = {"run": {"steps": 0}, "optim": {"lr": -1.0}, "parallel": {"context_parallel_size": 0}}
+    merged = OmegaConf.merge(_train_schema(), bad)
+    assert merged.run.steps == 0
+    # ... to_object runs each section's __post_init__, and every section's problem is reported.
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(bad)
+    assert err.value.problems == [
+        "run.steps must be >= 1, got 0",
+        "parallel.context_parallel_size must be a positive integer, got 0",
+        "optim.lr must be > 0, got -1.0",  # sections in schema order
+    ]
+
+
+def test_redaction_keeps_env_references():
+    assert redact({"hf_token": "${oc.env:HF_TOKEN}"}) == {"hf_token": "${oc.env:HF_TOKEN}"}
+    # A default could be the secret itself: redacted like any other value of a secret key.
+    assert redact({"hf_token": "${oc.env:HF_TOKEN,hf_abc}"}) == {"hf_token": "<redacted>"}
+    assert redact({"path": "${oc.env:DATA}/x"}) == {"path": "${oc.env:DATA}/x"}
+
+
+@pytest.mark.parametrize("name", ["qwen3_30b_a3b_sapo.yaml", "qwen3_235b_a22b_sapo.yaml"])
+def test_shipped_configs_need_their_env(name, monkeypatch):
+    for key in (*ENV, "SAPO_SHARED_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    _, overrides = SHIPPED[name]
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / name, overrides)
+    missing = sorted(k for k in ENV if k.split("_")[1] in name.upper() or k == "DAPO_MATH_PATH")
+    text = str(err.value)
+    for key in missing:  # every unset variable named, with the key that needs it
+        assert f"environment variable {key} is not set" in text
+    assert "model.hf_dir: environment variable" in text and "task.path: environment variable" in text
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config(REPO / "configs" / name, overrides)
+    if "235b" in name:  # an optional variable with a default in the file
+        assert cfg.rollout.sglang.weight_dir == "runs/qwen3-235b-a22b-sapo/weights"
+        monkeypatch.setenv("SAPO_SHARED_DIR", "/shared/run")
+        assert load_config(REPO / "configs" / name, overrides).rollout.sglang.weight_dir == "/shared/run/weights"
+    saved = to_saved_dict(cfg)
+    assert saved["model"]["hf_dir"].startswith("${oc.env:") and saved["task"]["path"] == "${oc.env:DAPO_MATH_PATH}"
+
+
+# --------------------------------------------------------------------------- config show | validate
+
+
+def test_config_validate_command(capsys):
+    tiny = str(REPO / "configs/tiny_cpu.yaml")
+    assert run_config_command(["validate", "--config", tiny, "--world-size", "2", "loss.tau_neg=1.1"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("OK: ") and "\n" not in out and "data_parallel_size=1" in out
+    assert run_config_command(["validate", "--config", tiny, "loss.tua_pos=1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "unknown key 'loss.tua_pos'; did you mean 'loss.tau_pos'?" in captured.err
+    # The world size is checked only when given: TP=2 does not divide 3 ranks.
+    assert run_config_command(["validate", "--config", tiny, "--world-size", "3"]) == 2
+    assert "world size 3 is not divisible" in capsys.readouterr().err
+    assert run_config_command(["validate", "--config", tiny]) == 0
+    capsys.readouterr()
+    assert run_config_command(["frobnicate"]) == 2 and "expected show or validate" in capsys.readouterr().err
+    assert run_config_command(["validate", "--help"]) == 0
+    assert "--world-size" in capsys.readouterr().out
+
+
+def test_config_show_command(capsys, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-" + "A" * 24)
+    argv = ["show", "--config", str(REPO / "configs/tiny_cpu.yaml"), "--world-size", "2",
+            "seed=7", "task.options.api_key=${oc.env:MY_KEY}", "task.options.note=sk-" + "B" * 24]
+    assert run_config_command(argv) == 0
+    out = capsys.readouterr().out
+    body, plan = out.rsplit("# batch plan: ", 1)
+    data = yaml.safe_load(body)
+    assert data["run"]["seed"] == 7 and data["model"]["num_experts"] == 4  # model resolved
+    assert data["task"]["options"] == {"api_key": "${oc.env:MY_KEY}", "note": "<redacted>"}
+    assert "A" * 24 not in out and "B" * 24 not in out
+    assert plan.startswith("BatchPlan(world_size=2")
+    # python -m sapo_megatron.config: the same backend (no action given: show, as before).
+    from sapo_megatron.config.__main__ import main
+
+    assert main(["--config", str(REPO / "configs/tiny_cpu.yaml")]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["steps"] == 200

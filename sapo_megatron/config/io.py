@@ -187,7 +187,7 @@ def _merge(base: DictConfig, data: Any, path: Path_, source: _Source, problems: 
             for key, value in data.items():
                 base = _merge(base, value, (*path, key), source, problems)
             return base
-        problems.append(_describe(err, data, source))
+        problems.append(_describe(err, base, path, data, source))
         return base
 
 
@@ -200,10 +200,15 @@ def _node(cfg: DictConfig, path: Path_) -> Any:
     return node
 
 
-def _describe(err: OmegaConfBaseException, given: Any, source: _Source) -> str:
+def _describe(err: OmegaConfBaseException, base: DictConfig, path: Path_, given: Any,
+              source: _Source) -> str:
     """One line for an OmegaConf error: dotted key, what was given, what was expected."""
     dotted = str(getattr(err, "full_key", None) or "")
     owner, key = getattr(err, "object_type", None), getattr(err, "key", None)
+    if not dotted and path:  # some errors (a value where a section belongs) carry no key
+        parent = _node(base, path[:-1])
+        dotted, key = _dotted(path), path[-1]
+        owner = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
     if isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(owner):
         valid = [f.name for f in dataclasses.fields(owner)]
         where = dotted.rpartition(".")[0] or "the top level"
@@ -213,7 +218,10 @@ def _describe(err: OmegaConfBaseException, given: Any, source: _Source) -> str:
         value = OmegaConf.to_container(value, resolve=False)
     shown = source.text if source.text is not None and not isinstance(given, dict) else value
     hint = _hint(owner, key)
-    expected = type_name(hint) if hint is not None else str(err.msg).splitlines()[0]
+    if dataclasses.is_dataclass(hint):
+        expected = f"a mapping of {_dotted(path) or 'its'} settings ({hint.__name__})"
+    else:
+        expected = type_name(hint) if hint is not None else str(err.msg).splitlines()[0]
     return f"{dotted or source.name}: expected {expected}, got {shown!r}"
 
 
@@ -228,7 +236,7 @@ def _hint(owner: Any, key: Any) -> Any:
 # Shell-style references: ${VAR} (top-level section names excepted: those are OmegaConf's own
 # node interpolations) and ${VAR:-default}.
 _SHELL_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
-_SECTIONS = {f.name for f in dataclasses.fields(TrainConfig)}
+_SECTIONS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 def _refuse_shell_env_syntax(data: Any, path: Path_, problems: list[str]) -> None:
@@ -244,7 +252,7 @@ def _refuse_shell_env_syntax(data: Any, path: Path_, problems: list[str]) -> Non
             if default is None and name in _SECTIONS:
                 continue
             new = f"${{oc.env:{name}}}" if default is None else f"${{oc.env:{name},{default}}}"
-            problems.append(f"{dotted(path)}: {match.group(0)!r} is the old environment-variable "
+            problems.append(f"{_dotted(path)}: {match.group(0)!r} is the old environment-variable "
                             f"syntax; write {new!r} instead")
 
 
@@ -255,7 +263,7 @@ def _resolve_interpolations(merged: DictConfig, problems: list[str]) -> dict[Pat
     for path, template in _leaves(raw, ()):
         if not (isinstance(template, str) and "${" in template):
             continue
-        key = dotted(path)
+        key = _dotted(path)
         try:
             templates[path] = (template, OmegaConf.select(merged, key, throw_on_resolution_failure=True))
         except OmegaConfBaseException as err:
@@ -280,7 +288,7 @@ def _leaves(data: Any, path: Path_):
         yield path, data
 
 
-def dotted(path: Path_) -> str:
+def _dotted(path: Path_) -> str:
     """``("rollout", "sglang", "urls", 0)`` -> ``"rollout.sglang.urls[0]"``."""
     out = ""
     for key in path:
@@ -313,7 +321,7 @@ def _check_passthroughs(obj: Any, path: Path_, problems: list[str]) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if "passthrough" in f.metadata and value:
-            problems.extend(check_passthrough(value, dotted((*path, f.name)), f.metadata["passthrough"]))
+            problems.extend(check_passthrough(value, _dotted((*path, f.name)), f.metadata["passthrough"]))
         elif dataclasses.is_dataclass(value):
             _check_passthroughs(value, (*path, f.name), problems)
 

@@ -40,7 +40,7 @@ def check_passthrough(values: dict[str, Any], key: str, qualified_class: str) ->
     for name, value in values.items():
         dotted = f"{key}.{name}"
         if name not in fields:
-            problems.append(unknown_key(dotted, str(name), list(fields), f"{key} ({owner} fields)"))
+            problems.append(unknown_key(dotted, str(name), list(fields), key, owner=owner))
         elif not fits(value, fields[name]):
             problems.append(f"{dotted}: expected {type_name(fields[name])} ({owner}.{name}), got {value!r}")
     return problems
@@ -85,11 +85,11 @@ def type_name(hint: Any) -> str:
         hint, getattr(hint, "__name__", str(hint)))
 
 
-def unknown_key(dotted: str, key: str, valid: list[str], where: str) -> str:
+def unknown_key(dotted: str, key: str, valid: list[str], where: str, *, owner: str = "") -> str:
     """``unknown key 'loss.tua_pos'; did you mean 'loss.tau_pos'? (valid keys under loss: ...)``."""
     parent = dotted[: -len(key)]
     close = difflib.get_close_matches(key, valid, n=3)
     hint = f"; did you mean {' or '.join(repr(parent + c) for c in close)}?" if close else ""
     if len(valid) > 40:  # an upstream config class: its field list would drown the message
-        return f"unknown key {dotted!r}{hint} (not one of the {len(valid)} fields accepted under {where})"
+        return f"unknown key {dotted!r}{hint} (not one of the {len(valid)} {owner} fields accepted under {where})"
     return f"unknown key {dotted!r}{hint} (valid keys under {where}: {', '.join(sorted(valid))})"
