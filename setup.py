@@ -14,6 +14,8 @@ setup(
         "torch>=2.6",
         "megatron-core>=0.15",
         "pyyaml>=6",
+        # Structured configs (sapo_megatron.config); 2.4 reads Literal, X | None and list[int].
+        "omegaconf>=2.4",
         # ~10x faster base64 than the standard library: decoding SGLang routed_experts payloads.
         "pybase64>=1.3",
         # Checkpoint conversion reads and writes HF safetensors shards (sapo_megatron.checkpoint).
