@@ -353,7 +353,8 @@ def test_slurm_30b_override_fits_one_trainer_node(monkeypatch):
     (["run.log_every=1"], "unknown key 'run.log_every'"),  # deleted: nothing read it
     (["model.hidden_sise=32"], "unknown key 'model.hidden_sise'; did you mean 'model.hidden_size'?"),
     (["model.hidden_size=big"], "model.hidden_size: expected an integer, got 'big'"),
-    (["model.mlp_only_layers=[0,x]"], "model.mlp_only_layers[1]: "),
+    (["model.mlp_only_layers=[0,x]"], "model.mlp_only_layers[1]: expected an integer, got 'x'"),
+    (["rollout.stop_token_ids=[1,a]"], "rollout.stop_token_ids: expected a list of integers, got '[1,a]'"),
     (["model.megatron.recompute_num_layers=abc"],
      "model.megatron.recompute_num_layers: expected an integer or null (TransformerConfig.recompute_num_layers), got 'abc'"),
     (["optim.megatron.use_distributed_optimizer=maybe"],

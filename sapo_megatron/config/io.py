@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -216,13 +217,26 @@ def _describe(err: OmegaConfBaseException, base: DictConfig, path: Path_, given:
     value = err.value if getattr(err, "value", None) is not None else given
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value, resolve=False)
-    shown = source.text if source.text is not None and not isinstance(given, dict) else value
+    # An override's text as typed, when the error is about the whole value it set.
+    shown = source.text if source.text is not None and dotted == _dotted(path) else value
     hint = _hint(owner, key)
+    if isinstance(key, int) and path:  # an item of a list field: name the list's item type
+        parent = _node(base, path[:-1])
+        if isinstance(parent, DictConfig):
+            hint = _item_type(_hint(OmegaConf.get_type(parent), path[-1]))
     if dataclasses.is_dataclass(hint):
         expected = f"a mapping of {_dotted(path) or 'its'} settings ({hint.__name__})"
     else:
-        expected = type_name(hint) if hint is not None else str(err.msg).splitlines()[0]
+        expected = type_name(hint) if hint is not None else (str(err.msg or err) or "?").splitlines()[0]
     return f"{dotted or source.name}: expected {expected}, got {shown!r}"
+
+
+def _item_type(hint: Any) -> Any:
+    """``int`` for ``list[int]`` / ``list[int] | None``; None when not a list type."""
+    for option in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)):
+        if typing.get_origin(option) in (list, tuple) and typing.get_args(option):
+            return typing.get_args(option)[0]
+    return None
 
 
 def _hint(owner: Any, key: Any) -> Any:

@@ -78,7 +78,8 @@ def type_name(hint: Any) -> str:
     if origin is Literal:
         return f"one of {list(args)}"
     if origin in (list, tuple):
-        return f"a list of {type_name(args[0]) if args else 'values'}"
+        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        return f"a list of {plural.get(args[0], type_name(args[0])) if args else 'values'}"
     if origin is dict or hint is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
