@@ -19,7 +19,8 @@ from sapo_megatron.config.errors import ConfigError
 from sapo_megatron.config.io import dump_yaml, load_config
 from sapo_megatron.config.validate import validate_for_world
 
-EXAMPLE = ("example: config validate --config configs/tiny_cpu.yaml --world-size 2 "
+SUMMARY = "Print the resolved config, or check it, without building anything."
+EXAMPLE = ("example:\n  sapo-megatron config validate --config configs/tiny_cpu.yaml --world-size 2 "
            "loss.tau_neg=1.1 seed=3")
 
 
@@ -31,7 +32,8 @@ ACTIONS = {
 
 def _parser(action: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"sapo-megatron config {action}", description=ACTIONS[action],
-                                 epilog=EXAMPLE.replace("validate", action))
+                                 epilog=EXAMPLE.replace("validate", action),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file (configs/*.yaml); defaults apply without one")
     ap.add_argument("--world-size", type=int, default=None,
                     help="also check parallel and batch sizes against this many ranks")
@@ -42,7 +44,7 @@ def _parser(action: str) -> argparse.ArgumentParser:
 
 def _usage() -> str:
     lines = ["usage: sapo-megatron config {show,validate} [--config PATH] [--world-size N] [key.sub=value ...]",
-             "", __doc__.split("\n\n")[0], ""]
+             "", SUMMARY, ""]
     lines += [f"  {name:<9} {help_}" for name, help_ in ACTIONS.items()]
     return "\n".join([*lines, "", EXAMPLE])
 
