@@ -4,7 +4,8 @@ The sbatch scripts' DRY_RUN tests (tests/test_launch.py) only print commands. He
 goes through Slurm for real: a ``slurm.conf`` generated in a temp dir (auth/none and cred/none,
 so no munge; one node named ``localhost`` with 2 CPUs; free ports; state, spool, pid and log
 files in the temp dir; no cgroups: proctrack/linuxproc, task/none) runs ``slurmctld -D`` and
-``slurmd -D`` as children of this test, as root. ``sbatch --wait --nodes=1 --ntasks-per-node=2``
+``slurmd -D`` as root. In the foreground they are children of this test, so their PIDs are known
+without a race (their pid files must agree) and can be waited on. ``sbatch --wait --nodes=1 --ntasks-per-node=2``
 then runs the job: its 2 tasks are the 2 torchrun "nodes" on the one real host, and must meet at
 the c10d rendezvous as node ranks 0 and 1 of a world of 2 and train 3 steps.
 
@@ -14,7 +15,9 @@ carrying this cluster's ``SLURM_CONF`` (a job step that outlived its slurmd): on
 have that temp path in their environment.
 
 Needs Debian's ``slurm-wlm`` (``.ci/run`` installs it: ``apt-get install slurmctld slurmd``) and
-root; skips with the reason otherwise. About 40 s on 2 cores, most of it the training run.
+root; skips with the reason otherwise. About 45 s on an idle 2-core machine: the daemons are up
+in ~1 s and stop in ~1 s; the rest is the job (~2x a plain examples/run_tiny_cpu.sh run with the
+same overrides: 4 Python processes instead of 3, and sbatch --wait polls at most every 10 s).
 
     python -m pytest -q tests/test_slurm.py
 """
@@ -37,7 +40,6 @@ import yaml
 
 from tests.launch import ROOT, clean_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 DAEMONS = ("slurmctld", "slurmd")
 CLIENTS = ("sbatch", "sinfo", "squeue", "scancel", "scontrol", "srun")
@@ -49,9 +51,13 @@ OVERRIDES = ["run.steps=3", "run.save_every=3", "rollout.prompts_per_step=4", "r
              "train.micro_batch_size=4", "run.tensorboard=false", "run.progress=false"]
 
 
+# The daemons live in /usr/sbin, which a non-login PATH may lack.
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+
+
 def _unavailable() -> str | None:
     """Why a private Slurm cannot run here, or None."""
-    missing = [b for b in (*DAEMONS, *CLIENTS) if shutil.which(b) is None]
+    missing = [b for b in (*DAEMONS, *CLIENTS) if shutil.which(b, path=SEARCH_PATH) is None]
     if missing:
         why = os.environ.get("SAPO_SLURM_INSTALL_ERROR")  # .ci/run's apt-get error, when it failed
         return (f"Slurm is not installed ({', '.join(missing)} not found); "
@@ -124,7 +130,8 @@ class PrivateSlurm:
     def start(self, timeout: float = 60) -> None:
         for name, args in (("slurmctld", []), ("slurmd", ["-N", NODE])):
             with open(self.dir / f"{name}.out", "wb") as out:
-                self.procs[name] = subprocess.Popen([name, "-D", *args], env=self.env, stdout=out,
+                self.procs[name] = subprocess.Popen([shutil.which(name, path=SEARCH_PATH), "-D", *args],
+                                                    env=self.env, stdout=out,
                                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         state = ""
@@ -135,6 +142,11 @@ class PrivateSlurm:
             sinfo = self.run("sinfo", "-h", "-N", "-o", "%t", check=False)
             state = sinfo.stdout.strip()
             if state == "idle":
+                # The pid files (in our temp dir, from our conf) name the processes we started:
+                # stop() signals exactly these PIDs.
+                for name, proc in self.procs.items():
+                    pid = int((self.dir / f"{name}.pid").read_text())
+                    assert pid == proc.pid, f"{name}.pid says {pid}, but we started {proc.pid}"
                 return
             time.sleep(0.5)
         raise RuntimeError(f"node {NODE} not idle after {timeout}s (sinfo: {state!r}):\n{self.logs()}")
@@ -204,6 +216,8 @@ def _rendezvous(log: str) -> dict[int, dict[str, str]]:
     return fields
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_tiny_cpu_sbatch_trains_on_two_slurm_nodes(slurm, tmp_path):
     out, job_log = tmp_path / "run", tmp_path / "job-%j.out"
     env = {**slurm.env, "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
@@ -237,3 +251,13 @@ def test_tiny_cpu_sbatch_trains_on_two_slurm_nodes(slurm, tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(m["num_sequences"] > 0 and m["loss"] == m["loss"] for m in metrics), metrics  # trained, not NaN
+
+
+def test_ci_installs_slurm_then_runs_the_readme_command():
+    """.ci/run installs what this test needs before the README's test command, which it runs verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    (test_cmd,) = [line for line in readme.splitlines() if line.endswith("python -m pytest -q")]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.rstrip().splitlines()[-1] == test_cmd
+    assert re.search(r"apt-get install[^;]*\bslurmctld slurmd\b", ci), "the install names the daemons this test starts"
+    assert ci.index("apt-get install") < ci.index(test_cmd)
