@@ -40,7 +40,6 @@ import yaml
 
 from tests.launch import ROOT, clean_env
 
-
 DAEMONS = ("slurmctld", "slurmd")
 CLIENTS = ("sbatch", "sinfo", "squeue", "scancel", "scontrol", "srun")
 NODE = "localhost"  # the node's Slurm name: `scontrol show hostnames` gives it, and it resolves on any host
@@ -68,7 +67,7 @@ def _unavailable() -> str | None:
 
 
 def _free_port(lo: int = 0, hi: int = 0) -> int:
-    """A TCP port nothing listens on: any (lo=hi=0), or the first free one in [lo, hi) from a random start."""
+    """A TCP port nothing listens on: any (lo=hi=0), or a free one in [lo, hi), searched from a per-process start."""
     candidates = [0] if lo == hi == 0 else [lo + (i + os.getpid()) % (hi - lo) for i in range(hi - lo)]
     for port in candidates:
         with socket.socket() as s:
@@ -211,7 +210,7 @@ def _rendezvous(log: str) -> dict[int, dict[str, str]]:
     """Per Slurm task (srun --label), the fields of its torchrun agent's 'Rendezvous complete' report."""
     fields: dict[int, dict[str, str]] = {}
     report = r"^(\d+): .*\]\s+(group_rank|group_world_size|global_world_sizes)=(\S+)$"
-    for task, key, value in re.findall(report, log, flags=re.M):
+    for task, key, value in re.findall(report, log, flags=re.MULTILINE):
         fields.setdefault(int(task), {})[key] = value
     return fields
 
@@ -224,7 +223,7 @@ def test_tiny_cpu_sbatch_trains_on_two_slurm_nodes(slurm, tmp_path):
     cmd = ["sbatch", "--wait", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={job_log}",
            "examples/slurm/tiny_cpu.sbatch", f"output_dir={out}", *OVERRIDES]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, check=False)  # its failure is reported below, with the logs
     job_id = proc.stdout.strip().split(";")[0]
     log_path = Path(str(job_log).replace("%j", job_id))
     log = log_path.read_text(errors="replace") if log_path.exists() else ""
@@ -241,7 +240,7 @@ def test_tiny_cpu_sbatch_trains_on_two_slurm_nodes(slurm, tmp_path):
     assert all(a["group_world_size"] == "2" and a["global_world_sizes"] == "[2]" for a in agents.values()), agents
     # Both met on the first host of the node list, at the port derived from the job id.
     port = RDZV_BASE + int(job_id) % RDZV_SPAN
-    endpoints = re.findall(r"^(\d+): .*\]\s+rdzv_endpoint\s*:\s*(\S+)$", log, flags=re.M)
+    endpoints = re.findall(r"^(\d+): .*\]\s+rdzv_endpoint\s*:\s*(\S+)$", log, flags=re.MULTILINE)
     assert sorted(endpoints) == [("0", f"{NODE}:{port}"), ("1", f"{NODE}:{port}")], endpoints
 
     # The run itself: 3 steps with the overrides given on the sbatch line, TP=2 on the 2 ranks.
