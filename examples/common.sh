@@ -77,6 +77,8 @@ set_sglang_api_args() {
   if is_dry_run; then SGLANG_API_ARGS=(--api-key "\$$name"); else SGLANG_API_ARGS=(--api-key "${!name}"); fi
 }
 
+# --- multi-node jobs: the same helpers in every sbatch script ---------------------------------
+
 # The job's hosts, one per line: $HOSTS (space-separated) if set; in dry-run without Slurm,
 # node001..nodeN for N=$SLURM_NNODES (or $1); else `scontrol show hostnames`.
 job_hosts() {
@@ -86,4 +88,37 @@ job_hosts() {
     return
   fi
   scontrol show hostnames "$SLURM_JOB_NODELIST"
+}
+
+# The c10d rendezvous port: $RDZV_PORT if set; else one derived from $SLURM_JOB_ID, so that two
+# jobs whose first host is the same machine (shared nodes, or the one-machine test) do not
+# collide; else 29500. The range 20000-29999 sits below Linux's ephemeral ports (32768+), which
+# the kernel hands to outgoing connections and could already hold.
+rdzv_port() {
+  if [[ -n "${RDZV_PORT:-}" ]]; then echo "$RDZV_PORT"
+  elif [[ -n "${SLURM_JOB_ID:-}" ]]; then echo $((20000 + SLURM_JOB_ID % 10000))
+  else echo 29500
+  fi
+}
+
+# torchrun_c10d NNODES NPROC_PER_NODE HEAD: sets the array TORCHRUN_C10D, the torchrun command
+# every node agent of the job runs unchanged: NNODES agents meet at a c10d rendezvous hosted on
+# HEAD (the job's first host) at $(rdzv_port), keyed by the job id, and the rendezvous hands out
+# the node ranks (no --node_rank: it would have to differ per node). Several agents on one
+# machine also work (examples/slurm/tiny_cpu.sbatch on one host): each tries to host the
+# rendezvous store on HEAD, one does and the others join it as clients. The workers' MASTER_ADDR
+# is the FQDN of the agent that became node 0 (torchrun's default, no --local-addr), so every
+# node's FQDN must resolve from the others, as the job's host names must for HEAD.
+# $TORCHRUN may be a command with arguments (`python -m torch.distributed.run`).
+torchrun_c10d() {
+  # shellcheck disable=SC2206  # $TORCHRUN is split into words on purpose
+  TORCHRUN_C10D=(${TORCHRUN:-torchrun} --nnodes="$1" --nproc_per_node="$2"
+    --rdzv_id="${SLURM_JOB_ID:-sapo}" --rdzv_backend=c10d --rdzv_endpoint="$3:$(rdzv_port)")
+}
+
+# The trainer's command after the launcher: `train --config CONFIG`, then the script's own
+# overrides, then the user's ("$@" of the script) last, so that the user's win. Sets TRAIN_CMD.
+train_cmd() {
+  local config=$1; shift
+  TRAIN_CMD=(-m sapo_megatron.cli train --config "$config" "$@")
 }

@@ -26,7 +26,8 @@ def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
 def test_every_script_is_tested():
     names = {p.relative_to(REPO).as_posix() for p in SCRIPTS}
     assert names == {"examples/common.sh", "examples/run_tiny_cpu.sh", "examples/run_qwen3_30b_a3b_sapo.sh",
-                     "examples/slurm/qwen3_30b_a3b_sapo.sbatch", "examples/slurm/qwen3_235b_a22b_sapo.sbatch"}
+                     "examples/slurm/qwen3_30b_a3b_sapo.sbatch", "examples/slurm/qwen3_235b_a22b_sapo.sbatch",
+                     "examples/slurm/tiny_cpu.sbatch"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -117,3 +118,50 @@ def test_slurm_refuses_too_few_nodes():
     result = subprocess.run(["bash", str(REPO / "examples/slurm/qwen3_235b_a22b_sapo.sbatch")],
                             env={**os.environ, "DRY_RUN": "1", "HOSTS": "a b c"}, capture_output=True, text=True)
     assert result.returncode != 0 and "need more than TRAINER_NODES=8 nodes" in result.stderr
+
+
+def test_slurm_tiny_cpu_dry_run():
+    """Two Slurm tasks, one torchrun agent each, meeting on the first host; the user's overrides last."""
+    (cmd,) = dry_run("examples/slurm/tiny_cpu.sbatch", "output_dir=/tmp/run a", "run.steps=3",
+                     HOSTS="cpu07 cpu08", SLURM_NTASKS="2", SLURM_JOB_ID="123456")
+    launcher = cmd.index("torchrun")
+    assert cmd[:launcher] == ["srun", "--ntasks=2", "--cpus-per-task=1", "--kill-on-bad-exit=1", "--label",
+                              "env", "OMP_NUM_THREADS=1", "LOGLEVEL=INFO"]
+    # 123456 % 10000 = 3456: the port follows the job id, so two jobs on one host do not collide.
+    assert cmd[launcher:cmd.index("-m")] == ["torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv_id=123456",
+                                             "--rdzv_backend=c10d", "--rdzv_endpoint=cpu07:23456"]
+    assert cmd[cmd.index("-m"):] == ["-m", "sapo_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml",
+                                     "output_dir=/tmp/run a", "run.steps=3"]
+
+
+def test_slurm_tiny_cpu_dry_run_defaults_and_port_override():
+    (cmd,) = dry_run("examples/slurm/tiny_cpu.sbatch")  # no Slurm: 2 tasks on node001..node002, port 29500
+    assert "--nnodes=2" in cmd and "--rdzv_endpoint=node001:29500" in cmd and cmd[1] == "--ntasks=2"
+    (cmd,) = dry_run("examples/slurm/tiny_cpu.sbatch", SLURM_JOB_ID="7", RDZV_PORT="31000", SLURM_NTASKS="4")
+    assert "--rdzv_endpoint=node001:31000" in cmd and "--nnodes=4" in cmd and cmd[1] == "--ntasks=4"
+
+
+def test_slurm_tiny_cpu_command_resolves_to_a_valid_config():
+    from sapo_megatron.config import config_from_argv, validate_for_world
+
+    (cmd,) = dry_run("examples/slurm/tiny_cpu.sbatch", "output_dir=/tmp/x", "run.steps=3")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        cfg = config_from_argv(cmd[cmd.index("train") + 1:])
+    finally:
+        os.chdir(cwd)
+    assert (cfg.run.output_dir, cfg.run.steps) == ("/tmp/x", 3)
+    nnodes = int(next(w for w in cmd if w.startswith("--nnodes=")).split("=")[1])
+    nproc = int(next(w for w in cmd if w.startswith("--nproc_per_node=")).split("=")[1])
+    validate_for_world(cfg, nnodes * nproc)  # TP=2 on 2 nodes x 1 rank
+
+
+def test_slurm_scripts_refuse_another_working_directory(tmp_path):
+    for script in SCRIPTS:
+        if script.suffix != ".sbatch":
+            continue
+        result = subprocess.run(["bash", str(script)], env={**os.environ, "DRY_RUN": "1",
+                                                           "SLURM_SUBMIT_DIR": str(tmp_path)},
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode != 0 and "submit from the repository root" in result.stderr, script.name
