@@ -39,6 +39,7 @@ def run_tool(*args) -> subprocess.CompletedProcess:
                           env=clean_env())
 
 
+@pytest.mark.slow  # matplotlib in a subprocess per call
 def test_pngs_written(tmp_path):
     run = write_run(tmp_path / "run" / "metrics.jsonl", routing=False)
     result = run_tool(run, "--out", tmp_path / "plots")
@@ -51,6 +52,7 @@ def test_pngs_written(tmp_path):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
+@pytest.mark.slow  # matplotlib in a subprocess per call
 def test_overlay_and_group_by_seed(tmp_path):
     files = [write_run(tmp_path / arm / f"seed{s}" / "metrics.jsonl", offset=0.05 * s + (arm == "grpo"))
              for arm in ("sapo", "grpo") for s in range(2)]
