@@ -20,12 +20,17 @@ setup(
         "pybase64>=1.3",
         # Checkpoint conversion reads and writes HF safetensors shards (sapo_megatron.checkpoint).
         "safetensors>=0.4",
+        # Progress bars for conversion and the trainer's step phases (terminal only).
+        "tqdm>=4.60",
     ],
     extras_require={
         # transformers: HF parity and tokenizer tests; pyarrow: Parquet prompt sets;
-        # matplotlib: tools/plot_metrics.py. None of them is imported by the core package.
-        "test": ["pytest>=8", "transformers>=4.51", "safetensors", "pyarrow", "matplotlib"],
+        # matplotlib: `sapo-megatron plot`; math-verify: the default math verifier, so CI
+        # tests it beside the regex fallback. None of them is needed by the core package.
+        "test": ["pytest>=8", "transformers>=4.51", "safetensors", "pyarrow", "matplotlib", "math-verify>=0.9"],
         "plot": ["matplotlib"],
+        # HF Math-Verify: the `math` task's default verifier (sapo_megatron.tasks.math_grading).
+        "math": ["math-verify>=0.9"],
         "gpu": ["transformer-engine[pytorch]", "apex"],
     },
     entry_points={"console_scripts": ["sapo-megatron=sapo_megatron.cli:main"]},

@@ -22,11 +22,18 @@ import dataclasses
 import json
 import warnings
 
-import torch.distributed as dist
+EPILOG = """examples:
+  sapo-megatron demo                      # 2 gloo ranks, TP=2 (+SP), 4 SAPO updates
+  sapo-megatron demo --nproc 2 --ep 2     # expert parallelism instead
+  sapo-megatron demo --loss grpo --updates 8
+
+Starts torchrun itself (--nproc ranks) unless already running under it. Rank 0 prints one JSON
+line of metrics per update; the ratios start at 1 and move as the policy changes."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="sapo-megatron demo", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "sapo-megatron demo") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2, help="ranks to start (CLI only)")
     ap.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: nproc)")
     ap.add_argument("--pp", type=int, default=1)
@@ -36,12 +43,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--loss", default="sapo")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", module="megatron")
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from sapo_megatron.step import (

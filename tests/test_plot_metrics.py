@@ -1,4 +1,5 @@
-"""tools/plot_metrics.py: PNGs from a metrics JSONL, overlays, seed groups, clear input errors."""
+"""``sapo-megatron plot`` (and its wrapper tools/plot_metrics.py): PNGs from a metrics JSONL,
+overlays, seed groups, clear input errors."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import clean_env
 
 pytest.importorskip("matplotlib")
 
@@ -32,9 +35,11 @@ def write_run(path: Path, steps: int = 6, offset: float = 0.0, routing: bool = T
 
 
 def run_tool(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=120,
+                          env=clean_env())
 
 
+@pytest.mark.slow  # matplotlib in a subprocess per call
 def test_pngs_written(tmp_path):
     run = write_run(tmp_path / "run" / "metrics.jsonl", routing=False)
     result = run_tool(run, "--out", tmp_path / "plots")
@@ -47,6 +52,7 @@ def test_pngs_written(tmp_path):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
+@pytest.mark.slow  # matplotlib in a subprocess per call
 def test_overlay_and_group_by_seed(tmp_path):
     files = [write_run(tmp_path / arm / f"seed{s}" / "metrics.jsonl", offset=0.05 * s + (arm == "grpo"))
              for arm in ("sapo", "grpo") for s in range(2)]
@@ -59,11 +65,8 @@ def test_overlay_and_group_by_seed(tmp_path):
 
 
 def test_group_statistics():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        from plot_metrics import mean_std
-    finally:
-        sys.path.pop(0)
+    from sapo_megatron.commands.plot import mean_std
+
     steps, means, stds = mean_std([([0, 1], [1.0, 2.0]), ([0, 1], [3.0, 4.0]), ([0], [5.0])])
     assert steps == [0, 1] and means == [3.0, 3.0]
     assert stds[1] == pytest.approx(1.0)  # population std over the seeds that have step 1

@@ -317,3 +317,21 @@ def test_user_reward_bad_import_paths(user_rewards, path, error, message):
         load_reward_fn(path)
     with pytest.raises(error, match=message):
         build_task({"name": "arithmetic", "reward_fn": path})
+
+
+def test_task_modules_import_without_cycles():
+    """base <- user_reward <- registry: each imports only modules below it (no cycle)."""
+    import ast
+    from pathlib import Path
+
+    import sapo_megatron.tasks as tasks
+
+    root = Path(tasks.__file__).parent
+
+    def local_imports(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert "registry" not in local_imports("base") and "user_reward" not in local_imports("base")
+    assert local_imports("user_reward") == {"base"}
+    assert {"base", "user_reward"} <= local_imports("registry")

@@ -4,7 +4,7 @@
     mcore_to_hf("ckpt/", "hf_out/")            # and back (the HF config travels inside ckpt/)
 
 Both check everything that can be checked from headers alone (tensor names and shapes against
-the config) before writing anything. CLI: ``tools/convert_checkpoint.py``.
+the config) before writing anything. CLI: ``sapo-megatron convert`` (or ``tools/convert_checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from sapo_megatron.checkpoint.hf_io import HFCheckpoint, HFShardWriter, write_hf_config
 from sapo_megatron.checkpoint.mapping import (
@@ -28,37 +29,10 @@ from sapo_megatron.checkpoint.mcore_io import McoreCheckpoint, McoreCheckpointWr
 from sapo_megatron.checkpoint.transforms import to_hf, to_mcore
 
 
-class _Counter:
-    """Fallback progress display on stderr when tqdm is not installed."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n, self.t0 = total, desc, 0, time.time()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        print(f"\r{self.desc}: {self.n}/{self.total} ({time.time() - self.t0:.0f}s)", end="", file=sys.stderr)
-
-    def close(self) -> None:
-        print(file=sys.stderr)
-
-
-class _Silent(_Counter):
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress(total: int, desc: str, enabled: bool = True):
-    """A tqdm bar over conversion groups, a plain stderr counter without tqdm, or nothing."""
-    if not enabled:
-        return _Silent(total, desc)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _Counter(total, desc)
-    return tqdm(total=total, desc=desc, unit="group", file=sys.stderr)
+def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """A tqdm bar over conversion groups on a terminal; silent in batch logs (stderr not a TTY)
+    and with ``enabled=False`` (``--no-progress``)."""
+    return tqdm(total=total, desc=desc, unit="group", file=sys.stderr, disable=None if enabled else True)
 
 
 def shape_error(unit: Unit, k: int, got: tuple, d: dict[str, int], where: str) -> ValueError:

@@ -1,10 +1,12 @@
 """Tasks and rewards for RL training: what to prompt with and how to score the responses.
 
-Layout: ``base`` (the ``Tokenizer``/``Prompt``/``Task`` interface, the task registry,
-``build_task`` and the resumable ``PromptStream``), ``tokenizers`` (char, byte, lazy HF),
-``arithmetic`` (the embedded CPU default), ``prompt_sets`` (JSONL/JSON/Parquet and the GSM8K /
-DAPO-Math / AIME layouts), ``math_task`` (``math``), ``math_verify`` (answer extraction and
-comparison), ``user_reward`` (``reward_fn: "package.module:function"``).
+Layout: ``base`` (the ``Tokenizer``/``Prompt``/``Task`` interface and the resumable
+``PromptStream``), ``registry`` (``register_task``, ``build_task``), ``tokenizers`` (char, byte,
+lazy HF), ``arithmetic`` (the embedded CPU default), ``prompt_sets`` (JSONL/JSON/Parquet and the
+GSM8K / DAPO-Math / AIME layouts), ``math_task`` (``math``), ``math_grading`` (the verifier
+registry: HF math-verify by default, ``answer_check``'s regex checker as the fallback),
+``deadline`` (a time limit that works in any thread), ``user_reward``
+(``reward_fn: "package.module:function"``).
 
 Use::
 
@@ -16,10 +18,12 @@ Use::
 """
 from . import arithmetic, math_task  # noqa: F401  (register the built-in tasks)
 from .arithmetic import ArithmeticConfig, ArithmeticTask, arithmetic_reward
-from .base import SPLITS, TASKS, Prompt, PromptStream, Task, Tokenizer, build_task, register_task
+from .answer_check import answers_match, extract_answer, normalize_answer, regex_math_reward
+from .base import SPLITS, Prompt, PromptStream, Task, Tokenizer
+from .math_grading import VERIFIERS, math_reward, resolve_verifier
 from .math_task import MathConfig, MathTask
-from .math_verify import answers_match, extract_answer, math_reward, normalize_answer
 from .prompt_sets import FORMATS, RecordError, load_prompt_set
+from .registry import TASKS, build_task, register_task
 from .tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, build_tokenizer
 from .user_reward import UserRewardTask, load_reward_fn
 
@@ -27,6 +31,7 @@ __all__ = [
     "FORMATS",
     "SPLITS",
     "TASKS",
+    "VERIFIERS",
     "ArithmeticConfig",
     "ArithmeticTask",
     "ByteTokenizer",
@@ -49,5 +54,7 @@ __all__ = [
     "load_reward_fn",
     "math_reward",
     "normalize_answer",
+    "regex_math_reward",
     "register_task",
+    "resolve_verifier",
 ]

@@ -25,7 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from .base import Prompt, check_split, config_from_options, register_task
+from .base import Prompt, check_split
+from .registry import config_from_options, register_task
 from .tokenizers import CharTokenizer
 
 _NUMBER = re.compile(r"-?[0-9]+")

@@ -6,19 +6,17 @@ Design choices:
 - ``Task.prompts`` is an infinite iterator that depends only on ``(seed, split)``. Built-in
   tasks are index-addressable and also accept ``start=`` so that :class:`PromptStream` resumes in
   O(1); a third-party task without ``start`` is resumed by skipping the consumed prompts.
-- Tasks are built by name from a registry (``build_task({"name": "arithmetic", ...})``); a
-  ``reward_fn: "package.module:function"`` key in any task config replaces the task's reward
-  with the user's function (see ``sapo_megatron.tasks.user_reward``).
+- Tasks are built by name from a registry (``sapo_megatron.tasks.registry``), which sits above
+  this module and ``user_reward`` so that neither imports the other's importer.
 - Rewards are floats in [0, 1]; tasks with partial credit document their shaping.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
 SPLITS = ("train", "test")
 
@@ -58,52 +56,6 @@ class Task(Protocol):
 def check_split(task_name: str, split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"task {task_name!r}: unknown split {split!r}; known splits: {list(SPLITS)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-
-TaskBuilder = Callable[..., Task]
-TASKS: dict[str, TaskBuilder] = {}
-
-
-def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
-    def decorator(builder: TaskBuilder) -> TaskBuilder:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = builder
-        return builder
-
-    return decorator
-
-
-def build_task(cfg: dict) -> Task:
-    """Builds a task from ``{"name": ..., **options}``; ``reward_fn`` wraps any task's reward."""
-    if not isinstance(cfg, dict):
-        raise TypeError(f"task config must be a dict like {{'name': 'arithmetic'}}, got {type(cfg).__name__}")
-    options = dict(cfg)
-    name = options.pop("name", None)
-    if name is None:
-        raise ValueError(f"task config has no 'name'; known tasks: {sorted(TASKS)}")
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
-    reward_fn = options.pop("reward_fn", None)
-    task = TASKS[name](**options)
-    if reward_fn is not None:
-        from .user_reward import UserRewardTask
-
-        task = UserRewardTask(task, reward_fn)
-    return task
-
-
-def config_from_options(config_cls: type, task_name: str, options: dict[str, Any]):
-    """Builds a task's config dataclass, naming unknown options and the known ones."""
-    known = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"task {task_name!r} got unknown option(s) {unknown}; known options: {known}")
-    return config_cls(**options)
 
 
 # ---------------------------------------------------------------------------------------------

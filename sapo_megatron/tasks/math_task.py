@@ -1,4 +1,4 @@
-"""``math``: verifiable math prompt sets (GSM8K / DAPO-Math / AIME layouts) scored by ``math_verify``.
+"""``math``: verifiable math prompt sets (GSM8K / DAPO-Math / AIME layouts) scored by ``math_grading``.
 
 Config (``build_task``)::
 
@@ -7,13 +7,16 @@ Config (``build_task``)::
      "eval_path": "aime24.jsonl",        # the "test" split; optional
      "template": "{question}\\n...",    # default: ask for \\boxed{} (DAPO: the dataset's own text)
      "chat": False,                      # True: encode through the tokenizer's chat template
-     "shuffle": True}                    # train split only; "test" keeps file order
+     "shuffle": True,                    # train split only; "test" keeps file order
+     "verifier": "auto",                 # "math_verify" (HF, default when installed) | "regex"
+     "verifier_timeout_s": 5.0}          # per response; past it the response scores 0
 
 The train split visits the file in a fresh permutation every epoch, drawn from ``(seed, epoch)``,
 so position ``p`` is ``perm_{p // N}[p % N]`` and a stream resumes in O(1). ``uid`` is
 ``"<file stem>:<record index>"``: the same problem keeps its uid across epochs (for logging);
 it can repeat inside one batch only when the batch is larger than the file or straddles an epoch.
-The reward is 1.0 when the response's final answer matches the ground truth, else 0.0.
+The reward is 1.0 when the response's final answer matches the ground truth, else 0.0; the
+verifier is resolved once when the task is built (``auto`` -> ``math_verify`` if installed).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .base import Prompt, check_split, config_from_options, register_task
-from .math_verify import math_reward
+from .base import Prompt, check_split
+from .math_grading import DEFAULT_TIMEOUT_S, math_reward, resolve_verifier
 from .prompt_sets import Record, RecordFormat, load_prompt_set
+from .registry import config_from_options, register_task
 from .tokenizers import build_tokenizer
 
 
@@ -38,6 +42,8 @@ class MathConfig:
     template: str | None = None
     chat: bool = False
     shuffle: bool = True
+    verifier: str = "auto"
+    verifier_timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.path is None:
@@ -47,6 +53,12 @@ class MathConfig:
                              "'byte' or 'char'")
         if self.template is not None and "{question}" not in self.template:
             raise ValueError(f"task 'math': template must contain '{{question}}', got {self.template!r}")
+        try:
+            self.verifier = resolve_verifier(self.verifier)
+        except ValueError as err:
+            raise ValueError(f"task 'math': {err}") from None
+        if not self.verifier_timeout_s > 0:
+            raise ValueError(f"task 'math': verifier_timeout_s must be > 0, got {self.verifier_timeout_s}")
 
 
 @dataclass
@@ -118,7 +130,8 @@ class MathTask:
             position += 1
 
     def reward(self, prompt: Prompt, response_ids: list[int], response_text: str) -> float:
-        return math_reward(response_text, prompt.answer)
+        return math_reward(response_text, prompt.answer, verifier=self.config.verifier,
+                           timeout_s=self.config.verifier_timeout_s)
 
 
 @register_task("math")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .math_verify import extract_answer, last_boxed
+from .answer_check import extract_answer, last_boxed
 
 BOXED_INSTRUCTION = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 

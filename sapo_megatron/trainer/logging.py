@@ -1,10 +1,12 @@
 """Metrics out of the trainer: JSONL (always), TensorBoard and wandb (optional), a progress line.
 
-Each phase of a step (rollout, log-prob passes, updates, weight sync, checkpoint) shows a
-progress bar on rank 0 when tqdm is installed; ``metrics.jsonl`` gets one JSON object per step (``step``, ``reward_mean``, the loss and
-routing statistics, timings) and is what ``tools/plot_metrics.py`` reads. TensorBoard is used
-when ``torch.utils.tensorboard`` can be imported (the ``tensorboard`` package), wandb when
-``run.wandb_project`` is set and wandb is installed; its API key comes from the environment
+Each phase of a step (rollout, log-prob passes, updates, weight sync, checkpoint) shows a tqdm
+bar on rank 0 when stderr is a terminal; in a batch log (not a TTY) only the one-line step
+summary is printed. ``metrics.jsonl`` gets one JSON object per step (``step``, ``reward_mean``,
+the loss and routing statistics, timings) and is what ``sapo-megatron plot`` reads. TensorBoard
+is used when ``torch.utils.tensorboard`` can be imported (the ``tensorboard`` package), wandb
+when ``run.wandb_project`` is set and wandb is installed. wandb gets the run's resolved config
+with secrets redacted (``sapo_megatron.config.redact``); its API key comes from the environment
 (``WANDB_API_KEY``) and is never written anywhere by us. Only rank 0 logs.
 """
 
@@ -15,13 +17,27 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def wandb_config(config: Any) -> dict | None:
+    """The config as wandb should see it: resolved, secrets redacted. Takes a ``TrainConfig``
+    or an already plain mapping (redacted again: redaction is idempotent)."""
+    if config is None:
+        return None
+    from sapo_megatron.config import config_to_dict, redact
+
+    return redact(dict(config) if isinstance(config, Mapping) else config_to_dict(config, resolved=True))
 
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool = True, progress: bool = True,
                  total_steps: int | None = None, wandb_project: str | None = None, wandb_entity: str | None = None,
-                 config: dict | None = None):
+                 config: Any = None):
         self.enabled = enabled
         self.progress = progress
         self.total = total_steps
@@ -42,28 +58,22 @@ class MetricsLogger:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, config=config, dir=str(out_dir))
+                self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, config=wandb_config(config),
+                                        dir=str(out_dir))
             except ImportError:
                 print("wandb is not installed; logging to JSONL/TensorBoard only", file=sys.stderr)
 
     @contextlib.contextmanager
     def phase(self, name: str, total: int):
-        """A progress bar for one phase of a step (rank 0, on a terminal, tqdm when installed);
-        yields ``advance()``. Otherwise a no-op."""
-        bar = None
-        # Bars only on a terminal: in a log file they would bury the per-step lines.
-        if self.enabled and self.progress and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                bar = tqdm(total=total, desc=f"{name:>12}", leave=False, file=sys.stderr, dynamic_ncols=True)
-            except ImportError:
-                bar = None
+        """A tqdm bar for one phase of a step; yields ``advance(n=1)``. Shown on rank 0 only, and
+        only on a terminal (``disable=None``: off when stderr is not a TTY), because in a batch
+        log the bars would bury the per-step lines."""
+        bar = tqdm(total=total, desc=f"{name:>12}", leave=False, file=sys.stderr, dynamic_ncols=True,
+                   disable=None if (self.enabled and self.progress) else True)
         try:
-            yield (lambda n=1: bar.update(n)) if bar is not None else (lambda n=1: None)
+            yield bar.update
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:

@@ -186,7 +186,8 @@ class Trainer:
             save_resolved(cfg, self.out / "config.yaml")
         self.logger = MetricsLogger(self.out, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard,
                                     progress=cfg.run.progress, total_steps=cfg.run.steps,
-                                    wandb_project=cfg.run.wandb_project, wandb_entity=cfg.run.wandb_entity)
+                                    wandb_project=cfg.run.wandb_project, wandb_entity=cfg.run.wandb_entity,
+                                    config=cfg)
         self._maybe_resume()
 
     # --- checkpoints -------------------------------------------------------------------

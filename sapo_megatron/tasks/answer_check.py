@@ -1,4 +1,9 @@
-"""Math answer verification: extract a final answer from a response and compare it to the truth.
+"""Our own math answer checker (regular expressions + exact fractions): the fallback verifier.
+
+The default verifier is Hugging Face's ``math-verify`` when it is installed (the ``[math]``
+extra; see ``sapo_megatron.tasks.math_grading``). This module is what runs without it, and
+what ``task.options.verifier=regex`` selects: no SymPy, no timeouts needed, exact on numbers.
+It is named ``answer_check`` so that it is never confused with the ``math_verify`` package.
 
 Extraction (first rule that finds something wins):
 1. the last ``\\boxed{...}`` or ``\\fbox{...}`` (nested braces handled; ``\\boxed 5`` too);
@@ -17,7 +22,7 @@ either its number or its value over 100 (``50% == 50 == 0.5``). Comma-separated 
 element by element. Otherwise the normalised strings are compared with spaces removed (words of
 two or more letters ignore case, so ``Monday == monday``; single letters keep it: ``x != X``).
 
-``math_reward(response_text, answer)`` is 1.0 when the extracted answer matches, else 0.0.
+``regex_math_reward(response_text, answer)`` is 1.0 when the extracted answer matches, else 0.0.
 """
 
 from __future__ import annotations
@@ -211,6 +216,6 @@ def answers_match(predicted: str | None, truth: str | None) -> bool:
     return _normalized_match(p, t)
 
 
-def math_reward(response_text: str, answer: str | None) -> float:
+def regex_math_reward(response_text: str, answer: str | None) -> float:
     """1.0 when the response's final answer equals ``answer``, else 0.0."""
     return 1.0 if answers_match(extract_answer(response_text), answer) else 0.0

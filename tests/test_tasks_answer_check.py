@@ -1,10 +1,10 @@
-"""Math answer verifier: extraction, normalisation and comparison on tricky cases."""
+"""Our regex answer checker (``tasks.answer_check``): extraction, normalisation, comparison."""
 
 from __future__ import annotations
 
 import pytest
 
-from sapo_megatron.tasks.math_verify import answers_match, extract_answer, math_reward, normalize_answer
+from sapo_megatron.tasks.answer_check import answers_match, extract_answer, normalize_answer, regex_math_reward
 
 
 @pytest.mark.parametrize(
@@ -118,5 +118,5 @@ def test_answers_do_not_match(predicted, truth):
         (r"Hence \boxed{8}. Check: 2+2=4", "8", 1.0),  # the box beats the trailing number
     ],
 )
-def test_math_reward(response, truth, reward):
-    assert math_reward(response, truth) == reward
+def test_regex_math_reward(response, truth, reward):
+    assert regex_math_reward(response, truth) == reward
