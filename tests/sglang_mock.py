@@ -234,6 +234,9 @@ class _Handler(BaseHTTPRequestHandler):
             "/destroy_weights_update_group": self._destroy_group,
             "/update_weights_from_distributed": self._update_from_distributed,
             "/pause_generation": lambda _: self._send(200, {"message": "paused"}),
+            # Test-only controls of a mock in another process (never SGLang endpoints).
+            "/_test/restart": self._test_restart,
+            "/_test/dump_weights": self._test_dump,
             "/continue_generation": lambda _: self._send(200, {"message": "continued"}),
         }.get(path)
         if handler is None:
@@ -341,6 +344,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._answer_weights(True, "Succeeded to destroy custom process group.", {})
         ok, message = mock.receiver.destroy_group(body.get("group_name", "weight_update_group"))
         self._answer_weights(ok, message, {})
+
+    def _test_restart(self, _) -> None:
+        self._send(200, {"restarting": True})
+        threading.Thread(target=self.server.mock.restart, daemon=True).start()
+
+    def _test_dump(self, body: dict) -> None:
+        mock = self.server.mock
+        received = {} if mock.receiver is None else {k: v.clone() for k, v in mock.receiver.weights.items()}
+        torch.save({"weights": received, "version": mock.weight_version,
+                    "broadcasts": 0 if mock.receiver is None else mock.receiver.broadcasts,
+                    "request_dtypes": [] if mock.receiver is None else mock.receiver.request_dtypes}, body["path"])
+        self._send(200, {"saved": len(received)})
 
     def _update_from_distributed(self, body: dict) -> None:
         mock = self.server.mock

@@ -244,7 +244,7 @@ def test_config_refuses_bad_values():
         SGLangEngine(SGLangConfig(urls=[]))
     with pytest.raises(ValueError, match="rollout.sglang.admin_api_key_env must be the NAME"):
         SGLangConfig(urls=["http://h:1"], admin_api_key_env="sk-123")
-    with pytest.raises(ValueError, match="rollout.sglang.distributed.bucket_mb must be >= 1"):
+    with pytest.raises(ValueError, match="rollout.sglang.distributed.bucket_mb must be > 0"):
         SGLangConfig(urls=["http://h:1"], distributed={"bucket_mb": 0})
 
 

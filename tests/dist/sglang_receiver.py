@@ -61,6 +61,7 @@ class Receiver:
         self.groups: dict[str, object] = {}
         self.weights: dict[str, torch.Tensor] = {}
         self.broadcasts = 0  # broadcasts received (one per bucket, or one per tensor)
+        self.request_dtypes: list[list[str]] = []  # the dtypes of each update request
         self.bytes = 0
         self.lock = threading.Lock()
 
@@ -112,6 +113,7 @@ class Receiver:
             if self.keep:  # the "load_weights": keep what arrived, by HF name
                 self.weights.update(received)
             self.broadcasts += count
+            self.request_dtypes.append(list(dtypes))
             self.bytes += nbytes
         return True, "Succeeded to update parameter online."
 
@@ -122,9 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port-file", required=True)
     parser.add_argument("--tp-size", type=int, default=1)
-    parser.add_argument("--keep-weights", action="store_true")
+    parser.add_argument("--drop-weights", action="store_true", help="receive, keep nothing (benchmarks)")
     args = parser.parse_args()
-    mock = MockSGLang(Behaviour(receiver=True, tp_size=args.tp_size, keep_weights=args.keep_weights))
+    mock = MockSGLang(Behaviour(receiver=True, tp_size=args.tp_size, keep_weights=not args.drop_weights))
     with open(args.port_file + ".tmp", "w") as f:
         f.write(str(mock.port))
     import os

@@ -37,19 +37,19 @@ class DistributedSection:
     master_port: int = 0  # 0: a free port on rank 0's host, picked at the first sync
     backend: SyncBackend = "nccl"  # gloo for CPU tests
     group_name: str = "sapo_weight_sync"  # a generation suffix is added when the group is rebuilt
-    bucket_mb: int = 512  # bytes per flattened bucket (one broadcast each)
+    bucket_mb: float = 512.0  # MiB per flattened bucket (one broadcast each)
     # "flattened_bucket": one uint8 broadcast per bucket; None: one broadcast per tensor.
     load_format: Literal["flattened_bucket"] | None = "flattened_bucket"
 
     def __post_init__(self) -> None:
         _check(0 <= self.master_port < 65536, "distributed.master_port", "a TCP port (0: any free one)",
                self.master_port)
-        _check(self.bucket_mb >= 1, "distributed.bucket_mb", ">= 1", self.bucket_mb)
+        _check(self.bucket_mb > 0, "distributed.bucket_mb", "> 0", self.bucket_mb)
         _check(bool(self.group_name), "distributed.group_name", "a non-empty name", self.group_name)
 
     @property
     def bucket_bytes(self) -> int:
-        return self.bucket_mb * 1024**2
+        return int(self.bucket_mb * 1024**2)
 
 
 @dataclass

@@ -120,8 +120,8 @@ class DistributedSync(WeightSync):
 
         def join() -> None:
             box["pg"] = init_custom_process_group(
-                backend=self.section.backend, init_method=f"tcp://{address}:{port}", world_size=world, rank=0,
-                group_name=name, timeout=self.timeout)
+                backend=self.section.backend, host=address, port=port, world_size=world, group_name=name,
+                timeout=self.timeout)
 
         self.engine.on_all_servers(
             "/init_weights_update_group",

@@ -17,10 +17,15 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 
-def init_custom_process_group(*, backend: str, init_method: str, world_size: int, rank: int,
-                              group_name: str, timeout: timedelta):
-    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
+def init_custom_process_group(*, backend: str, host: str, port: int, world_size: int, group_name: str,
+                              timeout: timedelta):
+    """Rank 0's side. ``rendezvous("tcp://...", rank=0)`` would host the store, except under
+    torchrun: there (TORCHELASTIC_USE_AGENT_STORE) it turns every rank into a client of an agent
+    store that does not exist for this group. So rank 0 hosts the same TCPStore explicitly; the
+    servers' ``rendezvous`` connects to it as clients, exactly as to a rendezvous master."""
+    store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, multi_tenant=True)
     store.set_timeout(timeout)
+    rank = 0
     store = c10d.PrefixStore(group_name, store)
     pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
                                            group_name=group_name, backend_options=None, timeout=timeout)
