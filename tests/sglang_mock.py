@@ -287,6 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
             version = mock.weight_version
             if prompt in b.wrong_version_prompts:
                 version = f"{version}-other"
+            with mock.lock:
+                mock.served_versions.append(version)
             self._send(200, fake_generate(request, b, version))
         finally:
             with mock.lock:
@@ -409,6 +411,7 @@ class MockSGLang:
         self.port = 0
         self.weight_version = "default"  # a fresh server's version
         self.running_here = 0
+        self.served_versions: list[str] = []  # weight_version of every /generate answer
         self.flushes = 0
         self.update_lock = threading.Lock()
         self.receiver = None

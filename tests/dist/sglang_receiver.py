@@ -125,8 +125,18 @@ def main() -> None:
     parser.add_argument("--port-file", required=True)
     parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--drop-weights", action="store_true", help="receive, keep nothing (benchmarks)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--dense", type=int, nargs="*", default=[0])
+    parser.add_argument("--vocab", type=int, default=50)
+    parser.add_argument("--die-at", type=int, default=None, help="restart at this /generate request")
     args = parser.parse_args()
-    mock = MockSGLang(Behaviour(receiver=True, tp_size=args.tp_size, keep_weights=not args.drop_weights))
+    mock = MockSGLang(Behaviour(receiver=True, tp_size=args.tp_size, keep_weights=not args.drop_weights,
+                                num_hidden_layers=args.layers, num_experts=args.experts, topk=args.topk,
+                                dense_layers=tuple(args.dense), vocab_size=args.vocab))
+    if args.die_at is not None:
+        mock.die_at(args.die_at, down_s=0.2)
     with open(args.port_file + ".tmp", "w") as f:
         f.write(str(mock.port))
     import os
