@@ -386,3 +386,18 @@ def test_health_needs_no_key(servers):
     t = Transport(concurrency=1, retries=0, backoff_s=0, api_key_env="X_NONE", admin_api_key_env="X_NONE")
     assert t.request(server.url, "/health", None, timeout=5, method="GET")[0] == 200
     assert t.request(server.url, "/server_info", None, timeout=5, method="GET")[0] == 401
+
+
+def test_one_answer_with_a_wrong_version_is_retried_elsewhere(servers, engines):
+    """The guard of the never-stale rule on a single answer: prompt 0 comes back from server a
+    with another weight_version; the result the caller gets is server b's, with the right one."""
+    a, b = servers(2, wrong_version_prompts={tuple(PROMPTS[0])})
+    b.behaviour.wrong_version_prompts = set()
+    for s in (a, b):
+        s.weight_version = "2"
+    engine = engines([a.url, b.url])
+    engine.expect(2)
+    results = engine.generate(PROMPTS[:1], PARAMS, return_routes=True)
+    assert results[0].meta["server"] == b.url and results[0].meta["weight_version"] == "2"
+    assert results[0].meta["attempts"] == 2 and engine.stale == {a.url}
+    assert a.served_versions == ["2-other"]  # a did answer: its sample was discarded

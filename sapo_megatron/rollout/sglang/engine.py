@@ -122,6 +122,11 @@ class SGLangEngine:
         with self._lock:
             self.stale.difference_update(urls)
 
+    def mark_stale(self, urls) -> None:
+        """Out of rotation until :meth:`mark_synced` (e.g. left out of a weight push)."""
+        with self._lock:
+            self.stale.update(urls)
+
     def weight_version(self, url: str) -> str | None:
         """What the server serves now; None when it cannot be asked (down)."""
         for path in ("/model_info", "/get_weight_version"):

@@ -73,9 +73,7 @@ class ReplicaSGLang:
         if self.engine is not None:
             self.engine.expect(version)
             self.engine.mark_synced(synced)
-            missing = set(self.engine.config.urls) - set(synced)
-            with self.engine._lock:
-                self.engine.stale.update(missing)
+            self.engine.mark_stale(set(self.engine.config.urls) - set(synced))
 
     def step_metrics(self) -> dict[str, float]:
         """Collective: this step's counters summed over the replicas' clients."""
