@@ -8,8 +8,8 @@ is communicated, so it works at any TP/PP/EP layout. Sources: a sapo_megatron ch
 
 Export (:func:`export_plan`): all ranks agree on one global order of tensors (embedding,
 layers, final) and on who holds each (the ranks of data-parallel replica 0); the holders gather
-its TP slices on their device (``sharding.gather_full_tensor``). Every rank walks the same
-order, so the collectives cannot deadlock. :func:`export_hf` (weight sync to SGLang from disk)
+its TP slices onto one of them, on their device (assembled as ``sharding.gather_full_tensor``
+does). Every rank walks the same order, so the collectives cannot deadlock. :func:`export_hf` (weight sync to SGLang from disk)
 has each tensor written by one of its holders into that rank's own shard files: all ranks write
 in parallel, nothing funnels through rank 0. The distributed weight sync
 (``rollout/sglang/weight_sync``) walks the same plan in buckets. :func:`save_from_model` still
@@ -234,13 +234,15 @@ class ExportPlan:
     cfg: object
     hf_config: dict
 
-    def full(self, entry: ExportEntry) -> torch.Tensor | None:
-        """The full tensor on every holder of ``entry`` (a TP collective among them), on the
-        parameter's own device; None on other ranks."""
-        if dist.get_rank() not in entry.holders:
+    def full(self, entry: ExportEntry, dst: int) -> torch.Tensor | None:
+        """The full tensor of ``entry`` on holder ``dst``, on the parameter's own device (a TP
+        gather among the holders); None on every other rank. Only ``dst`` receives: half the
+        traffic of an all-gather at TP=2, which matters when the copies are the bottleneck."""
+        rank = dist.get_rank()
+        if rank not in entry.holders:
             return None
         inner, local_name, tensor = self.local[entry.name]
-        return gather_full_tensor(tensor.detach(), tensor, local_name, inner.config)
+        return _gather_to(tensor.detach(), tensor, local_name, inner.config, dst)
 
     def to_hf(self, entry: ExportEntry, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """HF tensors of one full tensor, cast to the export dtypes (same device)."""
@@ -251,6 +253,26 @@ class ExportPlan:
                                  f"the config implies {tuple(shape)}")
             out.append((hf_name, t.to(dtype)))
         return out
+
+
+def _gather_to(local: torch.Tensor, param, name: str, config, dst: int) -> torch.Tensor | None:
+    """``sharding.gather_full_tensor`` with one receiver (``dst``, a member of the TP group):
+    the same slices, reassembled the same way (GLU fc1 is ``[gate; up]`` per rank)."""
+    from sapo_megatron.step.sharding import _is_glu_fc1, _tp_layout
+
+    layout = _tp_layout(param)
+    if layout is None:
+        return local
+    group, _, size, dim = layout
+    rank = dist.get_rank()
+    parts = [torch.empty_like(local) for _ in range(size)] if rank == dst else None
+    dist.gather(local.contiguous(), parts, dst=dst, group=group)
+    if rank != dst:
+        return None
+    if _is_glu_fc1(name, config):
+        halves = [part.chunk(2, dim) for part in parts]
+        return torch.cat([torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)], dim)
+    return torch.cat(parts, dim)
 
 
 def _full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -313,6 +335,10 @@ def export_plan(model, hf_config: dict, dtype: torch.dtype | str | None = "check
     return ExportPlan(entries, local, cfg, hf_config)
 
 
+def _writer(entry: ExportEntry, k: int) -> int:
+    return entry.holders[k % len(entry.holders)]
+
+
 def _shard_layout(plan: ExportPlan, max_shard_bytes: int) -> tuple[dict[int, list[list[ExportEntry]]], list[str]]:
     """Which rank writes what: entry k goes to holder ``k % len(holders)`` (spreads the bytes
     over the TP ranks that all hold it after the gather); each rank cuts its entries into shards
@@ -320,7 +346,7 @@ def _shard_layout(plan: ExportPlan, max_shard_bytes: int) -> tuple[dict[int, lis
     per_rank: dict[int, list[list[ExportEntry]]] = defaultdict(list)
     size: dict[int, int] = defaultdict(int)
     for k, entry in enumerate(plan.entries):
-        writer = entry.holders[k % len(entry.holders)]
+        writer = _writer(entry, k)
         shards = per_rank[writer]
         if not shards or (shards[-1] and size[writer] + entry.hf_nbytes > max_shard_bytes):
             shards.append([])
@@ -351,6 +377,7 @@ def export_hf(
     """
     plan = export_plan(model, hf_config, dtype)
     per_rank, names = _shard_layout(plan, max_shard_bytes)
+    writer_index = [_writer(entry, k) for k, entry in enumerate(plan.entries)]
     rank, out = dist.get_rank(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = 0
@@ -370,8 +397,8 @@ def export_hf(
     with ThreadPoolExecutor(1, thread_name_prefix="hf-export") as io:
         pending = None
         with torch.no_grad():
-            for entry in plan.entries:
-                full = plan.full(entry)
+            for k, entry in enumerate(plan.entries):
+                full = plan.full(entry, writer_index[k])
                 if entry.name not in writer_of:
                     continue
                 tensors = [(n, t.cpu()) for n, t in plan.to_hf(entry, full)]

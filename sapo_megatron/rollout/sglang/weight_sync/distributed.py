@@ -19,8 +19,8 @@ Design choices:
   reachable server, under a new group name (``<group_name>_r<n>``), then pushes the whole model. A
   restart is rare; the common step pays nothing for this. A server that is down is left out and
   stays stale until a later sync finds it reachable.
-- Gathering on the device, overlapped with the wire: the ranks that hold a tensor gather it (TP
-  all-gather, on the parameter's device); if rank 0 does not hold it (another expert-parallel or
+- Gathering on the device, overlapped with the wire: the ranks that hold a tensor gather it onto
+  one of them (a TP gather, on the parameter's device); if rank 0 does not hold it (another expert-parallel or
   pipeline rank) its owner sends it to rank 0 device-to-device. Bucket ``k + 1`` is gathered while
   bucket ``k`` broadcasts (``async_op=True``): two buckets in memory, never the model.
 - One source, not one group per pipeline stage: SGLang serialises weight-update requests behind
@@ -189,9 +189,9 @@ class DistributedSync(WeightSync):
         rank, out = dist.get_rank(), []
         with torch.no_grad():
             for entry in bucket:
-                full = plan.full(entry)
-                owner = entry.holders[0]
-                if 0 not in entry.holders:
+                owner = 0 if 0 in entry.holders else entry.holders[0]
+                full = plan.full(entry, owner)
+                if owner != 0:
                     if rank == owner:
                         dist.send(full.contiguous(), dst=0)
                     elif rank == 0:
