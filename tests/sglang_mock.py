@@ -2,7 +2,13 @@
 
 ``MockSGLang`` is a ``ThreadingHTTPServer`` on 127.0.0.1 (port 0 = any free port). Generation is
 fake but deterministic: :func:`fake_generate` derives tokens, log-probs and routes from the
-request alone, so a test can compute what the client must return. Behaviours that tests switch
+request alone, so a test can compute what the client must return. Like SGLang 0.5.23 it reports
+``weight_version`` in every response and in ``/model_info`` (``/get_weight_version`` too, as
+older releases), moves it with successful weight updates, refuses a float ``max_new_tokens``,
+ignores unknown top-level fields, answers ``/flush_cache`` with 400 while requests run and
+missing required fields with 422, and applies its key levels (``/health`` open, admin key for
+the weight endpoints). With ``Behaviour(receiver=True)`` it joins the distributed weight-update
+group as SGLang does (tests/dist/sglang_receiver.py). Behaviours that tests switch
 on: no routed experts (a server started without ``--enable-return-routed-experts``), aborts,
 delays (to trigger client timeouts), dropped connections and a restart on the same port, the
 stop-edge extra route row, a required API key, failing weight updates. Every request is
@@ -46,11 +52,22 @@ class Behaviour:
     slow_times: int | None = None  # only the first N requests of slow prompts are slow
     fail_5xx: int = 0  # the first N /generate requests get HTTP 500 (body echoes headers)
     api_key: str | None = None  # required as "Authorization: Bearer <key>" when set
+    admin_api_key: str | None = None  # --admin-api-key: then the ONLY key of the admin endpoints
     weight_update_ok: bool = True
+    version: str = "0.5.23"  # what /server_info reports
+    tp_size: int = 1
+    dp_size: int = 1
+    pp_size: int = 1
+    speculative_algorithm: str | None = None
+    deterministic: bool = False  # --enable-deterministic-inference
+    receiver: bool = False  # join the distributed weight-update group (tests/dist/sglang_receiver.py)
+    keep_weights: bool = True  # the receiver keeps what it received (mock.receiver.weights)
+    retracted_prompts: set = field(default_factory=set)  # tuple(input_ids): num_retractions = 1
+    wrong_version_prompts: set = field(default_factory=set)  # tuple(input_ids): served by other weights
 
 
-# Fields SGLang's GenerateReqInput / SamplingParams accept (a subset: what a client may send).
-# Like SGLang (which builds dataclasses from the JSON), the mock answers others with HTTP 400.
+# Fields SGLang's GenerateReqInput accepts (a subset); since 0.5.22 unknown TOP-LEVEL fields are
+# ignored and unknown sampling_params keys (or a float max_new_tokens) get HTTP 400.
 GENERATE_FIELDS = {
     "text",
     "input_ids",
@@ -84,6 +101,20 @@ SAMPLING_FIELDS = {
 }
 
 
+INT_SAMPLING_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "sampling_seed"}
+# Admin-optional endpoints of SGLang's HTTP server (auth_level ADMIN_OPTIONAL).
+ADMIN_PATHS = {"/flush_cache", "/update_weights_from_disk", "/init_weights_update_group",
+               "/destroy_weights_update_group", "/update_weights_from_distributed", "/pause_generation",
+               "/continue_generation", "/update_weights_from_tensor"}
+# Required fields of the request dataclasses (io_struct.py): FastAPI answers 422 without them.
+REQUIRED = {
+    "/update_weights_from_disk": ("model_path",),
+    "/init_weights_update_group": ("master_address", "master_port", "rank_offset", "world_size"),
+    "/update_weights_from_distributed": ("names", "dtypes", "shapes"),
+    "/generate": (),
+}
+
+
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
@@ -98,7 +129,7 @@ def fake_routes(num_tokens: int, b: Behaviour, seed: int) -> torch.Tensor:
     return routes
 
 
-def fake_generate(request: dict, b: Behaviour) -> dict:
+def fake_generate(request: dict, b: Behaviour, weight_version: str = "default") -> dict:
     """The /generate response SGLang would send for ``request`` (deterministic)."""
     prompt = list(request["input_ids"])
     sp = request.get("sampling_params", {})
@@ -107,7 +138,8 @@ def fake_generate(request: dict, b: Behaviour) -> dict:
     max_new = int(sp.get("max_new_tokens", 16))
     output, finish = [], {"type": "length", "length": max_new}
     if tuple(prompt) in b.abort_prompts:
-        finish = {"type": "abort", "message": "Abort in waiting queue", "status_code": 500}
+        # A 200 abort: no status_code (an abort with one is an HTTP error instead).
+        finish = {"type": "abort", "message": "Abort in waiting queue"}
     else:
         while len(output) < max_new:
             token = rng.randrange(b.vocab_size)
@@ -119,10 +151,12 @@ def fake_generate(request: dict, b: Behaviour) -> dict:
     meta = {
         "id": hashlib.md5(repr(prompt).encode()).hexdigest(),
         "finish_reason": finish,
-        "prompt_tokens": len(prompt),
         "completion_tokens": len(output),
-        "cached_tokens": 0,
+        "weight_version": weight_version,
+        "num_retractions": 1 if tuple(prompt) in b.retracted_prompts else 0,
     }
+    if finish["type"] != "abort":  # real aborts carry no prompt/cached token counts
+        meta.update(prompt_tokens=len(prompt), cached_tokens=0)
     if request.get("return_logprob"):
         meta["output_token_logprobs"] = logprobs
         meta["input_token_logprobs"] = [[None, prompt[-1], None]]  # logprob_start_len -1
@@ -170,7 +204,11 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length)) if length else None
         b = mock.behaviour
-        authorised = b.api_key is None or self.headers.get("Authorization") == f"Bearer {b.api_key}"
+        path = self.path.split("?")[0]
+        # SGLang's auth levels (utils/auth.py): /health* needs no key; admin endpoints take only
+        # the admin key when one is set, else the API key; the others take the API key.
+        key = b.admin_api_key or b.api_key if path in ADMIN_PATHS else b.api_key
+        authorised = path.startswith("/health") or key is None or self.headers.get("Authorization") == f"Bearer {key}"
         with mock.lock:
             mock.requests.append(
                 {
@@ -186,14 +224,27 @@ class _Handler(BaseHTTPRequestHandler):
         handler = {
             "/generate": self._generate,
             "/get_server_info": self._server_info,
+            "/server_info": self._server_info,
+            "/model_info": lambda _: self._send(200, {"model_path": "mock/Qwen3-MoE", "weight_version": mock.weight_version}),
+            "/get_weight_version": lambda _: self._send(200, {"weight_version": mock.weight_version}),
             "/health": lambda _: self._send(200, ""),
             "/flush_cache": self._flush_cache,
             "/update_weights_from_disk": self._update_from_disk,
-            "/init_weights_update_group": self._weights_op,
-            "/update_weights_from_distributed": self._weights_op,
-        }.get(self.path)
+            "/init_weights_update_group": self._init_group,
+            "/destroy_weights_update_group": self._destroy_group,
+            "/update_weights_from_distributed": self._update_from_distributed,
+            "/pause_generation": lambda _: self._send(200, {"message": "paused"}),
+            # Test-only controls of a mock in another process (never SGLang endpoints).
+            "/_test/restart": self._test_restart,
+            "/_test/dump_weights": self._test_dump,
+            "/continue_generation": lambda _: self._send(200, {"message": "continued"}),
+        }.get(path)
         if handler is None:
             return self._send(404, {"detail": "Not Found"})
+        missing = [f for f in REQUIRED.get(path, ()) if not isinstance(body, dict) or f not in body]
+        if missing:  # FastAPI's validation answer
+            return self._send(422, {"detail": [{"type": "missing", "loc": ["body", f], "msg": "Field required"}
+                                               for f in missing]})
         handler(body)
 
     def _generate(self, request: dict) -> None:
@@ -202,18 +253,22 @@ class _Handler(BaseHTTPRequestHandler):
             mock.generate_count += 1
             count = mock.generate_count
             mock.meter.enter()
+            mock.running_here += 1
             prompt = tuple(request["input_ids"])
             slow = prompt in b.slow_prompts
             if slow:
                 mock.slow_seen[prompt] = mock.slow_seen.get(prompt, 0) + 1
                 slow = b.slow_times is None or mock.slow_seen[prompt] <= b.slow_times
         try:
-            unknown = (set(request) - GENERATE_FIELDS) | (
-                set(request.get("sampling_params", {})) - SAMPLING_FIELDS
-            )
+            sp = request.get("sampling_params", {})
+            unknown = set(sp) - SAMPLING_FIELDS
             if unknown:
                 message = f"__init__() got an unexpected keyword argument {sorted(unknown)[0]!r}"
                 return self._send(400, {"error": {"message": message}})
+            for key in INT_SAMPLING_FIELDS & set(sp):
+                if not isinstance(sp[key], int) or isinstance(sp[key], bool):
+                    message = f"sampling_params.{key}: Expected `int`, got `{type(sp[key]).__name__}`"
+                    return self._send(400, {"error": {"message": message}})
             if mock.die_after is not None and count == mock.die_after:
                 mock.die_after = None
                 threading.Thread(target=mock.restart, args=(mock.down_s,), daemon=True).start()
@@ -229,10 +284,16 @@ class _Handler(BaseHTTPRequestHandler):
                     400,
                     {"error": {"message": "The input is longer than the model's context length"}},
                 )
-            self._send(200, fake_generate(request, b))
+            version = mock.weight_version
+            if prompt in b.wrong_version_prompts:
+                version = f"{version}-other"
+            with mock.lock:
+                mock.served_versions.append(version)
+            self._send(200, fake_generate(request, b, version))
         finally:
             with mock.lock:
                 mock.meter.leave()
+                mock.running_here -= 1
 
     def _server_info(self, _) -> None:
         b = self.server.mock.behaviour
@@ -240,31 +301,75 @@ class _Handler(BaseHTTPRequestHandler):
             200,
             {
                 "model_path": "mock/Qwen3-MoE",
-                "tp_size": 1,
-                "dp_size": 1,
+                "tp_size": b.tp_size,
+                "dp_size": b.dp_size,
+                "pp_size": b.pp_size,
+                "speculative_algorithm": b.speculative_algorithm,
+                "enable_deterministic_inference": b.deterministic,
                 "enable_return_routed_experts": b.routed_experts,
-                "version": "0.5.23-mock",
+                "version": b.version,
             },
         )
 
     def _flush_cache(self, _) -> None:
-        self._send(
-            200,
-            "Cache flushed.\nPlease check backend logs for more details.",
-            content_type="text/plain",
-        )
+        mock = self.server.mock
+        if mock.running_here > 0:  # SGLang flushes only an idle server
+            return self._send(400, "Cache not flushed: there are running or waiting requests.\n",
+                              content_type="text/plain")
+        mock.flushes += 1
+        self._send(200, "Cache flushed.\nPlease check backend logs for more details.", content_type="text/plain")
+
+    def _answer_weights(self, ok: bool, message: str, body: dict) -> None:
+        mock = self.server.mock
+        if ok and body.get("weight_version") is not None:
+            mock.weight_version = str(body["weight_version"])  # as the tokenizer manager does
+        self._send(200 if ok else 400, {"success": ok, "message": message})
 
     def _update_from_disk(self, body: dict) -> None:
         b = self.server.mock.behaviour
         ok = b.weight_update_ok and os.path.isdir(body["model_path"])
         message = "Succeeded to update model weights." if ok else "Failed to load weights"
-        self._send(
-            200 if ok else 400, {"success": ok, "message": message, "num_paused_requests": 0}
-        )
+        self._answer_weights(ok, message, body)
 
-    def _weights_op(self, body: dict) -> None:
-        ok = self.server.mock.behaviour.weight_update_ok
-        self._send(200 if ok else 400, {"success": ok, "message": "ok" if ok else "failed"})
+    def _init_group(self, body: dict) -> None:
+        mock = self.server.mock
+        if not mock.behaviour.weight_update_ok:
+            return self._answer_weights(False, "failed", body)
+        if mock.receiver is None:
+            return self._answer_weights(True, "Succeeded to initialize custom process group.", {})
+        ok, message = mock.receiver.init_group(body)
+        self._answer_weights(ok, message, {})
+
+    def _destroy_group(self, body: dict) -> None:
+        mock = self.server.mock
+        if mock.receiver is None:
+            return self._answer_weights(True, "Succeeded to destroy custom process group.", {})
+        ok, message = mock.receiver.destroy_group(body.get("group_name", "weight_update_group"))
+        self._answer_weights(ok, message, {})
+
+    def _test_restart(self, _) -> None:
+        self._send(200, {"restarting": True})
+        threading.Thread(target=self.server.mock.restart, daemon=True).start()
+
+    def _test_dump(self, body: dict) -> None:
+        mock = self.server.mock
+        received = {} if mock.receiver is None else {k: v.clone() for k, v in mock.receiver.weights.items()}
+        torch.save({"weights": received, "version": mock.weight_version,
+                    "broadcasts": 0 if mock.receiver is None else mock.receiver.broadcasts,
+                    "request_dtypes": [] if mock.receiver is None else mock.receiver.request_dtypes}, body["path"])
+        self._send(200, {"saved": len(received)})
+
+    def _update_from_distributed(self, body: dict) -> None:
+        mock = self.server.mock
+        if not mock.behaviour.weight_update_ok:
+            return self._answer_weights(False, "failed", body)
+        if mock.receiver is None:
+            return self._answer_weights(True, "ok", body)
+        with mock.update_lock:  # SGLang's model_update_lock: one weight update at a time
+            ok, message = mock.receiver.receive(body)
+        if ok and body.get("flush_cache", True):
+            mock.flushes += 1
+        self._answer_weights(ok, message, body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -304,6 +409,16 @@ class MockSGLang:
         self.restarted = threading.Event()
         self.stopping = threading.Event()
         self.port = 0
+        self.weight_version = "default"  # a fresh server's version
+        self.running_here = 0
+        self.served_versions: list[str] = []  # weight_version of every /generate answer
+        self.flushes = 0
+        self.update_lock = threading.Lock()
+        self.receiver = None
+        if self.behaviour.receiver:
+            from tests.dist.sglang_receiver import Receiver
+
+            self.receiver = Receiver(keep=self.behaviour.keep_weights)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.start()
@@ -336,8 +451,13 @@ class MockSGLang:
         for ``down_s`` seconds (connections refused), then serves again on the same port."""
         self.die_after, self.down_s = request_number, down_s
 
-    def restart(self, down_s: float) -> None:
+    def restart(self, down_s: float = 0.0) -> None:
+        """A restarted server: launch weights again (version "default"), no weight-update group."""
         self.stop()
+        self.weight_version = "default"
+        if self.receiver is not None:
+            self.receiver.destroy_all()
+            self.receiver.weights.clear()
         time.sleep(down_s)
         self.start()
         self.restarted.set()

@@ -19,7 +19,7 @@ import torch
 from tests.sglang_mock import Behaviour, ConcurrencyMeter, MockSGLang, fake_generate, fake_routes
 
 from sapo_megatron.rollout.base import RouteSpec, SamplingParams
-from sapo_megatron.rollout.sglang import DistributedSync, SGLangConfig, SGLangEngine
+from sapo_megatron.rollout.sglang import SGLangConfig, SGLangEngine
 
 SPEC = RouteSpec(num_hidden_layers=4, topk=2, num_experts=8, moe_layers=[1, 2, 3])
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12], [13, 14, 15]]
@@ -47,7 +47,7 @@ def engines():
     made = []
 
     def make(urls, route_spec=SPEC, **kwargs):
-        extra = {k: kwargs.pop(k) for k in ("weight_writer", "weight_broadcaster") if k in kwargs}
+        extra = {k: kwargs.pop(k) for k in ("require_routes",) if k in kwargs}
         engine = SGLangEngine(
             SGLangConfig(urls=urls, **{**FAST, **kwargs}), route_spec=route_spec, **extra
         )
@@ -134,7 +134,7 @@ def test_server_abort_and_rejection_pass_through_without_retry(servers, engines)
     (server,) = servers(1, abort_prompts={tuple(PROMPTS[1])}, reject_prompts={tuple(PROMPTS[2])})
     results = engines([server.url]).generate(PROMPTS, PARAMS, return_routes=True)
     assert results[1].finish_reason == "abort" and results[1].response_ids == []
-    assert results[1].routes is None
+    assert results[1].routes is None and results[1].meta["prompt_tokens"] is None  # real abort shape
     assert "Abort in waiting queue" in results[1].meta["error"]
     assert results[2].finish_reason == "abort" and "context length" in results[2].meta["error"]
     assert all(
@@ -195,10 +195,10 @@ def test_server_without_routed_experts_is_a_clear_error(servers, engines):
         engine.generate(PROMPTS, PARAMS, return_routes=True)
     assert server.url in str(err.value)
     with pytest.raises(RuntimeError, match=f"{server.url}.*--enable-return-routed-experts"):
-        engines([server.url], require_routes=True)  # fail fast at start, from /get_server_info
+        engines([server.url], require_routes=True)  # fail fast at start, from /server_info
     (good,) = servers(1)
     engines([good.url], require_routes=True)
-    assert good.paths() == ["/get_server_info"]
+    assert good.paths() == ["/server_info"]
 
 
 def test_concurrency_limit_is_honoured_over_all_servers(servers, engines):
@@ -237,101 +237,167 @@ def test_api_key_is_sent_but_never_leaked(servers, engines, monkeypatch, caplog)
     assert secret not in str(err.value)
 
 
-def _fake_writer(model_chunks, path):
-    with open(os.path.join(path, "model.safetensors"), "w") as f:
-        f.write(f"weights of {model_chunks}")
-
-
-def test_weight_sync_from_disk(servers, engines, tmp_path):
-    a, b = servers(2)
-    engine = engines([a.url, b.url], weight_dir=str(tmp_path), weight_writer=_fake_writer)
-    (tmp_path / "step_1").mkdir()
-    (tmp_path / "step_1" / "half-written.safetensors").write_text("left by a crashed run")
-    engine.update_weights("chunks", step=1)
-    assert os.listdir(tmp_path / "step_1") == ["model.safetensors"]
-    engine.update_weights("chunks", step=2)
-    for server in (a, b):
-        assert server.paths() == ["/update_weights_from_disk", "/flush_cache"] * 2
-        assert server.bodies("/update_weights_from_disk") == [
-            {"model_path": str(tmp_path / f"step_{s}"), "flush_cache": True} for s in (1, 2)
-        ]
-    assert sorted(os.listdir(tmp_path)) == ["step_2"]  # keep_weight_dirs=1
-    assert (tmp_path / "step_2" / "model.safetensors").read_text() == "weights of chunks"
-    user_dir = tmp_path / "user_checkpoint"  # loaded, never deleted: the engine did not write it
-    user_dir.mkdir()
-    engine.load_weights(str(user_dir), step=3)
-    assert sorted(os.listdir(tmp_path)) == ["user_checkpoint"]
-
-    b.behaviour.weight_update_ok = False
-    with pytest.raises(RuntimeError, match=f"{b.url}.*update_weights_from_disk.*step 4"):
-        engine.update_weights("chunks", step=4)
-
-
-class _FakeBroadcaster:
-    def __init__(self, servers):
-        self.servers, self.calls = servers, []
-
-    def init_group(self, sync):
-        self.calls.append(("init_group", sync.world_size, self._seen("/init_weights_update_group")))
-
-    def batches(self, model_chunks):
-        yield [("model.embed_tokens.weight", torch.zeros(4, 2, dtype=torch.bfloat16))]
-        yield [
-            ("model.layers.0.mlp.gate.weight", torch.zeros(8, 2)),
-            ("lm_head.weight", torch.zeros(4, 2, dtype=torch.bfloat16)),
-        ]
-
-    def broadcast(self, batch, sync):
-        self.calls.append(("broadcast", [n for n, _ in batch], sync.group_name))
-
-    def _seen(self, path):
-        deadline = time.monotonic() + 2  # the servers' requests are open while we join
-        while time.monotonic() < deadline:
-            if all(path in s.paths() for s in self.servers):
-                return True
-            time.sleep(0.01)
-        return False
-
-
-def test_weight_sync_distributed_request_sequence(servers, engines):
-    a, b = servers(2)
-    broadcaster = _FakeBroadcaster([a, b])
-    sync = DistributedSync(master_address="10.0.0.1", master_port=29600, world_size=3)
-    engine = engines([a.url, b.url], distributed=sync, weight_broadcaster=broadcaster)
-    engine.update_weights("chunks", step=1)
-    engine.update_weights("chunks", step=2)
-
-    update = "/update_weights_from_distributed"
-    for server, offset in ((a, 1), (b, 2)):
-        one_step = [update, update, "/flush_cache"]
-        assert server.paths() == ["/init_weights_update_group", *one_step, *one_step]
-        assert server.bodies("/init_weights_update_group") == [
-            {
-                "master_address": "10.0.0.1",
-                "master_port": 29600,
-                "rank_offset": offset,
-                "world_size": 3,
-                "group_name": "weight_update_group",
-                "backend": "nccl",
-            }
-        ]
-        first, second = server.bodies(update)[:2]
-        assert first == {
-            "names": ["model.embed_tokens.weight"],
-            "dtypes": ["bfloat16"],
-            "shapes": [[4, 2]],
-            "group_name": "weight_update_group",
-            "flush_cache": False,
-        }
-        assert second["dtypes"] == ["float32", "bfloat16"] and second["flush_cache"] is True
-    assert broadcaster.calls[0] == ("init_group", 3, True)  # once, while the servers joined
-    assert [c[0] for c in broadcaster.calls] == ["init_group"] + ["broadcast"] * 4
-
-
 def test_config_refuses_bad_values():
-    with pytest.raises(ValueError, match="not an http"):
+    with pytest.raises(ValueError, match="rollout.sglang.urls must be a list of http"):
         SGLangConfig(urls=["localhost:30000"])
-    with pytest.raises(ValueError, match="empty"):
-        SGLangConfig(urls=[])
-    with pytest.raises(ValueError, match="does not split evenly"):
-        DistributedSync("h", 1, world_size=4).offsets(2)
+    with pytest.raises(ValueError, match="urls is empty"):
+        SGLangEngine(SGLangConfig(urls=[]))
+    with pytest.raises(ValueError, match="rollout.sglang.admin_api_key_env must be the NAME"):
+        SGLangConfig(urls=["http://h:1"], admin_api_key_env="sk-123")
+    with pytest.raises(ValueError, match="rollout.sglang.distributed.bucket_mb must be > 0"):
+        SGLangConfig(urls=["http://h:1"], distributed={"bucket_mb": 0})
+
+
+def test_sampling_params_go_out_as_integers_and_unknown_top_level_fields_pass(servers, engines):
+    (server,) = servers(1)
+    params = dataclasses.replace(PARAMS, max_new_tokens=6.0, seed=5.0)  # floats from a YAML, say
+    engines([server.url]).generate(PROMPTS[:2], params, return_routes=False)
+    sp = server.bodies("/generate")[0]["sampling_params"]
+    assert type(sp["max_new_tokens"]) is int and type(sp["sampling_seed"]) is int
+    # The mock, like SGLang >= 0.5.22, refuses the float and ignores unknown top-level fields.
+    from sapo_megatron.rollout.sglang.transport import Transport
+
+    t = Transport(concurrency=1, retries=0, backoff_s=0, api_key_env="X_NONE", admin_api_key_env="X_NONE")
+    status, _ = t.request(server.url, "/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 2.0}},
+                          timeout=5)
+    assert status == 400
+    status, _ = t.request(server.url, "/generate", {"input_ids": [1], "future_field": 1,
+                                                    "sampling_params": {"max_new_tokens": 2}}, timeout=5)
+    assert status == 200
+    status, raw = t.request(server.url, "/update_weights_from_disk", {"flush_cache": True}, timeout=5)
+    assert status == 422 and b"model_path" in raw
+
+
+def test_every_request_refused_with_the_same_4xx_raises_with_the_servers_message(servers, engines):
+    (server,) = servers(1, reject_prompts={tuple(p) for p in PROMPTS})
+    with pytest.raises(RuntimeError, match="every request.*HTTP 400.*context length"):
+        engines([server.url]).generate(PROMPTS, PARAMS, return_routes=True)
+
+
+def test_keep_alive_reuses_connections_within_the_concurrency_bound(servers, engines):
+    a, b = servers(2)
+    engine = engines([a.url, b.url], concurrency=2)
+    for _ in range(3):
+        engine.generate(PROMPTS, PARAMS, return_routes=False)
+    # 18 requests; without keep-alive 18 connections, with it at most 2 per server.
+    assert engine.transport.connections_opened <= 4
+    a.restart()  # the pooled connections to a are now dead: reopened without a failed request
+    results = engine.generate(PROMPTS, PARAMS, return_routes=False)
+    assert all(r.meta["attempts"] == 1 for r in results)
+
+
+def test_admin_key_is_used_for_weight_endpoints_only(servers, engines, monkeypatch):
+    monkeypatch.setenv(FAST["api_key_env"], "user-key")
+    monkeypatch.setenv("SAPO_TEST_ADMIN_KEY", "admin-key")
+    (server,) = servers(1, api_key="user-key", admin_api_key="admin-key")
+    engine = engines([server.url], admin_api_key_env="SAPO_TEST_ADMIN_KEY")
+    engine.generate(PROMPTS[:1], PARAMS, return_routes=True)
+    engine.flush_cache()
+    engine.on_all_servers("/update_weights_from_disk", lambda u: {"model_path": "/", "weight_version": "3"}, "test")
+    assert all(r["authorised"] for r in server.requests)
+    assert server.weight_version == "3"
+    monkeypatch.delenv("SAPO_TEST_ADMIN_KEY")  # the user key alone opens no admin endpoint
+    with pytest.raises(RuntimeError, match="HTTP 401.*SAPO_TEST_ADMIN_KEY"):
+        engine.flush_cache()
+
+
+def test_flush_cache_is_retried_while_requests_run(servers, engines):
+    (server,) = servers(1, slow_prompts={tuple(PROMPTS[0])}, slow_delay_s=0.4)
+    engine = engines([server.url], backoff_s=0.1, retries=5)
+    import threading
+
+    worker = threading.Thread(target=engine.generate, args=(PROMPTS[:1], PARAMS), kwargs={"return_routes": False})
+    worker.start()
+    time.sleep(0.1)
+    engine.flush_cache()  # 400 while the slow request runs, then 200
+    worker.join()
+    flushes = [r for r in server.requests if r["path"] == "/flush_cache"]
+    assert len(flushes) >= 2 and server.flushes == 1
+
+
+def test_a_response_with_another_weight_version_is_never_returned(servers, engines):
+    """A server that answers with other weights is taken out of rotation; its answers are
+    retried elsewhere and it is listed as stale until re-synced."""
+    good, bad = servers(2)
+    good.weight_version = bad.weight_version = "4"
+    engine = engines([good.url, bad.url])
+    engine.expect(4)
+    bad.restart()  # launch weights again: version "default"
+    results = engine.generate(PROMPTS, PARAMS, return_routes=True)
+    assert all(r.meta["weight_version"] == "4" and r.meta["server"] == good.url for r in results)
+    assert engine.stale == {bad.url}
+    # Requests already in flight when the first stale answer came are discarded too; none after.
+    sent_to_bad = len(bad.bodies("/generate"))
+    assert 1 <= sent_to_bad <= 3 and engine.take_metrics()["sglang/stale_responses"] == sent_to_bad
+    # A restart between rollouts is found by asking the versions directly.
+    engine.mark_synced([bad.url])
+    assert engine.stale_servers() == [bad.url]
+    bad.weight_version = "4"
+    engine.mark_synced([bad.url])
+    assert engine.stale_servers() == []
+    # Guard: with every server stale nothing is trained on: all aborts.
+    good.weight_version = bad.weight_version = "3"
+    results = engine.generate(PROMPTS[:2], PARAMS, return_routes=True)
+    assert all(r.finish_reason == "abort" and r.response_ids == [] for r in results)
+
+
+def test_retracted_responses_are_counted_and_optionally_dropped(servers, engines):
+    (server,) = servers(1, retracted_prompts={tuple(PROMPTS[0])})
+    kept = engines([server.url]).generate(PROMPTS[:2], PARAMS, return_routes=True)
+    assert kept[0].meta["num_retractions"] == 1 and kept[0].finish_reason != "abort"
+    engine = engines([server.url], drop_retracted=True)
+    dropped = engine.generate(PROMPTS[:2], PARAMS, return_routes=True)
+    assert dropped[0].finish_reason == "abort" and "retraction" in dropped[0].meta["error"]
+    assert dropped[1].finish_reason != "abort"
+    assert engine.take_metrics() == {"sglang/retracted": 1.0, "sglang/retracted_dropped": 1.0}
+
+
+@pytest.mark.parametrize("version,speculative,ok", [
+    ("0.5.6", None, "need sglang >= 0.5.7"),
+    ("0.5.10", "EAGLE", "over-counted before sglang 0.5.15"),
+    ("0.5.10", None, None),
+    ("0.5.15", "EAGLE", None),
+])
+def test_server_version_checks_under_routes(servers, engines, version, speculative, ok):
+    (server,) = servers(1, version=version, speculative_algorithm=speculative)
+    if ok is None:
+        engines([server.url], require_routes=True)
+    else:
+        with pytest.raises(RuntimeError, match=ok):
+            engines([server.url], require_routes=True)
+
+
+def test_seed_without_deterministic_inference_warns(servers, engines, caplog):
+    (server,) = servers(1)
+    with caplog.at_level(logging.WARNING):
+        engines([server.url]).generate(PROMPTS[:1], PARAMS, return_routes=False)
+    assert "--enable-deterministic-inference" in caplog.text
+    (det,) = servers(1, deterministic=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        engines([det.url]).generate(PROMPTS[:1], PARAMS, return_routes=False)
+    assert "--enable-deterministic-inference" not in caplog.text
+
+
+def test_health_needs_no_key(servers):
+    (server,) = servers(1, api_key="k", admin_api_key="a")
+    from sapo_megatron.rollout.sglang.transport import Transport
+
+    t = Transport(concurrency=1, retries=0, backoff_s=0, api_key_env="X_NONE", admin_api_key_env="X_NONE")
+    assert t.request(server.url, "/health", None, timeout=5, method="GET")[0] == 200
+    assert t.request(server.url, "/server_info", None, timeout=5, method="GET")[0] == 401
+
+
+def test_one_answer_with_a_wrong_version_is_retried_elsewhere(servers, engines):
+    """The guard of the never-stale rule on a single answer: prompt 0 comes back from server a
+    with another weight_version; the result the caller gets is server b's, with the right one."""
+    a, b = servers(2, wrong_version_prompts={tuple(PROMPTS[0])})
+    b.behaviour.wrong_version_prompts = set()
+    for s in (a, b):
+        s.weight_version = "2"
+    engine = engines([a.url, b.url])
+    engine.expect(2)
+    results = engine.generate(PROMPTS[:1], PARAMS, return_routes=True)
+    assert results[0].meta["server"] == b.url and results[0].meta["weight_version"] == "2"
+    assert results[0].meta["attempts"] == 2 and engine.stale == {a.url}
+    assert a.served_versions == ["2-other"]  # a did answer: its sample was discarded

@@ -64,17 +64,19 @@ def test_trainer_runs_r3_against_sglang_and_syncs_weights(mock, tmp_path):
     assert all(0.5 < r["routing/coverage"] < 1.0 for r in rows), "R3 replayed the server's routes"
     assert all(r["abort_frac"] == 0.0 for r in rows)
 
-    paths = [r["path"] for r in mock.requests]
     generates = [r for r in mock.requests if r["path"] == "/generate"]
     # One request per sample from the one rank of the TP group that talks to the server.
     assert len(generates) == 2 * 4 * 4
     assert all(r["body"]["return_routed_experts"] is True for r in generates)
     updates = [r for r in mock.requests if r["path"] == "/update_weights_from_disk"]
-    assert [Path(u["body"]["model_path"]).name for u in updates] == ["step_0", "step_1"]
-    assert paths.count("/flush_cache") >= 2
+    # Version 0 (the starting weights) before the first rollout, then one per completed step.
+    assert [Path(u["body"]["model_path"]).name for u in updates] == ["step_0", "step_1", "step_2"]
+    assert [u["body"]["weight_version"] for u in updates] == ["0", "1", "2"]
+    assert mock.served_versions == ["0"] * 16 + ["1"] * 16  # each step sampled from the weights it trains
+    assert all(u["body"]["flush_cache"] is True for u in updates)  # SGLang flushes after loading
     # The exported HF checkpoint of the last step holds every tensor of the model.
     last = Path(updates[-1]["body"]["model_path"])
-    from ckpt_models import read_safetensors_dir
+    from tests.dist.ckpt_models import read_safetensors_dir
 
     exported = read_safetensors_dir(last)
     original = read_safetensors_dir(hf)

@@ -11,6 +11,7 @@ however large the shards are. Writing streams each tensor to disk as it comes (s
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -136,6 +137,51 @@ class _StreamingShard:
             out.write(header)
             shutil.copyfileobj(data, out, 64 * 1024**2)
         os.remove(self._data_path)
+
+
+class PlannedShard:
+    """One safetensors file whose tensors (names, dtypes, shapes) are known before any data.
+
+    The header is written first and each tensor's bytes follow as they come, straight into the
+    final file (no side file, no second copy); tensors must come in the planned order. Used by
+    the parallel export, where every rank knows its shard's contents from the export plan.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        self.path = Path(path)
+        self._expected = list(entries)
+        header, offset = {}, 0
+        for name, dtype, shape in entries:
+            if dtype not in _ST_DTYPES:
+                raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._file.write(len(raw).to_bytes(8, "little"))
+        self._file.write(raw)
+        self._next = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, want_dtype, want_shape = self._expected[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (want_name, want_dtype, tuple(want_shape)):
+            raise ValueError(f"{self.path.name}: got {name!r} {tensor.dtype} {tuple(tensor.shape)}, the plan says "
+                             f"{want_name!r} {want_dtype} {tuple(want_shape)}")
+        self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def close(self, *, fsync: bool = False) -> None:
+        if self._next != len(self._expected):
+            self._file.close()
+            raise ValueError(f"{self.path.name}: {len(self._expected) - self._next} planned tensors were never written")
+        self._file.flush()
+        if fsync:
+            os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)  # a reader never sees a half-written shard under its name
 
 
 class HFShardWriter:

@@ -6,11 +6,14 @@ full tensors, one layer at a time, and keeps its slice (``sharding.shard_full_te
 is communicated, so it works at any TP/PP/EP layout. Sources: a sapo_megatron checkpoint
 (:func:`load_into_model`) or an HF directory directly (:func:`load_hf_into_model`).
 
-Export: all ranks agree on one global order of tensors (embedding, layers, final); for each
-tensor the holders gather its TP slices (``sharding.gather_full_tensor``) and its owner (lowest
-rank holding it) sends the full tensor to rank 0, which converts and writes it. Every rank
-walks the same order, so the collectives cannot deadlock, and rank 0 holds one tensor plus the
-writer's buffer (:func:`export_hf`, :func:`save_from_model`). Used for weight sync to SGLang.
+Export (:func:`export_plan`): all ranks agree on one global order of tensors (embedding,
+layers, final) and on who holds each (the ranks of data-parallel replica 0); the holders gather
+its TP slices onto one of them, on their device (assembled as ``sharding.gather_full_tensor``
+does). Every rank walks the same order, so the collectives cannot deadlock. :func:`export_hf` (weight sync to SGLang from disk)
+has each tensor written by one of its holders into that rank's own shard files: all ranks write
+in parallel, nothing funnels through rank 0. The distributed weight sync
+(``rollout/sglang/weight_sync``) walks the same plan in buckets. :func:`save_from_model` still
+sends every tensor to rank 0, which writes a sapo_megatron checkpoint.
 
 Every rank must call these functions (they are collective under torch.distributed).
 """
@@ -18,15 +21,19 @@ Every rank must call these functions (they are collective under torch.distribute
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from sapo_megatron.checkpoint.convert import check_hf_against_config
-from sapo_megatron.checkpoint.hf_io import HFCheckpoint, HFShardWriter, write_hf_config
+from sapo_megatron.checkpoint.hf_io import INDEX, SINGLE, HFCheckpoint, PlannedShard, write_hf_config
 from sapo_megatron.checkpoint.mapping import (
     all_units,
     group_of,
@@ -182,30 +189,232 @@ def _check_names(plan: _GatherPlan, expected: set[str], what: str) -> None:
         raise ValueError(f"{what}: model lacks {missing[:3]} and has unmapped {extra[:3]}")
 
 
+# --------------------------------------------------------------------------- export plan
+# Tensors the served checkpoint keeps in float32 whatever its torch_dtype: SGLang's DeepSeek-V3
+# (and dots1) router holds e_score_correction_bias in fp32, as the released checkpoints do.
+FP32_IN_CHECKPOINT = ("e_score_correction_bias",)
+
+
+def checkpoint_dtype(hf_name: str, dtype: torch.dtype, hf_config: dict) -> torch.dtype:
+    """The dtype an HF checkpoint of ``hf_config`` holds ``hf_name`` in (floats only change)."""
+    if not dtype.is_floating_point:
+        return dtype
+    if hf_name.endswith(FP32_IN_CHECKPOINT):
+        return torch.float32
+    name = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "").removeprefix("torch.")
+    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else dtype
+
+
+@dataclasses.dataclass
+class ExportEntry:
+    """One full Megatron tensor of the export, the ranks that gather it and its HF tensors."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    holders: list[int]  # the ranks of data-parallel replica 0 that hold it (they gather it)
+    unit: object  # mapping.Unit: HF names, HF shapes, conversion kind
+    hf_dtypes: tuple[torch.dtype, ...]
+
+    @property
+    def hf(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return list(zip(self.unit.hf, self.hf_dtypes, self.unit.hf_shapes))
+
+    @property
+    def hf_nbytes(self) -> int:
+        return sum(math.prod(shape) * dt.itemsize for _, dt, shape in self.hf)
+
+
+@dataclasses.dataclass
+class ExportPlan:
+    """The same on every rank: what exists, who holds it, what HF tensors it becomes."""
+
+    entries: list[ExportEntry]
+    local: dict[str, tuple]  # this rank's {name: (inner, local_name, tensor)}
+    cfg: object
+    hf_config: dict
+
+    def full(self, entry: ExportEntry, dst: int) -> torch.Tensor | None:
+        """The full tensor of ``entry`` on holder ``dst``, on the parameter's own device (a TP
+        gather among the holders); None on every other rank. Only ``dst`` receives: half the
+        traffic of an all-gather at TP=2, which matters when the copies are the bottleneck."""
+        rank = dist.get_rank()
+        if rank not in entry.holders:
+            return None
+        inner, local_name, tensor = self.local[entry.name]
+        return _gather_to(tensor.detach(), tensor, local_name, inner.config, dst)
+
+    def to_hf(self, entry: ExportEntry, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """HF tensors of one full tensor, cast to the export dtypes (same device)."""
+        out = []
+        for (hf_name, dtype, shape), t in zip(entry.hf, to_hf(entry.unit.kind, full, self.cfg)):
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"export of {entry.name!r}: HF tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                                 f"the config implies {tuple(shape)}")
+            out.append((hf_name, t.to(dtype)))
+        return out
+
+
+def _gather_to(local: torch.Tensor, param, name: str, config, dst: int) -> torch.Tensor | None:
+    """``sharding.gather_full_tensor`` with one receiver (``dst``, a member of the TP group):
+    the same slices, reassembled the same way (GLU fc1 is ``[gate; up]`` per rank)."""
+    from sapo_megatron.step.sharding import _is_glu_fc1, _tp_layout
+
+    layout = _tp_layout(param)
+    if layout is None:
+        return local
+    group, _, size, dim = layout
+    rank = dist.get_rank()
+    parts = [torch.empty_like(local) for _ in range(size)] if rank == dst else None
+    dist.gather(local.contiguous(), parts, dst=dst, group=group)
+    if rank != dst:
+        return None
+    if _is_glu_fc1(name, config):
+        halves = [part.chunk(2, dim) for part in parts]
+        return torch.cat([torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)], dim)
+    return torch.cat(parts, dim)
+
+
+def _full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    from sapo_megatron.step.sharding import _tp_layout
+
+    shape = list(tensor.shape)
+    layout = _tp_layout(tensor)
+    if layout is not None:
+        shape[layout[3]] *= layout[2]
+    return tuple(shape)
+
+
+def _in_replica_zero(tensor: torch.Tensor) -> bool:
+    from megatron.core import parallel_state
+
+    if not getattr(tensor, "allreduce", True):  # expert parameters
+        return parallel_state.get_expert_data_parallel_rank() == 0
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+
+
+def export_plan(model, hf_config: dict, dtype: torch.dtype | str | None = "checkpoint") -> ExportPlan:
+    """Collective (one object all-gather). ``dtype``: None keeps the model's dtypes, a dtype
+    casts every float tensor, ``"checkpoint"`` casts as the served checkpoint holds them
+    (:func:`checkpoint_dtype`)."""
+    mapping = mapping_for(hf_config)
+    cfg = mapping.config_from_hf(hf_config)
+    by_mcore = {u.mcore: u for us in all_units(mapping, cfg).values() for u in us}
+    local = {}
+    for chunk in _chunks(model):
+        inner = unwrap(chunk)
+        tied = inner.share_embeddings_and_output_weights
+        for local_name, tensor in _local_tensors(inner):
+            name = _canonical(inner, local_name)
+            if not (tied and name == "output_layer.weight"):
+                local[name] = (inner, local_name, tensor)
+    mine = {n: (str(t.dtype).removeprefix("torch."), _full_shape(t), _in_replica_zero(t)) for n, (_, _, t) in local.items()}
+    held: list = [None] * dist.get_world_size()
+    dist.all_gather_object(held, mine)
+    info, holders, fallback = {}, defaultdict(list), defaultdict(list)
+    for rank, names in enumerate(held):
+        for name, (dt, shape, zero) in names.items():
+            info.setdefault(name, (getattr(torch, dt), shape))
+            fallback[name].append(rank)
+            if zero:
+                holders[name].append(rank)
+    missing, extra = sorted(set(by_mcore) - set(info)), sorted(set(info) - set(by_mcore))
+    if missing or extra:  # the same inputs on every rank: all raise together, no hang
+        raise ValueError(f"export to {mapping.architecture}: model lacks {missing[:3]} and has unmapped {extra[:3]}")
+    entries = []
+    for name in sorted(info, key=lambda n: (group_order(group_of(n)), n)):
+        dt, shape = info[name]
+        unit = by_mcore[name]
+        if dtype is None:
+            hf_dtypes = (dt,) * len(unit.hf)
+        elif dtype == "checkpoint":
+            hf_dtypes = tuple(checkpoint_dtype(h, dt, hf_config) for h in unit.hf)
+        else:
+            hf_dtypes = tuple(dtype if dt.is_floating_point else dt for _ in unit.hf)
+        entries.append(ExportEntry(name, tuple(shape), dt, holders[name] or fallback[name], unit, hf_dtypes))
+    return ExportPlan(entries, local, cfg, hf_config)
+
+
+def _writer(entry: ExportEntry, k: int) -> int:
+    return entry.holders[k % len(entry.holders)]
+
+
+def _shard_layout(plan: ExportPlan, max_shard_bytes: int) -> tuple[dict[int, list[list[ExportEntry]]], list[str]]:
+    """Which rank writes what: entry k goes to holder ``k % len(holders)`` (spreads the bytes
+    over the TP ranks that all hold it after the gather); each rank cuts its entries into shards
+    of at most ``max_shard_bytes``. Returns per-rank shard lists and the global file names."""
+    per_rank: dict[int, list[list[ExportEntry]]] = defaultdict(list)
+    size: dict[int, int] = defaultdict(int)
+    for k, entry in enumerate(plan.entries):
+        writer = _writer(entry, k)
+        shards = per_rank[writer]
+        if not shards or (shards[-1] and size[writer] + entry.hf_nbytes > max_shard_bytes):
+            shards.append([])
+            size[writer] = 0
+        shards[-1].append(entry)
+        size[writer] += entry.hf_nbytes
+    total = sum(len(s) for s in per_rank.values())
+    names = [SINGLE] if total == 1 else [f"model-{k + 1:05d}-of-{total:05d}.safetensors" for k in range(total)]
+    return dict(sorted(per_rank.items())), names
+
+
 def export_hf(
     model,
     out_dir: str | os.PathLike,
     hf_config: dict,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = 4 * 1024**3,
+    fsync: bool = False,
 ) -> None:
-    """Write the live model as HF safetensors + config.json (rank 0 writes; collective)."""
-    mapping = mapping_for(hf_config)
-    cfg = mapping.config_from_hf(hf_config)
-    by_mcore = {u.mcore: u for us in all_units(mapping, cfg).values() for u in us}
-    plan = _plan_gather(model)
-    _check_names(plan, set(by_mcore), f"export to {mapping.architecture}")
-    writer = HFShardWriter(out_dir, max_shard_bytes) if dist.get_rank() == 0 else None
-    for name, full in _iter_full(plan):
-        if writer is None:
-            continue
-        unit = by_mcore[name]
-        for hf_name, tensor in zip(unit.hf, to_hf(unit.kind, full, cfg)):
-            writer.add(hf_name, tensor if dtype is None else tensor.to(dtype))
-    if writer is not None:
-        writer.close()
-        write_hf_config(out_dir, hf_config)
+    """Write the live model as HF safetensors + config.json; collective.
+
+    No funnel: the ranks that hold a tensor gather it (TP), and one of them writes it into its
+    OWN shard files, so every rank writes in parallel and nothing passes through one process.
+    The file layout is computed from the plan alone, so rank 0 writes the index and config.json
+    without asking anyone. ``fsync``: flush the shards to stable storage before returning.
+    ``dtype``: see :func:`export_plan` (None keeps the model's dtypes).
+    """
+    plan = export_plan(model, hf_config, dtype)
+    per_rank, names = _shard_layout(plan, max_shard_bytes)
+    writer_index = [_writer(entry, k) for k, entry in enumerate(plan.entries)]
+    rank, out = dist.get_rank(), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first = 0
+    files: dict[str, str] = {}
+    writer_of: dict[str, PlannedShard] = {}
+    mine: list[PlannedShard] = []
+    for r, shards in per_rank.items():
+        for shard in shards:
+            file = names[first]
+            first += 1
+            files.update({h: file for e in shard for h, _, _ in e.hf})
+            if r == rank:
+                writer = PlannedShard(out / file, [h for e in shard for h in e.hf])
+                mine.append(writer)
+                writer_of.update({e.name: writer for e in shard})
+    # One background writer: the next tensor is gathered while this one goes to disk.
+    with ThreadPoolExecutor(1, thread_name_prefix="hf-export") as io:
+        pending = None
+        with torch.no_grad():
+            for k, entry in enumerate(plan.entries):
+                full = plan.full(entry, writer_index[k])
+                if entry.name not in writer_of:
+                    continue
+                tensors = [(n, t.cpu()) for n, t in plan.to_hf(entry, full)]
+                if pending is not None:
+                    pending.result()
+                pending = io.submit(lambda w=writer_of[entry.name], ts=tensors: [w.add(n, t) for n, t in ts])
+        if pending is not None:
+            pending.result()
+        for writer in mine:
+            writer.close(fsync=fsync)
+    if rank == 0:
+        if len(names) > 1:
+            total = sum(e.hf_nbytes for e in plan.entries)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(files.items()))}
+            (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_hf_config(out, hf_config)
     dist.barrier()
 
 

@@ -31,13 +31,14 @@ from typing import Any, ClassVar, Literal, Optional
 from sapo_megatron.models.config import PRESETS, ModelConfig, ParallelConfig, preset
 from sapo_megatron.step.run import PolicyLossSpec
 from sapo_megatron.rollout.base import SamplingParams
+# The SGLang section is the client's own config class (validated once, in one place).
+from sapo_megatron.rollout.sglang.config import SGLangConfig as SGLangSection
 
 RolloutEngineName = Literal["embedded", "sglang"]
 AdvantageName = Literal["grpo", "grpo_no_std", "rloo"]
 BatchLayout = Literal["padded", "packed"]
 RoutingMode = Literal["none", "R2", "R3"]
 LRSchedule = Literal["constant", "cosine"]
-WeightSync = Literal["disk", "distributed"]
 
 
 def _check(condition: bool, key: str, expected: str, value: Any) -> None:
@@ -167,38 +168,6 @@ class OptimConfig:
         _check(self.adam_eps > 0, "optim.adam_eps", "> 0", self.adam_eps)
         _check(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
         _check(0 <= self.min_lr <= self.lr, "optim.min_lr", f"in [0, optim.lr={self.lr}]", self.min_lr)
-
-
-@dataclass
-class SGLangSection:
-    urls: list[str] = field(default_factory=list)  # http://host:port of each server
-    # The NAME of the environment variable holding the API key; the key never enters a config.
-    api_key_env: str = "SGLANG_API_KEY"
-    concurrency: int = 64  # requests in flight, all servers together
-    timeout_s: float = 600.0
-    retries: int = 3
-    backoff_s: float = 1.0
-    weight_sync: WeightSync = "disk"
-    # Where `disk` sync writes HF safetensors; must be readable by every server (a shared
-    # filesystem across nodes). None: <run.output_dir>/weights.
-    weight_dir: str | None = None
-    # The NCCL group of `distributed` sync (None: the trainer's rank-0 host / a free port).
-    nccl_master_addr: str | None = None
-    nccl_master_port: int | None = None
-
-    def __post_init__(self) -> None:
-        for url in self.urls:
-            _check(re.match(r"^https?://[^/\s]+", url) is not None, "rollout.sglang.urls",
-                   "a list of http(s)://host:port addresses", url)
-        _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) is not None,
-               "rollout.sglang.api_key_env", "the NAME of an environment variable (never the key)",
-               "<redacted>")
-        _check(self.concurrency >= 1, "rollout.sglang.concurrency", ">= 1", self.concurrency)
-        _check(self.timeout_s > 0, "rollout.sglang.timeout_s", "> 0", self.timeout_s)
-        _check(self.retries >= 0, "rollout.sglang.retries", ">= 0", self.retries)
-        _check(self.backoff_s >= 0, "rollout.sglang.backoff_s", ">= 0", self.backoff_s)
-        port = self.nccl_master_port
-        _check(port is None or 0 < port < 65536, "rollout.sglang.nccl_master_port", "a TCP port", port)
 
 
 @dataclass

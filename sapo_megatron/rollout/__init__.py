@@ -1,20 +1,13 @@
 """Rollout engines behind one interface (:mod:`.base`): ``embedded`` and ``sglang``.
 
 ``build_engine(cfg, model_chunks, model_cfg, tokenizer)`` picks one by ``rollout.engine``
-(a registry). Under torchrun, the SGLang client runs on the first rank of each model-parallel
-group only (one group = one data-parallel replica): that rank sends its replica's requests and
-broadcasts the results to the rest of the group; weight sync gathers the live shards on every
-rank (a collective) and rank 0 tells the servers to load them.
+(a registry). The SGLang engine and its weight sync live in the :mod:`.sglang` package
+(``sglang.replica`` describes how the trainer's ranks share one client per replica).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Callable
-
-import torch.distributed as dist
 
 from sapo_megatron.rollout.base import RolloutEngine, RolloutResult, RouteSpec, SamplingParams
 
@@ -55,81 +48,11 @@ def _embedded(cfg, model_chunks, model_cfg, tokenizer):
     )
 
 
-class ReplicaSGLang:
-    """One SGLang client per model-parallel group; results shared with the group's ranks."""
-
-    def __init__(self, make_engine: Callable[[], object], hf_config: dict, weight_dir: str):
-        from megatron.core import parallel_state
-
-        self.hf_config = hf_config
-        self.weight_dir = weight_dir
-        self.group = parallel_state.get_model_parallel_group()
-        self.leader = dist.get_process_group_ranks(self.group)[0]
-        # Only the leader connects (and probes the servers); weight sync also needs rank 0.
-        needs = dist.get_rank() in (self.leader, 0)
-        self.engine = make_engine() if needs else None
-
-    def generate(self, prompts, params: SamplingParams, *, return_routes: bool) -> list[RolloutResult]:
-        box = [None]
-        if dist.get_rank() == self.leader:
-            box = [self.engine.generate(prompts, params, return_routes=return_routes)]
-        dist.broadcast_object_list(box, src=self.leader, group=self.group)
-        return box[0]
-
-    def update_weights(self, model_chunks, step: int) -> None:
-        from sapo_megatron.checkpoint import export_hf
-
-        if dist.get_rank() == 0:
-            path = self.engine.write_weights(model_chunks, step)  # calls export_hf (collective)
-        else:
-            path = os.path.join(os.path.abspath(self.weight_dir), f"step_{step}")
-            export_hf(model_chunks, path, self.hf_config)
-        if dist.get_rank() == 0:
-            self.engine.load_weights(path, step)
-        dist.barrier()
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-
-
 @register_engine("sglang")
 def _sglang(cfg, model_chunks, model_cfg, tokenizer):
-    from sapo_megatron.checkpoint import export_hf
-    from sapo_megatron.rollout.sglang import SGLangConfig, SGLangEngine
+    from sapo_megatron.rollout import sglang
 
-    s = cfg.rollout.sglang
-    if cfg.model.ckpt_dir:
-        from sapo_megatron.checkpoint import McoreCheckpoint
-
-        hf_config = McoreCheckpoint(cfg.model.ckpt_dir).hf_config
-    elif cfg.model.hf_dir:
-        hf_config = json.loads((Path(cfg.model.hf_dir) / "config.json").read_text())
-    else:
-        raise ValueError(
-            "rollout.engine=sglang needs model.hf_dir or model.ckpt_dir: the servers load HF "
-            "checkpoints, and weight sync writes the served model's HF config"
-        )
-    if s.weight_sync != "disk":
-        raise ValueError(
-            f"rollout.sglang.weight_sync={s.weight_sync!r}: the trainer wires disk sync today; NCCL "
-            f"sync is available in SGLangEngine(weight_broadcaster=...) for custom launchers"
-        )
-    weight_dir = s.weight_dir or str(Path(cfg.run.output_dir) / "sglang_weights")
-    config = SGLangConfig(
-        urls=list(s.urls), api_key_env=s.api_key_env, concurrency=s.concurrency, timeout_s=s.timeout_s,
-        retries=s.retries, backoff_s=s.backoff_s, require_routes=cfg.routing.mode == "R3",
-        weight_dir=weight_dir,
-    )
-
-    def make_engine():
-        return SGLangEngine(
-            config,
-            route_spec=route_spec(model_cfg),
-            weight_writer=lambda chunks, path: export_hf(chunks, path, hf_config),
-        )
-
-    return ReplicaSGLang(make_engine, hf_config, weight_dir)
+    return sglang.build(cfg, model_cfg)
 
 
 def build_engine(cfg, model_chunks, model_cfg, tokenizer) -> RolloutEngine:

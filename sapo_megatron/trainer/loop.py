@@ -274,9 +274,11 @@ class Trainer:
 
         t0 = time.perf_counter()
         with self.logger.phase("weight sync", 1) as advance:
-            self.engine.update_weights(self.chunks, self.step)
+            # The policy version is the number of RL steps completed (this one included).
+            self.engine.update_weights(self.chunks, self.step + 1)
             advance()
         timings["time/weight_sync_s"] = time.perf_counter() - t0
+        timings.update(getattr(self.engine, "step_metrics", dict)())  # engine counters (collective)
         return self._step_metrics(rewards, results, update_metrics, timings)
 
     def _log_prob_passes(self, samples: list[Sample], microbatches, advance) -> list[Sample]:
@@ -338,6 +340,8 @@ class Trainer:
         return out
 
     def train(self) -> None:
+        # Engines that serve from a copy of the weights start from the trainer's (version = step).
+        getattr(self.engine, "begin", lambda chunks, version: None)(self.chunks, self.step)
         while self.step < self.cfg.run.steps:
             metrics = self.train_step()
             self.step += 1

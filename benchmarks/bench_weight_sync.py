@@ -1,0 +1,202 @@
+"""Weight-sync throughput on CPU: 2 trainer ranks (TP=2, gloo) + 1 receiving server process.
+
+Measured in one run, so the ratios hold on a noisy shared machine:
+- ``dist_ratio`` = time of ONE bare gloo broadcast of the model's bytes to the receiver (one
+  uint8 tensor through the same group, the wire's ceiling) / time of the distributed sync
+  (buckets gathered from the TP shards and broadcast, HTTP requests included). Target >= 0.7.
+- ``disk_ratio`` = time of ``shutil.copyfile`` of the same bytes / time of the disk sync (the
+  parallel HF export plus ``/update_weights_from_disk``). Equal conditions: both fsync what they
+  write, and the copy's source is a fresh file evicted from the page cache
+  (``posix_fadvise(DONTNEED)`` after an fsync), as the sync reads live tensors, not a cached
+  file. Target >= 0.5.
+- ``speedup_vs_funnel`` = time of the old export (every tensor sent to rank 0, which converts and
+  writes all shards; ``live._iter_full`` + ``HFShardWriter``, fsynced) / time of the disk sync.
+
+The model is a random Qwen3-MoE of about 700 MB in fp32 (what the served checkpoint holds, so
+bytes synced = bytes trained). The receiver keeps nothing (``--drop-weights``).
+
+Run: ``python benchmarks/bench_weight_sync.py [--layers 4] [--out /tmp/bench_ws]``; the last line
+reads ``dist_ratio=<x> disk_ratio=<y> speedup_vs_funnel=<z>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hf_config(layers: int) -> dict:
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "torch_dtype": "float32",
+        "vocab_size": 32000, "hidden_size": 1024, "num_hidden_layers": layers, "num_attention_heads": 16,
+        "num_key_value_heads": 4, "head_dim": 64, "intermediate_size": 2816, "moe_intermediate_size": 512,
+        "num_experts": 16, "num_experts_per_tok": 2, "mlp_only_layers": [], "norm_topk_prob": True,
+        "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "tie_word_embeddings": False,
+        "hidden_act": "silu",
+    }
+
+
+def _drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _copy_baseline(nbytes: int, work: Path) -> float:
+    src, dst = work / "copy_src.bin", work / "copy_dst.bin"
+    with open(src, "wb") as f:  # a fresh source, then out of the page cache
+        chunk = os.urandom(64 * 1024**2)
+        left = nbytes
+        while left > 0:
+            f.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+    _drop_cache(src)
+    t0 = time.perf_counter()
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    elapsed = time.perf_counter() - t0
+    src.unlink()
+    dst.unlink()
+    return elapsed
+
+
+def _funnel(chunks, out: Path, served: dict) -> None:
+    """The export as it was: rank 0 receives every full tensor and writes every shard."""
+    import torch.distributed as dist
+
+    from sapo_megatron.checkpoint.hf_io import HFShardWriter, write_hf_config
+    from sapo_megatron.checkpoint.live import _iter_full, _plan_gather
+    from sapo_megatron.checkpoint.mapping import all_units, mapping_for
+    from sapo_megatron.checkpoint.transforms import to_hf
+
+    mapping = mapping_for(served)
+    cfg = mapping.config_from_hf(served)
+    by_mcore = {u.mcore: u for us in all_units(mapping, cfg).values() for u in us}
+    plan = _plan_gather(chunks)
+    writer = HFShardWriter(out) if dist.get_rank() == 0 else None
+    for name, full in _iter_full(plan):
+        if writer is not None:
+            for hf_name, t in zip(by_mcore[name].hf, to_hf(by_mcore[name].kind, full, cfg)):
+                writer.add(hf_name, t)
+    if writer is not None:
+        for f in writer.close():
+            fd = os.open(out / f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        write_hf_config(out, served)
+    dist.barrier()
+
+
+def worker(args) -> None:
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.distributed as dist
+
+    from sapo_megatron.checkpoint.live import export_plan
+    from sapo_megatron.checkpoint.parity import build_model_for_hf_config
+    from sapo_megatron.models import ParallelConfig
+    from sapo_megatron.parallel import destroy, initialize_model_parallel
+    from sapo_megatron.rollout.sglang import DiskSync, DistributedSync, SGLangConfig, SGLangEngine
+    from sapo_megatron.rollout.sglang.protocol import distributed_update_payload
+
+    parallel = ParallelConfig(tensor_model_parallel_size=2)
+    initialize_model_parallel(parallel, seed=1)
+    served = hf_config(args.layers)
+    chunks = build_model_for_hf_config(served, parallel)
+    rank = dist.get_rank()
+    work = Path(args.out)
+    config = SGLangConfig(urls=[args.url], weight_sync="distributed", weight_timeout_s=600, keep_weight_dirs=1,
+                          distributed={"master_address": "127.0.0.1", "backend": "gloo", "bucket_mb": args.bucket_mb})
+    engine = SGLangEngine(config) if rank == 0 else None
+    nbytes = sum(e.hf_nbytes for e in export_plan(chunks, served, "checkpoint").entries)
+
+    def timed(fn) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    sync = DistributedSync(engine, served, config)
+    timed(lambda: sync.push(chunks, 1))  # builds the group; warm-up
+    t_dist = min(timed(lambda v=v: sync.push(chunks, v)) for v in (2, 3))
+
+    def bare() -> None:
+        if rank != 0:
+            return
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        payload = distributed_update_payload(["bench.raw"], [torch.uint8], [(nbytes,)], group_name=sync.group_name,
+                                             load_format="flattened_bucket", last=False, version=0)
+        engine.on_all_servers("/update_weights_from_distributed", lambda u: payload, "bare broadcast",
+                              while_open=lambda: dist.broadcast(raw, src=0, group=sync.pg))
+
+    t_bare = min(timed(bare) for _ in range(2))
+    sync.close()
+
+    disk = DiskSync(engine, served, config, str(work / "disk"), fsync=True)
+    t_disk = min(timed(lambda v=v: disk.push(chunks, v)) for v in (1, 2))
+    t_funnel = timed(lambda: _funnel(chunks, work / "funnel", served))
+    if rank == 0:
+        t_copy = min(_copy_baseline(nbytes, work) for _ in range(2))
+        gb = nbytes / 1e9
+        figures = {
+            "bytes": nbytes, "bucket_mb": args.bucket_mb,
+            "dist_sync_s": t_dist, "bare_broadcast_s": t_bare, "disk_sync_s": t_disk, "copyfile_s": t_copy,
+            "funnel_s": t_funnel, "dist_GBps": gb / t_dist, "bare_GBps": gb / t_bare, "disk_GBps": gb / t_disk,
+            "copy_GBps": gb / t_copy, "funnel_GBps": gb / t_funnel,
+        }
+        print(json.dumps(figures, indent=1))
+        print(f"dist_ratio={t_bare / t_dist:.3f} disk_ratio={t_copy / t_disk:.3f} "
+              f"speedup_vs_funnel={t_funnel / t_disk:.3f}", flush=True)
+        engine.close()
+    destroy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--url")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--bucket-mb", type=float, default=64.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_ws_"))
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    port_file = out / "receiver.port"
+    receiver = subprocess.Popen([sys.executable, "-m", "tests.dist.sglang_receiver", "--port-file", str(port_file),
+                                 "--drop-weights"], cwd=ROOT, env=env)
+    try:
+        while not port_file.exists():
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port_file.read_text()}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+               "--worker", "--url", url, "--layers", str(args.layers), "--bucket-mb", str(args.bucket_mb),
+               "--out", str(out)]
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    finally:
+        receiver.kill()
+        receiver.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""``SGLangEngine``: the client of one or more SGLang servers (one process; see replica.py for
+the trainer's ranks).
+
+Design choices:
+- One ``/generate`` request per prompt, spread round-robin over the servers, at most
+  ``concurrency`` in flight in total (SGLang batches concurrent requests itself).
+- Failures are per request: retries with backoff, each on the next server; a request that still
+  fails becomes ``finish_reason="abort"`` with ``meta["error"]``. A 4xx is passed through as an
+  abort, except when EVERY request of the call fails with the same 4xx status: that is a
+  systematic error (a schema change, a bad parameter) and raises with the server's message.
+- Never stale. The engine knows the version it expects (:meth:`expect`: the policy version last
+  pushed, = RL steps completed). A response whose ``meta_info.weight_version`` differs comes
+  from a server that restarted or missed an update: it is never returned (the request is retried
+  on another server), the server is taken out of rotation and listed in :attr:`stale` until it
+  is re-synced (:meth:`mark_synced`). :meth:`stale_servers` also asks every server directly
+  (``/model_info``, or ``/get_weight_version`` on older releases), so a restart between steps is
+  caught before the next rollout.
+- Under R3, responses with ``num_retractions > 0`` carry prefix routes from a re-prefill: they
+  are counted (``metrics``) and, with ``drop_retracted``, turned into aborts (never trained on).
+- For callers that drive generation themselves (async rollouts): :meth:`pause_generation`,
+  :meth:`continue_generation`, :meth:`flush_cache`, :meth:`weight_versions`.
+
+Only ONE process of the trainer (rank 0) talks to the weight endpoints; see weight_sync/.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import Counter
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Callable
+
+from sapo_megatron.rollout.base import RolloutResult, RouteSpec, SamplingParams
+from sapo_megatron.rollout.sglang.config import SGLangConfig
+from sapo_megatron.rollout.sglang.protocol import (
+    MissingRoutes,
+    ServerInfo,
+    check_server,
+    generate_payload,
+    parse_generate,
+    weight_version_of,
+)
+from sapo_megatron.rollout.sglang.transport import (
+    ERROR_BODY_CHARS,
+    Rejected,
+    Retryable,
+    ServerConfigError,
+    Transport,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class _Stale(Retryable):
+    """The server answered with weights other than the expected version."""
+
+
+class SGLangEngine:
+    """:class:`~sapo_megatron.rollout.base.RolloutEngine`-style client over SGLang's HTTP API."""
+
+    def __init__(self, config: SGLangConfig, *, route_spec: RouteSpec | None = None,
+                 require_routes: bool = False) -> None:
+        if not config.urls:
+            raise ValueError("rollout.sglang.urls is empty: give at least one server, e.g. http://host:30000")
+        self.config = config
+        self.route_spec = route_spec
+        self.require_routes = require_routes
+        self.transport = Transport(concurrency=config.concurrency, retries=config.retries,
+                                   backoff_s=config.backoff_s, api_key_env=config.api_key_env,
+                                   admin_api_key_env=config.admin_api_key_env)
+        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="sglang")
+        self._next_server = itertools.count()
+        self._lock = threading.Lock()
+        self.expected_version: str | None = None  # None: nothing pushed yet, any version passes
+        self.stale: set[str] = set()
+        self.counters: Counter = Counter()
+        self._infos: dict[str, ServerInfo] = {}
+        self._checked_seed = False
+        self._closed = False
+        if require_routes:
+            self.check_servers()
+
+    def __repr__(self) -> str:
+        return f"SGLangEngine(urls={self.config.urls}, concurrency={self.config.concurrency})"
+
+    # ------------------------------------------------------------------ server checks
+    def server_info(self, url: str, *, refresh: bool = False) -> ServerInfo:
+        """``/server_info`` (``/get_server_info`` on older releases), parsed and cached."""
+        if url in self._infos and not refresh:
+            return self._infos[url]
+        raw = None
+        for path in ("/server_info", "/get_server_info"):
+            def call(u: str, path=path):
+                return self.transport.call_json(u, path, None, timeout=self.config.timeout_s, method="GET")
+
+            try:
+                raw, _, _ = self.transport.with_retries(call, [url], f"{path} of {url}")
+                break
+            except ServerConfigError as err:
+                if err.status != 404:
+                    raise
+            except (Retryable, Rejected) as err:
+                raise RuntimeError(f"SGLang server {url} is not reachable: {err}") from None
+        self._infos[url] = ServerInfo.from_json(url, raw if isinstance(raw, dict) else {})
+        return self._infos[url]
+
+    def check_servers(self, *, seeded: bool = False, distributed: bool = False) -> list[ServerInfo]:
+        """Fail fast on a server that is down, too old for R3, or in a layout the sync refuses."""
+        infos = [self.server_info(url) for url in self.config.urls]
+        for info in infos:
+            check_server(info, require_routes=self.require_routes, seeded=seeded, distributed=distributed)
+        return infos
+
+    # ------------------------------------------------------------------ versions
+    def expect(self, version: int | str | None) -> None:
+        """Responses must now carry ``weight_version == str(version)``."""
+        self.expected_version = None if version is None else str(version)
+
+    def mark_synced(self, urls) -> None:
+        with self._lock:
+            self.stale.difference_update(urls)
+
+    def mark_stale(self, urls) -> None:
+        """Out of rotation until :meth:`mark_synced` (e.g. left out of a weight push)."""
+        with self._lock:
+            self.stale.update(urls)
+
+    def weight_version(self, url: str) -> str | None:
+        """What the server serves now; None when it cannot be asked (down)."""
+        for path in ("/model_info", "/get_weight_version"):
+            try:
+                answer = self.transport.call_json(url, path, None, timeout=self.config.timeout_s, method="GET")
+            except ServerConfigError as err:
+                if err.status == 404:
+                    continue
+                raise
+            except (Retryable, Rejected):
+                return None
+            version = weight_version_of(answer)
+            if version is not None:
+                return version
+        return None
+
+    def weight_versions(self) -> dict[str, str | None]:
+        return {url: self.weight_version(url) for url in self.config.urls}
+
+    def stale_servers(self) -> list[str]:
+        """Servers known stale plus those whose version now differs from the expected one."""
+        if self.expected_version is not None:
+            for url, version in self.weight_versions().items():
+                if version is not None and version != self.expected_version:
+                    with self._lock:
+                        if url not in self.stale:
+                            logger.warning("SGLang server %s serves weight_version %r, expected %r: it is "
+                                           "re-synced before it serves again", url, version, self.expected_version)
+                        self.stale.add(url)
+        return sorted(self.stale)
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool
+                 ) -> list[RolloutResult]:
+        """One result per prompt, in order; see the module docstring for failure handling."""
+        if self._closed:
+            raise RuntimeError("SGLangEngine.generate called after close()")
+        if return_routes and self.route_spec is None:
+            raise ValueError("return_routes=True needs SGLangEngine(route_spec=RouteSpec(...))")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty; SGLang needs at least one input token")
+        if params.seed is not None and not self._checked_seed:
+            self._checked_seed = True
+            for url in self.config.urls:  # a start-up warning only; a server that is down is skipped
+                try:
+                    check_server(self.server_info(url), require_routes=False, seeded=True, distributed=False)
+                except RuntimeError:
+                    pass
+        futures = [self._pool.submit(self._generate_one, prompt, params, i, return_routes)
+                   for i, prompt in enumerate(prompts)]
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+        if failed is not None:
+            for f in pending:
+                f.cancel()
+            raise failed.exception()
+        outcomes = [f.result() for f in futures]
+        self._raise_if_systematic(outcomes)
+        return [result for result, _ in outcomes]
+
+    @staticmethod
+    def _raise_if_systematic(outcomes) -> None:
+        rejections = [rejected for _, rejected in outcomes]
+        if rejections and all(r is not None for r in rejections):
+            if len({r.status for r in rejections}) == 1:
+                first = rejections[0]
+                raise RuntimeError(f"every request of this call ({len(rejections)}) was refused with HTTP "
+                                   f"{first.status}; the server says: {first.message} ({first})")
+
+    def _pick_server(self) -> Callable[[int], str | None]:
+        """Round-robin start; attempt ``k`` takes the ``k``-th server not known stale."""
+        with self._lock:
+            start = next(self._next_server)
+        urls = self.config.urls
+
+        def pick(k: int) -> str | None:
+            with self._lock:
+                live = [u for u in (urls[(start + j) % len(urls)] for j in range(len(urls))) if u not in self.stale]
+            return live[k % len(live)] if live else None
+
+        return pick
+
+    def _generate_one(self, prompt, params, index, return_routes) -> tuple[RolloutResult, Rejected | None]:
+        payload = generate_payload(prompt, params, index, return_routes)
+
+        def call(url: str) -> RolloutResult:
+            answer = self.transport.call_json(url, "/generate", payload, timeout=self.config.timeout_s)
+            try:
+                result = parse_generate(answer, prompt, index, url, return_routes, self.route_spec)
+            except MissingRoutes:
+                raise
+            except ValueError as err:
+                raise ValueError(f"{err} (response from SGLang server {url})") from None
+            self._check_version(url, result, index)
+            return result
+
+        try:
+            result, attempts, url = self.transport.with_retries(call, self._pick_server(),
+                                                                f"/generate of sample {index}")
+        except Rejected as err:
+            return RolloutResult(list(prompt), [], [], "abort", meta={"error": str(err)}), err
+        except Retryable as err:
+            return RolloutResult(list(prompt), [], [], "abort", meta={"error": str(err)}), None
+        result.meta.update(server=url, attempts=attempts)
+        if result.meta["num_retractions"] > 0:
+            with self._lock:
+                self.counters["retracted"] += 1
+            if return_routes and self.config.drop_retracted:
+                with self._lock:
+                    self.counters["retracted_dropped"] += 1
+                reason = (f"dropped: re-prefilled after {result.meta['num_retractions']} retraction(s), its "
+                          f"prefix routes are not those of the sampling forward (rollout.sglang.drop_retracted)")
+                return RolloutResult(list(prompt), [], [], "abort", meta={**result.meta, "error": reason}), None
+        return result, None
+
+    def _check_version(self, url: str, result: RolloutResult, index: int) -> None:
+        expected, got = self.expected_version, result.meta.get("weight_version")
+        if expected is None or got is None or str(got) == expected:
+            return
+        with self._lock:
+            self.counters["stale_responses"] += 1
+            if url not in self.stale:
+                logger.warning("SGLang server %s answered sample %d with weight_version %r, expected %r: its "
+                               "responses are discarded until it is re-synced", url, index, got, expected)
+            self.stale.add(url)
+        raise _Stale(f"{url} served sample {index} with weight_version {got!r}, expected {expected!r}")
+
+    def take_metrics(self) -> dict[str, float]:
+        """Counters since the last call, as ``sglang/...`` metrics."""
+        with self._lock:
+            out = {f"sglang/{k}": float(v) for k, v in self.counters.items()}
+            self.counters.clear()
+        return out
+
+    # ------------------------------------------------------------------ admin endpoints
+    def submit_all(self, path: str, payload_of: Callable[[str], dict], *, urls=None,
+                   collective: bool = False) -> dict[str, Future]:
+        """POST ``path`` (an admin endpoint) to every server of ``urls`` concurrently. Collective
+        requests (the server enters a broadcast) are not retried: a half-joined group cannot be
+        re-entered."""
+        def post(url: str) -> dict:
+            def call(u: str) -> dict:
+                return self.transport.call_json(u, path, payload_of(u), timeout=self.config.weight_timeout_s,
+                                                admin=True)
+
+            return call(url) if collective else self.transport.with_retries(call, [url], f"{path} on {url}")[0]
+
+        return {url: self._pool.submit(post, url) for url in (self.config.urls if urls is None else urls)}
+
+    def collect(self, futures: dict[str, Future], path: str, what: str, errors: list[str] | None = None) -> dict:
+        """Wait for :meth:`submit_all`'s requests and require ``success`` from each."""
+        errors = list(errors or [])
+        answers = {}
+        for url, future in futures.items():
+            try:
+                answer = future.result()
+            except (Retryable, Rejected) as err:
+                errors.append(str(err))
+                continue
+            if not (isinstance(answer, dict) and answer.get("success")):
+                reason = answer.get("message", answer) if isinstance(answer, dict) else answer
+                errors.append(f"SGLang server {url} failed {path}: {reason}")
+            answers[url] = answer
+        if errors:
+            raise RuntimeError(self.transport.mask(f"{what} failed: " + "; ".join(errors)))
+        return answers
+
+    def on_all_servers(self, path: str, payload_of: Callable[[str], dict], what: str, *, urls=None,
+                       while_open: Callable[[], None] | None = None) -> dict[str, dict]:
+        """:meth:`submit_all` then :meth:`collect`; ``while_open`` runs while the requests are in
+        flight (the trainer's side of a collective)."""
+        futures = self.submit_all(path, payload_of, urls=urls, collective=while_open is not None)
+        errors = []
+        if while_open is not None:
+            try:
+                while_open()
+            except Exception as err:  # still collect the answers: they name the server-side cause
+                errors.append(f"the trainer's side of {path} failed: {type(err).__name__}: {err}")
+        return self.collect(futures, path, what, errors)
+
+    def flush_cache(self, urls=None) -> None:
+        """``/flush_cache`` on every server (plain-text answer). 400 means requests are still
+        running: retried after a backoff. Stale prefix-cache entries would hand out routes of the
+        old weights, so a flush that keeps failing raises."""
+        for url in (self.config.urls if urls is None else urls):
+            def flush(u: str) -> None:
+                status, raw = self.transport.request(u, "/flush_cache", None, timeout=self.config.timeout_s,
+                                                     admin=True)
+                if status in (401, 403):
+                    raise ServerConfigError(status, self.transport.mask(
+                        f"/flush_cache on {u} answered HTTP {status}: set ${self.config.admin_api_key_env} "
+                        f"(the server's --admin-api-key)"))
+                if status != 200:
+                    raise Retryable(self.transport.mask(
+                        f"/flush_cache on {u} answered HTTP {status}: "
+                        f"{raw[:ERROR_BODY_CHARS].decode('utf-8', 'replace')}"))
+
+            try:
+                self.transport.with_retries(flush, [url], f"/flush_cache on {url}")
+            except Retryable as err:
+                raise RuntimeError(str(err)) from None
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """``/pause_generation`` on every server (``abort`` | ``retract`` | ``in_place``)."""
+        for url in self.config.urls:
+            self.transport.call_json(url, "/pause_generation", {"mode": mode}, timeout=self.config.timeout_s,
+                                     admin=True)
+
+    def continue_generation(self) -> None:
+        for url in self.config.urls:
+            self.transport.call_json(url, "/continue_generation", {}, timeout=self.config.timeout_s, admin=True)
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.transport.close()

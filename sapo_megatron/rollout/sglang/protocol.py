@@ -1,0 +1,231 @@
+"""SGLang's native wire format: request payloads, response parsing, server checks.
+
+Pure functions over dicts (read from the sglang 0.5.23 source, shared/FIELD-NOTES.md 2 and 2b):
+- ``/generate``: integer sampling parameters go out as JSON integers (0.5.22+ refuses a float
+  ``max_new_tokens`` with 400); ``logprob_start_len = -1`` (log-probs of generated tokens only:
+  a start inside the prompt would recompute the prompt instead of reusing the radix cache);
+  ``return_routed_experts`` only when routes are asked for (servers < 0.5.7 refuse the field).
+- Responses: tokens come from ``meta_info.output_token_logprobs`` (the matched stop token
+  included, as ``completion_tokens`` and the route rows count them), ``output_ids`` is the
+  fallback of an abort; ``meta_info.weight_version`` names the weights that served the request
+  (``"default"`` on a fresh server); ``num_retractions > 0`` means the request was re-prefilled.
+- ``/server_info`` (``/get_server_info`` before 0.5.x renamed it): ``version``, ``tp_size``,
+  ``dp_size``, ``pp_size``, ``speculative_algorithm``, ``enable_deterministic_inference``,
+  ``enable_return_routed_experts``. :func:`check_server` refuses what would silently break
+  training and names the release that fixes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+from sapo_megatron.rollout.base import RolloutResult, RouteSpec, SamplingParams
+from sapo_megatron.routing import decode_routed_experts, storage_dtype
+
+logger = logging.getLogger(__name__)
+
+ROUTES_SINCE = (0, 5, 7)  # routed experts exist (PR #12162)
+ROUTES_SPECULATIVE_FIXED = (0, 5, 15)  # route rows over-counted with speculative decoding before
+FRESH_VERSION = "default"  # a server's weight_version before any update
+
+
+# --------------------------------------------------------------------------- /generate
+
+def generate_payload(prompt: list[int], params: SamplingParams, index: int, return_routes: bool) -> dict:
+    sampling = {
+        "temperature": float(params.temperature),
+        "top_p": float(params.top_p),
+        "max_new_tokens": int(params.max_new_tokens),
+        "stop_token_ids": [int(t) for t in params.stop_token_ids],
+    }
+    if params.seed is not None:
+        # Distinct per prompt: the same prompt is usually repeated n times in a group.
+        sampling["sampling_seed"] = int(params.seed) + index
+    payload = {
+        "input_ids": [int(t) for t in prompt],
+        "sampling_params": sampling,
+        "return_logprob": True,
+        "logprob_start_len": -1,
+    }
+    if return_routes:
+        payload["return_routed_experts"] = True
+    return payload
+
+
+class MissingRoutes(RuntimeError):
+    """The server returned no routes although asked: it runs without the flag (fatal)."""
+
+
+def parse_generate(response, prompt: list[int], index: int, url: str, return_routes: bool,
+                   route_spec: RouteSpec | None) -> RolloutResult:
+    """A ``/generate`` answer -> :class:`RolloutResult`; ``meta`` has ``weight_version`` and
+    ``num_retractions``. Raises ValueError on a malformed answer."""
+    if not isinstance(response, dict):
+        raise ValueError(f"sample {index}: /generate returned {type(response).__name__}, expected a JSON object")
+    meta_info = response.get("meta_info") or {}
+    finish = meta_info.get("finish_reason") or {}
+    finish_type = finish.get("type") if isinstance(finish, dict) else finish
+    if finish_type not in ("stop", "length", "abort"):
+        raise ValueError(f"sample {index}: unknown finish_reason {finish!r}")
+    entries = meta_info.get("output_token_logprobs")
+    if entries is not None:
+        response_ids = [int(e[1]) for e in entries]
+        log_probs = [float(e[0]) for e in entries]
+    elif finish_type == "abort":
+        response_ids, log_probs = list(response.get("output_ids") or []), []
+    else:
+        raise ValueError(f"sample {index}: meta_info has no output_token_logprobs although the request set "
+                         f"return_logprob")
+    completion = meta_info.get("completion_tokens", len(response_ids))
+    if finish_type != "abort" and completion != len(response_ids):
+        raise ValueError(f"sample {index}: output_token_logprobs has {len(response_ids)} entries, "
+                         f"completion_tokens is {completion}")
+    meta = {
+        "finish": finish,
+        "prompt_tokens": meta_info.get("prompt_tokens"),
+        "weight_version": meta_info.get("weight_version"),
+        "num_retractions": int(meta_info.get("num_retractions") or 0),
+    }
+    if finish_type == "abort" and isinstance(finish, dict) and finish.get("message"):
+        meta["error"] = f"aborted by the server: {finish['message']}"
+    routes = None
+    if return_routes:
+        if meta_info.get("routed_experts") is None:
+            if finish_type != "abort":  # an aborted request may end before any forward
+                raise MissingRoutes(
+                    f"SGLang server {url} returned no routed_experts for sample {index} although the request "
+                    f"set return_routed_experts: start the server with --enable-return-routed-experts "
+                    f"(routing replay must not fall back to live routing silently)")
+        elif finish_type == "abort":
+            try:  # rows of a request cut short need not match its partial output
+                routes = decode_routes(meta_info, prompt, response_ids, index, route_spec)
+            except ValueError:
+                routes = None
+        else:
+            routes = decode_routes(meta_info, prompt, response_ids, index, route_spec)
+    return RolloutResult(list(prompt), response_ids, log_probs, finish_type, routes, meta)
+
+
+def decode_routes(meta_info: dict, prompt: list[int], response_ids: list[int], index: int,
+                  spec: RouteSpec) -> torch.Tensor:
+    return decode_routed_experts(
+        meta_info, num_layers=spec.num_hidden_layers, topk=spec.topk, prompt_len=len(prompt),
+        response_len=len(response_ids), num_experts=spec.num_experts, moe_layers=spec.moe_layers,
+        out_dtype=storage_dtype(spec.num_experts), sample_id=index,
+    )
+
+
+# --------------------------------------------------------------------------- server checks
+
+def parse_version(text) -> tuple[int, ...] | None:
+    """``"0.5.23"``, ``"0.5.23.post1"``, ``"v0.5.15rc0"`` -> ``(0, 5, 23)``; None if absent."""
+    m = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", str(text or ""))
+    return tuple(int(g or 0) for g in m.groups()) if m else None
+
+
+def _release(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    url: str
+    version: tuple[int, ...] | None
+    tp_size: int
+    dp_size: int
+    pp_size: int
+    speculative: bool
+    deterministic: bool | None  # None: the info does not say
+    routed_experts: bool | None
+
+    @classmethod
+    def from_json(cls, url: str, info: dict) -> "ServerInfo":
+        def flag(key):
+            return None if key not in info else bool(info[key])
+
+        return cls(
+            url=url,
+            version=parse_version(info.get("version")),
+            tp_size=int(info.get("tp_size") or 1),
+            dp_size=int(info.get("dp_size") or 1),
+            pp_size=int(info.get("pp_size") or 1),
+            speculative=info.get("speculative_algorithm") not in (None, "", "NONE"),
+            deterministic=flag("enable_deterministic_inference"),
+            routed_experts=flag("enable_return_routed_experts"),
+        )
+
+
+def check_server(info: ServerInfo, *, require_routes: bool, seeded: bool, distributed: bool) -> None:
+    """Refuse a server that would break training silently; warn where it would only weaken it."""
+    url = info.url
+    if require_routes:
+        if info.routed_experts is False:
+            raise RuntimeError(
+                f"SGLang server {url} runs without routed experts (enable_return_routed_experts=False), "
+                f"but routing replay (R3) needs them: restart it with --enable-return-routed-experts")
+        if info.version is None:
+            logger.warning("SGLang server %s reports no version; routed experts need >= %s", url,
+                           _release(ROUTES_SINCE))
+        elif info.version < ROUTES_SINCE:
+            raise RuntimeError(
+                f"SGLang server {url} is version {_release(info.version)}; routed experts (R3) need "
+                f"sglang >= {_release(ROUTES_SINCE)}")
+        elif info.speculative and info.version < ROUTES_SPECULATIVE_FIXED:
+            raise RuntimeError(
+                f"SGLang server {url} is version {_release(info.version)} with speculative decoding: its "
+                f"route rows are over-counted before sglang {_release(ROUTES_SPECULATIVE_FIXED)}; upgrade to "
+                f">= {_release(ROUTES_SPECULATIVE_FIXED)} or turn speculative decoding off for R3")
+    if distributed and (info.dp_size > 1 or info.pp_size > 1):
+        raise RuntimeError(
+            f"SGLang server {url} runs --dp-size {info.dp_size} --pp-size {info.pp_size}: SGLang's "
+            f"distributed weight update joins the group at rank_offset + tp_rank with no offset for "
+            f"data-parallel replicas or pipeline stages (it asserts dp_size == 1), so ranks would "
+            f"collide; run one server per replica (--dp-size 1 --pp-size 1) or use weight_sync: disk")
+    if seeded and not info.deterministic:
+        logger.warning(
+            "SGLang server %s: sampling_seed is ignored unless the server runs "
+            "--enable-deterministic-inference (server info: enable_deterministic_inference=%s); "
+            "rollouts are not reproducible from the run seed", url, info.deterministic)
+
+
+# --------------------------------------------------------------------------- weights
+
+def weight_version_of(answer) -> str | None:
+    """The version in ``/model_info`` (0.5.23) or ``/get_weight_version`` (older) answers."""
+    if isinstance(answer, dict) and answer.get("weight_version") is not None:
+        return str(answer["weight_version"])
+    return None
+
+
+def disk_update_payload(path: str, version: int) -> dict:
+    return {"model_path": path, "flush_cache": True, "abort_all_requests": False,
+            "weight_version": str(version)}
+
+
+def init_group_payload(*, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                       group_name: str, backend: str) -> dict:
+    return {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+            "world_size": int(world_size), "group_name": group_name, "backend": backend}
+
+
+def distributed_update_payload(names: list[str], dtypes: list[torch.dtype], shapes: list[tuple[int, ...]], *,
+                               group_name: str, load_format: str | None, last: bool, version: int) -> dict:
+    """One ``/update_weights_from_distributed`` request. The cache is flushed and the version
+    moves only with the last bucket, so a server never reports a version it half holds."""
+    payload = {
+        "names": list(names),
+        "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+        "shapes": [[int(s) for s in shape] for shape in shapes],
+        "group_name": group_name,
+        "flush_cache": bool(last),
+        "abort_all_requests": False,
+    }
+    if load_format is not None:
+        payload["load_format"] = load_format
+    if last:
+        payload["weight_version"] = str(version)
+    return payload

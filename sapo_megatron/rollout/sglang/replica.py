@@ -1,0 +1,96 @@
+"""The SGLang engine as the trainer's ranks see it: one client per model-parallel group, one
+weight sync over all ranks, and the never-stale checks between them.
+
+Under torchrun, the first rank of each model-parallel group (one data-parallel replica) sends
+that replica's requests and broadcasts the results to its group; rank 0 (itself a leader) also
+drives the weight sync, which is collective over every rank (:mod:`.weight_sync`).
+
+Never stale: the policy version is the number of RL steps completed; the trainer pushes version
+``v`` (``begin`` at start, then after each step) and every leader then expects
+``weight_version == str(v)`` in each response. Before each rollout every leader asks its
+servers for their version; after it, the servers whose responses came back with another
+version are known. Either way, those servers (restarted, or they missed an update) are re-synced
+to the current version, which the trainer still holds during a rollout, and their stale
+responses were never returned (retried on another server). ``sglang/resynced_servers`` counts
+the events.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import torch.distributed as dist
+
+from sapo_megatron.rollout.base import RolloutResult, SamplingParams
+
+
+class ReplicaSGLang:
+    def __init__(self, make_engine: Callable[[], object], make_sync: Callable[[object], object]):
+        from megatron.core import parallel_state
+
+        self.group = parallel_state.get_model_parallel_group()
+        self.leader = dist.get_process_group_ranks(self.group)[0]
+        self.is_leader = dist.get_rank() == self.leader
+        self.engine = make_engine() if dist.get_rank() in (self.leader, 0) else None
+        self.sync = make_sync(self.engine if dist.get_rank() == 0 else None)
+        self.version: int | None = None
+        self._model = None
+        self._counters: Counter = Counter()
+
+    def begin(self, model_chunks, version: int) -> None:
+        """Push the trainer's starting weights as ``version`` (0, or the resumed step)."""
+        self.update_weights(model_chunks, version)
+
+    def generate(self, prompts, params: SamplingParams, *, return_routes: bool) -> list[RolloutResult]:
+        self._resync_stale()
+        box = [None]
+        if self.is_leader:
+            box = [self.engine.generate(prompts, params, return_routes=return_routes)]
+        dist.broadcast_object_list(box, src=self.leader, group=self.group)
+        self._resync_stale()  # servers found stale during this call serve again before the next
+        return box[0]
+
+    def _resync_stale(self) -> None:
+        if self.version is None or self._model is None:
+            return
+        mine = self.engine.stale_servers() if self.is_leader else []
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        stale = sorted({url for urls in everyone for url in urls})
+        if not stale:
+            return
+        synced = self.sync.resync(self._model, self.version, stale)
+        self._counters["resynced_servers"] += len(set(stale) & set(synced))
+        if self.engine is not None:
+            self.engine.mark_synced(synced)
+
+    def update_weights(self, model_chunks, version: int) -> None:
+        """Collective: every server serves ``version`` afterwards (or stays marked stale)."""
+        self._model = model_chunks
+        synced = self.sync.push(model_chunks, version)
+        self.version = version
+        if self.engine is not None:
+            self.engine.expect(version)
+            self.engine.mark_synced(synced)
+            self.engine.mark_stale(set(self.engine.config.urls) - set(synced))
+
+    def step_metrics(self) -> dict[str, float]:
+        """Collective: this step's counters summed over the replicas' clients."""
+        mine = Counter(self.engine.take_metrics()) if self.is_leader else Counter()
+        if dist.get_rank() == 0:
+            mine.update({f"sglang/{k}": float(v) for k, v in self._counters.items()})
+            self._counters.clear()
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, dict(mine))
+        total: Counter = Counter()
+        for part in everyone:
+            total.update(part)
+        for key in ("sglang/stale_responses", "sglang/resynced_servers", "sglang/retracted"):
+            total.setdefault(key, 0.0)
+        return dict(total)
+
+    def close(self) -> None:
+        self.sync.close()
+        if self.engine is not None:
+            self.engine.close()

@@ -1,0 +1,43 @@
+"""What every weight sync does, and the few steps they share.
+
+A sync is collective over ALL trainer ranks (gathering the shards is); only rank 0 talks HTTP,
+through the :class:`~sapo_megatron.rollout.sglang.engine.SGLangEngine` it is given (None on
+the other ranks). Rank 0 ends every operation by broadcasting its outcome, so an HTTP failure
+raises on every rank instead of leaving the others waiting in the next collective.
+
+Room for what is out of scope today: a colocated sync (``/update_weights_from_tensor`` with CUDA
+IPC handles of the same flattened buckets) is one more :class:`WeightSync` in the registry, and
+FP8 rollout weights are a dtype policy of the export plan (``checkpoint.live.export_plan``), not
+a change to the transport.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+class WeightSync:
+    name = "?"
+
+    def push(self, model, version: int) -> list[str]:
+        """Make every server serve the trainer's weights as ``weight_version = str(version)``.
+        Returns the servers that now do (a server that is down is left out and stays stale)."""
+        raise NotImplementedError
+
+    def resync(self, model, version: int, urls: list[str]) -> list[str]:
+        """Bring ``urls`` (restarted, or missed an update) back to ``version``; the trainer's
+        weights are still those of ``version``. Returns the servers re-synced."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def share_outcome(error: str | None, synced: list[str]) -> list[str]:
+    """Rank 0's outcome to every rank; raises everywhere on an error."""
+    box = [(error, synced)]
+    dist.broadcast_object_list(box, src=0)
+    error, synced = box[0]
+    if error:
+        raise RuntimeError(error)
+    return synced

@@ -1,0 +1,236 @@
+"""``weight_sync: distributed``: SGLang's ``/update_weights_from_distributed``, in flattened buckets.
+
+Protocol (sglang 0.5.23, ``model_runner_components/weight_updater.py``): ``/init_weights_update_group``
+once per server; the server joins at ``rank_offset + tp_rank`` (:mod:`.group` builds the trainer's
+side, rank 0, the same way). Per bucket, one ``/update_weights_from_distributed`` request with
+``names/dtypes/shapes`` and ``load_format: "flattened_bucket"``, while the trainer broadcasts the
+bucket's bytes as ONE uint8 tensor from rank 0 (:mod:`.buckets` orders tensors so every offset
+is aligned). With ``load_format: None`` each tensor is its own broadcast, as SGLang also accepts.
+The last bucket carries ``weight_version`` and ``flush_cache``.
+
+Design choices:
+- One group over all servers: server ``i`` has ``rank_offset = 1 + sum(tp_size of servers < i)``
+  (``tp_size`` from ``/server_info``), ``world_size = 1 + sum(tp_size)``, so each bucket leaves
+  the trainer once. ``--dp-size > 1`` / ``--pp-size > 1`` servers are refused (SGLang adds no rank
+  offset for them): run one server per replica.
+- Rejoining: a group's ranks are fixed when it is built, so a server that restarted (or was down)
+  cannot take its place back. Any re-sync therefore DESTROYS the group (``/destroy_weights_update_group``
+  on the servers that still hold it, ``destroy_process_group`` here) and builds a new one over every
+  reachable server, under a new group name (``<group_name>_r<n>``), then pushes the whole model. A
+  restart is rare; the common step pays nothing for this. A server that is down is left out and
+  stays stale until a later sync finds it reachable.
+- Gathering on the device, overlapped with the wire: the ranks that hold a tensor gather it onto
+  one of them (a TP gather, on the parameter's device); if rank 0 does not hold it (another expert-parallel or
+  pipeline rank) its owner sends it to rank 0 device-to-device. Bucket ``k + 1`` is gathered while
+  bucket ``k`` broadcasts (``async_op=True``): two buckets in memory, never the model.
+- One source, not one group per pipeline stage: SGLang serialises weight-update requests behind
+  its model-update writer lock, so a server receives one bucket at a time whichever stage sends
+  it; per-stage groups would only parallelise the gathering, which already overlaps with the
+  broadcast, at the cost of one group per stage on every server. Pipeline stages send their
+  tensors to rank 0 bucket by bucket instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from sapo_megatron.rollout.sglang.protocol import (
+    check_server,
+    distributed_update_payload,
+    init_group_payload,
+)
+from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
+from sapo_megatron.rollout.sglang.weight_sync.base import WeightSync, share_outcome
+from sapo_megatron.rollout.sglang.weight_sync.group import destroy, free_port, init_custom_process_group
+
+logger = logging.getLogger(__name__)
+UPDATE = "/update_weights_from_distributed"
+
+
+def plan_buckets(entries, bucket_bytes: int) -> list[list]:
+    """Consecutive export entries, at most ``bucket_bytes`` of HF bytes per bucket (an entry
+    larger than that is a bucket of its own). The same on every rank."""
+    out, size = [], 0
+    for entry in entries:
+        if not out or (out[-1] and size + entry.hf_nbytes > bucket_bytes):
+            out.append([])
+            size = 0
+        out[-1].append(entry)
+        size += entry.hf_nbytes
+    return out
+
+
+class DistributedSync(WeightSync):
+    name = "distributed"
+
+    def __init__(self, engine, hf_config: dict, config) -> None:
+        self.engine = engine
+        self.hf_config = hf_config
+        self.section = config.distributed
+        self.timeout = timedelta(seconds=config.weight_timeout_s)
+        self.pg = None
+        self.members: list[str] = []
+        self.group_name: str | None = None
+        self.generation = 0
+        self.rebuilds = 0
+
+    # ------------------------------------------------------------------ the group (rank 0)
+    def _reachable(self, urls: list[str]) -> list[str]:
+        up = []
+        for url in urls:
+            try:
+                self.engine.server_info(url, refresh=True)
+                up.append(url)
+            except RuntimeError as err:
+                logger.warning("SGLang server %s left out of the weight sync (stays stale): %s", url, err)
+        return up
+
+    def _teardown(self) -> None:
+        if self.pg is None:
+            return
+        payload = {"group_name": self.group_name}
+        futures = self.engine.submit_all("/destroy_weights_update_group", lambda u: payload, urls=self.members)
+        for url, future in futures.items():
+            try:  # a restarted server has no such group any more: its refusal is expected
+                future.result()
+            except Exception as err:
+                logger.info("destroy_weights_update_group on %s: %s", url, err)
+        destroy(self.pg)
+        self.pg, self.members = None, []
+
+    def _build(self, urls: list[str]) -> None:
+        infos = [self.engine.server_info(u) for u in urls]
+        for info in infos:
+            check_server(info, require_routes=False, seeded=False, distributed=True)
+        offsets, rank = {}, 1
+        for info in infos:
+            offsets[info.url] = rank
+            rank += info.tp_size
+        world = rank
+        address = self.section.master_address or socket.getfqdn()
+        port = self.section.master_port or free_port()
+        name = self.section.group_name if self.generation == 0 else f"{self.section.group_name}_r{self.generation}"
+        box = {}
+
+        def join() -> None:
+            box["pg"] = init_custom_process_group(
+                backend=self.section.backend, host=address, port=port, world_size=world, group_name=name,
+                timeout=self.timeout)
+
+        self.engine.on_all_servers(
+            "/init_weights_update_group",
+            lambda url: init_group_payload(master_address=address, master_port=port, rank_offset=offsets[url],
+                                           world_size=world, group_name=name, backend=self.section.backend),
+            f"joining the weight-sync group {name} at {address}:{port}", urls=urls, while_open=join)
+        self.pg, self.members, self.group_name = box["pg"], list(urls), name
+        self.generation += 1
+        logger.info("weight-sync group %s: trainer rank 0 + %s (world %d)", name,
+                    {u: offsets[u] for u in urls}, world)
+
+    def _prepare(self, rebuild: bool) -> list[str]:
+        urls = self._reachable(self.engine.config.urls)
+        if not urls:
+            raise RuntimeError(f"no SGLang server is reachable for the weight sync ({self.engine.config.urls})")
+        if rebuild or self.pg is None or urls != self.members:
+            if self.pg is not None:
+                self.rebuilds += 1
+            self._teardown()
+            self._build(urls)
+        return self.members
+
+    # ------------------------------------------------------------------ one push (all ranks)
+    def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
+        from sapo_megatron.checkpoint.live import export_plan
+
+        plan = export_plan(model, self.hf_config, "checkpoint")
+        device = next(iter(plan.local.values()))[2].device if plan.local else torch.device("cpu")
+        error, members = None, []
+        if dist.get_rank() == 0:
+            try:
+                members = self._prepare(rebuild)
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+        share_outcome(error, members)  # every rank raises if the group could not be built
+
+        buckets = plan_buckets(plan.entries, self.section.bucket_bytes)
+        in_flight = None
+        for k, bucket in enumerate(buckets):
+            tensors = self._gather(plan, bucket, device)  # overlaps with bucket k - 1 on the wire
+            if dist.get_rank() != 0 or error:
+                continue
+            try:
+                if in_flight is not None:
+                    self._finish(in_flight, version)
+                in_flight = self._start(tensors, version, last=k == len(buckets) - 1)
+            except Exception as err:
+                error, in_flight = f"{type(err).__name__}: {err}", None
+                self.pg, self.members = None, []  # a broken group is rebuilt at the next sync
+        if in_flight is not None and not error:
+            try:
+                self._finish(in_flight, version)
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+                self.pg, self.members = None, []
+        if dist.get_rank() == 0 and not error:
+            logger.info("SGLang servers serve version %d (%d buckets over %s)", version, len(buckets), self.group_name)
+        return share_outcome(error, members if not error else [])
+
+    def resync(self, model, version: int, urls: list[str]) -> list[str]:
+        return self.push(model, version, rebuild=True)
+
+    def _gather(self, plan, bucket, device) -> list[tuple[str, torch.Tensor]]:
+        """Collective: the bucket's HF tensors on rank 0 in aligned order ([] elsewhere)."""
+        rank, out = dist.get_rank(), []
+        with torch.no_grad():
+            for entry in bucket:
+                owner = 0 if 0 in entry.holders else entry.holders[0]
+                full = plan.full(entry, owner)
+                if owner != 0:
+                    if rank == owner:
+                        dist.send(full.contiguous(), dst=0)
+                    elif rank == 0:
+                        full = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+                        dist.recv(full, src=owner)
+                if rank == 0:
+                    out += plan.to_hf(entry, full)
+        order = bk.aligned_order([(n, t.dtype, tuple(t.shape)) for n, t in out])
+        return [out[i] for i in order]
+
+    def _start(self, tensors, version: int, *, last: bool):
+        load_format = self.section.load_format
+        payload = distributed_update_payload([n for n, _ in tensors], [t.dtype for _, t in tensors],
+                                             [tuple(t.shape) for _, t in tensors], group_name=self.group_name,
+                                             load_format=load_format, last=last, version=version)
+        futures = self.engine.submit_all(UPDATE, lambda url: payload, urls=self.members, collective=True)
+        if load_format == "flattened_bucket":
+            wire = [bk.pack(tensors)]
+        else:
+            wire = [t.contiguous() for _, t in tensors]
+        works = [dist.broadcast(t, src=0, group=self.pg, async_op=True) for t in wire]
+        return futures, works, wire
+
+    def _finish(self, in_flight, version: int) -> None:
+        """Wait for one bucket; a server that refuses it (it never enters the broadcast) fails
+        the sync at once instead of leaving rank 0 waiting for the group timeout."""
+        futures, works, _wire = in_flight
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not all(w.is_completed() for w in works):
+            failed = [f for f in futures.values() if f.done() and (f.exception() or not f.result().get("success"))]
+            if failed or time.monotonic() > deadline:
+                self.engine.collect(futures, UPDATE, f"weight update to version {version}")
+                raise RuntimeError(f"weight update to version {version}: the broadcast did not complete")
+            time.sleep(0.001)
+        for w in works:
+            w.wait()
+        self.engine.collect(futures, UPDATE, f"weight update to version {version}")
+
+    def close(self) -> None:
+        if self.pg is not None:
+            destroy(self.pg)
+            self.pg = None
