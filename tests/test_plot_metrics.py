@@ -47,6 +47,7 @@ def test_pngs_written(tmp_path):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
+@pytest.mark.slow
 def test_overlay_and_group_by_seed(tmp_path):
     files = [write_run(tmp_path / arm / f"seed{s}" / "metrics.jsonl", offset=0.05 * s + (arm == "grpo"))
              for arm in ("sapo", "grpo") for s in range(2)]
