@@ -8,7 +8,6 @@ Pure parts (single process, tensors only):
 """
 
 from sapo_megatron.routing.align import (
-    add_fallback_row,
     align_packed,
     align_padded,
     cp_slice,

@@ -38,7 +38,8 @@ from sapo_megatron.step import (  # noqa: E402
     run_step,
 )
 from sapo_megatron.step.batch import split_step_samples  # noqa: E402
-from sapo_megatron.step.sharding import gather_full, load_full_state_dict, merge_over_ranks, unwrap  # noqa: E402
+from sapo_megatron.step.sharding import unwrap  # noqa: E402
+from tests.helpers import gather_full, load_full_state_dict, merge_over_ranks  # noqa: E402
 from sapo_megatron.models import ModelConfig, ParallelConfig  # noqa: E402
 from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
 from sapo_megatron.routing import (  # noqa: E402

@@ -30,15 +30,11 @@ from sapo_megatron.step import (  # noqa: E402
     run_step,
 )
 from sapo_megatron.step.batch import split_step_samples  # noqa: E402
-from sapo_megatron.step.sharding import (  # noqa: E402
-    gather_full,
-    load_full_state_dict,
-    merge_over_ranks,
-    unwrap,
-)
+from sapo_megatron.step.sharding import unwrap  # noqa: E402
 from sapo_megatron.step.synthetic import synthetic_samples  # noqa: E402
 from sapo_megatron.models import ModelConfig, ParallelConfig  # noqa: E402
 from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
+from tests.helpers import gather_full, load_full_state_dict, merge_over_ranks  # noqa: E402
 
 # Tiny Qwen3-MoE shape: 4 layers (layer 0 dense) so that PP=2 puts MoE layers on both stages,
 # GQA 2:1, 4 experts top-2, an untied output layer.
