@@ -7,7 +7,8 @@ the config implies, written with symbolic dimensions (``"Q"`` = heads x head_dim
 :data:`sapo_megatron.checkpoint.mapping.DIMS`) so that a config/tensor mismatch can be reported
 in the config's own terms. Templates use ``{i}`` for the layer and ``{e}`` for the expert.
 
-An :class:`ArchMapping` is one architecture: its rules by part of the model and its
+An :class:`ArchMapping` is one architecture: its rules by part of the model (defaults: the
+Qwen3 layout every supported model starts from) and its
 ``config_from_hf``. Every architecture module (:mod:`.qwen3_moe`, :mod:`.qwen3`,
 :mod:`.mixtral`, :mod:`.dots1`) builds one from the pieces below; the parts they share (the
 attention block, the SwiGLU MLP, embedding and head, the HF config fields every one of them
@@ -29,22 +30,6 @@ class Rule:
     kind: str = "copy"
     # One symbolic shape per HF tensor, e.g. (("Q", "H"), ("KV", "H"), ("KV", "H")).
     hf_shapes: tuple[tuple[str, ...], ...] = ()
-
-
-@dataclass(frozen=True)
-class ArchMapping:
-    architecture: str
-    config_from_hf: Callable[[dict], ModelConfig]
-    embedding: tuple[Rule, ...]
-    layer: tuple[Rule, ...]
-    dense_mlp: tuple[Rule, ...]
-    moe: tuple[Rule, ...] = ()
-    expert: tuple[Rule, ...] = ()
-    shared_expert: tuple[Rule, ...] = ()
-    final: tuple[Rule, ...] = ()
-    output: tuple[Rule, ...] = ()
-    # HF tensors that carry no weights (old checkpoints store rotary inverse frequencies).
-    ignored_hf_suffixes: tuple[str, ...] = field(default=("rotary_emb.inv_freq",))
 
 
 # --------------------------------------------------------------------------- templated names
@@ -94,6 +79,26 @@ def router(hf_gate: str) -> Rule:
     return Rule(MCORE_LAYER + "mlp.router.weight", (HF_LAYER + hf_gate,), hf_shapes=(("E", "H"),))
 
 
+@dataclass(frozen=True)
+class ArchMapping:
+    """One architecture's table. The defaults are the Qwen3 layout every supported model
+    shares (embedding, Qwen3 attention with q/k norm, SwiGLU dense MLP, final norm, untied head);
+    an architecture module states only how it differs."""
+
+    architecture: str
+    config_from_hf: Callable[[dict], ModelConfig]
+    layer: tuple[Rule, ...] = field(default_factory=lambda: attention(qk_norm=True))
+    dense_mlp: tuple[Rule, ...] = field(default_factory=lambda: DENSE_MLP)
+    moe: tuple[Rule, ...] = ()
+    expert: tuple[Rule, ...] = ()
+    shared_expert: tuple[Rule, ...] = ()
+    embedding: tuple[Rule, ...] = field(default_factory=lambda: EMBEDDING)
+    final: tuple[Rule, ...] = field(default_factory=lambda: FINAL)
+    output: tuple[Rule, ...] = field(default_factory=lambda: OUTPUT)
+    # HF tensors that carry no weights (old checkpoints store rotary inverse frequencies).
+    ignored_hf_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+
 EMBEDDING = (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), hf_shapes=(("V", "H"),)),)
 FINAL = (Rule("decoder.final_layernorm.weight", ("model.norm.weight",), hf_shapes=(("H",),)),)
 OUTPUT = (Rule("output_layer.weight", ("lm_head.weight",), hf_shapes=(("V", "H"),)),)
@@ -132,8 +137,9 @@ def params_dtype(hf: dict) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
-def common_config(hf: dict) -> dict[str, Any]:
-    """The :class:`ModelConfig` fields every supported architecture reads the same way."""
+def model_config(hf: dict, **fields: Any) -> ModelConfig:
+    """A :class:`ModelConfig` from the fields every supported architecture reads the same way,
+    plus the architecture's own ``fields``."""
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported; the builder uses SwiGLU (silu)")
@@ -144,7 +150,7 @@ def common_config(hf: dict) -> dict[str, Any]:
         )
     if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
         raise ValueError("sliding-window attention layers are not supported by the model builder")
-    return dict(
+    return ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_hidden_layers=hf["num_hidden_layers"],
@@ -157,4 +163,16 @@ def common_config(hf: dict) -> dict[str, Any]:
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         params_dtype=params_dtype(hf),
+        **fields,
+    )
+
+
+def routed_experts(hf: dict, count: str | tuple[str, ...], size: str = "moe_intermediate_size") -> dict[str, int]:
+    """The three numbers of an MoE block, under each architecture's own HF names: expert count
+    (the first of ``count`` that is set), top-k and per-expert FFN size."""
+    names = (count,) if isinstance(count, str) else count
+    return dict(
+        num_experts=first_set(hf, *names),
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        moe_intermediate_size=hf[size],
     )

@@ -12,18 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from sapo_megatron.checkpoint.models.common import (
-    DENSE_MLP,
-    EMBEDDING,
     EXPERT_MLP,
-    FINAL,
     HF_LAYER,
     MCORE_LAYER,
-    OUTPUT,
     ArchMapping,
     Rule,
-    attention,
-    common_config,
     glu,
+    model_config,
+    routed_experts,
     router,
 )
 from sapo_megatron.models import ModelConfig
@@ -44,29 +40,20 @@ def config_from_hf(hf: dict) -> ModelConfig:
         megatron.update(moe_router_num_groups=hf["n_group"], moe_router_group_topk=hf["topk_group"])
     if hf.get("n_shared_experts"):
         megatron["moe_shared_expert_intermediate_size"] = hf["n_shared_experts"] * hf["moe_intermediate_size"]
-    return ModelConfig(
-        **common_config(hf),
-        moe_intermediate_size=hf["moe_intermediate_size"],
-        num_experts=hf["n_routed_experts"],
-        num_experts_per_tok=hf["num_experts_per_tok"],
-        first_k_dense=hf.get("first_k_dense_replace", 0),
-        qk_layernorm=True,
-        megatron=megatron,
+    return model_config(
+        hf, **routed_experts(hf, "n_routed_experts"), first_k_dense=hf.get("first_k_dense_replace", 0),
+        qk_layernorm=True, megatron=megatron,
     )
 
 
+# Qwen3 attention and dense MLP (the defaults) around the DeepSeek-V3 MoE block.
 MAPPING = ArchMapping(
     "Dots1ForCausalLM",
     config_from_hf,
-    embedding=EMBEDDING,
-    layer=attention(qk_norm=True),
-    dense_mlp=DENSE_MLP,
     moe=(
         router("mlp.gate.weight"),
         Rule(MCORE_LAYER + "mlp.router.expert_bias", (HF_LAYER + "mlp.gate.e_score_correction_bias",), hf_shapes=(("E",),)),
     ),
     expert=EXPERT_MLP,
     shared_expert=glu(MCORE_LAYER + "mlp.shared_experts.", HF_LAYER + "mlp.shared_experts.", ffn="FS"),
-    final=FINAL,
-    output=OUTPUT,
 )

@@ -7,15 +7,13 @@ HF names the experts ``block_sparse_moe.experts.{e}.w1/w3/w2`` (gate/up/down) an
 from __future__ import annotations
 
 from sapo_megatron.checkpoint.models.common import (
-    EMBEDDING,
-    FINAL,
     HF_LAYER,
     MCORE_LAYER,
-    OUTPUT,
     ArchMapping,
     attention,
-    common_config,
     glu,
+    model_config,
+    routed_experts,
     router,
 )
 from sapo_megatron.models import ModelConfig
@@ -27,20 +25,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
             f"Mixtral sliding_window={hf['sliding_window']} is not supported by the model builder "
             f"(Mixtral-8x7B/8x22B have null)"
         )
-    return ModelConfig(
-        **common_config(hf),
-        # Mixtral's intermediate_size is the per-expert size; every layer is MoE.
-        moe_intermediate_size=hf["intermediate_size"],
-        num_experts=hf["num_local_experts"],
-        num_experts_per_tok=hf["num_experts_per_tok"],
-        qk_layernorm=False,
-    )
+    # Mixtral's intermediate_size is the per-expert size; every layer is MoE.
+    return model_config(hf, **routed_experts(hf, "num_local_experts", size="intermediate_size"), qk_layernorm=False)
 
 
 MAPPING = ArchMapping(
     "MixtralForCausalLM",
     config_from_hf,
-    embedding=EMBEDDING,
     layer=attention(qk_norm=False),
     dense_mlp=(),
     moe=(router("block_sparse_moe.gate.weight"),),
@@ -48,6 +39,4 @@ MAPPING = ArchMapping(
     expert=glu(
         MCORE_LAYER + "mlp.experts.local_experts.{e}.", HF_LAYER + "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"), "FE"
     ),
-    final=FINAL,
-    output=OUTPUT,
 )

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from sapo_megatron.checkpoint.models.common import (
-    DENSE_MLP,
-    EMBEDDING,
-    FINAL,
-    OUTPUT,
-    ArchMapping,
-    attention,
-    common_config,
-)
+from sapo_megatron.checkpoint.models.common import ArchMapping, model_config
 from sapo_megatron.models import ModelConfig
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    return ModelConfig(**common_config(hf), num_experts=0, qk_layernorm=True)
+    return model_config(hf, num_experts=0, qk_layernorm=True)
 
 
-MAPPING = ArchMapping(
-    "Qwen3ForCausalLM",
-    config_from_hf,
-    embedding=EMBEDDING,
-    layer=attention(qk_norm=True),
-    dense_mlp=DENSE_MLP,
-    final=FINAL,
-    output=OUTPUT,
-)
+# Exactly the shared Qwen3 layout (ArchMapping's defaults).
+MAPPING = ArchMapping("Qwen3ForCausalLM", config_from_hf)

@@ -8,18 +8,7 @@ place dense layers. ``norm_topk_prob=True`` (the released models) is Megatron's 
 
 from __future__ import annotations
 
-from sapo_megatron.checkpoint.models.common import (
-    DENSE_MLP,
-    EMBEDDING,
-    EXPERT_MLP,
-    FINAL,
-    OUTPUT,
-    ArchMapping,
-    attention,
-    common_config,
-    first_set,
-    router,
-)
+from sapo_megatron.checkpoint.models.common import EXPERT_MLP, ArchMapping, model_config, routed_experts, router
 from sapo_megatron.models import ModelConfig
 
 
@@ -32,25 +21,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if not hf.get("norm_topk_prob", True):
         # Softmax over all experts, no renormalisation of the top-k.
         megatron["moe_router_pre_softmax"] = True
-    return ModelConfig(
-        **common_config(hf),
-        moe_intermediate_size=hf["moe_intermediate_size"],
-        num_experts=first_set(hf, "num_experts", "num_local_experts"),
-        num_experts_per_tok=hf["num_experts_per_tok"],
-        mlp_only_layers=sorted(dense),
-        qk_layernorm=True,
-        megatron=megatron,
+    return model_config(
+        hf, **routed_experts(hf, ("num_experts", "num_local_experts")), mlp_only_layers=sorted(dense),
+        qk_layernorm=True, megatron=megatron,
     )
 
 
-MAPPING = ArchMapping(
-    "Qwen3MoeForCausalLM",
-    config_from_hf,
-    embedding=EMBEDDING,
-    layer=attention(qk_norm=True),
-    dense_mlp=DENSE_MLP,
-    moe=(router("mlp.gate.weight"),),
-    expert=EXPERT_MLP,
-    final=FINAL,
-    output=OUTPUT,
-)
+# Qwen3 attention and dense MLP (the defaults); the router is HF's `mlp.gate`.
+MAPPING = ArchMapping("Qwen3MoeForCausalLM", config_from_hf, moe=(router("mlp.gate.weight"),), expert=EXPERT_MLP)
