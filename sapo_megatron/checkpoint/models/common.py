@@ -7,12 +7,11 @@ the config implies, written with symbolic dimensions (``"Q"`` = heads x head_dim
 :data:`sapo_megatron.checkpoint.mapping.DIMS`) so that a config/tensor mismatch can be reported
 in the config's own terms. Templates use ``{i}`` for the layer and ``{e}`` for the expert.
 
-An :class:`ArchMapping` is one architecture: its rules by part of the model (defaults: the
-Qwen3 layout every supported model starts from) and its
-``config_from_hf``. Every architecture module (:mod:`.qwen3_moe`, :mod:`.qwen3`,
-:mod:`.mixtral`, :mod:`.dots1`) builds one from the pieces below; the parts they share (the
-attention block, the SwiGLU MLP, embedding and head, the HF config fields every one of them
-has) are written once, here.
+An :class:`ArchMapping` is one architecture: its rules by part of the model (the defaults are
+the Qwen3 layout every supported model starts from) and its ``config_from_hf``. Every
+architecture module (:mod:`.qwen3_moe`, :mod:`.qwen3`, :mod:`.mixtral`, :mod:`.dots1`) builds
+one from the pieces below; the parts they share (the attention block, the SwiGLU MLP,
+embedding and head, the HF config fields every one of them has) are written once, here.
 """
 
 from __future__ import annotations
