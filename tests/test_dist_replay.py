@@ -89,7 +89,6 @@ def test_r3_replays_rollout_routes(rollout, single, layout, record_property):
     assert sorted(used) == list(range(len(rollout_routes)))
     for sid, routes in used.items():
         expected = rollout_routes[sid].long()
-        n = expected.shape[0]
         assert routes.shape == expected.shape
         assert (routes >= 0).all(), f"sample {sid}: some MoE layer was not covered by any rank"
         assert torch.equal(routes, expected), f"{layout}: sample {sid} did not replay the rollout routes"
