@@ -1,5 +1,5 @@
-"""Helpers only tests use: move a reference weight set into any sharded layout and back, and
-the row convention of routes written out longhand.
+"""Helpers only tests use: the parallel layout of a torchrun worker, moving a reference weight
+set into any sharded layout and back, and the row convention of routes written out longhand.
 
 They sit on the package's distribution bookkeeping (:mod:`sapo_megatron.step.sharding`:
 ``global_name``, ``shard_full_tensor``, ``gather_full_tensor``) but no training code needs them:
@@ -10,11 +10,48 @@ with :func:`gather_full` + :func:`merge_over_ranks` (an object all-gather: small
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.distributed as dist
 
 from sapo_megatron.routing.align import pad_routes
 from sapo_megatron.step.sharding import gather_full_tensor, global_name, shard_full_tensor, unwrap
+
+
+def add_layout_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--tp`` / ``--pp`` / ``--ep`` of a distributed test worker (see :func:`init_layout`)."""
+    for flag in ("--tp", "--pp", "--ep"):
+        ap.add_argument(flag, type=int, default=1)
+    return ap
+
+
+def init_layout(args: argparse.Namespace, *, seed: int):
+    """Set up torch.distributed and Megatron's groups for the worker's ``--tp/--pp/--ep``."""
+    from sapo_megatron.models import ParallelConfig
+    from sapo_megatron.parallel import initialize_model_parallel
+
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        expert_model_parallel_size=args.ep,
+    )
+    initialize_model_parallel(parallel, seed=seed)
+    return parallel
+
+
+def this_rank_microbatches(samples: list, num_microbatches: int) -> list[list]:
+    """This data-parallel rank's share of a step's samples, cut into ``num_microbatches``."""
+    from megatron.core import parallel_state
+
+    from sapo_megatron.step.batch import split_step_samples
+
+    return split_step_samples(
+        samples,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        num_microbatches=num_microbatches,
+    )
 
 
 def load_full_state_dict(model, full: dict[str, torch.Tensor]) -> None:
