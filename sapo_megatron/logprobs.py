@@ -53,7 +53,7 @@ Single process (no tensor parallelism)::
 Under torchrun, pass the TP group (``parallel_state.get_tensor_model_parallel_group()``) and
 this rank's logits shard; the tests do this on 2 and 4 gloo ranks
 (``pytest tests/test_logprobs.py``, which launches ``torchrun --nproc_per_node=4 --standalone
-tests/dist_logprobs_worker.py --out DIR``). Benchmark: ``python benchmarks/bench_logprobs.py``
+tests/dist/logprobs_worker.py --out DIR``). Benchmark: ``python benchmarks/bench_logprobs.py``
 (``--vocab 32000 --tokens 256`` for a quick run).
 """
 

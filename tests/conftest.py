@@ -17,3 +17,15 @@ def single_rank_parallel():
 
     initialize_model_parallel(ParallelConfig(), seed=1234)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need a CUDA device: skip them, with the reason, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu); this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

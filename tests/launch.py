@@ -1,7 +1,7 @@
 """One way for tests to start real multi-process runs: ``torchrun`` with gloo, a clean env.
 
-Every distributed test runs its worker through :func:`torchrun` (or a plain script through
-:func:`run_python`), so the environment, the time limit and the failure message are the same
+Every distributed test runs its worker through :func:`torchrun` (a plain script through
+:func:`run_python`, any other command, e.g. a launch script, through :func:`run`), so the environment, the time limit and the failure message are the same
 everywhere. The environment drops any torchrun variables the test process itself may have
 (``RANK``, ``MASTER_PORT``...), pins ``OMP_NUM_THREADS=1`` so that ranks do not oversubscribe
 the cores, and puts this checkout first on ``PYTHONPATH``. A time limit is always set: a failed
@@ -39,18 +39,23 @@ def _check(cmd: list[str], proc: subprocess.CompletedProcess) -> subprocess.Comp
     return proc
 
 
+def run(cmd, *, timeout: float = 600, env: dict[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (a list) from the repository root in a clean environment, output captured."""
+    cmd = [str(c) for c in cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or clean_env(), timeout=timeout, cwd=ROOT)
+    return _check(cmd, proc) if check else proc
+
+
 def torchrun(target, *args, nproc: int, module: bool = False, timeout: float = 600,
              env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``target`` (a script path, or a module with ``module=True``) on ``nproc`` local gloo ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *(["-m", str(target)] if module else [str(target)]), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or clean_env(), timeout=timeout, cwd=ROOT)
-    return _check(cmd, proc) if check else proc
+           *(["-m", target] if module else [target]), *args]
+    return run(cmd, timeout=timeout, env=env, check=check)
 
 
 def run_python(*args, timeout: float = 300, env: dict[str, str] | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python ARGS...`` in a clean environment from the repository root."""
-    cmd = [sys.executable, *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or clean_env(), timeout=timeout, cwd=ROOT)
-    return _check(cmd, proc) if check else proc
+    return run([sys.executable, *args], timeout=timeout, env=env, check=check)

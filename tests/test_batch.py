@@ -122,3 +122,17 @@ def test_global_names_for_both_expert_layouts(monkeypatch):
         "decoder.layers.6.mlp.experts.local_experts.11.linear_fc1.weight"
     assert global_name(model, "decoder.layers.0.mlp.router.weight") == "decoder.layers.6.mlp.router.weight"
     assert global_name(model, "output_layer.weight") == "output_layer.weight"
+
+
+def test_te_fused_norm_names_map_to_the_local_spec():
+    """TE fuses the pre-attention and dense pre-MLP norms into the next linear layer; our
+    canonical (local-spec) names are restored, and no other name is touched."""
+    from sapo_megatron.mcore.te_names import local_norm_name
+
+    assert local_norm_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == \
+        "decoder.layers.3.input_layernorm.weight"
+    assert local_norm_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight") == \
+        "decoder.layers.0.pre_mlp_layernorm.weight"
+    for name in ("decoder.layers.1.pre_mlp_layernorm.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+                 "decoder.final_layernorm.weight"):
+        assert local_norm_name(name) == name

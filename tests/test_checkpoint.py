@@ -10,17 +10,15 @@ original tensors bit for bit.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.dist.ckpt_models import ARCHS, make_hf_model, read_safetensors_dir  # noqa: E402
+from tests.dist.ckpt_models import ARCHS, make_hf_model, read_safetensors_dir
+from tests.launch import ROOT, run_python, torchrun
 
-from sapo_megatron.checkpoint import (  # noqa: E402
+from sapo_megatron.checkpoint import (
     McoreCheckpoint,
     export_hf,
     hf_to_mcore,
@@ -30,16 +28,15 @@ from sapo_megatron.checkpoint import (  # noqa: E402
     model_config_from_hf,
     save_from_model,
 )
-from sapo_megatron.checkpoint.parity import (  # noqa: E402
+from sapo_megatron.checkpoint.parity import (
     build_model_for_hf_config,
     hf_logits,
     mcore_logits,
     random_input_ids,
 )
-from sapo_megatron.checkpoint.transforms import merge_qkv, split_qkv  # noqa: E402
-from sapo_megatron.step.sharding import unwrap  # noqa: E402
+from sapo_megatron.checkpoint.transforms import merge_qkv, split_qkv
+from sapo_megatron.step.sharding import unwrap
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "dist" / "ckpt_worker.py"
 
 # float32 on both sides. HF and Megatron-Core compute the same functions with different
@@ -179,18 +176,12 @@ def test_live_load_and_export_single_rank(single_rank_parallel, models, tmp_path
 # --------------------------------------------------------------------------- TP=2, EP=2, PP=2
 
 
-def _clean_env(**extra: str) -> dict:
-    # The in-process tests set RANK/MASTER_PORT for their world of one; a child inheriting
-    # them would try to rendezvous on the parent's port.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return dict(env, PYTHONPATH=str(ROOT), **extra)
-
-
 LAYOUTS = {"tp2": ["--tp", "2"], "ep2": ["--ep", "2"], "pp2": ["--pp", "2"]}
 MOE_ARCHS = tuple(a for a in ARCHS if a != "qwen3")
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_sharded_layouts_match_hf(models, tmp_path, layout):
     # Megatron-Core refuses expert parallelism for a dense model.
@@ -200,11 +191,7 @@ def test_sharded_layouts_match_hf(models, tmp_path, layout):
         hf, ckpt = models[arch]
         cases += ["--case", arch, str(hf), str(ckpt), str(tmp_path / arch)]
     out = tmp_path / "result.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(WORKER), *LAYOUTS[layout], "--out", str(out), *cases]
-    env = _clean_env(OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun(WORKER, *LAYOUTS[layout], "--out", out, *cases, nproc=2)
     results = torch.load(out)
     for arch in archs:
         hf, ckpt = models[arch]
@@ -226,11 +213,11 @@ def test_sharded_layouts_match_hf(models, tmp_path, layout):
 # --------------------------------------------------------------------------- tools
 
 
-def _tool(*args: str) -> subprocess.CompletedProcess:
-    env = _clean_env()
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+def _tool(*args: str):
+    return run_python(*args, check=False)
 
 
+@pytest.mark.slow
 def test_compare_logits_tool(models, tmp_path):
     hf, ckpt = models["qwen3_moe"]
     dump = tmp_path / "dump.pt"
@@ -246,6 +233,7 @@ def test_compare_logits_tool(models, tmp_path):
     assert printed == pytest.approx(actual, rel=1e-3, abs=1e-12) and printed <= LOGITS_ATOL
 
 
+@pytest.mark.slow
 def test_convert_tool_round_trip_and_error(models, tmp_path):
     hf, _ = models["mixtral"]
     tool = str(ROOT / "tools" / "convert_checkpoint.py")

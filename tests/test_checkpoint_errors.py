@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.dist.ckpt_models import make_hf_model  # noqa: E402
-
-from sapo_megatron.checkpoint import (  # noqa: E402
+from sapo_megatron.checkpoint import (
     McoreCheckpoint,
     hf_to_mcore,
     load_into_model,
     mcore_to_hf,
     model_config_from_hf,
 )
-from sapo_megatron.checkpoint.parity import build_model_for_hf_config  # noqa: E402
+from sapo_megatron.checkpoint.parity import build_model_for_hf_config
+from tests.dist.ckpt_models import make_hf_model
 
 
 @pytest.fixture(scope="module")

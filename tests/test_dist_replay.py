@@ -14,16 +14,15 @@ token (tests/dist/replay_worker.py --generate). Every training layout then check
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.launch import torchrun
+
 WORKER = Path(__file__).parent / "dist" / "replay_worker.py"
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 # Same reasoning as test_dist_step.py: only float32 summation order differs between layouts.
 REL_TOL = 1e-4
@@ -31,25 +30,18 @@ REL_TOL = 1e-4
 LOGP_ATOL = 1e-5
 
 
-def _torchrun(nproc: int, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-
-
 @pytest.fixture(scope="module")
 def rollout(tmp_path_factory):
     d = tmp_path_factory.mktemp("replay")
     weights, samples = d / "weights.pt", d / "samples.pt"
-    _torchrun(1, "--generate", "--weights", str(weights), "--samples", str(samples))
+    torchrun(WORKER, "--generate", "--weights", weights, "--samples", samples, nproc=1)
     return d, weights, samples
 
 
 def _run(rollout, name: str, nproc: int, *args: str) -> dict:
     d, weights, samples = rollout
     out = d / f"{name}.pt"
-    _torchrun(nproc, "--weights", str(weights), "--samples", str(samples), "--out", str(out), *args)
+    torchrun(WORKER, "--weights", weights, "--samples", samples, "--out", out, *args, nproc=nproc)
     return torch.load(out, weights_only=False)
 
 
@@ -97,7 +89,6 @@ def test_r3_replays_rollout_routes(rollout, single, layout, record_property):
     assert sorted(used) == list(range(len(rollout_routes)))
     for sid, routes in used.items():
         expected = rollout_routes[sid].long()
-        n = expected.shape[0]
         assert routes.shape == expected.shape
         assert (routes >= 0).all(), f"sample {sid}: some MoE layer was not covered by any rank"
         assert torch.equal(routes, expected), f"{layout}: sample {sid} did not replay the rollout routes"

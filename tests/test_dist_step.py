@@ -8,16 +8,15 @@ gradient of every parameter after the step (Megatron DDP + finalize_model_grads 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.launch import torchrun
+
 WORKER = Path(__file__).parent / "dist" / "step_worker.py"
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 # float32 throughout: sharding changes only the order of float32 additions (split matmuls,
 # all-reduces, a different sum over microbatches), which moves results by a few ulp of the
@@ -28,20 +27,7 @@ REL_TOL = 1e-4
 
 
 def _run(nproc: int, out: Path, *args: str) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--standalone",
-        str(WORKER),
-        "--out",
-        str(out),
-        *args,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun(WORKER, "--out", out, *args, nproc=nproc)
     return torch.load(out)
 
 

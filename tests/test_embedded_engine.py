@@ -6,8 +6,6 @@ when it replays those routes (same weights): that is the property R3 relies on.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 

@@ -1,7 +1,7 @@
 """vocab_parallel_log_probs against a float64 full-vocab reference: values AND gradients.
 
 TP=1 runs in this process; TP=2 and TP=4 run for real on 4 gloo ranks under torchrun
-(tests/dist_logprobs_worker.py), each rank holding its contiguous vocab shard, and every rank's
+(tests/dist/logprobs_worker.py), each rank holding its contiguous vocab shard, and every rank's
 local gradient is compared with its slice of the reference gradient.
 
 Tolerances (used by ``_check``):
@@ -19,23 +19,17 @@ Tolerances (used by ``_check``):
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from sapo_megatron.logprobs import vocab_parallel_log_probs
+from tests.dist import logprobs_worker as worker
+from tests.launch import torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER_PATH = Path(__file__).parent / "dist_logprobs_worker.py"
-_spec = importlib.util.spec_from_file_location("dist_logprobs_worker", WORKER_PATH)
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+WORKER_PATH = Path(worker.__file__)
 
 VALUE_TOL = dict(rtol=2e-5, atol=2e-5)  # float32 arithmetic vs float64, see module docstring
 GRAD_TOL = {
@@ -94,14 +88,12 @@ def test_large_logits_are_stable():
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist_logprobs")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone",
-           str(WORKER_PATH), "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun(WORKER_PATH, "--out", out, nproc=4, timeout=300)
     return [torch.load(out / f"rank{r}.pt") for r in range(4)]
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_matches_float64_reference(dist_results, tp):
     width = worker.VOCAB // tp
@@ -114,6 +106,8 @@ def test_tensor_parallel_matches_float64_reference(dist_results, tp):
             _check(results[(tp, i)], ref, dtype, shard=shard)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_rejects_target_beyond_global_vocab(dist_results, tp):
     for results in dist_results:
@@ -165,6 +159,7 @@ def test_strided_leading_dims_match_reference_without_copy(layout):
            torch.float32)
 
 
+@pytest.mark.slow
 def test_default_chunking_matches_single_chunk():
     # vocab 2**21: the ~64 MB default chunk is 8 rows, so the 15 rows span two chunks.
     logits, targets, g_logp, g_ent = worker.make_inputs(5, torch.float32, vocab=2**21)

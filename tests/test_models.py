@@ -1,6 +1,9 @@
-"""Model building from ModelConfig: layer pattern, norms, shapes, and refused configurations."""
+"""Model building from ModelConfig: layer pattern, norms, shapes, refused configurations, and the
+built model's forward and gradients against an independent float64 forward written out here."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -32,14 +35,161 @@ def test_layer_pattern_and_qwen3_shape(single_rank_parallel):
     assert not any(p.sequence_parallel for p in model.decoder.final_layernorm.parameters())
 
 
-def test_forward_shape_and_finite(single_rank_parallel):
-    cfg = ModelConfig()
-    model = build_gpt_model(cfg, ParallelConfig())
-    ids = torch.randint(0, cfg.vocab_size, (2, 5))
-    mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)[None, None]
-    logits = model(ids, torch.arange(5).expand(2, 5), mask)
-    assert logits.shape == (2, 5, cfg.vocab_size)
-    assert torch.isfinite(logits).all()
+# --------------------------------------------------------------------------- float64 reference
+# The maths of a Qwen3-MoE decoder, written from the architecture (not from Megatron's code),
+# reading the parameters of the built model by their Megatron names.
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x_BSHD, theta):
+    d = x_BSHD.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(x_BSHD.shape[1], dtype=torch.float64)[:, None] * inv[None]  # [S, D/2]
+    cos, sin = torch.cat([ang, ang], -1).cos()[None, :, None], torch.cat([ang, ang], -1).sin()[None, :, None]
+    x1, x2 = x_BSHD.chunk(2, -1)
+    return x_BSHD * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def _swiglu(x, fc1, fc2):
+    gate, up = (x @ fc1.T).chunk(2, -1)  # Megatron's linear_fc1 holds [gate; up]
+    return (torch.nn.functional.silu(gate) * up) @ fc2.T
+
+
+def reference_forward(params: dict, cfg: ModelConfig, ids):
+    """(logits [B, S, V], per-MoE-layer (top-k expert ids [B*S, K], gate weights [B*S, E]))."""
+    B, S = ids.shape
+    nh, ng, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels, cfg.rms_norm_eps
+    x = params["embedding.word_embeddings.weight"][ids]
+    routing = []
+    for i in range(cfg.num_hidden_layers):
+        p = lambda name: params[f"decoder.layers.{i}.{name}"]  # noqa: E731
+        h = _rms(x, p("input_layernorm.weight"), eps)
+        # Fused QKV, per query group: [q x (nh / ng), k, v], each head_dim rows.
+        qkv = (h @ p("self_attention.linear_qkv.weight").T).view(B, S, ng, nh // ng + 2, d)
+        q = qkv[..., : nh // ng, :].reshape(B, S, nh, d)
+        k, v = qkv[..., -2, :], qkv[..., -1, :]
+        if cfg.qk_layernorm:
+            q = _rms(q, p("self_attention.q_layernorm.weight"), eps)
+            k = _rms(k, p("self_attention.k_layernorm.weight"), eps)
+        q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+        k, v = (t.repeat_interleave(nh // ng, dim=2) for t in (k, v))  # GQA
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / d**0.5
+        scores = scores.masked_fill(torch.triu(torch.ones(S, S, dtype=torch.bool), 1), float("-inf"))
+        attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, S, nh * d)
+        x = x + attn @ p("self_attention.linear_proj.weight").T
+        h = _rms(x, p("pre_mlp_layernorm.weight"), eps)
+        if cfg.moe_layer_pattern()[i]:
+            flat = h.reshape(B * S, -1)
+            # Top-k of the router logits, softmax over the chosen k (norm_topk_prob=True).
+            top_logits, top_idx = (flat @ p("mlp.router.weight").T).topk(cfg.num_experts_per_tok, dim=-1)
+            gates = torch.zeros(B * S, cfg.num_experts, dtype=flat.dtype).scatter(1, top_idx, top_logits.softmax(-1))
+            out = sum(
+                gates[:, e : e + 1] * _swiglu(flat, p(f"mlp.experts.local_experts.{e}.linear_fc1.weight"),
+                                              p(f"mlp.experts.local_experts.{e}.linear_fc2.weight"))
+                for e in range(cfg.num_experts)
+            )
+            routing.append((top_idx, gates))
+            x = x + out.reshape(B, S, -1)
+        else:
+            x = x + _swiglu(h, p("mlp.linear_fc1.weight"), p("mlp.linear_fc2.weight"))
+    x = _rms(x, params["decoder.final_layernorm.weight"], eps)
+    return x @ params["output_layer.weight"].T, routing
+
+
+# Dense layer 0, MoE layer 1; head_dim 24 != hidden / heads = 16; GQA 2:1; 6 experts, top-3.
+REF_CFG = ModelConfig(num_hidden_layers=2, first_k_dense=1, head_dim=24, num_experts=6, num_experts_per_tok=3)
+
+
+@pytest.fixture(scope="module")
+def randomised_model(single_rank_parallel):
+    """The built model with every weight drawn again, large enough that every path matters
+    (norm weights away from 1, router logits spread over experts)."""
+    model = build_gpt_model(REF_CFG, ParallelConfig())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(1.0 + 0.2 * noise if "layernorm" in name else 0.15 * noise)
+    ids = torch.randint(0, REF_CFG.vocab_size, (2, 7), generator=gen)
+    return model, ids
+
+
+def _megatron_forward(model, ids):
+    B, S = ids.shape
+    seen = []
+    hooks = [layer.mlp.router.register_forward_hook(lambda _m, _i, out: seen.append(out))
+             for layer in model.decoder.layers if hasattr(layer.mlp, "router")]
+    try:
+        logits = model(ids, torch.arange(S).expand(B, S), torch.triu(torch.ones(S, S, dtype=torch.bool), 1)[None, None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, seen
+
+
+def _to_bs(t_SB, B, S):
+    """Router rows are sequence-major ([S, B] flattened); the reference's are batch-major."""
+    return t_SB.reshape(S, B, -1).transpose(0, 1).reshape(B * S, -1)
+
+
+# float32 (Megatron) against float64 (reference) through two layers: rounding moves logits of
+# magnitude ~1-5 by ~1e-6; 1e-4 is far above that and far below any modelling error (a missing
+# q/k norm, wrong RoPE halves, swapped gate/up, a pre-softmax router), each of which moves the
+# logits by > 1e-2 (test_reference_tolerance_is_not_vacuous).
+LOGITS_ATOL = 1e-4
+
+
+def test_forward_matches_float64_reference_and_routes_the_same_experts(randomised_model):
+    model, ids = randomised_model
+    B, S = ids.shape
+    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        logits, seen = _megatron_forward(model, ids)
+    ref, routing = reference_forward(params, REF_CFG, ids)
+    assert logits.shape == (B, S, REF_CFG.vocab_size) and torch.isfinite(logits).all()
+    assert ref.std() > 0.5, "vacuous comparison: logits nearly constant"
+    diff = (logits.double() - ref).abs().max().item()
+    assert diff <= LOGITS_ATOL, f"max abs logits diff {diff:.2e}"
+    ((probs, routing_map),), ((top_idx, gates),) = seen, routing
+    # Same experts per token (order ignored), and the same gate weights on them.
+    assert torch.equal(_to_bs(routing_map, B, S), gates > 0)
+    torch.testing.assert_close(_to_bs(probs, B, S).double(), gates, rtol=0, atol=1e-5)
+    # Not vacuous: tokens do not all pick the same experts.
+    assert len({tuple(sorted(r.tolist())) for r in top_idx}) > 3
+
+
+def test_reference_tolerance_is_not_vacuous(randomised_model):
+    model, ids = randomised_model
+    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    ref, _ = reference_forward(params, REF_CFG, ids)
+    fc1 = "decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"
+    swapped = dict(params, **{fc1: torch.cat(params[fc1].chunk(2)[::-1])})  # gate <-> up in one expert
+    no_qk_norm = dataclasses.replace(REF_CFG, qk_layernorm=False)
+    for other in (reference_forward(swapped, REF_CFG, ids)[0], reference_forward(params, no_qk_norm, ids)[0]):
+        assert (other - ref).abs().max() > 100 * LOGITS_ATOL
+
+
+def test_gradients_match_float64_reference(randomised_model):
+    """Backward of a random projection of the logits, every parameter, against float64 autograd
+    of the reference (router weight included: its gradient flows through the top-k softmax)."""
+    model, ids = randomised_model
+    gen = torch.Generator().manual_seed(1)
+    proj = torch.randn(*ids.shape, REF_CFG.vocab_size, generator=gen, dtype=torch.float64)
+    model.zero_grad()
+    logits, _ = _megatron_forward(model, ids)
+    (logits * proj.float()).sum().backward()
+    params = {n: p.detach().double().requires_grad_() for n, p in model.named_parameters()}
+    ref, _ = reference_forward(params, REF_CFG, ids)
+    (ref * proj).sum().backward()
+    for name, param in model.named_parameters():
+        got, want = param.grad.double(), params[name].grad
+        assert want.norm() > 0, f"{name}: no gradient in the reference"
+        # float32 vs float64 accumulation: ~1e-6 relative of the gradient's norm.
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
 
 
 def test_transformer_config_mapping():

@@ -12,7 +12,6 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from sapo_megatron.step.batch import Sample, collate_packed, collate_padded
 from sapo_megatron.models.config import ModelConfig
 from sapo_megatron.routing.align import (
-    add_fallback_row,
     align_packed,
     align_padded,
     cp_slice,
@@ -25,6 +24,7 @@ from sapo_megatron.routing.align import (
     stage_moe_layers,
     thd_cp_indices,
 )
+from tests.helpers import add_fallback_row
 from sapo_megatron.routing.compact import (
     compact_routes,
     moe_layer_indices,
@@ -63,6 +63,16 @@ def test_add_fallback_row():
     assert replayed.tolist() == [True] * 5 + [False]
     with pytest.raises(ValueError, match="5 rows for a sample of 7 tokens, expected 6"):
         add_fallback_row(routes, num_tokens=7)
+
+
+def test_align_padded_of_one_sample_is_its_routes_plus_a_fallback_row():
+    """The row convention written out longhand (tests.helpers.add_fallback_row) against the
+    shard-direct alignment: a sample of 6 tokens right-padded to 8."""
+    routes = sample_routes([6])[0]
+    full, replayed = add_fallback_row(routes, num_tokens=6)
+    aligned, replay, pad = align_padded([routes], 8, topk=K)
+    assert torch.equal(aligned[:6, 0], full) and torch.equal(replay[:6, 0], replayed)
+    assert pad[:, 0].tolist() == [False] * 6 + [True] * 2 and not replay[6:, 0].any()
 
 
 @pytest.mark.parametrize("lengths", [[5], [3, 7, 2], [8, 8], [2, 6, 4, 5]])

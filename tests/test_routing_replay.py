@@ -17,6 +17,7 @@ from sapo_megatron.step import (
     collect_log_probs,
     run_step,
 )
+from sapo_megatron.step.sharding import unwrap
 from sapo_megatron.step.synthetic import synthetic_samples
 from sapo_megatron.models import ModelConfig, ParallelConfig
 from sapo_megatron.routing import (
@@ -36,8 +37,12 @@ def chunks(single_rank_parallel):
     before = len(RouterReplay.global_router_replay_instances)
     chunks = build_model_chunks(MODEL, ParallelConfig())
     attach_routing_replay(chunks[0], MODEL.moe_layer_pattern())
-    # Per-model bookkeeping: Megatron's process-global list is left alone.
+    # Per-model bookkeeping: Megatron's process-global list is left alone, and every MoE router
+    # (layers 1 and 2) holds a hook that is still a RouterReplay to upstream's isinstance checks.
     assert len(RouterReplay.global_router_replay_instances) == before
+    hooks = [layer.mlp.router.router_replay for layer in unwrap(chunks[0]).decoder.layers if hasattr(layer.mlp, "router")]
+    assert len(hooks) == 2 and all(isinstance(h, RouterReplay) for h in hooks)
+    assert [h.layer.moe_index for h in hooks] == [1, 2]
     return chunks
 
 

@@ -22,7 +22,8 @@ from sapo_megatron.step import (
     collect_log_probs,
     run_step,
 )
-from sapo_megatron.step.sharding import load_full_state_dict, unwrap
+from sapo_megatron.step.sharding import unwrap
+from tests.helpers import load_full_state_dict
 from sapo_megatron.step.synthetic import synthetic_samples
 from sapo_megatron.models import ModelConfig, ParallelConfig
 

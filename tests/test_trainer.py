@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import ROOT, run
 SMALL = ["run.steps=4", "run.save_every=2", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
          "train.micro_batch_size=4", "run.tensorboard=false"]
 
 
 def _train(out: Path, *overrides: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = ["bash", str(ROOT / "examples" / "run_tiny_cpu.sh"), f"output_dir={out}", *SMALL, *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    # Through the shipped launcher (torchrun, 2 ranks), as a user starts the demo.
+    run(["bash", ROOT / "examples" / "run_tiny_cpu.sh", f"output_dir={out}", *SMALL, *overrides], timeout=900)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -41,6 +36,8 @@ def full_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_metrics_checkpoints_and_config(full_run):
     rows = _metrics(full_run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
@@ -59,6 +56,8 @@ def test_metrics_checkpoints_and_config(full_run):
     assert "tau_neg: 1.05" in resolved and "mode: R3" in resolved
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_resume_reproduces_the_next_steps_exactly(full_run, tmp_path):
     out = tmp_path / "resumed"
     _train(out, "run.steps=2")
@@ -105,6 +104,8 @@ def test_checkpoint_survives_a_crash_mid_save(single_rank_parallel, tmp_path, mo
     assert not (tmp_path / "checkpoints" / "step_000002.tmp").exists()
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_r2_with_reference_model_and_kl(tmp_path):
     """R2 (routes recorded in the old-log-prob pass, replayed in the updates) plus a reference
     model (live routing) for the KL penalty, on packed microbatches."""

@@ -9,17 +9,13 @@ weights are exported as HF safetensors and the server is told to load them and f
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from tests.dist.ckpt_models import make_hf_model  # noqa: E402
-from tests.sglang_mock import Behaviour, MockSGLang  # noqa: E402
+from tests.dist.ckpt_models import make_hf_model, read_safetensors_dir
+from tests.launch import torchrun
+from tests.sglang_mock import Behaviour, MockSGLang
 
 CONFIG = """
 run: {{output_dir: {out}, steps: 2, save_every: 2, tensorboard: false}}
@@ -47,17 +43,14 @@ def mock():
     server.stop()
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_trainer_runs_r3_against_sglang_and_syncs_weights(mock, tmp_path):
     hf = make_hf_model("qwen3_moe", tmp_path / "hf")
     out, weights = tmp_path / "run", tmp_path / "weights"
     config = tmp_path / "sglang.yaml"
     config.write_text(CONFIG.format(out=out, hf=hf, url=mock.url, weights=weights))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sapo_megatron.cli", "train", "--config", str(config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    torchrun("sapo_megatron.cli", "train", "--config", config, nproc=2, module=True)
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
@@ -76,8 +69,6 @@ def test_trainer_runs_r3_against_sglang_and_syncs_weights(mock, tmp_path):
     assert all(u["body"]["flush_cache"] is True for u in updates)  # SGLang flushes after loading
     # The exported HF checkpoint of the last step holds every tensor of the model.
     last = Path(updates[-1]["body"]["model_path"])
-    from tests.dist.ckpt_models import read_safetensors_dir
-
     exported = read_safetensors_dir(last)
     original = read_safetensors_dir(hf)
     assert set(exported) == set(original)

@@ -43,14 +43,9 @@ from sapo_megatron.checkpoint.mapping import (
 )
 from sapo_megatron.checkpoint.mcore_io import McoreCheckpoint, McoreCheckpointWriter
 from sapo_megatron.checkpoint.transforms import to_hf, to_mcore
+from sapo_megatron.mcore.te_names import local_norm_name
 from sapo_megatron.step.sharding import gather_full_tensor, global_name, shard_full_tensor, unwrap
 
-# The Transformer Engine spec fuses the pre-attention / dense pre-MLP norms into the following
-# linear layer; our names are the local spec's.
-_TE_ALIASES = (
-    (".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight"),
-    (".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"),
-)
 _TIED_SOURCE = "embedding.word_embeddings.weight"
 
 
@@ -68,11 +63,8 @@ def _local_tensors(inner) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _canonical(inner, local_name: str) -> str:
-    name = global_name(inner, local_name)
-    for te, local in _TE_ALIASES:
-        if name.endswith(te):
-            name = name[: -len(te)] + local
-    return name
+    # Our names are the local spec's; a TE-spec model names its fused norms differently.
+    return local_norm_name(global_name(inner, local_name))
 
 
 def _load(model, fetch: Callable[[object, list[str]], dict[str, torch.Tensor]], source: str) -> None:

@@ -1,4 +1,27 @@
-"""Compatibility shims for running upstream Megatron-Core where it does not expect to run."""
+"""Every place sapo_megatron reaches into upstream Megatron-Core beyond its public API, and why.
+
+We extend Megatron-Core, never fork it; where we must bend it, the code is small and lives here,
+so that a megatron-core upgrade is checked against this one folder (the supported version range
+is checked in :mod:`.version`).
+
+- :mod:`.cpu` - CPU shims: Megatron-Core assumes CUDA in places that do not change the maths
+  (``torch.cuda.current_device()``, literal ``device="cuda"``, the CUDA RNG tracker, stream
+  syncs, a Transformer-Engine GEMM symbol). Explicitly activated, reversible, a no-op with CUDA.
+  Why: the CPU demo and CI run the real library with gloo.
+- :mod:`.norms` - the sequence-parallel norm swap: the local spec's ``WrappedTorchNorm`` refuses
+  ``sequence_parallel=True``, and MoE with TP requires SP. :func:`~.norms.with_sp_norms` puts an
+  SP-capable RMSNorm in every norm slot of a local block spec (the builder calls it for the
+  local spec only). Why: MoE + TP trains without Transformer Engine.
+- :mod:`.router_replay` - the routing-replay injection: a ``RouterReplay`` subclass set as each
+  MoE router's ``router_replay`` hook, skipping ``RouterReplay.__init__`` so it never joins
+  upstream's process-global instance list. Why: per-model replay (policy and reference model),
+  per-token fallback and agreement metrics; the controller logic is ours, in
+  :mod:`sapo_megatron.routing.replay`.
+- :mod:`.te_names` - Transformer Engine parameter-name aliases: TE's fused-norm names
+  (``linear_qkv.layer_norm_weight``) and grouped-GEMM expert names (``experts.linear_fc1.weight<e>``)
+  mapped to the local spec's, our canonical names. Why: one checkpoint table and one sharding
+  map serve both specs.
+"""
 
 from sapo_megatron.mcore.cpu import (
     activate_cpu_compat,

@@ -3,8 +3,9 @@
 The layer spec comes from Megatron-Core's own ``get_gpt_decoder_block_spec`` (dense and MoE
 layers placed by ``moe_layer_freq``; only this pipeline stage's layers are built). With
 Transformer Engine importable and CUDA present we use the TE spec unchanged. Otherwise we use
-the local spec and swap its norms for :class:`SequenceParallelRMSNorm`, the one change needed
-for MoE + tensor parallelism (which requires sequence parallelism) to train on CPU.
+the local spec with its norms swapped for an SP-capable RMSNorm
+(:func:`sapo_megatron.mcore.norms.with_sp_norms`), the one change needed for MoE + tensor
+parallelism (which requires sequence parallelism) to train on CPU.
 
 Must be called after ``sapo_megatron.parallel.initialize_model_parallel``.
 """
@@ -16,33 +17,12 @@ import importlib.util
 
 import torch
 
+from sapo_megatron.mcore.norms import with_sp_norms
 from sapo_megatron.models.config import ModelConfig, ParallelConfig, to_transformer_config
-from sapo_megatron.mcore.norms import SequenceParallelRMSNorm
-
-_NORM_FIELDS = ("input_layernorm", "pre_mlp_layernorm")
-_QK_NORM_FIELDS = ("q_layernorm", "k_layernorm")
 
 
 def use_transformer_engine() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
-
-
-def _with_sp_norms(block_spec, qk_layernorm: bool):
-    """Replace every norm of a local block spec by the SP-capable RMSNorm."""
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    norm = ModuleSpec(module=SequenceParallelRMSNorm)
-    for layer_spec in block_spec.layer_specs:
-        sub = layer_spec.submodules
-        for name in _NORM_FIELDS:
-            setattr(sub, name, norm)
-        if qk_layernorm:
-            attn_sub = sub.self_attention.submodules
-            for name in _QK_NORM_FIELDS:
-                setattr(attn_sub, name, norm)
-    if block_spec.layer_norm is not None:
-        block_spec.layer_norm = norm
-    return block_spec
 
 
 def build_layer_spec(transformer_config, *, vp_stage: int | None = None):
@@ -52,7 +32,7 @@ def build_layer_spec(transformer_config, *, vp_stage: int | None = None):
     spec = get_gpt_decoder_block_spec(
         transformer_config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage
     )
-    return spec if te else _with_sp_norms(spec, transformer_config.qk_layernorm)
+    return spec if te else with_sp_norms(spec, transformer_config.qk_layernorm)
 
 
 def build_gpt_model(

@@ -5,10 +5,25 @@ Pure parts (single process, tensors only):
 - :mod:`.codec` - SGLang's ``routed_experts`` wire format (decode, validate, encode, turns);
 - :mod:`.compact` - storage dtype and MoE-layer selection;
 - :mod:`.align` - the row order Megatron's routers see (padding, packing, CP, SP, PP stages).
+
+Distribution side: :mod:`.microbatch` attaches aligned routes to a microbatch and
+:mod:`.replay` is the per-model controller; the hook it installs in Megatron-Core's routers is
+:mod:`sapo_megatron.mcore.router_replay`.
+
+Shape letters, in tensor-name suffixes (``routes_RLK``, ``routes_SBMK``, ``idx_TK``):
+
+- ``L`` - every hidden layer, as on SGLang's wire (dense layers included, as zeros);
+- ``M`` - MoE layers only, in global order (slot ``m`` = the ``m``-th MoE layer; what
+  Megatron's routers and our stored routes use). Never mixed: ``L -> M`` happens once, in
+  :func:`~.compact.select_moe_layers` or ``decode_routed_experts(moe_layers=...)``;
+- ``K`` - top-k slots of one token;
+- ``R`` - route rows of one sample (= its ``N - 1`` tokens but the last; ``N`` = sample length);
+- ``S``, ``B`` - sequence position and microbatch row of the ``[S, B, H]`` layout the routers see;
+- ``T`` - tokens as one router sees them (``S * B`` flattened sequence-major, or this rank's
+  sequence-parallel shard of them).
 """
 
 from sapo_megatron.routing.align import (
-    add_fallback_row,
     align_packed,
     align_padded,
     cp_slice,

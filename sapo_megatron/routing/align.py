@@ -3,12 +3,13 @@
 Pure tensor functions, no process groups: the distributed wrappers pass their ranks in.
 
 Row convention: row ``r`` of a sample's routes is the routing of input token ``r``. SGLang
-reports tokens ``0 .. L-2`` (the last token ``L-1`` is never fed through its model), so the
-training forward, which does feed it, has no route for it: :func:`add_fallback_row` appends a
-placeholder row and marks it not-replayed; that token routes live and is counted as a fallback.
+reports tokens ``0 .. N-2`` of a sample of ``N`` tokens (the last token ``N-1`` is never fed
+through its model), so the training forward, which does feed it, has no route for it: the
+alignment gives it a placeholder row of distinct ids and marks it not-replayed; that token
+routes live and is counted as a fallback.
 
 Layouts (those of ``sapo_megatron.step.batch``): padded ``[B, S]`` (sample ``b`` in row
-``b``, tokens ``[0, L_b)``, right padding) and packed ``[1, T]`` (samples back to back from 0,
+``b``, tokens ``[0, N_b)``, right padding) and packed ``[1, T]`` (samples back to back from 0,
 padding at the end). Megatron's router receives hidden states ``[S, B, H]`` flattened
 sequence-major, so token ``(b, s)`` is router row ``s * B + b``; routes are therefore laid out
 ``routes_SBMK`` (``M`` = MoE layers, ``K`` = top-k) and :func:`layer_targets` flattens one
@@ -35,31 +36,11 @@ import torch
 from sapo_megatron.routing.compact import moe_layer_pattern
 
 
-def pad_routes(num_tokens: int, num_layers: int, topk: int, dtype=torch.uint8) -> torch.Tensor:
-    """``[num_tokens, num_layers, topk]`` of ``arange(topk)``: distinct ids for tokens without
-    routes (padding, placeholders)."""
+def pad_routes(num_tokens: int, num_moe_layers: int, topk: int, dtype=torch.uint8) -> torch.Tensor:
+    """``[num_tokens, M, K]`` of ``arange(topk)``: distinct ids for tokens without routes
+    (padding, placeholders)."""
     row = torch.arange(topk, dtype=dtype)
-    return row.expand(num_tokens, num_layers, topk)
-
-
-def add_fallback_row(
-    routes_RMK: torch.Tensor, *, num_tokens: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append the last token's row: ``(routes_TMK, replayed_T)`` with ``T = rows + 1``.
-
-    The new row holds ``arange(topk)`` only so that the tensor stays well formed; ``replayed``
-    is False there and the token must route live.
-    """
-    rows, layers, topk = routes_RMK.shape
-    if num_tokens is not None and rows != num_tokens - 1:
-        raise ValueError(
-            f"routes have {rows} rows for a sample of {num_tokens} tokens, expected "
-            f"{num_tokens - 1} (one per token but the last)"
-        )
-    filler = pad_routes(1, layers, topk, routes_RMK.dtype)
-    replayed = torch.ones(rows + 1, dtype=torch.bool)
-    replayed[rows] = False
-    return torch.cat([routes_RMK, filler]), replayed
+    return row.expand(num_tokens, num_moe_layers, topk)
 
 
 def _check_samples(per_sample_routes: Sequence[torch.Tensor], topk: int) -> tuple[int, torch.dtype]:
@@ -103,9 +84,9 @@ def _fill_shard(
     Only the tokens of this sequence-parallel shard and the requested layer ``slots`` are ever
     copied, so the cost and the memory are those of the shard, not of the microbatch.
     """
-    layers, dtype = _check_samples(per_sample_routes, topk)
+    num_moe_layers, dtype = _check_samples(per_sample_routes, topk)
     lo, hi = _shard_bounds(seq_length, tp_rank, tp_size)
-    slot_list = list(range(layers)) if slots is None else list(slots)
+    slot_list = list(range(num_moe_layers)) if slots is None else list(slots)
     width = max(columns) + 1
     routes = torch.empty(hi - lo, width, len(slot_list), topk, dtype=dtype)
     routes.copy_(torch.arange(topk, dtype=dtype).expand_as(routes))
@@ -145,7 +126,7 @@ def align_padded(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routes of samples right-padded to ``seq_length`` (``collate_padded``'s layout).
 
-    ``per_sample_routes[b]`` is ``[L_b - 1, M, K]`` (tokens ``0 .. L_b - 2``). Returns
+    ``per_sample_routes[b]`` is ``[N_b - 1, M, K]`` (tokens ``0 .. N_b - 2``). Returns
     ``(routes_SBMK, replay_mask_SB, pad_mask_SB)``; with ``tp_size > 1`` only the
     sequence-parallel shard of ``tp_rank`` (``S / tp_size`` tokens), and with ``slots`` only
     those MoE layers, are built (equal to slicing the full result, without building it).

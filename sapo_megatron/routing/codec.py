@@ -74,7 +74,8 @@ def decode_routed_experts(
     moe_layers: Sequence[int] | None = None,
     out_dtype: torch.dtype = torch.int32,
 ) -> torch.Tensor:
-    """Decode one response's routes into ``routes_RLK`` (``[rows, layers, topk]``, ``out_dtype``).
+    """Decode one response's routes: ``routes_RLK`` (every wire layer), or ``routes_RMK``
+    (MoE layers only) when ``moe_layers`` is given; ``out_dtype``.
 
     ``rows = prompt_len + response_len - 1 - start_len`` (row ``r`` = token ``start_len + r``).
     ``num_layers`` is the number of hidden layers on the wire (all of them, dense included);
@@ -169,30 +170,33 @@ def decode_routed_experts(
 
 
 def validate_routes(
-    routes_RLK: torch.Tensor, *, num_experts: int | None = None, sample_id=None, start_len: int = 0
+    routes: torch.Tensor, *, num_experts: int | None = None, sample_id=None, start_len: int = 0
 ) -> None:
     """Raise ``ValueError`` on an expert id outside ``[0, num_experts)`` or a repeated id
-    within one token's top-k (it breaks the alltoall dispatcher's split sizes)."""
+    within one token's top-k (it breaks the alltoall dispatcher's split sizes).
+
+    ``routes`` is ``[R, L, K]`` (every wire layer) or ``[R, M, K]`` (MoE layers only); the
+    layer named in an error is an index on that axis."""
     who = _who(sample_id)
-    if routes_RLK.numel() == 0:
+    if routes.numel() == 0:
         return
-    lo, hi = torch.aminmax(routes_RLK)
+    lo, hi = torch.aminmax(routes)
     lo, hi = int(lo), int(hi)
     if lo < 0 or (num_experts is not None and hi >= num_experts):
         limit = num_experts if num_experts is not None else "inf"
-        bad = (routes_RLK < 0) if lo < 0 else (routes_RLK >= num_experts)
+        bad = (routes < 0) if lo < 0 else (routes >= num_experts)
         r, layer, k = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"routed_experts for {who} has expert id {int(routes_RLK[r, layer, k])} at token "
+            f"routed_experts for {who} has expert id {int(routes[r, layer, k])} at token "
             f"{start_len + r}, layer {layer}, slot {k}: expected ids in [0, {limit})"
         )
-    if routes_RLK.shape[-1] > 1 and has_duplicate_ids(routes_RLK, max_id=hi):
-        sorted_ids = routes_RLK.sort(dim=-1).values
+    if routes.shape[-1] > 1 and has_duplicate_ids(routes, max_id=hi):
+        sorted_ids = routes.sort(dim=-1).values
         dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(-1)
         r, layer = (int(i) for i in dup.nonzero()[0])
         raise ValueError(
             f"routed_experts for {who} repeats an expert within the top-k of token "
-            f"{start_len + r}, layer {layer}: {routes_RLK[r, layer].tolist()} (expected "
+            f"{start_len + r}, layer {layer}: {routes[r, layer].tolist()} (expected "
             f"distinct ids; a dense layer, which holds zeros, may have been left in)"
         )
 
@@ -204,8 +208,8 @@ def _as_signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value >= 1 << (bits - 1) else value
 
 
-def has_duplicate_ids(routes_RLK: torch.Tensor, *, max_id: int | None = None) -> bool:
-    """True if some token repeats an id within its top-k (last dim).
+def has_duplicate_ids(routes: torch.Tensor, *, max_id: int | None = None) -> bool:
+    """True if some token repeats an id within its top-k (last dim ``K``; any leading dims).
 
     Fast path (ids < 256 and topk in {2, 4, 8}, the common MoE shapes): the top-k of a token is
     viewed as one 16/32/64-bit word of bytes; rotating it by ``i`` bytes and XOR-ing with itself
@@ -213,11 +217,11 @@ def has_duplicate_ids(routes_RLK: torch.Tensor, *, max_id: int | None = None) ->
     every pair. This is a handful of passes over the compact payload instead of a sort.
     Otherwise: sort along top-k and compare neighbours.
     """
-    topk = routes_RLK.shape[-1]
-    if max_id is None and routes_RLK.numel():
-        max_id = int(routes_RLK.max())
-    if topk in _WORD and max_id is not None and max_id < 256 and routes_RLK.numel():
-        as_bytes = routes_RLK.to(torch.uint8).contiguous()
+    topk = routes.shape[-1]
+    if max_id is None and routes.numel():
+        max_id = int(routes.max())
+    if topk in _WORD and max_id is not None and max_id < 256 and routes.numel():
+        as_bytes = routes.to(torch.uint8).contiguous()
         words = as_bytes.view(-1, topk).view(_WORD[topk]).reshape(-1)
         bits = 8 * topk
         ones = _as_signed(int("01" * topk, 16), bits)
@@ -234,7 +238,7 @@ def has_duplicate_ids(routes_RLK: torch.Tensor, *, max_id: int | None = None) ->
             torch.sub(rotated, ones, out=scratch)
             zero_bytes.bitwise_or_(scratch.bitwise_and_(rotated.bitwise_not_()))
         return bool(zero_bytes.bitwise_and_(highs).any())
-    sorted_ids = routes_RLK.sort(dim=-1).values
+    sorted_ids = routes.sort(dim=-1).values
     return bool((sorted_ids[..., 1:] == sorted_ids[..., :-1]).any())
 
 
@@ -258,7 +262,8 @@ def encode_routed_experts(routes_RLK: torch.Tensor, dtype: str = "int32") -> str
 def concat_turns(
     turn_routes: Sequence[torch.Tensor], turn_start_lens: Sequence[int], *, sample_id=None
 ) -> torch.Tensor:
-    """Join the routes of a multi-turn conversation into one ``[seqlen - 1, layers, topk]``.
+    """Join the routes of a multi-turn conversation into one ``[seqlen - 1, L or M, K]``
+    (each turn's layer axis as decoded).
 
     Turn ``k`` is generated from the whole conversation so far (its prompt), requested with
     ``routed_experts_start_len = turn_start_lens[k]`` and decoded with that ``start_len``: its

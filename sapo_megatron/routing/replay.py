@@ -1,11 +1,8 @@
 """Force Megatron-Core's MoE routers to use given routes (replay), or record theirs (R2).
 
-Injection, no fork. Since megatron-core 0.16 every ``TopKRouter`` passes its
-``router.router_replay`` object into ``topk_routing_with_score_function``, which calls
-``router_replay.get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)``.
-We put our own :class:`LayerReplay` there (a ``RouterReplay`` subclass that does *not* join
-``RouterReplay.global_router_replay_instances``: that list is process-global, and a reference
-model built with replay enabled silently shifts every index in it, FIELD-NOTES 1). All
+Injection, no fork: :mod:`sapo_megatron.mcore.router_replay` puts a hook on every MoE router
+that asks one :class:`LayerReplay` of ours for the top-k (and says why it does not join
+Megatron's process-global ``RouterReplay`` list). Everything else is ours and lives here: all
 bookkeeping is per model chunk, in a :class:`RoutingReplay` controller.
 
 Why not Megatron's own actions: its REPLAY_FORWARD replays every token of a microbatch, and
@@ -34,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from megatron.core.transformer.moe.router_replay import RouterReplay
 
-from sapo_megatron.step.sharding import unwrap
+from sapo_megatron.mcore.router_replay import install_router_hook, moe_routers
 from sapo_megatron.routing.align import sp_slice
+from sapo_megatron.step.sharding import unwrap
 
 ACTIONS = (None, "record", "replay", "compare")
 _ATTR = "_sapo_routing_replay"
@@ -47,7 +44,7 @@ _ATTR = "_sapo_routing_replay"
 class MicrobatchRoutes:
     """Routes of one microbatch in Megatron's router order, full sequence, all MoE layers."""
 
-    routes_SBLK: torch.Tensor  # compact integer dtype, [S, B, num_moe_layers, topk]
+    routes_SBMK: torch.Tensor  # compact integer dtype, [S, B, num_moe_layers, topk]
     replay_mask_SB: torch.Tensor  # bool: replay this token (False: live fallback)
     pad_mask_SB: torch.Tensor  # bool: padding (never counted)
     # (tp_rank, tp_size) of the sequence-parallel shard S already is; (0, 1) = whole sequence.
@@ -78,21 +75,19 @@ def same_topk_set(a_TK: torch.Tensor, b_TK: torch.Tensor) -> torch.Tensor:
     return (a_TK.sort(dim=1).values == b_TK.sort(dim=1).values).all(dim=1)
 
 
-class LayerReplay(RouterReplay):
-    """The object a router consults for its top-k; one per local MoE layer."""
+class LayerReplay:
+    """What one local MoE layer's router uses for its top-k, given its live choice."""
 
     def __init__(self, controller: "RoutingReplay", moe_index: int):
-        # Deliberately not calling RouterReplay.__init__: no global registration.
         self.controller = controller
         self.moe_index = moe_index
         self.forward_queue: list[_Target] = []
         self.recompute_queue: list[_Target] = []
         self.recorded: list[torch.Tensor] = []
         self.counts = _Counts()
-        self.router_replay_action = None
 
-    def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
-        live_values, live_idx = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+    def select(self, scores, live_values, live_idx):
+        """``(probs, indices)`` for the router: live, recorded, replayed or compared, per action."""
         action = self.controller.action
         if action is None:
             return live_values, live_idx
@@ -170,10 +165,10 @@ class RoutingReplay:
                 "routing replay is on but the microbatch carries no routes; attach them with "
                 "sapo_megatron.routing.attach_routes (or set routing mode 'none')"
             )
-        routes_SBLK, replay_SB, pad_SB = routes.routes_SBLK, routes.replay_mask_SB, routes.pad_mask_SB
-        if routes_SBLK.shape[2] != self.num_moe_layers:
+        routes_SBMK, replay_SB, pad_SB = routes.routes_SBMK, routes.replay_mask_SB, routes.pad_mask_SB
+        if routes_SBMK.shape[2] != self.num_moe_layers:
             raise ValueError(
-                f"microbatch routes cover {routes_SBLK.shape[2]} MoE layers, the model has "
+                f"microbatch routes cover {routes_SBMK.shape[2]} MoE layers, the model has "
                 f"{self.num_moe_layers}"
             )
         if self.sequence_parallel:
@@ -182,7 +177,7 @@ class RoutingReplay:
             rank = parallel_state.get_tensor_model_parallel_rank()
             size = parallel_state.get_tensor_model_parallel_world_size()
             if routes.sp_shard == (0, 1):
-                routes_SBLK, replay_SB, pad_SB = (sp_slice(t, rank, size) for t in (routes_SBLK, replay_SB, pad_SB))
+                routes_SBMK, replay_SB, pad_SB = (sp_slice(t, rank, size) for t in (routes_SBMK, replay_SB, pad_SB))
             elif routes.sp_shard != (rank, size):
                 raise ValueError(
                     f"microbatch routes were aligned for sequence-parallel shard {routes.sp_shard}, "
@@ -190,9 +185,9 @@ class RoutingReplay:
                 )
         replay_T = replay_SB.reshape(-1)
         valid_T = ~pad_SB.reshape(-1)
-        topk = routes_SBLK.shape[-1]
+        topk = routes_SBMK.shape[-1]
         for layer, column in zip(self.layers, self.moe_columns):
-            idx_TK = routes_SBLK[:, :, column].reshape(-1, topk).long()
+            idx_TK = routes_SBMK[:, :, column].reshape(-1, topk).long()
             layer.forward_queue.append(_Target(idx_TK, replay_T, valid_T))
         self.pushed += 1
 
@@ -227,32 +222,19 @@ class RoutingReplay:
 
 def attach_routing_replay(model, moe_layer_pattern: list[int]) -> RoutingReplay:
     """Install a :class:`RoutingReplay` on every MoE router of ``model`` (one chunk)."""
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
     inner = unwrap(model)
     config = inner.config
-    if getattr(config, "moe_router_fusion", False):
-        raise ValueError("routing replay needs moe_router_fusion=False (the fused kernel bypasses the replay hook)")
     moe_globals = [i for i, is_moe in enumerate(moe_layer_pattern) if is_moe]
     controller = RoutingReplay(
         num_moe_layers=len(moe_globals),
         recompute=config.recompute_granularity is not None,
         sequence_parallel=bool(config.sequence_parallel),
     )
-    for layer in inner.decoder.layers:
-        if not isinstance(layer.mlp, MoELayer):
-            continue
-        router = layer.mlp.router
-        if not hasattr(router, "router_replay"):
-            raise RuntimeError(
-                "this megatron-core's TopKRouter has no router_replay hook (needs >= 0.16)"
-            )
-        global_index = layer.layer_number - 1
-        column = moe_globals.index(global_index)
-        handle = LayerReplay(controller, global_index)
-        router.router_replay = handle
-        controller.layers.append(handle)
-        controller.moe_columns.append(column)
+    for global_index, router in moe_routers(inner):
+        layer = LayerReplay(controller, global_index)
+        install_router_hook(router, layer)
+        controller.layers.append(layer)
+        controller.moe_columns.append(moe_globals.index(global_index))
     setattr(inner, _ATTR, controller)
     return controller
 
@@ -325,9 +307,9 @@ def recorded_sample_routes(model_chunks, microbatches, *, include_last: bool = F
     R2 uses it after a ``"record"`` pass (the live routes); with ``keep_used`` set, it returns
     the routes the routers actually used in a ``"replay"`` pass (the parity check).
 
-    Returns one ``[L_i - 1, num_moe_layers, topk]`` int tensor per sample (microbatch order):
-    tokens ``0 .. L_i - 2``, the form a rollout engine returns (see ``Sample.routes``).
-    ``include_last`` adds the last token's row (``L_i`` rows): the embedded rollout engine
+    Returns one ``[N_i - 1, M, K]`` int tensor per sample (microbatch order):
+    tokens ``0 .. N_i - 2``, the form a rollout engine returns (see ``Sample.routes``).
+    ``include_last`` adds the last token's row (``N_i`` rows): the embedded rollout engine
     needs it, because the token it feeds next is that last one. Only this rank's MoE layers
     are filled (a pipeline stage replays its own layers only); sequence-parallel shards are
     gathered over TP first.

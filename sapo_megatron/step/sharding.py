@@ -14,8 +14,9 @@ the same parameter name. Three things differ on a sharded rank:
 - gated-linear-unit ``linear_fc1``: the full weight is ``[gate; up]`` and each TP rank holds
   ``[gate_r; up_r]``, so the slice is taken from each half.
 
-Used by the distributed tests (load one reference weight set into any layout, gather gradients
-back) and by checkpoint loading/export.
+Used by checkpoint loading/export (:mod:`sapo_megatron.checkpoint.live`) and by the
+distributed tests (``tests/helpers.py`` loads one reference weight set into any layout and
+gathers gradients back with these functions).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import re
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.mcore.te_names import is_grouped_expert, sequential_expert_name
+
 _LAYER = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
 _EXPERT = re.compile(r"(local_experts\.)(\d+)(\.)")
-# Grouped-GEMM experts (TE spec on GPU) hold local expert e as `experts.linear_fc1.weight<e>`.
-_GROUPED = re.compile(r"experts\.(linear_fc[12])\.weight(\d+)$")
 
 
 def unwrap(model):
@@ -53,7 +54,7 @@ def global_name(model, name: str) -> str:
             name,
             count=1,
         )
-        if _EXPERT.search(name) or _GROUPED.search(name):
+        if _EXPERT.search(name) or is_grouped_expert(name):
             experts = unwrap(model).decoder.layers[layer_idx].mlp.experts
             num_local = getattr(experts, "num_local_experts", None) or len(experts.local_experts)
             offset = parallel_state.get_expert_model_parallel_rank() * num_local
@@ -61,9 +62,7 @@ def global_name(model, name: str) -> str:
                 lambda mm: f"{mm.group(1)}{offset + int(mm.group(2))}{mm.group(3)}", name, count=1
             )
             # Both expert layouts get the SequentialMLP name: one canonical full-tensor name.
-            name = _GROUPED.sub(
-                lambda mm: f"experts.local_experts.{offset + int(mm.group(2))}.{mm.group(1)}.weight", name
-            )
+            name = sequential_expert_name(name, offset)
     return name
 
 
@@ -119,48 +118,3 @@ def gather_full_tensor(local: torch.Tensor, param, name: str, config) -> torch.T
         ups = torch.cat([h[1] for h in halves], dim)
         return torch.cat([gates, ups], dim)
     return torch.cat(parts, dim)
-
-
-def load_full_state_dict(model, full: dict[str, torch.Tensor]) -> None:
-    """Copy full (single-rank) tensors into this rank's shards; every local param must be found."""
-    inner = unwrap(model)
-    missing = []
-    with torch.no_grad():
-        for name, param in inner.named_parameters():
-            gname = global_name(inner, name)
-            if gname not in full:
-                missing.append(gname)
-                continue
-            shard = shard_full_tensor(full[gname], param, name, inner.config)
-            if shard.shape != param.shape:
-                raise ValueError(
-                    f"tensor {gname!r} gives a shard of shape {tuple(shard.shape)} for local "
-                    f"parameter {name!r}, which has shape {tuple(param.shape)}"
-                )
-            param.copy_(shard)
-    if missing:
-        raise ValueError(f"full state dict lacks {len(missing)} parameters, e.g. {missing[:5]}")
-
-
-def gather_full(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full tensors for this rank's ``{local name: tensor}`` (TP gather only; names global).
-
-    Pipeline and expert ranks each return their own subset of global names; merge with
-    :func:`merge_over_ranks`.
-    """
-    inner = unwrap(model)
-    params = dict(inner.named_parameters())
-    return {
-        global_name(inner, name): gather_full_tensor(t, params[name], name, inner.config).cpu()
-        for name, t in tensors.items()
-    }
-
-
-def merge_over_ranks(partial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Union of every rank's dict of full tensors (object all-gather; small models only)."""
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, partial)
-    merged: dict[str, torch.Tensor] = {}
-    for part in parts:
-        merged.update(part)
-    return merged

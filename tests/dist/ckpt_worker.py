@@ -36,25 +36,18 @@ from sapo_megatron.checkpoint.parity import (  # noqa: E402
     random_input_ids,
 )
 from sapo_megatron.step.sharding import unwrap  # noqa: E402
-from sapo_megatron.models import ParallelConfig  # noqa: E402
-from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
+from sapo_megatron.parallel import destroy  # noqa: E402
+from tests.helpers import add_layout_args, init_layout  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--ep", type=int, default=1)
+    add_layout_args(ap)
     ap.add_argument("--case", nargs=4, action="append", metavar=("NAME", "HF", "CKPT", "EXPORT"), required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=args.tp,
-        pipeline_model_parallel_size=args.pp,
-        expert_model_parallel_size=args.ep,
-    )
-    initialize_model_parallel(parallel, seed=1234)
+    parallel = init_layout(args, seed=1234)
     results = {}
     for name, hf_dir, ckpt_dir, export_dir in args.case:
         hf_config = json.loads((Path(hf_dir) / "config.json").read_text())

@@ -37,8 +37,15 @@ from sapo_megatron.step import (  # noqa: E402
     collect_log_probs,
     run_step,
 )
-from sapo_megatron.step.batch import split_step_samples  # noqa: E402
-from sapo_megatron.step.sharding import gather_full, load_full_state_dict, merge_over_ranks, unwrap  # noqa: E402
+from sapo_megatron.step.sharding import unwrap  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    add_layout_args,
+    gather_full,
+    init_layout,
+    load_full_state_dict,
+    merge_over_ranks,
+    this_rank_microbatches,
+)
 from sapo_megatron.models import ModelConfig, ParallelConfig  # noqa: E402
 from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
 from sapo_megatron.routing import (  # noqa: E402
@@ -155,9 +162,7 @@ def _samples(records) -> list[Sample]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--generate", action="store_true")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--ep", type=int, default=1)
+    add_layout_args(ap)
     ap.add_argument("--microbatches", type=int, default=1)
     ap.add_argument("--recompute", action="store_true")
     ap.add_argument("--weights", required=True)
@@ -173,28 +178,18 @@ def main() -> None:
     if args.recompute:
         model_cfg = dataclasses.replace(MODEL, megatron={
             "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1})
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=args.tp,
-        pipeline_model_parallel_size=args.pp,
-        expert_model_parallel_size=args.ep,
-    )
-    initialize_model_parallel(parallel, seed=11)
-    from megatron.core import parallel_state
-
+    parallel = init_layout(args, seed=11)
     chunks = build_model_chunks(model_cfg, parallel)
     load_full_state_dict(chunks[0], torch.load(args.weights))
     for chunk in chunks:
         attach_routing_replay(chunk, MODEL.moe_layer_pattern())
 
     samples = _samples(torch.load(args.samples))
-    groups = split_step_samples(
-        samples,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-        num_microbatches=args.microbatches,
-    )
+    groups = this_rank_microbatches(samples, args.microbatches)
     # Alternate between aligning the whole sequence (sliced by the controller) and building
     # only this rank's sequence-parallel shard: both paths must replay the same routes.
+    from megatron.core import parallel_state
+
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     microbatches = [
         attach_routes(collate_padded(g, pad_multiple=args.tp, min_length=SEQ), g,

@@ -28,16 +28,18 @@ from sapo_megatron.step import (  # noqa: E402
     collate_padded,
     run_step,
 )
-from sapo_megatron.step.batch import split_step_samples  # noqa: E402
-from sapo_megatron.step.sharding import (  # noqa: E402
+from sapo_megatron.step.sharding import unwrap  # noqa: E402
+from sapo_megatron.step.synthetic import synthetic_samples  # noqa: E402
+from sapo_megatron.models import ModelConfig  # noqa: E402
+from sapo_megatron.parallel import destroy  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    add_layout_args,
     gather_full,
+    init_layout,
     load_full_state_dict,
     merge_over_ranks,
-    unwrap,
+    this_rank_microbatches,
 )
-from sapo_megatron.step.synthetic import synthetic_samples  # noqa: E402
-from sapo_megatron.models import ModelConfig, ParallelConfig  # noqa: E402
-from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
 
 # Tiny Qwen3-MoE shape: 4 layers (layer 0 dense) so that PP=2 puts MoE layers on both stages,
 # GQA 2:1, 4 experts top-2, an untied output layer.
@@ -59,9 +61,7 @@ MAX_LEN = 14
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--ep", type=int, default=1)
+    add_layout_args(ap)
     ap.add_argument("--microbatches", type=int, default=1)
     ap.add_argument("--loss", default="sapo")
     ap.add_argument("--reduction", default="seq_mean_token_mean")
@@ -71,14 +71,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=args.tp,
-        pipeline_model_parallel_size=args.pp,
-        expert_model_parallel_size=args.ep,
-    )
-    initialize_model_parallel(parallel, seed=1234)
-    from megatron.core import parallel_state
-
+    parallel = init_layout(args, seed=1234)
     chunks = build_model_chunks(MODEL, parallel)
     model = chunks[0]
     if args.weights:
@@ -90,12 +83,7 @@ def main() -> None:
             torch.save(full, args.save_weights)
 
     samples = synthetic_samples(GLOBAL_BATCH, vocab_size=MODEL.vocab_size, seed=7, max_length=MAX_LEN)
-    groups = split_step_samples(
-        samples,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-        num_microbatches=args.microbatches,
-    )
+    groups = this_rank_microbatches(samples, args.microbatches)
     collate = collate_padded if args.layout == "padded" else collate_packed
     # One shape for every microbatch (pipeline p2p buffers are sized once per step).
     min_length = MAX_LEN if args.layout == "padded" else MAX_LEN * (GLOBAL_BATCH // args.microbatches)

@@ -1,6 +1,6 @@
 """Worker for tests/test_logprobs.py: vocab_parallel_log_probs on real gloo ranks.
 
-Run by the test as ``torchrun --nproc_per_node=4 --standalone tests/dist_logprobs_worker.py --out DIR``.
+Run by the test as ``torchrun --nproc_per_node=4 --standalone tests/dist/logprobs_worker.py --out DIR``.
 With 4 ranks it runs every case twice: at TP=4 (the whole world) and at TP=2 (two groups,
 ranks {0,1} and {2,3}, so group rank != global rank is exercised too). Each rank takes its
 contiguous vocab shard of the same full logits, runs forward + backward, and saves its outputs
