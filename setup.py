@@ -14,6 +14,8 @@ setup(
         "torch>=2.6",
         "megatron-core>=0.15",
         "pyyaml>=6",
+        # megatron.core.dist_checkpointing's filesystem writer imports it without declaring it.
+        "psutil>=5.9",
         # ~10x faster base64 than the standard library: decoding SGLang routed_experts payloads.
         "pybase64>=1.3",
         # Checkpoint conversion reads and writes HF safetensors shards (sapo_megatron.checkpoint).
