@@ -246,6 +246,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     state["checkpoint_version"] = CHECKPOINT_VERSION
     state["iteration"] = step
     if optimizer is not None:
+        if is_distributed_optimizer(optimizer):
+            _prime_adam_state(optimizer)  # its state_dict() needs a step, even before the first
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(optimizer))
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -361,7 +363,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return None
 
 
-def _check_shapes(ckpt_dir: Path, sharded: dict) -> None:
+def _check_shapes(ckpt_dir: Path, sharded: dict) -> dict:
     """Every model tensor exists in the checkpoint with this model's global shape."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -378,6 +380,7 @@ def _check_shapes(ckpt_dir: Path, sharded: dict) -> None:
         if have != want:
             raise CheckpointError(f"tensor {value.key!r} has shape {have} in {ckpt_dir}, this model "
                                   f"expects {want}: the checkpoint was written for another model shape")
+    return saved
 
 
 def _dist_load(state: dict, ckpt_dir: Path) -> dict:
@@ -406,7 +409,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler=None) -
     here, there = layout(), meta["layout"]
     same_layout = here == there
     state = model_sharded_state_dict(model_chunks)
-    _check_shapes(path, state)
+    saved = _check_shapes(path, state)
     if optimizer is not None:
         _check_optimizer_compat(path, meta, optimizer, here, there)
         opt_meta = _optimizer_metadata(optimizer)
@@ -416,7 +419,17 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler=None) -
         if is_distributed_optimizer(optimizer):
             state["optimizer"] = opt_sd
         else:
-            state["_optimizer_tensors"] = _optimizer_tensors(opt_sd)
+            entries = _optimizer_tensors(opt_sd)
+            absent = [e.key for e in entries if e.key not in saved]
+            if len(absent) == len(entries):
+                # Saved before the first optimizer step: there is no state to restore, and a
+                # fresh optimizer is exactly what was saved.
+                optimizer = None
+            elif absent:
+                raise CheckpointError(f"{path} has no optimizer tensor {absent[0]!r} ({len(absent)} of "
+                                      f"{len(entries)} absent): it was written for another model")
+            else:
+                state["_optimizer_tensors"] = entries
     if same_layout:
         state["rng_state"] = _per_rank_object("rng_state", None)
     if here["world_size"] == there["world_size"] and meta.get("extra_states", {}).get("per_rank"):
