@@ -105,6 +105,15 @@ def test_resume_with_a_changed_schedule_is_refused_or_overridden(single_rank_par
     assert "optim.lr: 0.001 in the checkpoint, 0.002 now" in str(err.value)
     assert "optim.override_scheduler_on_resume=true" in str(err.value) and "step 4" in str(err.value)
 
+    # A constant schedule's decay length is inert: extending run.steps resumes without a word.
+    const = build_scheduler(_optimizer(), _cfg(steps=5, lr=1e-3))
+    for _ in range(4):
+        const.step(increment=1)
+    load_scheduler_state(build_scheduler(_optimizer(), _cfg(steps=9, lr=1e-3)), const.state_dict())
+    decaying = _cfg(steps=9, lr=1e-3, warmup_steps=2, lr_schedule="cosine")
+    with pytest.raises(ValueError, match=r"optim.decay_steps \(null: run.steps x train.updates_per_rollout\): 10 in the checkpoint, 18 now"):
+        load_scheduler_state(build_scheduler(_optimizer(), decaying), dict(state))
+
     changed.optim.override_scheduler_on_resume = True
     optimizer = _optimizer()
     new = build_scheduler(optimizer, changed)

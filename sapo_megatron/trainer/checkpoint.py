@@ -4,9 +4,9 @@ and published as Megatron-LM does.
 Layout::
 
     OUT/checkpoints/iter_0000020/                     one dist_checkpointing directory
-        .metadata, __*_*.distcp                         sharded tensors (model, optimizer)
+        .metadata, __*_*.distcp                         sharded tensors (model, optimizer) and
+                                                        per-rank objects (RNG, per-rank extras)
         common.pt, metadata.json                        replicated state; backend + version
-        rng_state/, sapo_rank_state/                    per-rank objects (RNG, per-rank extras)
         meta.json                                       ours: step, data position, layout, model
     OUT/checkpoints/latest_checkpointed_iteration.txt   "20", replaced last
 
@@ -39,7 +39,8 @@ Resharding (what a resume at another layout can do):
   ``KeyError: 'step'``). ``dp_reshardable`` stores the optimizer's flat buffers per TP x PP
   group, so it reshards across the data-parallel size only: a TP / PP / EP change is refused
   with the layouts in the message. Its load runs under ``torch.no_grad()`` (fp32 master weights
-  otherwise raise "a view of a leaf Variable").
+  otherwise raise "a view of a leaf Variable"), and two of its defects with torch's Adam are
+  worked around (:func:`_prime_adam_state`, :func:`_restore_adam_steps`).
 - RNG states are restored only at the same layout (like Megatron-LM, which skips them when TP/PP
   change); per-rank extra states only at the same world size.
 
@@ -514,13 +515,12 @@ def _prime_adam_state(optimizer) -> None:
 
 
 def _torch_optimizers(optimizer) -> list:
-    """The torch Adams inside, except under ``optimizer_cpu_offload``: megatron's
-    HybridDeviceOptimizer has its own load branch (a dummy step, then one step copy per
-    parameter), which needs neither fix below."""
-    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
-
+    """The torch Adams inside (the path megatron takes without Apex / Transformer Engine). Not
+    TE / Apex FusedAdam (their step lives in the param groups) nor the HybridDeviceOptimizer of
+    ``optimizer_cpu_offload`` (its own load branch: a dummy step, then one step copy per
+    parameter): neither needs the fixes below."""
     return [inner.optimizer for inner in getattr(optimizer, "chained_optimizers", [optimizer])
-            if not isinstance(inner.optimizer, HybridDeviceOptimizer)]
+            if type(inner.optimizer) in (torch.optim.Adam, torch.optim.AdamW)]
 
 
 def _restore_adam_steps(optimizer) -> None:

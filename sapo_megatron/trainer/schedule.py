@@ -17,7 +17,9 @@ Semantics we pin (and why):
 - On resume Megatron's ``_check_and_set`` asserts when a value differs from the checkpoint's.
   :func:`load_scheduler_state` names each changed key instead, and
   ``optim.override_scheduler_on_resume: true`` (Megatron's ``override_opt_param_scheduler``)
-  takes the config's values from the checkpoint's step on.
+  takes the config's values from the checkpoint's step on. With ``decay_steps: null`` a
+  decaying schedule's length follows ``run.steps``: a run meant to be stopped and extended
+  pins ``optim.decay_steps`` (a constant schedule ignores it).
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ _CONFIG_KEYS = {
     "lr_decay_steps": "optim.decay_steps (null: run.steps x train.updates_per_rollout)",
     "lr_decay_style": "optim.lr_schedule",
     "start_wd": "optim.weight_decay",
-    "end_wd": "optim.weight_decay",
-    "wd_incr_steps": "optim.decay_steps (null: run.steps x train.updates_per_rollout)",
-    "wd_incr_style": "(fixed: constant)",
 }
+# Values that cannot change the rates: weight decay is constant (its increment steps are unused),
+# and a constant schedule never reaches its decay steps.
+_INERT = ("wd_incr_steps", "wd_incr_style", "end_wd")
 
 
 def _set_group_lrs(optimizer, max_lr: float, min_lr: float) -> None:
@@ -100,8 +102,13 @@ def build_scheduler(optimizer, cfg):
 def load_scheduler_state(scheduler, state: dict, *, source: str | Path = "the checkpoint") -> None:
     """Restore the schedule's position; a changed value is an error naming its config key,
     unless the scheduler was built with ``optim.override_scheduler_on_resume``."""
+    ours, state = scheduler.state_dict(), dict(state)
+    inert = list(_INERT)
+    if state.get("lr_decay_style") == ours["lr_decay_style"] == "constant":
+        inert.append("lr_decay_steps")
+    # Megatron's _check_and_set asserts on every difference; these change nothing.
+    state.update({k: ours[k] for k in inert if k in state})
     if not scheduler.override_opt_param_scheduler:
-        ours = scheduler.state_dict()
         changed = [f"{_CONFIG_KEYS.get(k, k)}: {state[k]!r} in the checkpoint, {ours[k]!r} now"
                    for k in _CONFIG_KEYS if k in state and state[k] != ours[k]]
         if changed:
