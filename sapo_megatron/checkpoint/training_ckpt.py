@@ -27,18 +27,19 @@ import torch
 
 
 def _iter_dir(path: Path) -> Path | None:
+    """The ``iter_N`` directory ``path`` stands for, if it is one of OUR training checkpoints
+    (a Megatron-LM / Bridge one has no ``meta.json``; ``mcore-to-hf`` then names it as such)."""
     from sapo_megatron.trainer.checkpoint import CHECKPOINTS, FORMAT, META, TRACKER, resolve_checkpoint_dir
 
     for candidate in (path, path / CHECKPOINTS):
         if (candidate / TRACKER).is_file():
-            return resolve_checkpoint_dir(candidate)
-    if (path / META).is_file():
-        try:
-            if json.loads((path / META).read_text()).get("format") == FORMAT:
-                return path
-        except ValueError:
-            return None
-    return None
+            path = resolve_checkpoint_dir(candidate)
+            break
+    try:
+        ours = json.loads((path / META).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return None
+    return path if ours else None
 
 
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
