@@ -95,3 +95,18 @@ def test_convert_exports_hf_weights_from_a_training_checkpoint(full_run, tmp_pat
     assert torch.equal(tensors["model.norm.weight"], want["decoder.final_layernorm.weight"])
     # Not the initial weights: 4 steps of training moved the embedding away from a fresh init.
     assert (tensors["model.norm.weight"] - 1.0).abs().max() > 0
+
+
+def test_async_save_in_the_trainer(full_run, tmp_path):
+    """``run.async_save``: the same run, checkpoints written in the background and published at
+    the next save / the end; the resume from them matches as before."""
+    out = tmp_path / "async"
+    _train(out, "run.async_save=true", "run.steps=2")
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "2", "published at exit"
+    assert not list(ckpts.glob("tmp_*"))
+    _train(out, "run.async_save=true")
+    full, resumed = _metrics(full_run), _metrics(out)
+    for a, b in zip(full[2:], resumed[2:]):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], f"step {a['step']}"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["iter_0000002", "iter_0000004"]
