@@ -16,6 +16,8 @@ setup(
         "pyyaml>=6",
         # Structured configs (sapo_megatron.config); 2.4 reads Literal, X | None and list[int].
         "omegaconf>=2.4",
+        # megatron.core.dist_checkpointing's filesystem writer imports it without declaring it.
+        "psutil>=5.9",
         # ~10x faster base64 than the standard library: decoding SGLang routed_experts payloads.
         "pybase64>=1.3",
         # Checkpoint conversion reads and writes HF safetensors shards (sapo_megatron.checkpoint).

@@ -49,9 +49,9 @@ def test_metrics_checkpoints_and_config(full_run):
         # R3: every token but each sample's last replays the engine's routes.
         assert 0.5 < r["routing/coverage"] < 1.0
     ckpts = full_run / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step_000004"
-    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_000002", "step_000004"]
-    assert sorted(p.name for p in (ckpts / "step_000004").iterdir()) == ["meta.json", "rank_00000.pt", "rank_00001.pt"]
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["iter_0000002", "iter_0000004"]
+    assert {"meta.json", ".metadata", "metadata.json"} <= {p.name for p in (ckpts / "iter_0000004").iterdir()}
     resolved = (full_run / "config.yaml").read_text()
     assert "tau_neg: 1.05" in resolved and "mode: R3" in resolved
 
@@ -61,7 +61,7 @@ def test_metrics_checkpoints_and_config(full_run):
 def test_resume_reproduces_the_next_steps_exactly(full_run, tmp_path):
     out = tmp_path / "resumed"
     _train(out, "run.steps=2")
-    assert (out / "checkpoints" / "latest").read_text() == "step_000002"
+    assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "2"
     _train(out)  # resumes from step 2 and runs steps 3 and 4
     full, resumed = _metrics(full_run), _metrics(out)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
@@ -78,7 +78,7 @@ def test_checkpoint_survives_a_crash_mid_save(single_rank_parallel, tmp_path, mo
 
     chunks = build_model_chunks(ModelConfig(), ParallelConfig())
     optimizer = build_optimizer(chunks)
-    ckpt.save_checkpoint(tmp_path, 1, chunks, optimizer, extra={"data": {"position": 7}})
+    ckpt.save_checkpoint(tmp_path, 1, chunks, optimizer, meta={"data": {"position": 7}})
     saved = {k: v.clone() for k, v in chunks[0].state_dict().items() if isinstance(v, torch.Tensor)}
 
     def crash(*_a, **_k):
@@ -87,21 +87,21 @@ def test_checkpoint_survives_a_crash_mid_save(single_rank_parallel, tmp_path, mo
     with torch.no_grad():
         for p in chunks[0].parameters():
             p.add_(1.0)
-    monkeypatch.setattr(ckpt.torch, "save", crash)
+    monkeypatch.setattr("megatron.core.dist_checkpointing.save", crash)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(tmp_path, 2, chunks, optimizer, extra={"data": {"position": 9}})
+        ckpt.save_checkpoint(tmp_path, 2, chunks, optimizer, meta={"data": {"position": 9}})
     monkeypatch.undo()
     latest = ckpt.latest_checkpoint(tmp_path)
-    assert latest.name == "step_000001"
+    assert latest.name == "iter_0000001"
     meta = ckpt.load_checkpoint(latest, chunks, optimizer)
     assert meta["data"] == {"position": 7}
     for k, v in chunks[0].state_dict().items():
         if k in saved:
             assert torch.equal(v, saved[k]), k
     # The next save cleans the half-written directory and publishes normally.
-    ckpt.save_checkpoint(tmp_path, 2, chunks, optimizer, extra={"data": {"position": 9}})
-    assert ckpt.latest_checkpoint(tmp_path).name == "step_000002"
-    assert not (tmp_path / "checkpoints" / "step_000002.tmp").exists()
+    ckpt.save_checkpoint(tmp_path, 2, chunks, optimizer, meta={"data": {"position": 9}})
+    assert ckpt.latest_checkpoint(tmp_path).name == "iter_0000002"
+    assert not (tmp_path / "checkpoints" / "tmp_iter_0000002").exists()
 
 
 @pytest.mark.dist

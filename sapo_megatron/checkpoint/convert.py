@@ -111,7 +111,15 @@ def mcore_to_hf(
     dtype: torch.dtype | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Convert a sapo_megatron checkpoint back to HF safetensors + config.json; returns stats."""
+    """Convert a sapo_megatron checkpoint back to HF safetensors + config.json; returns stats.
+
+    A training checkpoint (``iter_N/``, its parent or the run directory) is exported from its
+    model state (``training_ckpt.py``)."""
+    from sapo_megatron.checkpoint.training_ckpt import export_training_checkpoint, is_training_checkpoint
+
+    if is_training_checkpoint(ckpt_dir):
+        return export_training_checkpoint(ckpt_dir, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype,
+                                          show_progress=show_progress)
     t0 = time.time()
     reader = McoreCheckpoint(ckpt_dir)
     mapping = mapping_for(reader.hf_config)

@@ -38,7 +38,7 @@ RolloutEngineName = Literal["embedded", "sglang"]
 AdvantageName = Literal["grpo", "grpo_no_std", "rloo"]
 BatchLayout = Literal["padded", "packed"]
 RoutingMode = Literal["none", "R2", "R3"]
-LRSchedule = Literal["constant", "cosine"]
+LRSchedule = Literal["constant", "linear", "cosine"]  # Megatron's lr_decay_style names
 
 
 def _check(condition: bool, key: str, expected: str, value: Any) -> None:
@@ -54,6 +54,8 @@ class RunConfig:
     save_every: int = 20  # 0: no periodic checkpoints
     keep_last: int = 2
     resume: bool = True  # continue from output_dir's latest checkpoint when there is one
+    # Write checkpoint tensors in a background process; published when the write completes.
+    async_save: bool = False
     progress: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None  # None: no wandb
@@ -151,9 +153,16 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    warmup_steps: int = 0
+    # Megatron's OptimizerParamScheduler, stepped once per optimizer step (train.updates_per_rollout
+    # per RL step); warm-up and decay lengths count optimizer steps (docs/trainer.md).
+    warmup_steps: int = 0  # linear warm-up from init_lr to lr over this many optimizer steps
+    init_lr: float = 0.0  # the warm-up's first value (Megatron's lr_warmup_init)
     lr_schedule: LRSchedule = "constant"
-    min_lr: float = 0.0  # the cosine schedule's floor
+    min_lr: float = 0.0  # the decay's floor (linear / cosine)
+    decay_steps: int | None = None  # optimizer steps to reach min_lr; None: the whole run
+    # Resuming with changed lr / min_lr / warmup / decay / schedule / weight decay is refused
+    # unless this is true; then the config's schedule applies from the checkpoint's step on.
+    override_scheduler_on_resume: bool = False
     # Further Megatron-Core OptimizerConfig fields (use_distributed_optimizer,
     # optimizer_cpu_offload, ...), passed through verbatim.
     megatron: dict[str, Any] = field(
@@ -168,6 +177,9 @@ class OptimConfig:
         _check(self.adam_eps > 0, "optim.adam_eps", "> 0", self.adam_eps)
         _check(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
         _check(0 <= self.min_lr <= self.lr, "optim.min_lr", f"in [0, optim.lr={self.lr}]", self.min_lr)
+        _check(0 <= self.init_lr <= self.lr, "optim.init_lr", f"in [0, optim.lr={self.lr}]", self.init_lr)
+        _check(self.decay_steps is None or self.decay_steps >= 1, "optim.decay_steps",
+               ">= 1 or null (null: the run's optimizer steps)", self.decay_steps)
 
 
 @dataclass

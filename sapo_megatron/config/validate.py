@@ -58,10 +58,9 @@ def validate(cfg: TrainConfig) -> None:
         # ratios, TIS weights and the train/rollout log-prob gap compare different policies.
         problems.append(f"loss.temperature ({cfg.loss.temperature}) differs from "
                         f"rollout.temperature ({cfg.rollout.temperature}); set both to the same value")
-    optimizer_steps = cfg.run.steps * cfg.train.updates_per_rollout
-    if cfg.optim.warmup_steps > optimizer_steps:
-        problems.append(f"optim.warmup_steps ({cfg.optim.warmup_steps}) exceeds the run's optimizer "
-                        f"steps (run.steps x train.updates_per_rollout = {optimizer_steps})")
+    from sapo_megatron.trainer.schedule import schedule_problems
+
+    problems.extend(schedule_problems(cfg))
     if problems:
         raise ConfigError(problems)
 

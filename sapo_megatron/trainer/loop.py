@@ -47,7 +47,15 @@ from sapo_megatron.routing import (
     routing_action,
     routing_replay_of,
 )
-from sapo_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sapo_megatron.trainer.checkpoint import (
+    finalize_async_saves,
+    is_dist_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
+from sapo_megatron.trainer.schedule import build_scheduler
 from sapo_megatron.trainer.logging import MetricsLogger
 
 ADVANTAGES = {
@@ -64,23 +72,6 @@ def task_options(section) -> dict:
         if getattr(section, key) is not None:
             options[key] = getattr(section, key)
     return options
-
-
-def learning_rate(cfg, step: int) -> float:
-    """Warm-up then constant or cosine decay to ``min_lr``."""
-    o = cfg.optim
-    if o.warmup_steps and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.lr_schedule == "cosine":
-        span = max(1, cfg.run.steps - o.warmup_steps)
-        progress = min(1.0, (step - o.warmup_steps) / span)
-        return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
-    return o.lr
-
-
-def _set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def group_advantages(kind: str, rewards: torch.Tensor, group_size: int, aborted: torch.Tensor) -> torch.Tensor:
@@ -153,7 +144,10 @@ class Trainer:
             use_distributed_optimizer=bool(cfg.optim.megatron.get("use_distributed_optimizer", False)),
         )
         # Initial weights: a converted Megatron checkpoint, else HF safetensors, else random init.
-        if cfg.model.ckpt_dir:
+        if cfg.model.ckpt_dir and is_dist_checkpoint(cfg.model.ckpt_dir):
+            # A Megatron dist checkpoint (Megatron-Bridge's torch_dist output, or ours): model only.
+            load_model_weights(self.chunks, cfg.model.ckpt_dir)
+        elif cfg.model.ckpt_dir:
             from sapo_megatron.checkpoint import load_into_model
 
             load_into_model(self.chunks, cfg.model.ckpt_dir)
@@ -166,6 +160,8 @@ class Trainer:
             adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
             megatron=cfg.optim.megatron,
         )
+        # Sets the lr (and weight decay) of every optimizer step, once per step (schedule.py).
+        self.scheduler = build_scheduler(self.optimizer, cfg)
         self.mode = cfg.routing.mode
         if self.model_cfg.num_experts:
             for chunk in self.chunks:
@@ -195,15 +191,22 @@ class Trainer:
         path = latest_checkpoint(self.out) if self.cfg.run.resume else None
         if path is None:
             return
-        meta = load_checkpoint(path, self.chunks, self.optimizer)
+        meta = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
         self.step = meta["step"]
         self.stream.load_state_dict(meta["data"])
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def _save(self) -> None:
-        save_checkpoint(self.out, self.step, self.chunks, self.optimizer,
-                        extra={"data": self.stream.state_dict()}, keep_last=self.cfg.run.keep_last)
+        save_checkpoint(self.out, self.step, self.chunks, self.optimizer, self.scheduler,
+                        meta={"data": self.stream.state_dict(), **self._model_meta()},
+                        keep_last=self.cfg.run.keep_last, async_save=self.cfg.run.async_save)
+
+    def _model_meta(self) -> dict:
+        """What ``convert mcore-to-hf`` needs to export a training checkpoint on its own."""
+        from sapo_megatron.checkpoint.training_ckpt import run_hf_config
+
+        return {"model_config": dataclasses.asdict(self.model_cfg), "hf_config": run_hf_config(self.cfg)}
 
     # --- one RL step ------------------------------------------------------------------
     def _collate(self, group: list[Sample]):
@@ -263,7 +266,6 @@ class Trainer:
         timings["time/old_logprob_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        _set_lr(self.optimizer, learning_rate(cfg, self.step))
         per_update = len(samples) // cfg.train.updates_per_rollout
         update_metrics = []
         with self.logger.phase("updates", cfg.train.updates_per_rollout) as advance:
@@ -306,7 +308,11 @@ class Trainer:
         for controller in filter(None, map(routing_replay_of, self.chunks)):
             controller.reset_counts()
         with routing_action(self.chunks, None if self.mode == "none" else "replay", with_backward=True):
+            lr = self.optimizer.param_groups[0]["lr"]
             metrics = run_step(self.chunks, minibatch, self.spec, optimizer=self.optimizer)
+        metrics["lr"] = lr
+        if metrics["update_successful"]:  # as Megatron-LM: a skipped update does not advance it
+            self.scheduler.step(increment=1)
         metrics.update(replay_metrics(self.chunks) if self.mode != "none" else {})
         return metrics
 
@@ -330,7 +336,6 @@ class Trainer:
             "reward_std": math.sqrt(max(sq / n - mean * mean, 0.0)),
             "response_len_mean": length / n,
             "abort_frac": aborted / n,
-            "lr": learning_rate(self.cfg, self.step),
             **timings,
         }
         # Loss statistics: the first update (ratios start at 1) and the last (most off-policy).
@@ -350,6 +355,7 @@ class Trainer:
                 with self.logger.phase("checkpoint", 1) as advance:
                     self._save()
                     advance()
+        finalize_async_saves()  # a pending async checkpoint is published before exit
         self.engine.close()
         self.logger.close()
 
