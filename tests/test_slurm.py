@@ -46,7 +46,7 @@ NODE = "localhost"  # the node's Slurm name: `scontrol show hostnames` gives it,
 # The rendezvous port is derived from the job id (examples/common.sh, rdzv_port): 20000 + id % 10000.
 RDZV_BASE, RDZV_SPAN = 20000, 10000
 # Small rollouts, as in tests/test_trainer.py; 3 steps, one checkpoint (the last).
-OVERRIDES = ["run.steps=3", "run.save_every=3", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
+OVERRIDES = ["run.steps=3", "run.save_every=0", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
              "train.micro_batch_size=4", "run.tensorboard=false", "run.progress=false"]
 
 
@@ -250,6 +250,9 @@ def test_tiny_cpu_sbatch_trains_on_two_slurm_nodes(slurm, tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(m["num_sequences"] > 0 and m["loss"] == m["loss"] for m in metrics), metrics  # trained, not NaN
+    # run.save_every=0: no periodic checkpoint, only the final one.
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000003"], sorted(ckpts.iterdir())
 
 
 def test_ci_installs_slurm_then_runs_the_readme_command():

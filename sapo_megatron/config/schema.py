@@ -51,7 +51,7 @@ class RunConfig:
     output_dir: str = "runs/tiny-cpu"
     seed: int = 0
     steps: int = 60
-    save_every: int = 20  # 0: no periodic checkpoints
+    save_every: int = 20  # 0: no periodic checkpoints (the final one is still written)
     keep_last: int = 2
     resume: bool = True  # continue from output_dir's latest checkpoint when there is one
     # Write checkpoint tensors in a background process; published when the write completes.
@@ -63,7 +63,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "run.steps", ">= 1", self.steps)
-        _check(self.save_every >= 0, "run.save_every", ">= 0 (0 disables checkpoints)", self.save_every)
+        _check(self.save_every >= 0, "run.save_every", ">= 0 (0: only the final checkpoint)", self.save_every)
         _check(self.keep_last >= 1, "run.keep_last", ">= 1", self.keep_last)
         _check(bool(self.output_dir), "run.output_dir", "a non-empty path", self.output_dir)
 

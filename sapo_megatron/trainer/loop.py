@@ -351,7 +351,8 @@ class Trainer:
             metrics = self.train_step()
             self.step += 1
             self.logger.log(metrics)
-            if self.step % self.cfg.run.save_every == 0 or self.step == self.cfg.run.steps:
+            every = self.cfg.run.save_every  # 0: only the final checkpoint
+            if (every and self.step % every == 0) or self.step == self.cfg.run.steps:
                 with self.logger.phase("checkpoint", 1) as advance:
                     self._save()
                     advance()
