@@ -73,7 +73,7 @@ class BatchPlan:
     rollout_batch_size: int  # samples per training step, all ranks
     minibatch_size: int  # samples per optimizer step, all ranks
     samples_per_rank: int  # samples per optimizer step on one DP rank
-    num_microbatches: int  # per optimizer step on one DP rank
+    num_microbatches: int | None  # per optimizer step on one DP rank (None: a token budget)
 
 
 def validate_for_world(cfg: TrainConfig, world_size: int) -> BatchPlan:
@@ -108,6 +108,13 @@ def validate_for_world(cfg: TrainConfig, world_size: int) -> BatchPlan:
         raise ConfigError([f"{split} do not split into train.updates_per_rollout="
                            f"{t.updates_per_rollout} equal minibatches"])
     minibatch = rollout_batch // t.updates_per_rollout
+    if t.micro_batch_size is None:  # a token budget: microbatch counts vary from step to step
+        if (rollout_batch // dp) % t.updates_per_rollout:
+            raise ConfigError([f"{split}, {rollout_batch // dp} per data-parallel rank (DP {dp}), do not "
+                               f"split into train.updates_per_rollout={t.updates_per_rollout} equal minibatches"])
+        return BatchPlan(world_size=world_size, data_parallel_size=dp,
+                         expert_data_parallel_size=world_size // (etp * ep * pp), rollout_batch_size=rollout_batch,
+                         minibatch_size=minibatch, samples_per_rank=minibatch // dp, num_microbatches=None)
     if minibatch % (dp * t.micro_batch_size):
         raise ConfigError([
             f"{split}, in {t.updates_per_rollout} minibatches of {minibatch}: a minibatch must be "

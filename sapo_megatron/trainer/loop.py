@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ from sapo_megatron.routing import (
     routing_action,
     routing_replay_of,
 )
+from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
+from sapo_megatron.trainer.batching import StepBatcher, batch_metrics, group_device
 from sapo_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sapo_megatron.trainer.logging import MetricsLogger
 
@@ -180,6 +183,14 @@ class Trainer:
         self.stream = PromptStream(self.task, seed=cfg.run.seed)
         self.engine = build_engine(cfg, self.chunks, self.model_cfg, tokenizer=self.task.tokenizer)
         self.spec = cfg.loss.to_spec()
+        from sapo_megatron.step.plan import enable_variable_seq_lengths, needs_equal_shapes
+
+        budget = cfg.train.max_tokens_per_microbatch is not None
+        if budget and cfg.parallel.pipeline_model_parallel_size > 1:
+            enable_variable_seq_lengths(self.chunks)  # token-budget microbatches differ in shape
+        self.batcher = StepBatcher(cfg.train, pad_multiple=cfg.parallel.tensor_model_parallel_size,
+                                   dp_group=parallel_state.get_data_parallel_group(),
+                                   equal_shapes=budget and needs_equal_shapes(self.chunks))
         self.step = 0
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -205,15 +216,17 @@ class Trainer:
                         extra={"data": self.stream.state_dict()}, keep_last=self.cfg.run.keep_last)
 
     # --- one RL step ------------------------------------------------------------------
-    def _collate(self, group: list[Sample]):
+    def _collate(self, group: list[Sample], min_length: int | None = None):
         tp = self.cfg.parallel.tensor_model_parallel_size
         collate = collate_padded if self.cfg.train.layout == "padded" else collate_packed
         longest = max(s.tokens.numel() for s in group)
         # Pipeline parallelism needs one shape per step: pad to the step's longest sample.
         length = self._step_max_len if self.cfg.parallel.pipeline_model_parallel_size > 1 else longest
+        if min_length is not None:  # a token-budget plan (variable_seq_lengths under PP)
+            length = min_length
         kwargs = {}
         if self.cfg.train.layout == "packed":
-            length = length * len(group)
+            length = length * len(group) if min_length is None else min_length
             # Transformer Engine attends packed samples through cu_seqlens (THD); the local
             # spec (CPU) gets the equivalent block-diagonal mask.
             kwargs["use_thd"] = use_transformer_engine()
@@ -225,21 +238,72 @@ class Trainer:
                                tp_size=tp if self.cfg.parallel.sequence_parallel else 1)
         return mb
 
-    def _microbatches(self, samples: list[Sample]):
-        size = self.cfg.train.micro_batch_size
-        return [self._collate(samples[i : i + size]) for i in range(0, len(samples), size)]
+    def _microbatches(self, minibatch):
+        """A :class:`~sapo_megatron.trainer.batching.Minibatch`'s collated microbatches."""
+        lengths = minibatch.min_lengths or [None] * len(minibatch.sizes)
+        return [self._collate(g, n) for g, n in zip(minibatch.groups(), lengths)]
 
-    def rollout(self):
+    def _rollout_round(self, round_: int, generate: bool = True):
+        """One round of prompts (every rank draws the global batch; this DP rank's share)."""
         cfg = self.cfg.rollout
         prompts = self.stream.next_batch(cfg.prompts_per_step)[self.dp_rank :: self.dp_size]
+        if not generate:
+            return None
         flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-        # Seeded by (run seed, step): a resumed run samples exactly what the original did.
-        params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
-                                     seed=self.cfg.run.seed * 1_000_003 + self.step)
+        # Seeded by (run seed, step, round): a resumed run samples exactly what the original did.
+        seed = self.cfg.run.seed * 1_000_003 + self.step + round_ * 1_000_000_007
+        params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,), seed=seed)
         results = self.engine.generate([p.ids for p in flat], params, return_routes=self.mode == "R3")
         rewards = torch.tensor([
             self.task.reward(p, r.response_ids, self.task.tokenizer.decode(r.response_ids)) for p, r in zip(flat, results)
         ], dtype=torch.float64)
+        return flat, results, rewards
+
+    def rollout(self):
+        ds = self.cfg.rollout.dynamic_sampling
+        self._rollout_metrics = {}
+        if ds.filter is None:
+            return self._rollout_round(0)
+        return self._dynamic_rollout(ds)
+
+    def _dynamic_rollout(self, ds):
+        """Rounds of generation until every DP rank holds its quota of kept groups (rollout/dynamic.py)."""
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group()
+        n = self.cfg.rollout.samples_per_prompt
+        collector = GroupCollector(quota=self.cfg.rollout.prompts_per_step // self.dp_size)
+        for round_ in range(ds.max_rounds):
+            out = self._rollout_round(round_, generate=not collector.full)
+            if out is not None:
+                flat, results, rewards = out
+                completed = torch.tensor([r.finish_reason != "abort" for r in results])
+                keep = keep_groups(ds.filter, rewards, completed, n)
+                collector.add([(flat[g * n:(g + 1) * n], results[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
+                               for g in range(len(keep))], keep)
+            full = torch.tensor([int(collector.full)], device=group_device(group))
+            dist.all_reduce(full, op=dist.ReduceOp.MIN, group=group)
+            if int(full):
+                break
+        groups, topped = collector.take()
+        counts = torch.tensor([collector.generated, collector.filtered, topped, collector.quota], dtype=torch.float64,
+                              device=group_device(group))
+        dist.all_reduce(counts, group=group)
+        generated, filtered, topped_all, quota = counts.tolist()
+        if topped_all and self.rank == 0:
+            warnings.warn(
+                f"rollout.dynamic_sampling: step {self.step} kept {int(quota - topped_all)} of the "
+                f"{int(quota)} prompt groups it needs after rollout.dynamic_sampling.max_rounds={ds.max_rounds} "
+                f"rounds ({int(filtered)} of {int(generated)} generated groups filtered by {ds.filter!r}); "
+                f"training on them plus {int(topped_all)} filtered groups (zero advantages)", stacklevel=2)
+        self._rollout_metrics = {
+            "rollout/filtered_frac": filtered / max(generated, 1.0),
+            "rollout/sampling_rounds": float(round_ + 1),
+            "rollout/topped_up_groups": topped_all,
+        }
+        flat = [p for g in groups for p in g[0]]
+        results = [r for g in groups for r in g[1]]
+        rewards = torch.cat([g[2] for g in groups])
         return flat, results, rewards
 
     def train_step(self) -> dict:
@@ -253,7 +317,11 @@ class Trainer:
         advantages = group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
         samples = _build_samples(results, advantages, use_routes=self.mode == "R3")
         self._step_max_len = self._global_max(max(s.tokens.numel() for s in samples))
-        microbatches = self._microbatches(samples)
+        # Minibatches (one optimizer step each), balanced over DP under a token budget; the
+        # log-prob passes run over all of them, in the same microbatches as the updates.
+        minibatches = self.batcher.split(samples, label=f" (step {self.step})")
+        samples = [s for m in minibatches for s in m.samples]
+        microbatches = [mb for m in minibatches for mb in self._microbatches(m)]
 
         t0 = time.perf_counter()
         passes = int(self.reference is not None) + int(not cfg.train.use_rollout_log_probs)
@@ -263,13 +331,22 @@ class Trainer:
 
         t0 = time.perf_counter()
         _set_lr(self.optimizer, learning_rate(cfg, self.step))
-        per_update = len(samples) // cfg.train.updates_per_rollout
-        update_metrics = []
+        update_metrics, start = [], 0
+        self._token_counts = [0, 0]
         with self.logger.phase("updates", cfg.train.updates_per_rollout) as advance:
-            for u in range(cfg.train.updates_per_rollout):
-                update_metrics.append(self._update(samples[u * per_update : (u + 1) * per_update]))
+            for m in minibatches:
+                m = dataclasses.replace(m, samples=samples[start : start + len(m.samples)])
+                start += len(m.samples)
+                update_metrics.append(self._update(m))
                 advance()
         timings["time/update_s"] = time.perf_counter() - t0
+        from megatron.core import parallel_state
+
+        timings.update(batch_metrics(
+            real_tokens=self._token_counts[0], collated_tokens=self._token_counts[1],
+            response_tokens=sum(len(r.response_ids) for r in results), rollout_s=timings["time/rollout_s"],
+            train_s=timings["time/update_s"], dp_group=parallel_state.get_data_parallel_group()))
+        timings.update(self._rollout_metrics)
 
         t0 = time.perf_counter()
         with self.logger.phase("weight sync", 1) as advance:
@@ -296,9 +373,11 @@ class Trainer:
             advance()
         return samples
 
-    def _update(self, minibatch_samples: list[Sample]) -> dict:
+    def _update(self, minibatch_samples) -> dict:
         """One optimizer step on a minibatch, replaying routes unless routing is live."""
         minibatch = self._microbatches(minibatch_samples)
+        self._token_counts[0] += sum(int((~mb.padding_mask).sum()) for mb in minibatch)
+        self._token_counts[1] += sum(mb.tokens.numel() for mb in minibatch)
         minibatch = assign_step_weights(minibatch, self.spec.reduction, norm_length=self.spec.norm_length)
         for controller in filter(None, map(routing_replay_of, self.chunks)):
             controller.reset_counts()
@@ -341,7 +420,8 @@ class Trainer:
             metrics = self.train_step()
             self.step += 1
             self.logger.log(metrics)
-            if self.step % self.cfg.run.save_every == 0 or self.step == self.cfg.run.steps:
+            every = self.cfg.run.save_every  # 0: no periodic checkpoints, only the last
+            if (every and self.step % every == 0) or self.step == self.cfg.run.steps:
                 with self.logger.phase("checkpoint", 1) as advance:
                     self._save()
                     advance()
