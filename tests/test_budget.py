@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sapo_megatron.step.budget import microbatch_cost, pack, pack_exact
+from sapo_megatron.step.budget import MICROBATCH_OVERHEAD, microbatch_cost, pack, pack_exact
 
 
 def _lognormal_lengths(n: int, seed: int) -> list[int]:
@@ -39,20 +39,37 @@ def _optimal_bins(lengths, budget, layout) -> int:
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_pack_count_near_optimal(layout):
+def test_packed_count_near_optimal():
     rng = random.Random(0)
     worse = 0
     for _ in range(60):
         lengths = [rng.randint(1, 10) for _ in range(rng.randint(2, 7))]
-        got = len(pack(lengths, 12, layout=layout))
-        best = _optimal_bins(lengths, 12, layout)
-        # FFD's bound is 11/9 OPT + 6/9; the sorted cut is optimal among cuts of the sorted order,
-        # which for the padded cost (count x longest) is at most one bin off the optimum here.
-        assert got <= 11 / 9 * best + 6 / 9 + 1e-9 if layout == "packed" else got <= best + 1
+        got = len(pack(lengths, 12, layout="packed"))
+        best = _optimal_bins(lengths, 12, "packed")
+        assert got <= 11 / 9 * best + 6 / 9 + 1e-9  # first-fit-decreasing's bound
         worse += got > best
-    # Not vacuous: the heuristics are optimal in most of these small cases.
+    # Not vacuous: FFD is optimal in most of these small cases.
     assert worse <= 6
+
+
+def _padded_objective(lengths, bins, budget):
+    return sum(microbatch_cost([lengths[i] for i in b], "padded") for b in bins) + MICROBATCH_OVERHEAD * budget * len(bins)
+
+
+def test_padded_cut_is_optimal():
+    """The sorted cut minimises padded tokens + overhead x count over ALL partitions (brute force)."""
+    rng = random.Random(1)
+    for _ in range(30):
+        n = rng.randint(2, 6)  # n**n labelings: 6 keeps it under a second or two
+        lengths = [rng.randint(1, 10) for _ in range(n)]
+        got = _padded_objective(lengths, pack(lengths, 24, layout="padded"), 24)
+        best = float("inf")
+        for labels in itertools.product(range(n), repeat=n):
+            bins = [[i for i in range(n) if labels[i] == b] for b in range(n)]
+            bins = [b for b in bins if b]
+            if all(microbatch_cost([lengths[i] for i in b], "padded") <= 24 for b in bins):
+                best = min(best, _padded_objective(lengths, bins, 24))
+        assert got == pytest.approx(best), (lengths, got, best)
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])

@@ -69,8 +69,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, *, extra: dict, keep_last: int = 2) -> Path:
-    """Write and publish checkpoint ``step`` (a collective: every rank calls it)."""
+def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, *, extra: dict, keep_last: int = 2,
+                    extra_state: dict | None = None) -> Path:
+    """Write and publish checkpoint ``step`` (a collective: every rank calls it).
+
+    ``extra`` (JSON) goes to ``meta.json``; ``extra_state`` (tensors allowed) is this rank's
+    further state, e.g. a lagged rollout engine's weight snapshots, returned by
+    :func:`load_checkpoint` as ``meta["extra_state"]``.
+    """
     root = Path(root) / "checkpoints"
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f"{name}.tmp"
@@ -83,6 +89,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, *, ext
         "model": [chunk.state_dict() for chunk in model_chunks],
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": _rng_state(),
+        "extra_state": extra_state or {},
     }
     torch.save(payload, tmp / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
@@ -140,4 +147,5 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer) -> dict:
     if optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
     _set_rng_state(payload["rng"])
+    meta["extra_state"] = payload.get("extra_state", {})
     return meta

@@ -208,12 +208,15 @@ class Trainer:
         meta = load_checkpoint(path, self.chunks, self.optimizer)
         self.step = meta["step"]
         self.stream.load_state_dict(meta["data"])
+        if hasattr(self.engine, "load_state_dict"):  # e.g. a lagged engine's weight snapshots
+            self.engine.load_state_dict(meta["extra_state"].get("engine", {}))
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def _save(self) -> None:
         save_checkpoint(self.out, self.step, self.chunks, self.optimizer,
-                        extra={"data": self.stream.state_dict()}, keep_last=self.cfg.run.keep_last)
+                        extra={"data": self.stream.state_dict()}, keep_last=self.cfg.run.keep_last,
+                        extra_state={"engine": self.engine.state_dict()} if hasattr(self.engine, "state_dict") else None)
 
     # --- one RL step ------------------------------------------------------------------
     def _collate(self, group: list[Sample], min_length: int | None = None):
@@ -313,6 +316,8 @@ class Trainer:
             _, results, rewards = self.rollout()
             advance()
         timings["time/rollout_s"] = time.perf_counter() - t0
+        results, staleness = self._apply_staleness(results)
+        timings.update(staleness)
         aborted = torch.tensor([r.finish_reason == "abort" for r in results])
         advantages = group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
         samples = _build_samples(results, advantages, use_routes=self.mode == "R3")
@@ -354,6 +359,26 @@ class Trainer:
             advance()
         timings["time/weight_sync_s"] = time.perf_counter() - t0
         return self._step_metrics(rewards, results, update_metrics, timings)
+
+    def _apply_staleness(self, results):
+        """Each sample's staleness (policy version now - the version that generated it); samples
+        older than ``rollout.max_staleness`` are dropped: they become aborted requests (no loss,
+        their group's advantages unmoved). Metrics ``async/*``, reduced over DP."""
+        from megatron.core import parallel_state
+
+        k = self.cfg.rollout.max_staleness
+        ages = [self.step - r.meta.get("weight_version", self.step) for r in results]
+        dropped = [a > k for a in ages]
+        results = [dataclasses.replace(r, finish_reason="abort", response_ids=[], response_log_probs=[], routes=None)
+                   if d and r.finish_reason != "abort" else r for r, d in zip(results, dropped)]
+        group = parallel_state.get_data_parallel_group()
+        sums = torch.tensor([sum(ages), len(ages), sum(dropped)], dtype=torch.float64, device=group_device(group))
+        peak = torch.tensor([max(ages, default=0)], dtype=torch.float64, device=group_device(group))
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        total, n, n_dropped = sums.tolist()
+        return results, {"async/staleness_mean": total / max(n, 1.0), "async/staleness_max": float(peak),
+                         "async/dropped_frac": n_dropped / max(n, 1.0)}
 
     def _log_prob_passes(self, samples: list[Sample], microbatches, advance) -> list[Sample]:
         """Reference log-probs (live routing), then old log-probs under the routing mode."""
