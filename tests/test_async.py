@@ -31,7 +31,7 @@ def test_lagged_weights_sample_k_versions_ago():
         seen.append((lagged.version, float(copy.weight.detach()[0, 0])))
     # The copy holds version max(0, v - 2) and exactly those weights; the live model is untouched.
     assert seen == [(0, 0.0), (0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
-    assert float(live.weight[0, 0]) == 5.0
+    assert float(live.weight.detach()[0, 0]) == 5.0
     assert sorted(lagged.snapshots) == [3, 4, 5]  # only what a later sync can still need
     # Round trip through a checkpoint's extra state.
     other = LaggedWeights([torch.nn.Linear(2, 2)], 2, [live])
@@ -50,7 +50,7 @@ def test_lag_zero_follows_the_trainer():
 
 
 SMALL = ["run.save_every=2", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "run.tensorboard=false",
-         "run.progress=false", "train.micro_batch_size=4", "rollout.max_staleness=2"]
+         "run.progress=false", "train.micro_batch_size=4", "rollout.max_staleness=2", "loss.tis_cap=2.0"]
 
 
 def _train(out: Path, *overrides: str) -> list[dict]:
@@ -66,6 +66,15 @@ def test_async_resume_continues_exactly(tmp_path):
     # Staleness grows to the bound and stays there; nothing is older than k, nothing dropped.
     assert [r["async/staleness_max"] for r in full] == [0.0, 1.0, 2.0, 2.0]
     assert all(r["async/dropped_frac"] == 0.0 for r in full)
+    # Log-prob semantics: the engine's log-probs are the behaviour policy's (the lagged copy), the
+    # trainer's old log-probs the proximal policy's. At staleness 0 both are the same weights (the
+    # gap is float noise from other batch shapes, ~1e-6); at staleness 2 they differ by far more.
+    gap = [r["train_rollout_logprob_abs_diff"] for r in full]
+    assert gap[0] < 1e-4 and min(gap[2:]) > 100 * max(gap[0], 1e-7), gap
+    # The decoupled correction sees it: TIS weights pi_prox / pi_behav are 1 at staleness 0; later
+    # they spread (their mean stays near 1, an importance weight's expectation, but moves).
+    dev = [abs(r["tis_weight_mean"] - 1.0) for r in full]
+    assert dev[0] < 1e-4 and max(dev[2:]) > 10 * max(dev[0], 1e-6), dev
     _train(tmp_path / "part", "run.steps=2")
     resumed = _train(tmp_path / "part", "run.steps=4")  # resumes from step 2's checkpoint
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]  # metrics.jsonl appends

@@ -24,9 +24,11 @@ SMALL = ["run.save_every=0", "rollout.prompts_per_step=4", "rollout.samples_per_
          "train.updates_per_rollout=1"]  # one optimizer step: grad_norm is the whole step's
 
 
-def _train(out: Path, *overrides: str) -> list[dict]:
-    torchrun("sapo_megatron.cli", "train", "--config", ROOT / "configs" / "tiny_cpu.yaml", f"run.output_dir={out}",
-             *SMALL, *overrides, nproc=2, module=True, timeout=900)
+def _train(out: Path, *overrides: str, stderr: list | None = None) -> list[dict]:
+    proc = torchrun("sapo_megatron.cli", "train", "--config", ROOT / "configs" / "tiny_cpu.yaml",
+                    f"run.output_dir={out}", *SMALL, *overrides, nproc=2, module=True, timeout=900)
+    if stderr is not None:
+        stderr.append(proc.stderr)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -63,9 +65,14 @@ def test_batch_metrics(runs):
 
 
 def test_dynamic_sampling_runs_and_reports(tmp_path):
+    err: list = []
     rows = _train(tmp_path / "ds", "run.steps=2", "train.micro_batch_size=2",
-                  "rollout.dynamic_sampling.filter=zero_variance", "rollout.dynamic_sampling.max_rounds=2")
+                  "rollout.dynamic_sampling.filter=zero_variance", "rollout.dynamic_sampling.max_rounds=2", stderr=err)
     for row in rows:
         assert 0.0 <= row["rollout/filtered_frac"] <= 1.0
         assert row["rollout/sampling_rounds"] in (1.0, 2.0)
         assert "loss" in row  # never an empty step
+    # A fresh policy mostly scores 0 on every sample of a group: the filter has work to do.
+    assert any(row["rollout/filtered_frac"] > 0 for row in rows)
+    if any(row["rollout/topped_up_groups"] > 0 for row in rows):  # could not fill: said so, with numbers
+        assert "rollout.dynamic_sampling: step" in err[0] and "max_rounds=2" in err[0]
