@@ -83,3 +83,43 @@ def test_async_resume_continues_exactly(tmp_path):
     # Not vacuous: the steps after the resume trained on something. (Without the snapshots in the
     # checkpoint, step 2's sync would need version 1, which a fresh engine does not hold.)
     assert any(r["grad_norm"] > 0 for r in full[2:])
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sglang_background_rollout_is_one_version_stale(tmp_path):
+    """max_staleness=1 with the SGLang engine: the next batch is generated during the step."""
+    from tests.dist.ckpt_models import make_hf_model
+    from tests.sglang_mock import Behaviour, MockSGLang
+
+    hf = make_hf_model("qwen3_moe", tmp_path / "hf")
+    server = MockSGLang(Behaviour(num_hidden_layers=2, topk=2, num_experts=4, dense_layers=(0,), vocab_size=16,
+                                  delay_per_token_s=0.05))
+    try:
+        config = tmp_path / "c.yaml"
+        config.write_text(f"""
+run: {{output_dir: {tmp_path / 'run'}, steps: 3, save_every: 0, tensorboard: false, progress: false}}
+model: {{preset: null, hf_dir: {hf}}}
+parallel: {{tensor_model_parallel_size: 2}}
+rollout:
+  engine: sglang
+  prompts_per_step: 4
+  samples_per_prompt: 4
+  max_new_tokens: 4
+  max_staleness: 1
+  sglang: {{urls: ["{server.url}"], retries: 1, backoff_s: 0.1, timeout_s: 60, weight_dir: {tmp_path / 'w'}}}
+train: {{micro_batch_size: 4, updates_per_rollout: 2}}
+routing: {{mode: R3}}
+""")
+        torchrun("sapo_megatron.cli", "train", "--config", config, nproc=2, module=True, timeout=600)
+        paths = server.paths()
+    finally:
+        server.stop()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Step 0 is generated with version 0 before training; later batches one version behind.
+    assert [r["async/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]
+    assert all(r["async/dropped_frac"] == 0.0 for r in rows)
+    assert all(0.0 <= r["async/overlap_frac"] <= 1.0 and r["async/wait_rollout_s"] >= 0 for r in rows)
+    # Three batches of 16 requests, one weight load per step; the last step prefetches nothing.
+    assert paths.count("/generate") == 3 * 16
+    assert paths.count("/update_weights_from_disk") == 3

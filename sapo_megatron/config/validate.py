@@ -44,11 +44,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang.urls:
         problems.append("rollout.engine=sglang needs rollout.sglang.urls (the servers' "
                         "http://host:port addresses)")
-    if cfg.rollout.max_staleness > 0 and cfg.rollout.engine != "embedded":
-        problems.append(f"rollout.max_staleness={cfg.rollout.max_staleness}: bounded-staleness rollouts are "
-                        f"wired for the embedded engine only (a lagged copy of the policy); the asynchronous "
-                        f"SGLang worker is not implemented yet, use rollout.max_staleness=0 with "
-                        f"rollout.engine={cfg.rollout.engine}")
+    if cfg.rollout.max_staleness > 0 and cfg.rollout.engine == "sglang" and cfg.rollout.dynamic_sampling.filter:
+        problems.append("rollout.max_staleness > 0 with rollout.engine=sglang generates the next batch in the "
+                        "background, one round per step: it cannot be combined with rollout.dynamic_sampling "
+                        "(set rollout.dynamic_sampling.filter=null or rollout.max_staleness=0)")
     if cfg.train.advantage in ("grpo", "grpo_no_std", "rloo") and cfg.rollout.samples_per_prompt < 2:
         problems.append(f"train.advantage={cfg.train.advantage} compares samples of the same prompt: "
                         f"rollout.samples_per_prompt must be >= 2, got {cfg.rollout.samples_per_prompt}")

@@ -89,6 +89,47 @@ class ReplicaSGLang:
         dist.broadcast_object_list(box, src=self.leader, group=self.group)
         return box[0]
 
+    # Asynchronous use (rollout.max_staleness > 0, trainer/loop.py): the leader's HTTP requests
+    # run on one background thread; every torch.distributed call stays on the main thread.
+    def submit(self, prompts, params: SamplingParams, *, return_routes: bool) -> None:
+        """Start generating on a background thread (leader only; HTTP only); returns at once."""
+        if dist.get_rank() == self.leader:
+            from concurrent.futures import ThreadPoolExecutor
+
+            if getattr(self, "_pool", None) is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-rollout")
+            import time
+
+            now = time.perf_counter()
+            # Worker idle since its last batch: the rollout side waiting on the trainer.
+            self.idle_s = now - self._done_at if getattr(self, "_done_at", None) is not None else 0.0
+
+            def work():
+                start = time.perf_counter()
+                try:
+                    return self.engine.generate(prompts, params, return_routes=return_routes)
+                finally:
+                    self._done_at = time.perf_counter()
+                    self.generate_s = self._done_at - start
+
+            self._pending = self._pool.submit(work)
+
+    def drain(self) -> None:
+        """Wait until the submitted generation is done (no collective): SGLang answers /flush_cache
+        with 400 while requests run, so a weight sync must not start before."""
+        pending = getattr(self, "_pending", None)
+        if pending is not None:
+            pending.exception()  # blocks; an error is raised by collect()
+
+    def collect(self) -> list[RolloutResult]:
+        """The submitted generation's results on every rank of the group (a broadcast)."""
+        box = [None]
+        if dist.get_rank() == self.leader:
+            box = [self._pending.result()]
+            self._pending = None
+        dist.broadcast_object_list(box, src=self.leader, group=self.group)
+        return box[0]
+
     def update_weights(self, model_chunks, step: int) -> None:
         from sapo_megatron.checkpoint import export_hf
 
@@ -102,6 +143,9 @@ class ReplicaSGLang:
         dist.barrier()
 
     def close(self) -> None:
+        self.drain()
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True)
         if self.engine is not None:
             self.engine.close()
 

@@ -191,6 +191,10 @@ class Trainer:
         self.batcher = StepBatcher(cfg.train, pad_multiple=cfg.parallel.tensor_model_parallel_size,
                                    dp_group=parallel_state.get_data_parallel_group(),
                                    equal_shapes=budget and needs_equal_shapes(self.chunks))
+        # Bounded staleness with an engine that generates in the background (SGLang): the next
+        # step's batch is generated while this step trains. (The embedded engine lags instead.)
+        self._async = cfg.rollout.max_staleness > 0 and hasattr(self.engine, "submit")
+        self._prefetched, self._stream_state, self._async_metrics = None, None, {}
         self.step = 0
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -214,8 +218,11 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def _save(self) -> None:
+        # A batch generated in the background is not saved: the stream position before its draw is,
+        # so a resumed run draws the same prompts and regenerates them with the resumed weights.
+        data = self._stream_state if self._prefetched is not None else self.stream.state_dict()
         save_checkpoint(self.out, self.step, self.chunks, self.optimizer,
-                        extra={"data": self.stream.state_dict()}, keep_last=self.cfg.run.keep_last,
+                        extra={"data": data}, keep_last=self.cfg.run.keep_last,
                         extra_state={"engine": self.engine.state_dict()} if hasattr(self.engine, "state_dict") else None)
 
     # --- one RL step ------------------------------------------------------------------
@@ -265,9 +272,42 @@ class Trainer:
     def rollout(self):
         ds = self.cfg.rollout.dynamic_sampling
         self._rollout_metrics = {}
+        if self._async:
+            return self._async_rollout()
         if ds.filter is None:
             return self._rollout_round(0)
         return self._dynamic_rollout(ds)
+
+    def _submit(self, step: int) -> None:
+        """Draw step ``step``'s prompts and start generating them in the background."""
+        cfg = self.cfg.rollout
+        prompts = self.stream.next_batch(cfg.prompts_per_step)[self.dp_rank :: self.dp_size]
+        flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+        params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
+                                     seed=self.cfg.run.seed * 1_000_003 + step)
+        self.engine.submit([p.ids for p in flat], params, return_routes=self.mode == "R3")
+        # The servers hold the weights of version self.step (synced at the end of step - 1).
+        self._prefetched = (flat, self.step)
+
+    def _async_rollout(self):
+        """This step's batch, generated in the background during the previous step (staleness 1)."""
+        t0 = time.perf_counter()
+        if self._prefetched is None:  # the first step, or the first after a resume
+            self._submit(self.step)
+        results = self.engine.collect()
+        wait = time.perf_counter() - t0
+        flat, version = self._prefetched
+        results = [dataclasses.replace(r, meta={**r.meta, "weight_version": version}) for r in results]
+        rewards = torch.tensor([
+            self.task.reward(p, r.response_ids, self.task.tokenizer.decode(r.response_ids)) for p, r in zip(flat, results)
+        ], dtype=torch.float64)
+        # Measured on this rank (rank 0 is a leader; the others report their wait only).
+        self._async_metrics = {"async/wait_rollout_s": wait, "async/wait_train_s": getattr(self.engine, "idle_s", 0.0)}
+        self._prefetched = None
+        if self.step + 1 < self.cfg.run.steps:
+            self._stream_state = self.stream.state_dict()
+            self._submit(self.step + 1)
+        return flat, results, rewards
 
     def _dynamic_rollout(self, ds):
         """Rounds of generation until every DP rank holds its quota of kept groups (rollout/dynamic.py)."""
@@ -354,10 +394,18 @@ class Trainer:
         timings.update(self._rollout_metrics)
 
         t0 = time.perf_counter()
+        if self._async:  # /flush_cache answers 400 while requests run: let the next batch finish
+            self.engine.drain()
+            wait = self._async_metrics["async/wait_rollout_s"] = self._async_metrics["async/wait_rollout_s"] + (
+                time.perf_counter() - t0)
+            # Share of generation hidden behind training: 1 - the trainer's wait / generation time.
+            generate_s = getattr(self.engine, "generate_s", 0.0) if self._prefetched is not None else 0.0
+            self._async_metrics["async/overlap_frac"] = max(0.0, 1.0 - wait / generate_s) if generate_s > 0 else 0.0
         with self.logger.phase("weight sync", 1) as advance:
             self.engine.update_weights(self.chunks, self.step)
             advance()
         timings["time/weight_sync_s"] = time.perf_counter() - t0
+        timings.update(self._async_metrics)
         return self._step_metrics(rewards, results, update_metrics, timings)
 
     def _apply_staleness(self, results):
@@ -442,7 +490,9 @@ class Trainer:
 
     def train(self) -> None:
         while self.step < self.cfg.run.steps:
+            t0 = time.perf_counter()
             metrics = self.train_step()
+            metrics["time/step_s"] = time.perf_counter() - t0
             self.step += 1
             self.logger.log(metrics)
             every = self.cfg.run.save_every  # 0: no periodic checkpoints, only the last
