@@ -133,6 +133,13 @@ def _build_samples(results, advantages, *, use_routes: bool) -> list[Sample]:
     return samples
 
 
+def _version(value, default: int) -> int:
+    """A sample's weight version as an int (SGLang reports a string, "default" before any update)."""
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.isdigit() else default
+
+
 class Trainer:
     """Holds the run's state; :meth:`train` is the loop."""
 
@@ -415,7 +422,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         k = self.cfg.rollout.max_staleness
-        ages = [self.step - r.meta.get("weight_version", self.step) for r in results]
+        ages = [self.step - _version(r.meta.get("weight_version"), self.step) for r in results]
         dropped = [a > k for a in ages]
         results = [dataclasses.replace(r, finish_reason="abort", response_ids=[], response_log_probs=[], routes=None)
                    if d and r.finish_reason != "abort" else r for r, d in zip(results, dropped)]
