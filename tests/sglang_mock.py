@@ -47,6 +47,7 @@ class Behaviour:
     abort_prompts: set = field(default_factory=set)  # tuple(input_ids) answered with an abort
     reject_prompts: set = field(default_factory=set)  # tuple(input_ids) answered with HTTP 400
     delay_s: float = 0.0  # every /generate waits this long before answering
+    delay_per_token_s: float = 0.0  # ... plus this per generated token (bench_async's decode latency)
     slow_prompts: set = field(default_factory=set)  # tuple(input_ids): wait slow_delay_s
     slow_delay_s: float = 0.0
     slow_times: int | None = None  # only the first N requests of slow prompts are slow
@@ -289,7 +290,10 @@ class _Handler(BaseHTTPRequestHandler):
                 version = f"{version}-other"
             with mock.lock:
                 mock.served_versions.append(version)
-            self._send(200, fake_generate(request, b, version))
+            answer = fake_generate(request, b, version)
+            if b.delay_per_token_s and mock.stopping.wait(b.delay_per_token_s * len(answer.get("output_ids", []))):
+                return self._drop()
+            self._send(200, answer)
         finally:
             with mock.lock:
                 mock.meter.leave()

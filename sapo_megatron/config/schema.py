@@ -183,6 +183,26 @@ class OptimConfig:
 
 
 @dataclass
+class DynamicSamplingSection:
+    """Drop prompt groups the loss cannot learn from and over-sample to refill the batch.
+
+    ``filter``: a name in :data:`sapo_megatron.rollout.dynamic.GROUP_FILTERS` (``zero_variance``:
+    every completed sample of the group has the same reward, so every advantage is 0), or null
+    (off). ``max_rounds``: generation rounds per step at most, the first included.
+    """
+
+    filter: str | None = None
+    max_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        from sapo_megatron.rollout.dynamic import GROUP_FILTERS
+
+        _check(self.filter is None or self.filter in GROUP_FILTERS, "rollout.dynamic_sampling.filter",
+               f"one of {sorted(GROUP_FILTERS)} or null", self.filter)
+        _check(self.max_rounds >= 1, "rollout.dynamic_sampling.max_rounds", ">= 1", self.max_rounds)
+
+
+@dataclass
 class RolloutConfig(SamplingParams):
     """The rollout engine and batch, plus the engines' :class:`SamplingParams` (temperature,
     top_p, max_new_tokens, stop_token_ids, seed) as fields of this section: declared and
@@ -194,27 +214,37 @@ class RolloutConfig(SamplingParams):
     prompts_per_step: int = 16
     samples_per_prompt: int = 8
     sglang: SGLangSection = field(default_factory=SGLangSection)
+    dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
+    # Policy versions (RL steps) a sample may lag the trainer by; 0: the synchronous loop.
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", ">= 1", self.prompts_per_step)
+        _check(self.max_staleness >= 0, "rollout.max_staleness", ">= 0 (0: synchronous rollouts)", self.max_staleness)
         _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", ">= 1", self.samples_per_prompt)
 
     def sampling_params(self, *, stop_token_ids: tuple[int, ...] = (), run_seed: int = 0,
-                        step: int | None = None) -> SamplingParams:
+                        step: int | None = None, round_index: int = 0) -> SamplingParams:
         """One step's request parameters: this section's, plus the task's stop tokens, seeded by
-        (``rollout.seed``, or ``run.seed`` when that is null; step) so that a resumed run samples
-        exactly what the original did. ``step=None``: unseeded."""
+        (``rollout.seed``, or ``run.seed`` when that is null; step; the dynamic-sampling round) so
+        that a resumed run samples exactly what the original did. ``step=None``: unseeded."""
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
         stops = tuple(dict.fromkeys((*self.stop_token_ids, *stop_token_ids)))
         root = self.seed if self.seed is not None else run_seed
-        seed = None if step is None else root * 1_000_003 + step
+        seed = None if step is None else root * 1_000_003 + step + round_index * 1_000_000_007
         return SamplingParams(**{**base, "stop_token_ids": stops, "seed": seed})
 
 
 @dataclass
 class TrainSection:
-    micro_batch_size: int = 8  # samples per microbatch (packed layout: per packed row group)
+    # Samples per microbatch (packed layout: per packed row group); null with a token budget.
+    micro_batch_size: int | None = 8
+    # The alternative: microbatches packed under this many tokens each (padding included in the
+    # padded layout), samples balanced over DP ranks by tokens. Exactly one of the two is set.
+    max_tokens_per_microbatch: int | None = None
+    # Balancing cost of a sample of L tokens: L + balance_quadratic_coef * L^2 (attention).
+    balance_quadratic_coef: float = 0.0
     updates_per_rollout: int = 2  # optimizer steps (minibatches) per rollout batch
     layout: BatchLayout = "padded"
     advantage: AdvantageName = "grpo"
@@ -223,7 +253,16 @@ class TrainSection:
     use_rollout_log_probs: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.micro_batch_size >= 1, "train.micro_batch_size", ">= 1", self.micro_batch_size)
+        if (self.micro_batch_size is None) == (self.max_tokens_per_microbatch is None):
+            raise ValueError(
+                f"exactly one of train.micro_batch_size and train.max_tokens_per_microbatch must be set, got "
+                f"{self.micro_batch_size!r} and {self.max_tokens_per_microbatch!r} (with a token budget, set "
+                f"train.micro_batch_size=null)")
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", ">= 1",
+               self.micro_batch_size)
+        _check(self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch >= 1,
+               "train.max_tokens_per_microbatch", ">= 1", self.max_tokens_per_microbatch)
+        _check(self.balance_quadratic_coef >= 0, "train.balance_quadratic_coef", ">= 0", self.balance_quadratic_coef)
         _check(self.updates_per_rollout >= 1, "train.updates_per_rollout", ">= 1", self.updates_per_rollout)
 
 

@@ -47,6 +47,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang.urls:
         problems.append("rollout.engine=sglang needs rollout.sglang.urls (the servers' "
                         "http://host:port addresses)")
+    if cfg.rollout.max_staleness > 0 and cfg.rollout.engine == "sglang" and cfg.rollout.dynamic_sampling.filter:
+        problems.append("rollout.max_staleness > 0 with rollout.engine=sglang generates the next batch in the "
+                        "background, one round per step: it cannot be combined with rollout.dynamic_sampling "
+                        "(set rollout.dynamic_sampling.filter=null or rollout.max_staleness=0)")
     if cfg.train.advantage in ("grpo", "grpo_no_std", "rloo") and cfg.rollout.samples_per_prompt < 2:
         problems.append(f"train.advantage={cfg.train.advantage} compares samples of the same prompt: "
                         f"rollout.samples_per_prompt must be >= 2, got {cfg.rollout.samples_per_prompt}")
@@ -75,7 +79,7 @@ class BatchPlan:
     rollout_batch_size: int  # samples per training step, all ranks
     minibatch_size: int  # samples per optimizer step, all ranks
     samples_per_rank: int  # samples per optimizer step on one DP rank
-    num_microbatches: int  # per optimizer step on one DP rank
+    num_microbatches: int | None  # per optimizer step on one DP rank (None: a token budget)
 
 
 def validate_for_world(cfg: TrainConfig, world_size: int) -> BatchPlan:
@@ -110,6 +114,13 @@ def validate_for_world(cfg: TrainConfig, world_size: int) -> BatchPlan:
         raise ConfigError([f"{split} do not split into train.updates_per_rollout="
                            f"{t.updates_per_rollout} equal minibatches"])
     minibatch = rollout_batch // t.updates_per_rollout
+    if t.micro_batch_size is None:  # a token budget: microbatch counts vary from step to step
+        if (rollout_batch // dp) % t.updates_per_rollout:
+            raise ConfigError([f"{split}, {rollout_batch // dp} per data-parallel rank (DP {dp}), do not "
+                               f"split into train.updates_per_rollout={t.updates_per_rollout} equal minibatches"])
+        return BatchPlan(world_size=world_size, data_parallel_size=dp,
+                         expert_data_parallel_size=world_size // (etp * ep * pp), rollout_batch_size=rollout_batch,
+                         minibatch_size=minibatch, samples_per_rank=minibatch // dp, num_microbatches=None)
     if minibatch % (dp * t.micro_batch_size):
         raise ConfigError([
             f"{split}, in {t.updates_per_rollout} minibatches of {minibatch}: a minibatch must be "

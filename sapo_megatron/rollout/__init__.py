@@ -39,12 +39,25 @@ def _embedded(cfg, model_chunks, model_cfg, tokenizer):
     from sapo_megatron.rollout.embedded import EmbeddedEngine
 
     sp = cfg.parallel.sequence_parallel
+    lagged = None
+    if cfg.rollout.max_staleness > 0:
+        # Bounded staleness on CPU: an engine-owned copy sampling with older weights.
+        from sapo_megatron.rollout.lagged import LaggedWeights
+        from sapo_megatron.routing import attach_routing_replay
+        from sapo_megatron.step import build_model_chunks
+
+        copy = build_model_chunks(model_cfg, cfg.parallel, wrap_ddp=False)
+        if model_cfg.num_experts:
+            for chunk in copy:
+                attach_routing_replay(chunk, model_cfg.moe_layer_pattern())
+        lagged = LaggedWeights(copy, cfg.rollout.max_staleness, model_chunks)
     return EmbeddedEngine(
         model_chunks,
         num_experts=model_cfg.num_experts or None,
         pad_multiple=cfg.parallel.tensor_model_parallel_size if sp else 1,
         pad_id=tokenizer.pad_id,
         seed=cfg.run.seed,
+        lagged=lagged,
     )
 
 

@@ -60,8 +60,11 @@ def _top_p_filter(probs_BV: torch.Tensor, top_p: float) -> torch.Tensor:
 class EmbeddedEngine:
     """Samples from the trainer's own model chunks (see module docstring)."""
 
-    def __init__(self, model_chunks, *, num_experts: int | None, pad_multiple: int = 1, pad_id: int = 0, seed: int = 0):
-        self.model_chunks = model_chunks
+    def __init__(self, model_chunks, *, num_experts: int | None, pad_multiple: int = 1, pad_id: int = 0, seed: int = 0,
+                 lagged=None):
+        # ``lagged``: a rollout.lagged.LaggedWeights owning the copy to sample from (max_staleness > 0).
+        self.lagged = lagged
+        self.model_chunks = lagged.chunks if lagged is not None else model_chunks
         self.pad_multiple = pad_multiple
         self.pad_id = pad_id
         self.seed = seed
@@ -132,11 +135,21 @@ class EmbeddedEngine:
                 response_log_probs=log_probs[i],
                 finish_reason=finish[i],
                 routes=routes,
+                meta={"weight_version": self.lagged.version} if self.lagged is not None else {},
             ))
         return results
 
     def update_weights(self, model_chunks, step: int) -> None:
-        """Nothing to sync: the engine samples from the trainer's live weights."""
+        """Live weights: nothing to sync. Lagged: RL step ``step`` is done, version ``step + 1``."""
+        if self.lagged is not None:
+            self.lagged.update_weights(model_chunks, step + 1)
+
+    def state_dict(self) -> dict:
+        return {"lagged": self.lagged.state_dict()} if self.lagged is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.lagged is not None and "lagged" in state:
+            self.lagged.load_state_dict(state["lagged"])
 
     def close(self) -> None:
         pass

@@ -286,7 +286,9 @@ def run_step(
     if not microbatches:
         raise ValueError("run_step needs at least one microbatch")
     shapes = {tuple(mb.tokens.shape) for mb in microbatches}
-    if len(shapes) != 1 and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+    # Token-budget microbatches differ in shape; Megatron's p2p then exchanges shapes first.
+    variable = getattr(unwrap(model_chunks[0]).config, "variable_seq_lengths", False)
+    if len(shapes) != 1 and parallel_state.get_pipeline_model_parallel_world_size() > 1 and not variable:
         raise ValueError(
             f"pipeline parallelism needs equally shaped microbatches, got shapes {sorted(shapes)}"
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,13 +48,17 @@ from sapo_megatron.routing import (
     routing_action,
     routing_replay_of,
 )
+from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
+from sapo_megatron.trainer.batching import StepBatcher, batch_metrics, group_device
 from sapo_megatron.trainer.checkpoint import (
     finalize_async_saves,
     is_dist_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    register_stateful,
     save_checkpoint,
+    unregister_extra_state,
 )
 from sapo_megatron.trainer.schedule import build_scheduler
 from sapo_megatron.trainer.logging import MetricsLogger
@@ -121,6 +126,13 @@ def _build_samples(results, advantages, *, use_routes: bool) -> list[Sample]:
     return samples
 
 
+def _version(value, default: int) -> int:
+    """A sample's weight version as an int (SGLang reports a string, "default" before any update)."""
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.isdigit() else default
+
+
 class Trainer:
     """Holds the run's state; :meth:`train` is the loop."""
 
@@ -176,6 +188,24 @@ class Trainer:
         self.stream = PromptStream(self.task, seed=cfg.run.seed)
         self.engine = build_engine(cfg, self.chunks, self.model_cfg, tokenizer=self.task.tokenizer)
         self.spec = cfg.loss
+        # A lagged engine's weight snapshots are this rank's shards: saved per rank with every
+        # checkpoint (the extra-state hook), so a resumed run samples from the same old weights.
+        if getattr(self.engine, "lagged", None) is not None:
+            register_stateful("engine", self.engine, per_rank=True)
+        else:
+            unregister_extra_state("engine")
+        from sapo_megatron.step.plan import enable_variable_seq_lengths, needs_equal_shapes
+
+        budget = cfg.train.max_tokens_per_microbatch is not None
+        if budget and cfg.parallel.pipeline_model_parallel_size > 1:
+            enable_variable_seq_lengths(self.chunks)  # token-budget microbatches differ in shape
+        self.batcher = StepBatcher(cfg.train, pad_multiple=cfg.parallel.tensor_model_parallel_size,
+                                   dp_group=parallel_state.get_data_parallel_group(),
+                                   equal_shapes=budget and needs_equal_shapes(self.chunks))
+        # Bounded staleness with an engine that generates in the background (SGLang): the next
+        # step's batch is generated while this step trains. (The embedded engine lags instead.)
+        self._async = cfg.rollout.max_staleness > 0 and hasattr(self.engine, "submit")
+        self._prefetched, self._stream_state, self._async_metrics = None, None, {}
         self.step = 0
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -198,8 +228,11 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def _save(self) -> None:
+        # A batch generated in the background is not saved: the stream position before its draw is,
+        # so a resumed run draws the same prompts and regenerates them with the resumed weights.
+        data = self._stream_state if self._prefetched is not None else self.stream.state_dict()
         save_checkpoint(self.out, self.step, self.chunks, self.optimizer, self.scheduler,
-                        meta={"data": self.stream.state_dict(), **self._model_meta()},
+                        meta={"data": data, **self._model_meta()},
                         keep_last=self.cfg.run.keep_last, async_save=self.cfg.run.async_save)
 
     def _model_meta(self) -> dict:
@@ -209,15 +242,17 @@ class Trainer:
         return {"model_config": dataclasses.asdict(self.model_cfg), "hf_config": run_hf_config(self.cfg)}
 
     # --- one RL step ------------------------------------------------------------------
-    def _collate(self, group: list[Sample]):
+    def _collate(self, group: list[Sample], min_length: int | None = None):
         tp = self.cfg.parallel.tensor_model_parallel_size
         collate = collate_padded if self.cfg.train.layout == "padded" else collate_packed
         longest = max(s.tokens.numel() for s in group)
         # Pipeline parallelism needs one shape per step: pad to the step's longest sample.
         length = self._step_max_len if self.cfg.parallel.pipeline_model_parallel_size > 1 else longest
+        if min_length is not None:  # a token-budget plan (variable_seq_lengths under PP)
+            length = min_length
         kwargs = {}
         if self.cfg.train.layout == "packed":
-            length = length * len(group)
+            length = length * len(group) if min_length is None else min_length
             # Transformer Engine attends packed samples through cu_seqlens (THD); the local
             # spec (CPU) gets the equivalent block-diagonal mask.
             kwargs["use_thd"] = use_transformer_engine()
@@ -229,21 +264,105 @@ class Trainer:
                                tp_size=tp if self.cfg.parallel.sequence_parallel else 1)
         return mb
 
-    def _microbatches(self, samples: list[Sample]):
-        size = self.cfg.train.micro_batch_size
-        return [self._collate(samples[i : i + size]) for i in range(0, len(samples), size)]
+    def _microbatches(self, minibatch):
+        """A :class:`~sapo_megatron.trainer.batching.Minibatch`'s collated microbatches."""
+        lengths = minibatch.min_lengths or [None] * len(minibatch.sizes)
+        return [self._collate(g, n) for g, n in zip(minibatch.groups(), lengths)]
 
-    def rollout(self):
+    def _rollout_round(self, round_: int, generate: bool = True):
+        """One round of prompts (every rank draws the global batch; this DP rank's share)."""
         cfg = self.cfg.rollout
         prompts = self.stream.next_batch(cfg.prompts_per_step)[self.dp_rank :: self.dp_size]
+        if not generate:
+            return None
         flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-        # Seeded by (seed, step): a resumed run samples exactly what the original did.
+        # Seeded by (seed, step, round): a resumed run samples exactly what the original did.
         params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
-                                     run_seed=self.cfg.run.seed, step=self.step)
+                                     run_seed=self.cfg.run.seed, step=self.step, round_index=round_)
         results = self.engine.generate([p.ids for p in flat], params, return_routes=self.mode == "R3")
         rewards = torch.tensor([
             self.task.reward(p, r.response_ids, self.task.tokenizer.decode(r.response_ids)) for p, r in zip(flat, results)
         ], dtype=torch.float64)
+        return flat, results, rewards
+
+    def rollout(self):
+        ds = self.cfg.rollout.dynamic_sampling
+        self._rollout_metrics = {}
+        if self._async:
+            return self._async_rollout()
+        if ds.filter is None:
+            return self._rollout_round(0)
+        return self._dynamic_rollout(ds)
+
+    def _submit(self, step: int) -> None:
+        """Draw step ``step``'s prompts and start generating them in the background."""
+        cfg = self.cfg.rollout
+        prompts = self.stream.next_batch(cfg.prompts_per_step)[self.dp_rank :: self.dp_size]
+        flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+        params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
+                                     seed=self.cfg.run.seed * 1_000_003 + step)
+        self.engine.submit([p.ids for p in flat], params, return_routes=self.mode == "R3")
+        # The servers hold the weights of version self.step (synced at the end of step - 1).
+        self._prefetched = (flat, self.step)
+
+    def _async_rollout(self):
+        """This step's batch, generated in the background during the previous step (staleness 1)."""
+        t0 = time.perf_counter()
+        if self._prefetched is None:  # the first step, or the first after a resume
+            self._submit(self.step)
+        results = self.engine.collect()
+        wait = time.perf_counter() - t0
+        flat, version = self._prefetched
+        results = [dataclasses.replace(r, meta={**r.meta, "weight_version": version}) for r in results]
+        rewards = torch.tensor([
+            self.task.reward(p, r.response_ids, self.task.tokenizer.decode(r.response_ids)) for p, r in zip(flat, results)
+        ], dtype=torch.float64)
+        # Measured on this rank (rank 0 is a leader; the others report their wait only).
+        self._async_metrics = {"async/wait_rollout_s": wait, "async/wait_train_s": getattr(self.engine, "idle_s", 0.0)}
+        self._prefetched = None
+        if self.step + 1 < self.cfg.run.steps:
+            self._stream_state = self.stream.state_dict()
+            self._submit(self.step + 1)
+        return flat, results, rewards
+
+    def _dynamic_rollout(self, ds):
+        """Rounds of generation until every DP rank holds its quota of kept groups (rollout/dynamic.py)."""
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group()
+        n = self.cfg.rollout.samples_per_prompt
+        collector = GroupCollector(quota=self.cfg.rollout.prompts_per_step // self.dp_size)
+        for round_ in range(ds.max_rounds):
+            out = self._rollout_round(round_, generate=not collector.full)
+            if out is not None:
+                flat, results, rewards = out
+                completed = torch.tensor([r.finish_reason != "abort" for r in results])
+                keep = keep_groups(ds.filter, rewards, completed, n)
+                collector.add([(flat[g * n:(g + 1) * n], results[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
+                               for g in range(len(keep))], keep)
+            full = torch.tensor([int(collector.full)], device=group_device(group))
+            dist.all_reduce(full, op=dist.ReduceOp.MIN, group=group)
+            if int(full):
+                break
+        groups, topped = collector.take()
+        counts = torch.tensor([collector.generated, collector.filtered, topped, collector.quota], dtype=torch.float64,
+                              device=group_device(group))
+        dist.all_reduce(counts, group=group)
+        generated, filtered, topped_all, quota = counts.tolist()
+        if topped_all and self.rank == 0:
+            warnings.warn(
+                f"rollout.dynamic_sampling: step {self.step} kept {int(quota - topped_all)} of the "
+                f"{int(quota)} prompt groups it needs after rollout.dynamic_sampling.max_rounds={ds.max_rounds} "
+                f"rounds ({int(filtered)} of {int(generated)} generated groups filtered by {ds.filter!r}); "
+                f"training on them plus {int(topped_all)} filtered groups (zero advantages)", stacklevel=2)
+        self._rollout_metrics = {
+            "rollout/filtered_frac": filtered / max(generated, 1.0),
+            "rollout/sampling_rounds": float(round_ + 1),
+            "rollout/topped_up_groups": topped_all,
+        }
+        flat = [p for g in groups for p in g[0]]
+        results = [r for g in groups for r in g[1]]
+        rewards = torch.cat([g[2] for g in groups])
         return flat, results, rewards
 
     def train_step(self) -> dict:
@@ -253,11 +372,17 @@ class Trainer:
             _, results, rewards = self.rollout()
             advance()
         timings["time/rollout_s"] = time.perf_counter() - t0
+        results, staleness = self._apply_staleness(results)
+        timings.update(staleness)
         aborted = torch.tensor([r.finish_reason == "abort" for r in results])
         advantages = group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
         samples = _build_samples(results, advantages, use_routes=self.mode == "R3")
         self._step_max_len = self._global_max(max(s.tokens.numel() for s in samples))
-        microbatches = self._microbatches(samples)
+        # Minibatches (one optimizer step each), balanced over DP under a token budget; the
+        # log-prob passes run over all of them, in the same microbatches as the updates.
+        minibatches = self.batcher.split(samples, label=f" (step {self.step})")
+        samples = [s for m in minibatches for s in m.samples]
+        microbatches = [mb for m in minibatches for mb in self._microbatches(m)]
 
         t0 = time.perf_counter()
         passes = int(self.reference is not None) + int(not cfg.train.use_rollout_log_probs)
@@ -266,22 +391,59 @@ class Trainer:
         timings["time/old_logprob_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        per_update = len(samples) // cfg.train.updates_per_rollout
-        update_metrics = []
+        update_metrics, start = [], 0
+        self._token_counts = [0, 0]
         with self.logger.phase("updates", cfg.train.updates_per_rollout) as advance:
-            for u in range(cfg.train.updates_per_rollout):
-                update_metrics.append(self._update(samples[u * per_update : (u + 1) * per_update]))
+            for m in minibatches:
+                m = dataclasses.replace(m, samples=samples[start : start + len(m.samples)])
+                start += len(m.samples)
+                update_metrics.append(self._update(m))
                 advance()
         timings["time/update_s"] = time.perf_counter() - t0
+        from megatron.core import parallel_state
+
+        timings.update(batch_metrics(
+            real_tokens=self._token_counts[0], collated_tokens=self._token_counts[1],
+            response_tokens=sum(len(r.response_ids) for r in results), rollout_s=timings["time/rollout_s"],
+            train_s=timings["time/update_s"], dp_group=parallel_state.get_data_parallel_group()))
+        timings.update(self._rollout_metrics)
 
         t0 = time.perf_counter()
+        if self._async:  # /flush_cache answers 400 while requests run: let the next batch finish
+            self.engine.drain()
+            wait = self._async_metrics["async/wait_rollout_s"] = self._async_metrics["async/wait_rollout_s"] + (
+                time.perf_counter() - t0)
+            # Share of generation hidden behind training: 1 - the trainer's wait / generation time.
+            generate_s = getattr(self.engine, "generate_s", 0.0) if self._prefetched is not None else 0.0
+            self._async_metrics["async/overlap_frac"] = max(0.0, 1.0 - wait / generate_s) if generate_s > 0 else 0.0
         with self.logger.phase("weight sync", 1) as advance:
             # The policy version is the number of RL steps completed (this one included).
             self.engine.update_weights(self.chunks, self.step + 1)
             advance()
         timings["time/weight_sync_s"] = time.perf_counter() - t0
         timings.update(getattr(self.engine, "step_metrics", dict)())  # engine counters (collective)
+        timings.update(self._async_metrics)
         return self._step_metrics(rewards, results, update_metrics, timings)
+
+    def _apply_staleness(self, results):
+        """Each sample's staleness (policy version now - the version that generated it); samples
+        older than ``rollout.max_staleness`` are dropped: they become aborted requests (no loss,
+        their group's advantages unmoved). Metrics ``async/*``, reduced over DP."""
+        from megatron.core import parallel_state
+
+        k = self.cfg.rollout.max_staleness
+        ages = [self.step - _version(r.meta.get("weight_version"), self.step) for r in results]
+        dropped = [a > k for a in ages]
+        results = [dataclasses.replace(r, finish_reason="abort", response_ids=[], response_log_probs=[], routes=None)
+                   if d and r.finish_reason != "abort" else r for r, d in zip(results, dropped)]
+        group = parallel_state.get_data_parallel_group()
+        sums = torch.tensor([sum(ages), len(ages), sum(dropped)], dtype=torch.float64, device=group_device(group))
+        peak = torch.tensor([max(ages, default=0)], dtype=torch.float64, device=group_device(group))
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        total, n, n_dropped = sums.tolist()
+        return results, {"async/staleness_mean": total / max(n, 1.0), "async/staleness_max": float(peak),
+                         "async/dropped_frac": n_dropped / max(n, 1.0)}
 
     def _log_prob_passes(self, samples: list[Sample], microbatches, advance) -> list[Sample]:
         """Reference log-probs (live routing), then old log-probs under the routing mode."""
@@ -301,9 +463,11 @@ class Trainer:
             advance()
         return samples
 
-    def _update(self, minibatch_samples: list[Sample]) -> dict:
+    def _update(self, minibatch_samples) -> dict:
         """One optimizer step on a minibatch, replaying routes unless routing is live."""
         minibatch = self._microbatches(minibatch_samples)
+        self._token_counts[0] += sum(int((~mb.padding_mask).sum()) for mb in minibatch)
+        self._token_counts[1] += sum(mb.tokens.numel() for mb in minibatch)
         minibatch = assign_step_weights(minibatch, self.spec.reduction, norm_length=self.spec.norm_length)
         for controller in filter(None, map(routing_replay_of, self.chunks)):
             controller.reset_counts()
@@ -348,7 +512,9 @@ class Trainer:
         # Engines that serve from a copy of the weights start from the trainer's (version = step).
         getattr(self.engine, "begin", lambda chunks, version: None)(self.chunks, self.step)
         while self.step < self.cfg.run.steps:
+            t0 = time.perf_counter()
             metrics = self.train_step()
+            metrics["time/step_s"] = time.perf_counter() - t0
             self.step += 1
             self.logger.log(metrics)
             every = self.cfg.run.save_every  # 0: only the final checkpoint

@@ -17,7 +17,9 @@ the events.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch.distributed as dist
@@ -37,6 +39,10 @@ class ReplicaSGLang:
         self.version: int | None = None
         self._model = None
         self._counters: Counter = Counter()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending = None
+        self._done_at: float | None = None
+        self.idle_s = self.generate_s = 0.0
 
     def begin(self, model_chunks, version: int) -> None:
         """Push the trainer's starting weights as ``version`` (0, or the resumed step)."""
@@ -49,6 +55,46 @@ class ReplicaSGLang:
             box = [self.engine.generate(prompts, params, return_routes=return_routes)]
         dist.broadcast_object_list(box, src=self.leader, group=self.group)
         self._resync_stale()  # servers found stale during this call serve again before the next
+        return box[0]
+
+    # Asynchronous use (rollout.max_staleness > 0, trainer/loop.py): the leader's HTTP requests
+    # run on one background thread; every torch.distributed call (the stale-server re-sync, the
+    # results' broadcast) stays on the main thread, in submit() and collect().
+    def submit(self, prompts, params: SamplingParams, *, return_routes: bool) -> None:
+        """Start generating on a background thread (leader only; HTTP only); returns at once."""
+        self._resync_stale()
+        if not self.is_leader:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-rollout")
+        now = time.perf_counter()
+        # Worker idle since its last batch: the rollout side waiting on the trainer.
+        self.idle_s = now - self._done_at if self._done_at is not None else 0.0
+
+        def work():
+            start = time.perf_counter()
+            try:
+                return self.engine.generate(prompts, params, return_routes=return_routes)
+            finally:
+                self._done_at = time.perf_counter()
+                self.generate_s = self._done_at - start
+
+        self._pending = self._pool.submit(work)
+
+    def drain(self) -> None:
+        """Wait until the submitted generation is done (no collective): SGLang answers
+        /flush_cache with 400 while requests run, so a weight sync must not start before."""
+        if self._pending is not None:
+            self._pending.exception()  # blocks; an error is raised by collect()
+
+    def collect(self) -> list[RolloutResult]:
+        """The submitted generation's results on every rank of the group (a broadcast)."""
+        box = [None]
+        if self.is_leader:
+            box = [self._pending.result()]
+            self._pending = None
+        dist.broadcast_object_list(box, src=self.leader, group=self.group)
+        self._resync_stale()
         return box[0]
 
     def _resync_stale(self) -> None:
@@ -91,6 +137,9 @@ class ReplicaSGLang:
         return dict(total)
 
     def close(self) -> None:
+        self.drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.sync.close()
         if self.engine is not None:
             self.engine.close()

@@ -1,0 +1,93 @@
+"""How the trainer cuts one RL step's samples into minibatches and microbatches, and the
+``batch/`` metrics that show where the time goes.
+
+Two ways, chosen by ``train``:
+
+- ``micro_batch_size`` (fixed count): each DP rank keeps the samples it generated; minibatch
+  ``u`` is its ``u``-th slice, cut into microbatches of that many samples (in arrival order);
+- ``max_tokens_per_microbatch`` (token budget): every minibatch is balanced over the DP ranks by
+  tokens and packed under the budget (:func:`sapo_megatron.step.plan.plan_minibatch`), after
+  advantages are computed and before the log-prob passes, so the old/reference log-probs, R2's
+  recorded routes and the updates all see the balanced samples.
+
+Either way the step's gradient is the same (step-global weights, ``assign_step_weights``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sapo_megatron.step.balance import imbalance
+from sapo_megatron.step.plan import plan_minibatch
+
+
+def group_device(group) -> torch.device:
+    """Where a collective's tensors must live for ``group``: the current CUDA device under NCCL."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass
+class Minibatch:
+    samples: list  # this rank's samples of one optimizer step, in microbatch order
+    sizes: list[int]  # samples per microbatch
+    min_lengths: list[int] | None  # per microbatch, the length to pad to (None: the trainer's rule)
+
+    def groups(self) -> list[list]:
+        out, start = [], 0
+        for n in self.sizes:
+            out.append(self.samples[start : start + n])
+            start += n
+        return out
+
+
+class StepBatcher:
+    def __init__(self, train_cfg, *, pad_multiple: int, dp_group, equal_shapes: bool = False):
+        self.cfg = train_cfg
+        self.pad_multiple = pad_multiple
+        self.dp_group = dp_group
+        self.equal_shapes = equal_shapes
+        self.moved = 0
+
+    def split(self, samples: list, *, label: str = "") -> list[Minibatch]:
+        updates = self.cfg.updates_per_rollout
+        per = len(samples) // updates
+        slices = [samples[u * per : (u + 1) * per] for u in range(updates)]
+        size = self.cfg.micro_batch_size
+        if self.cfg.max_tokens_per_microbatch is None:
+            return [Minibatch(s, [len(s[i : i + size]) for i in range(0, len(s), size)], None) for s in slices]
+        out, self.moved = [], 0
+        for u, mine in enumerate(slices):
+            plan = plan_minibatch(
+                mine, budget=self.cfg.max_tokens_per_microbatch, layout=self.cfg.layout,
+                pad_multiple=self.pad_multiple, quadratic_coef=self.cfg.balance_quadratic_coef,
+                group=self.dp_group, equal_shapes=self.equal_shapes, label=f"{label}, minibatch {u}",
+            )
+            self.moved += plan.moved
+            out.append(Minibatch(plan.samples, [len(g) for g in plan.groups], plan.min_lengths))
+        return out
+
+
+def batch_metrics(*, real_tokens: int, collated_tokens: int, response_tokens: int, rollout_s: float,
+                  train_s: float, dp_group) -> dict[str, float]:
+    """``batch/`` metrics of one step from this rank's counts (one all-gather over DP).
+
+    ``real_tokens`` / ``collated_tokens``: sample tokens and collated (padded) tokens of this
+    rank's update microbatches; ``response_tokens``: tokens this rank's rollout generated.
+    """
+    local = torch.tensor([real_tokens, collated_tokens, response_tokens], dtype=torch.float64,
+                         device=group_device(dp_group))
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(dp_group))]
+    dist.all_gather(parts, local, group=dp_group)
+    table = torch.stack(parts).cpu()
+    real, collated, response = table.sum(0).tolist()
+    return {
+        "batch/train_tokens_per_s": real / train_s if train_s > 0 else 0.0,
+        "batch/gen_tokens_per_s": response / rollout_s if rollout_s > 0 else 0.0,
+        "batch/padding_frac": 1.0 - real / collated if collated > 0 else 0.0,
+        "batch/dp_imbalance": imbalance(table[:, 0].tolist()),
+    }
