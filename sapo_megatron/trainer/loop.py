@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.collectives import all_reduce_values, global_max
 from sapo_megatron.losses import grpo_advantages, rloo_advantages
 from sapo_megatron.step import (
     Sample,
@@ -212,17 +213,27 @@ class Trainer:
         # Pipeline parallelism needs one shape per step: pad to the step's longest sample.
         length = self._step_max_len if self.cfg.parallel.pipeline_model_parallel_size > 1 else longest
         kwargs = {}
+        cp = self.cfg.parallel.context_parallel_size
+        # Context parallelism cuts the sequence into 2 x CP chunks, each a multiple of the
+        # SP shard: pad to 2 x CP x TP (packed: every sample to 2 x CP, the row to that x TP).
+        multiple = tp * 2 * cp if cp > 1 else tp
         if self.cfg.train.layout == "packed":
             length = length * len(group)
             # Transformer Engine attends packed samples through cu_seqlens (THD); the local
             # spec (CPU) gets the equivalent block-diagonal mask.
             kwargs["use_thd"] = use_transformer_engine()
-        mb = collate(group, pad_multiple=tp, min_length=length, **kwargs)
+            if cp > 1:
+                kwargs["sample_multiple"] = 2 * cp
+                length = -(-length // (2 * cp)) * 2 * cp + 2 * cp * len(group)
+        mb = collate(group, pad_multiple=multiple, min_length=length, **kwargs)
         if self.mode != "none" and group[0].routes is not None:
             from megatron.core import parallel_state
 
+            # Under CP the forward step takes the CP slice first, then replay the SP shard of
+            # what is left: attach routes for the whole sequence.
+            sp = self.cfg.parallel.sequence_parallel and cp == 1
             mb = attach_routes(mb, group, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                               tp_size=tp if self.cfg.parallel.sequence_parallel else 1)
+                               tp_size=tp if sp else 1)
         return mb
 
     def _microbatches(self, samples: list[Sample]):
@@ -308,18 +319,14 @@ class Trainer:
         return metrics
 
     def _global_max(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t)
+        return int(global_max(value))
 
     def _step_metrics(self, rewards, results, update_metrics, timings) -> dict:
         from megatron.core import parallel_state
 
-        lengths = torch.tensor([len(r.response_ids) for r in results], dtype=torch.float64)
-        local = torch.tensor([rewards.sum(), (rewards**2).sum(), rewards.numel(), lengths.sum(),
-                              sum(r.finish_reason == "abort" for r in results)], dtype=torch.float64)
-        dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
-        total, sq, n, length, aborted = local.tolist()
+        local = [float(rewards.sum()), float((rewards**2).sum()), rewards.numel(),
+                 sum(len(r.response_ids) for r in results), sum(r.finish_reason == "abort" for r in results)]
+        total, sq, n, length, aborted = all_reduce_values(local, group=parallel_state.get_data_parallel_group())
         mean = total / n
         out = {
             "step": self.step,
