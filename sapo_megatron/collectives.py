@@ -51,11 +51,12 @@ def all_reduce_tensor(tensor: torch.Tensor, *, op: str = "sum", group=None) -> t
 
     The input is not modified; it is copied to the group's device when it lives elsewhere.
     """
+    reduce_op = _op(op)
     if not dist.is_initialized():
         return tensor.clone()
     device = group_device(group)
     work = tensor.detach().to(device=device, copy=True).contiguous()
-    dist.all_reduce(work, op=_op(op), group=group)
+    dist.all_reduce(work, op=reduce_op, group=group)
     return work.to(tensor.device)
 
 
@@ -64,10 +65,11 @@ def all_reduce_values(
 ) -> list[float]:
     """Python numbers reduced over ``group`` in one collective (float64 keeps counts exact
     up to 2**53)."""
+    reduce_op = _op(op)
     if not dist.is_initialized():
         return [float(v) for v in values]
     work = torch.tensor([float(v) for v in values], dtype=dtype, device=group_device(group))
-    dist.all_reduce(work, op=_op(op), group=group)
+    dist.all_reduce(work, op=reduce_op, group=group)
     return work.tolist()
 
 
