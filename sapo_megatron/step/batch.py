@@ -90,6 +90,17 @@ class Microbatch:
     sample_multiple: int = 1
 
 
+# Entries of ``Microbatch.sample_index`` that point nowhere in the local layout: past the end of
+# the sample (-1), or a target held by another context-parallel rank (-2, see ``cp_shard``).
+PAST_END = -1
+ON_OTHER_CP_RANK = -2
+
+
+def target_counts(sample_index: torch.Tensor) -> torch.Tensor:
+    """Targets per sample (``[N]``), including those another CP rank holds."""
+    return (sample_index != PAST_END).sum(1)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -315,8 +326,9 @@ def cp_shard(mb: Microbatch, cp_rank: int, cp_size: int) -> Microbatch:
 
     Every per-token tensor keeps the positions :func:`cp_positions` names, along the sequence
     dimension (dim 1; dim 2 of the attention mask, as Megatron slices it). ``sample_index`` is
-    re-pointed into the local layout, with -1 where a target lives on another CP rank, so the
-    per-sample ``[N, L]`` view, and the step weights in it, keep their shape on every rank.
+    re-pointed into the local layout, with ``ON_OTHER_CP_RANK`` where a target lives on another
+    CP rank (``per_sample_view`` fills it like padding; ``target_counts`` still counts it), so
+    the per-sample ``[N, L]`` view, and the step weights in it, keep their shape on every rank.
     Routes (still compact, on the host) get the same slice through ``routing.align``.
     """
     if cp_size == 1:
@@ -337,7 +349,10 @@ def cp_shard(mb: Microbatch, cp_rank: int, cp_size: int) -> Microbatch:
         batch * local, device=inverse.device
     )
     index = mb.sample_index
-    sample_index = torch.where(index >= 0, inverse[index.clamp_min(0)], index.new_full((), -1))
+    moved = inverse[index.clamp_min(0)]
+    sample_index = torch.where(
+        index < 0, index, torch.where(moved >= 0, moved, moved.new_full((), ON_OTHER_CP_RANK))
+    )
     routes = mb.routes
     if routes is not None:
         if tuple(routes.sp_shard) != (0, 1):

@@ -48,7 +48,7 @@ from sapo_megatron.collectives import all_reduce_dict, all_reduce_tensor, all_re
 from sapo_megatron.logprobs import vocab_parallel_log_probs
 from sapo_megatron.losses import PolicyLossConfig, compute_policy_loss, reduction_weights
 from sapo_megatron.losses.policy import sequence_sums_reduced_by
-from sapo_megatron.step.batch import Microbatch, cp_shard, per_sample_view, to_device
+from sapo_megatron.step.batch import Microbatch, cp_shard, per_sample_view, target_counts, to_device
 from sapo_megatron.step.sharding import unwrap
 
 
@@ -351,7 +351,7 @@ def _log_prob_loss_func(mb: Microbatch, temperature: float, chunk_size, output_t
         from megatron.core import parallel_state
 
         per_sample = all_reduce_tensor(per_sample, group=parallel_state.get_context_parallel_group())
-    lengths = (mb.sample_index >= 0).sum(1).tolist()
+    lengths = target_counts(mb.sample_index).tolist()
     rows = [per_sample[i, :n].cpu() for i, n in enumerate(lengths)]
     return torch.zeros((), device=output_tensor.device), torch.zeros((), dtype=torch.int), {"log_probs": rows}
 
