@@ -33,6 +33,7 @@ from sapo_megatron.step.batch import (
 )
 from sapo_megatron.step.synthetic import synthetic_samples
 from tests.launch import torchrun
+from tests.megatron_cp import megatron_cp_slice
 
 WORKER = "tests/dist/cp_worker.py"
 
@@ -59,18 +60,20 @@ class _Group:
 
 @pytest.mark.parametrize("cp", [2, 3, 4])
 def test_padded_shard_is_megatrons_get_batch_on_this_cp_rank(cp, monkeypatch):
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
     samples = _samples()
     full = attach_routes(collate_padded(samples, pad_multiple=2 * cp), samples)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # get_pg_rank asks
+    # Megatron reads the CP rank and size from the group: 0.16 through group.rank() / size()
+    # (once torch.distributed is initialised), 0.19 through dist.get_rank / get_world_size.
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: group.rank())
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: group.size())
     for rank in range(cp):
         local = cp_shard(full, rank, cp)
         batch = {"tokens": full.tokens, "labels": full.labels, "loss_mask": full.loss_mask,
                  "position_ids": full.position_ids, "attention_mask": full.attention_mask,
                  "padding_mask": full.padding_mask, "routes_BSMK": full.routes.routes_SBLK.transpose(0, 1),
                  **{f"fields.{k}": v for k, v in full.fields.items()}}
-        want = get_batch_on_this_cp_rank(dict(batch), cp_group=_Group(rank, cp))
+        want = megatron_cp_slice(dict(batch), _Group(rank, cp))
         got = {"tokens": local.tokens, "labels": local.labels, "loss_mask": local.loss_mask,
                "position_ids": local.position_ids, "attention_mask": local.attention_mask,
                "padding_mask": local.padding_mask, "routes_BSMK": local.routes.routes_SBLK.transpose(0, 1),

@@ -5,7 +5,7 @@ Run by tests/test_cp.py: ``torchrun --nproc_per_node=4 tests/dist/cp_worker.py -
 stood in for by fixed logits, cut the way a CP model's output is cut. Checks, per rank:
 
 1. ``prepare_microbatch`` gives exactly what ``megatron.core.utils.get_batch_on_this_cp_rank``
-   gives for every per-token tensor (this rank's CP rank, from parallel_state), and replayed
+   gives for every per-token tensor (this rank's CP group), and replayed
    routes get the same slice;
 2. the step's token count: the local CP shards' counts sum, over DP x CP (what
    ``finalize_model_grads`` all-reduces), to ``step_num_tokens``;
@@ -33,7 +33,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
     from sapo_megatron.losses import PolicyLossConfig, compute_policy_loss, policy as policy_mod
     from sapo_megatron.models import ParallelConfig
@@ -44,6 +43,7 @@ def main() -> None:
     from sapo_megatron.step.batch import collate_padded, cp_positions, per_sample_view
     from sapo_megatron.step.run import PolicyLossSpec, assign_step_weights, loss_func, prepare_microbatch
     from sapo_megatron.step.synthetic import synthetic_samples
+    from tests.megatron_cp import megatron_cp_slice
 
     initialize_model_parallel(ParallelConfig(context_parallel_size=args.cp), seed=0)
     cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
@@ -75,7 +75,7 @@ def main() -> None:
              "padding_mask": full.padding_mask, **{f"f.{k}": v for k, v in full.fields.items()},
              # Routes in [B, S, ...] order, so that Megatron's dim-1 slicing applies to them.
              "routes": full.routes.routes_SBLK.transpose(0, 1), "replay": full.routes.replay_mask_SB.T}
-    reference = get_batch_on_this_cp_rank({k: v.clone() for k, v in batch.items()})
+    reference = megatron_cp_slice({k: v.clone() for k, v in batch.items()}, cp_group)
     ours = {"tokens": local.tokens, "labels": local.labels, "loss_mask": local.loss_mask,
             "position_ids": local.position_ids, "attention_mask": local.attention_mask.expand(4, -1, -1, -1),
             "padding_mask": local.padding_mask, **{f"f.{k}": v for k, v in local.fields.items()},
