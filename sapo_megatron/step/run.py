@@ -36,6 +36,7 @@ Usage: see ``sapo_megatron.cli demo`` and ``tests/dist/step_worker.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
@@ -171,13 +172,20 @@ def loss_func(mb: Microbatch, spec: PolicyLossSpec, output_tensor: torch.Tensor)
     for key, value in metrics.items():
         if key != "loss":
             reported[key] = value.detach().to(torch.float64)
+    cp_size = context_parallel_rank_size()[1]
+    if cp_size > 1 and "num_sequences" in reported:
+        # A sequence spread over CP ranks would be counted on each: count it once (its mask
+        # OR-ed over CP), as a share 1/CP per rank, since the metrics are summed over DP x CP.
+        from megatron.core import parallel_state
+
+        has_loss = view(mb.loss_mask, fill=False).any(1).to(torch.float64)
+        has_loss = all_reduce_tensor(has_loss, op="max", group=parallel_state.get_context_parallel_group())
+        reported["num_sequences"] = has_loss.sum() / cp_size
     return loss * mb.step_num_tokens, num_tokens, reported
 
 
 def _sequence_sums_over_context_parallel():
     """Under CP, reduce sequence-level sums (GSPO-style ratios) over the CP group."""
-    import contextlib
-
     from megatron.core import parallel_state
 
     if context_parallel_rank_size()[1] == 1:

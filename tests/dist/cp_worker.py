@@ -112,7 +112,11 @@ def main() -> None:
         ref_grad = leaf.grad
         # CP: each rank's share of the logits, as a CP model's output would be.
         leaf = logits_full.clone().requires_grad_()
-        scaled, n_local, _ = loss_func(local, spec, leaf.index_select(1, keep))
+        scaled, n_local, reported = loss_func(local, spec, leaf.index_select(1, keep))
+        sequences = torch.tensor([float(reported["num_sequences"])])
+        dist.all_reduce(sequences, group=cp_group)
+        want = int(per_sample_view(full.loss_mask, full.sample_index, fill=False).any(1).sum())
+        assert abs(float(sequences) - want) < 1e-9, (float(sequences), want)  # counted once
         (scaled / full.step_num_tokens).backward()
         loss_sum = torch.tensor([float(scaled.detach()) / full.step_num_tokens])
         dist.all_reduce(loss_sum, group=cp_group)
