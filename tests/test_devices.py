@@ -45,7 +45,7 @@ class _Recorder(torch.nn.Module):
 
 
 def _microbatch(layout="padded"):
-    samples = synthetic_samples(3, vocab_size=16, seed=0, max_length=10)
+    samples = synthetic_samples(3, vocab_size=16, seed=0, max_length=10, with_ref=True, with_rollout=True)
     if layout == "padded":
         mb = collate_padded(samples)
     else:
@@ -78,7 +78,8 @@ def test_forward_step_moves_the_microbatch_to_the_model_device(layout, device):
     # What the loss function will see: every tensor of the microbatch, step weights included.
     seen_by_loss = loss_closure.args[0]
     tensors = _tensors_of(seen_by_loss)
-    assert {"labels", "loss_mask", "sample_index", "token_weights", "fields.old_log_probs", "fields.advantages"} <= set(tensors)
+    assert {"labels", "loss_mask", "sample_index", "token_weights", "padding_mask", "fields.old_log_probs",
+            "fields.advantages", "fields.ref_log_probs", "fields.rollout_log_probs"} <= set(tensors)
     for name, tensor in tensors.items():
         assert tensor.device.type == device, name
 

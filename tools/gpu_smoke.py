@@ -38,21 +38,28 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 BENCH = ROOT / "benchmarks" / "bench_logprobs.py"
 
-# bf16 keeps 8 significant bits (relative step 2^-8 = 0.4%). At initialisation the tiny MoE's
-# log-probs sit near -log(16) = -2.77 and vary over tokens by ~0.15 (std), so an absolute bound
-# alone says little: the check is relative to that variation, ||gpu - cpu|| / ||cpu - mean(cpu)||.
-# Rounding every weight, activation and logit to bf16 moves it by a few percent; 0.1 leaves
-# room. The guard proves the measure can fail: replaying every route shifted to the next
-# expert must move it by more than twice the bound. Absolute bounds catch gross errors too.
-LOGPROB_REL_TOL = {"bfloat16": 0.1, "float32": 1e-4}
-LOGPROB_MAX_TOL = {"bfloat16": 2e-1, "float32": 1e-4}
+# The check is relative to how much the log-probs vary over tokens:
+# rel = ||gpu - cpu|| / ||cpu - mean(cpu)||. bf16 keeps 8 significant bits (step 2^-8). At the
+# demo model's init (std 0.02) the log-probs hardly vary (std 0.15) and routes barely matter, so
+# the runs here widen the init to std 0.1 (``INIT_STD``). Measured on CPU with the tiny MoE
+# (a bf16 model vs the float32 one with the same bf16-valued weights, 16 synthetic samples,
+# random distinct routes; a one-off script, 2026-12-01):
+#   init 0.02: bf16 rel 0.004, max |diff| 0.002; every route shifted to the next expert: rel 0.034
+#   init 0.10: bf16 rel 0.007, max |diff| 0.024; every route shifted to the next expert: rel 0.34
+# The bounds below leave ~7x / ~4x room over the bf16 figures (GPU kernels round differently
+# from CPU ones); the guard requires the shifted routes to move rel by more than twice the
+# bound, so the measure provably tells wrong routes from bf16 rounding.
+INIT_STD = 0.1
+LOGPROB_REL_TOL = {"bfloat16": 0.05, "float32": 1e-4}
+LOGPROB_MAX_TOL = {"bfloat16": 0.1, "float32": 1e-4}
 
 
 def _overrides(args, out: Path, steps: int, save_every: int) -> list[str]:
     """The CPU demo config on one device: TP=1, the chosen dtype, R3."""
     ov = [f"run.output_dir={out}", f"run.steps={steps}", f"run.save_every={save_every}",
           "run.tensorboard=false", "run.progress=false", "parallel.tensor_model_parallel_size=1",
-          f"model.params_dtype={args.dtype}", "routing.mode=R3", f"run.seed={args.seed}"]
+          f"model.params_dtype={args.dtype}", f"model.init_method_std={INIT_STD}", "routing.mode=R3",
+          f"run.seed={args.seed}"]
     if args.device == "cpu":
         # Toy sizes: the dry run checks the plumbing.
         ov += ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "train.micro_batch_size=2"]
