@@ -1,5 +1,19 @@
 """Packaging for sapo_megatron: a SAPO / routing-replay plugin for upstream Megatron-Core."""
+import ast
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def megatron_core_range() -> str:
+    """``SUPPORTED`` from sapo_megatron/mcore/version.py, the one declaration of the range
+    (read as text: installing must not import the package)."""
+    tree = ast.parse((Path(__file__).parent / "sapo_megatron" / "mcore" / "version.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SUPPORTED" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError("sapo_megatron/mcore/version.py declares no SUPPORTED range")
+
 
 setup(
     name="sapo_megatron",
@@ -12,7 +26,8 @@ setup(
     install_requires=[
         # 2.13.0 is the CPU build on the CI machines; GPU clusters bring their own torch.
         "torch>=2.6",
-        "megatron-core>=0.15",
+        # The supported range, declared once in sapo_megatron/mcore/version.py.
+        "megatron-core" + megatron_core_range(),
         "pyyaml>=6",
         # Structured configs (sapo_megatron.config); 2.4 reads Literal, X | None and list[int].
         "omegaconf>=2.4",

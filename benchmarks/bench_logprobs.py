@@ -23,8 +23,14 @@ Run (full size, ~2.5 GB logits, the naive variant needs ~10 GB more)::
 
     python benchmarks/bench_logprobs.py                      # vocab 151936, 4096 tokens
     python benchmarks/bench_logprobs.py --vocab 32000 --tokens 256 --repeats 2   # quick
+    python benchmarks/bench_logprobs.py --device cuda --dtype bfloat16 --tokens 8192   # one GPU
 
-The last line printed is ``peak_mem_ratio=<ours/naive> speed_ratio=<naive_time/our_time>``.
+The last line printed is ``peak_mem_ratio=<ours/naive> speed_ratio=<naive_time/our_time>``; on
+CUDA it adds ``ours_ms``, ``hbm_floor_ms`` and ``floor_ratio`` (our fwd+bwd time over the time
+the bytes it must move take at 4.0 TB/s: the logits read once forward and once backward, their
+gradient written once, ``3 * tokens * vocab * itemsize`` bytes). On CUDA, time is measured with
+``torch.cuda.synchronize`` around each step and memory with the allocator's peak
+(``max_memory_allocated``) instead of RSS.
 """
 
 from __future__ import annotations
@@ -57,13 +63,41 @@ def _reset_peak() -> bool:
         return False
 
 
+HBM_BYTES_PER_S = 4.0e12  # the floor's bandwidth (H100/H200-class HBM3, ~4 TB/s achievable)
+
+
+def hbm_floor_s(tokens: int, vocab: int, itemsize: int) -> float:
+    """Seconds to read the logits twice (forward, backward) and write their gradient once."""
+    return 3 * tokens * vocab * itemsize / HBM_BYTES_PER_S
+
+
+def _cuda_worker(args, logits, step) -> dict:
+    grad_bytes = logits.numel() * logits.element_size()
+    times, extras = [], []
+    for i in range(args.repeats + 1):
+        logits.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        extras.append(torch.cuda.max_memory_allocated() - before - grad_bytes)
+        if i > 0:
+            times.append(elapsed)
+    return {"variant": args.variant, "time_s": min(times), "times_s": times,
+            "extra_mb": max(extras) / 2**20, "grad_mb": grad_bytes / 2**20, "peak_reset": "cuda"}
+
+
 def _worker(args) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    logits = torch.randn(args.tokens, args.vocab).mul_(2.0).requires_grad_()
-    targets = torch.randint(0, args.vocab, (args.tokens,))
-    g_logp, g_ent = torch.randn(args.tokens), torch.randn(args.tokens)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    logits = torch.randn(args.tokens, args.vocab, device=device).mul_(2.0).to(dtype).requires_grad_()
+    targets = torch.randint(0, args.vocab, (args.tokens,), device=device)
+    g_logp, g_ent = torch.randn(args.tokens, device=device), torch.randn(args.tokens, device=device)
 
     if args.variant == "ours":
         from sapo_megatron.logprobs import vocab_parallel_log_probs
@@ -80,6 +114,8 @@ def _worker(args) -> dict:
             ent = -(logp_NV.exp() * logp_NV).sum(-1)
             (logp * g_logp + ent * g_ent).sum().backward()
 
+    if device.type == "cuda":
+        return _cuda_worker(args, logits, step)
     grad_kb = logits.numel() * logits.element_size() // 1024
     times, extras_kb = [], []
     resettable = True
@@ -106,6 +142,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (memory: RSS on CPU, allocator peak on CUDA)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="logits dtype (the computation runs in float32 chunks either way)")
     parser.add_argument("--variant", choices=["ours", "naive"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -113,8 +152,10 @@ def main() -> None:
         print(json.dumps(_worker(args)))
         return
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads={args.threads or torch.get_num_threads()}, "
-          f"logits [{args.tokens}, {args.vocab}] float32 = {args.tokens * args.vocab * 4 / 2**20:.0f} MB, "
+    itemsize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} CPUs"
+    print(f"torch {torch.__version__}, {where}, threads={args.threads or torch.get_num_threads()}, "
+          f"logits [{args.tokens}, {args.vocab}] {args.dtype} = {args.tokens * args.vocab * itemsize / 2**20:.0f} MB, "
           f"chunk={args.chunk}, T={args.temperature}")
     results = {}
     for variant in ("ours", "naive"):
@@ -125,10 +166,21 @@ def main() -> None:
         r = results[variant]
         print(f"{variant:5s}: best {r['time_s']:.3f} s (all {', '.join(f'{t:.3f}' for t in r['times_s'])}), "
               f"peak extra {r['extra_mb']:.0f} MB (beyond logits and their {r['grad_mb']:.0f} MB grad; "
-              f"peak reset={'VmHWM' if r['peak_reset'] else 'ru_maxrss'})")
+              f"peak reset={_peak_name(r['peak_reset'])})")
     mem_ratio = max(results["ours"]["extra_mb"], 0.0) / results["naive"]["extra_mb"]
     speed_ratio = results["naive"]["time_s"] / results["ours"]["time_s"]
-    print(f"peak_mem_ratio={mem_ratio:.4f} speed_ratio={speed_ratio:.4f}")
+    line = f"peak_mem_ratio={mem_ratio:.4f} speed_ratio={speed_ratio:.4f}"
+    if args.device.startswith("cuda"):
+        floor = hbm_floor_s(args.tokens, args.vocab, itemsize)
+        ours = results["ours"]["time_s"]
+        line += f" ours_ms={ours * 1e3:.3f} hbm_floor_ms={floor * 1e3:.3f} floor_ratio={ours / floor:.2f}"
+    print(line)
+
+
+def _peak_name(reset) -> str:
+    if reset == "cuda":
+        return "cuda max_memory_allocated"
+    return "VmHWM" if reset else "ru_maxrss"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ built model's forward and gradients against an independent float64 forward writt
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -200,7 +201,9 @@ def test_transformer_config_mapping():
     assert tc.moe_router_pre_softmax is False and tc.qk_layernorm
     assert tc.sequence_parallel, "MoE + TP needs sequence parallelism; it defaults on for TP>1"
     assert tc.calculate_per_token_loss, "the step's normalisation relies on the per-token path"
-    assert tc.moe_token_dispatcher_type == "alltoall" and tc.moe_grouped_gemm
+    # Grouped-GEMM experts are Transformer Engine's; without TE a GPU gets SequentialMLP.
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    assert tc.moe_token_dispatcher_type == "alltoall" and tc.moe_grouped_gemm == has_te
     assert tc.bf16 and tc.params_dtype == torch.bfloat16
     cpu = to_transformer_config(ModelConfig(), ParallelConfig(), on_cpu=True)
     assert cpu.moe_token_dispatcher_type == "allgather" and not cpu.moe_grouped_gemm

@@ -203,7 +203,7 @@ def test_server_without_routed_experts_is_a_clear_error(servers, engines):
 
 def test_concurrency_limit_is_honoured_over_all_servers(servers, engines):
     meter = ConcurrencyMeter()
-    a, b = servers(2, meter=meter, delay_s=0.1)
+    a, b = servers(2, meter=meter, delay_s=0.3)  # long enough that requests overlap on a loaded machine
     results = engines([a.url, b.url], concurrency=3).generate(
         PROMPTS * 2, PARAMS, return_routes=False
     )

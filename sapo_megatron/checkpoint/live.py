@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from sapo_megatron.checkpoint.convert import check_hf_against_config
+from sapo_megatron.collectives import group_device
 from sapo_megatron.checkpoint.hf_io import INDEX, SINGLE, HFCheckpoint, PlannedShard, write_hf_config
 from sapo_megatron.checkpoint.mapping import (
     all_units,
@@ -160,17 +161,21 @@ def _iter_full(plan: _GatherPlan) -> Iterator[tuple[str, torch.Tensor | None]]:
             inner, local_name, tensor = plan.local[name]
             full = gather_full_tensor(tensor.detach(), tensor, local_name, inner.config).cpu()
         src = plan.owner[name]
+        # Point-to-point tensors on the default group's device (CUDA under NCCL).
+        device = group_device()
         if src != 0 and rank == src:
-            header = torch.zeros(8, dtype=torch.int64)
+            header = torch.zeros(8, dtype=torch.int64, device=device)
             header[0] = full.dim()
-            header[1 : 1 + full.dim()] = torch.tensor(full.shape)
+            header[1 : 1 + full.dim()] = torch.tensor(full.shape, device=device)
             dist.send(header, dst=0)
-            dist.send(full.contiguous(), dst=0)
+            dist.send(full.to(device).contiguous(), dst=0)
         elif src != 0 and rank == 0:
-            header = torch.empty(8, dtype=torch.int64)
+            header = torch.empty(8, dtype=torch.int64, device=device)
             dist.recv(header, src=src)
-            full = torch.empty(header[1 : 1 + int(header[0])].tolist(), dtype=plan.dtype[name])
+            shape = header[1 : 1 + int(header[0])].tolist()
+            full = torch.empty(shape, dtype=plan.dtype[name], device=device)
             dist.recv(full, src=src)
+            full = full.cpu()
         yield name, (full if rank == 0 else None)
 
 

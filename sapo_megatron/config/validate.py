@@ -65,8 +65,44 @@ def validate(cfg: TrainConfig) -> None:
     from sapo_megatron.trainer.schedule import schedule_problems
 
     problems.extend(schedule_problems(cfg))
+    problems += context_parallel_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def context_parallel_problems(cfg: TrainConfig, *, transformer_engine: bool | None = None) -> list[str]:
+    """Why ``parallel.context_parallel_size > 1`` cannot run with this config, if it cannot.
+
+    Context parallelism needs an attention that exchanges keys and values between CP ranks:
+    only Transformer Engine's has one (the local spec's ``DotProductAttention`` asserts CP == 1),
+    and THD packing under CP needs TE's ``thd_get_partitioned_indices``. ``transformer_engine``
+    defaults to whether TE and CUDA are present (``models.builder.use_transformer_engine``).
+    """
+    cp = cfg.parallel.context_parallel_size
+    if cp == 1:
+        return []
+    if transformer_engine is None:
+        from sapo_megatron.models.builder import use_transformer_engine
+
+        transformer_engine = use_transformer_engine()
+    problems = []
+    if not transformer_engine:
+        problems.append(
+            f"parallel.context_parallel_size={cp} needs Transformer Engine's attention on CUDA: "
+            f"the local spec (used without TE) has no context-parallel attention (its "
+            f"DotProductAttention asserts context_parallel_size == 1); install transformer-engine "
+            f"on a GPU machine or set parallel.context_parallel_size=1")
+    if cfg.routing.mode == "R2":
+        problems.append(
+            f"routing.mode=R2 records routes per token of the whole sequence, which "
+            f"parallel.context_parallel_size={cp} splits over ranks; use routing.mode=R3 (the "
+            f"rollout engine's routes are sliced for CP) or none")
+    if cfg.rollout.engine == "embedded":
+        problems.append(
+            f"rollout.engine=embedded samples from the trainer's model one whole sequence at a "
+            f"time and does not run under parallel.context_parallel_size={cp}; use "
+            f"rollout.engine=sglang")
+    return problems
 
 
 @dataclass(frozen=True)

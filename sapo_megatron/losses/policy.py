@@ -26,6 +26,8 @@ Design choices:
 """
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,11 +66,32 @@ def token_log_ratio(log_probs_BT: Tensor, old_log_probs_BT: Tensor, clamp: float
     return (log_probs_BT - old_log_probs_BT).clamp(-clamp, clamp)
 
 
+# How the per-sequence sums of a sequence-level ratio are completed: identity on one rank; the
+# distributed step installs an all-reduce over the context-parallel group, whose ranks each hold
+# part of every sequence (see ``sequence_sums_reduced_by``).
+_SEQUENCE_SUMS: ContextVar[Callable[[Tensor], Tensor] | None] = ContextVar("sequence_sums", default=None)
+
+
+@contextlib.contextmanager
+def sequence_sums_reduced_by(reduce: Callable[[Tensor], Tensor]):
+    """Within the block, ``reduce([2, B] detached (sum of log r, token count))`` completes each
+    sequence's sums before its mean is taken (the values carry no gradient: GSPO's
+    stop-gradient form)."""
+    token = _SEQUENCE_SUMS.set(reduce)
+    try:
+        yield
+    finally:
+        _SEQUENCE_SUMS.reset(token)
+
+
 def sequence_log_ratio(log_probs_BT: Tensor, old_log_probs_BT: Tensor, mask_BT: Tensor, clamp: float) -> Tensor:
     """GSPO's per-token log s_it = sg(mean_t log r_it) + logp_t - sg(logp_t), clamped."""
     diff_BT = torch.where(mask_BT, log_probs_BT - old_log_probs_BT, torch.zeros_like(log_probs_BT))
-    counts_B = mask_BT.sum(dim=-1).clamp_min(1).to(log_probs_BT.dtype)
-    seq_log_ratio_B = diff_BT.sum(dim=-1) / counts_B
+    sums_2B = torch.stack([diff_BT.detach().sum(dim=-1), mask_BT.sum(dim=-1).to(log_probs_BT.dtype)])
+    reduce = _SEQUENCE_SUMS.get()
+    if reduce is not None:
+        sums_2B = reduce(sums_2B)
+    seq_log_ratio_B = sums_2B[0] / sums_2B[1].clamp_min(1)
     return (seq_log_ratio_B.detach()[:, None] + log_probs_BT - log_probs_BT.detach()).clamp(-clamp, clamp)
 
 

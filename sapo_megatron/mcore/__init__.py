@@ -2,7 +2,11 @@
 
 We extend Megatron-Core, never fork it; where we must bend it, the code is small and lives here,
 so that a megatron-core upgrade is checked against this one folder (the supported version range
-is checked in :mod:`.version`).
+is checked in :mod:`.version`, at import of this package: any other release is refused with a
+message naming both).
+
+- :mod:`.version` - the supported megatron-core range, declared once (``setup.py`` reads it) and
+  enforced here. Why: upstream internals we touch move between releases; CI runs 0.16 and 0.19.
 
 - :mod:`.cpu` - CPU shims: Megatron-Core assumes CUDA in places that do not change the maths
   (``torch.cuda.current_device()``, literal ``device="cuda"``, the CUDA RNG tracker, stream
@@ -23,11 +27,27 @@ is checked in :mod:`.version`).
   map serve both specs.
 """
 
-from sapo_megatron.mcore.cpu import (
-    activate_cpu_compat,
-    cpu_compat_active,
-    deactivate_cpu_compat,
+from sapo_megatron.mcore.version import (
+    SUPPORTED,
+    UnsupportedMegatronCore,
+    check_megatron_core,
     megatron_core_version,
 )
 
-__all__ = ["activate_cpu_compat", "cpu_compat_active", "deactivate_cpu_compat", "megatron_core_version"]
+check_megatron_core()
+
+from sapo_megatron.mcore.cpu import (  # noqa: E402  (after the version check, on purpose)
+    activate_cpu_compat,
+    cpu_compat_active,
+    deactivate_cpu_compat,
+)
+
+__all__ = [
+    "SUPPORTED",
+    "UnsupportedMegatronCore",
+    "activate_cpu_compat",
+    "check_megatron_core",
+    "cpu_compat_active",
+    "deactivate_cpu_compat",
+    "megatron_core_version",
+]

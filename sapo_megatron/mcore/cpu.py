@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-import warnings
 from typing import Any
 
 import torch
@@ -41,10 +40,6 @@ from torch.overrides import TorchFunctionMode
 _LOCK = threading.Lock()
 _PATCHES: list[tuple[Any, str, Any]] = []
 _MODE: "_CudaToCpuMode | None" = None
-
-# Megatron-Core releases this layer was checked against; others get a warning, not a refusal,
-# because the patched entry points have been stable across these releases.
-TESTED_MEGATRON_CORE = ("0.16", "0.19")
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -154,13 +149,6 @@ def activate_cpu_compat(force: bool = False) -> bool:
         _patch_missing_te_symbols()
         _MODE = _CudaToCpuMode()
         _MODE.__enter__()
-        version = megatron_core_version()
-        if not version.startswith(TESTED_MEGATRON_CORE):
-            warnings.warn(
-                f"sapo_megatron's CPU layer was checked against megatron-core "
-                f"{', '.join(TESTED_MEGATRON_CORE)}.x; found {version}",
-                stacklevel=2,
-            )
         return True
 
 
@@ -182,10 +170,3 @@ def deactivate_cpu_compat() -> None:
 
 def cpu_compat_active() -> bool:
     return _MODE is not None
-
-
-def megatron_core_version() -> str:
-    from importlib.metadata import version
-
-    return version("megatron-core")
-

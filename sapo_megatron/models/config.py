@@ -19,6 +19,7 @@ Choices that matter for RL and for parity with HF (FIELD-NOTES section 4):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,7 +212,9 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_cp
             moe_router_load_balancing_type=model.moe_router_load_balancing_type,
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
-            moe_grouped_gemm=not on_cpu,
+            # Grouped GEMM experts are TE's (TEGroupedMLP); without TE, megatron-core 0.16's
+            # local spec would pick the legacy GroupedMLP, which needs the grouped_gemm package.
+            moe_grouped_gemm=not on_cpu and importlib.util.find_spec("transformer_engine") is not None,
             moe_router_dtype="fp32",
         )
     allowed = {f.name for f in dataclasses.fields(TransformerConfig)}

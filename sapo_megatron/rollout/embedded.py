@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 
 from sapo_megatron.step.batch import Sample, collate_padded
-from sapo_megatron.step.run import tp_group_or_none, broadcast_from_last_stage, model_forward, run_schedule
+from sapo_megatron.step.run import (
+    broadcast_from_last_stage,
+    model_forward,
+    prepare_microbatch,
+    run_schedule,
+    tp_group_or_none,
+)
 from sapo_megatron.rollout.base import RolloutResult, SamplingParams
 from sapo_megatron.routing import recorded_sample_routes, routing_action, storage_dtype
 
@@ -34,17 +40,18 @@ from sapo_megatron.routing import recorded_sample_routes, routing_action, storag
 def _last_logits_loss(mb, output_tensor):
     """Loss-function slot of the forward-only schedule: the last real position's full logits."""
     last = (~mb.padding_mask).sum(1) - 1
-    logits_BV = output_tensor[torch.arange(output_tensor.shape[0]), last].float()
+    logits_BV = output_tensor[torch.arange(output_tensor.shape[0], device=last.device), last].float()
     group = tp_group_or_none()
     if group is not None:
         parts = [torch.empty_like(logits_BV) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, logits_BV.contiguous(), group=group)
         logits_BV = torch.cat(parts, dim=-1)
-    return torch.zeros(()), torch.zeros((), dtype=torch.int), {"logits": logits_BV}
+    zero = torch.zeros((), device=output_tensor.device)
+    return zero, zero.to(torch.int), {"logits": logits_BV.cpu()}
 
 
 def _forward_step(data_iterator, model):
-    mb = next(data_iterator)
+    mb = prepare_microbatch(next(data_iterator), model)
     return model_forward(model, mb), partial(_last_logits_loss, mb)
 
 

@@ -26,7 +26,10 @@ def attach_routes(
     if len(samples) != mb.sample_index.shape[0]:
         raise ValueError(f"microbatch holds {mb.sample_index.shape[0]} samples, got {len(samples)}")
     topk = samples[0].routes.shape[-1]
+    # Packed segments rounded up for THD context parallelism hold their padding in place.
+    extra = {"sample_multiple": mb.sample_multiple} if mb.layout == "packed" else {}
     routes, replay, pad = _ALIGN[mb.layout](
-        [s.routes for s in samples], mb.tokens.shape[1], topk=topk, tp_rank=tp_rank, tp_size=tp_size
+        [s.routes for s in samples], mb.tokens.shape[1], topk=topk, tp_rank=tp_rank, tp_size=tp_size,
+        **extra,
     )
     return dataclasses.replace(mb, routes=MicrobatchRoutes(routes, replay, pad, sp_shard=(tp_rank, tp_size)))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.collectives import all_reduce_tensor
 from sapo_megatron.mcore.router_replay import install_router_hook, moe_routers
 from sapo_megatron.routing.align import sp_slice
 from sapo_megatron.step.sharding import unwrap
@@ -156,8 +157,12 @@ class RoutingReplay:
     # Whether the current pass runs a backward (and so, with recomputation, a second forward).
     with_backward: bool = False
 
-    def on_microbatch(self, routes: MicrobatchRoutes | None) -> None:
-        """Called by the forward step right before a microbatch's forward."""
+    def on_microbatch(self, routes: MicrobatchRoutes | None, *, device=None) -> None:
+        """Called by the forward step right before a microbatch's forward.
+
+        Routes arrive compact on the host; each layer's slice moves to ``device`` (the model's)
+        here, and is widened to int64 there.
+        """
         if self.action not in ("replay", "compare"):
             return
         if routes is None:
@@ -183,11 +188,11 @@ class RoutingReplay:
                     f"microbatch routes were aligned for sequence-parallel shard {routes.sp_shard}, "
                     f"this rank is ({rank}, {size})"
                 )
-        replay_T = replay_SB.reshape(-1)
-        valid_T = ~pad_SB.reshape(-1)
+        replay_T = replay_SB.reshape(-1).to(device)
+        valid_T = ~pad_SB.reshape(-1).to(device)
         topk = routes_SBMK.shape[-1]
         for layer, column in zip(self.layers, self.moe_columns):
-            idx_TK = routes_SBMK[:, :, column].reshape(-1, topk).long()
+            idx_TK = routes_SBMK[:, :, column].reshape(-1, topk).to(device).long()
             layer.forward_queue.append(_Target(idx_TK, replay_T, valid_T))
         self.pushed += 1
 
@@ -284,7 +289,7 @@ def replay_metrics(model_chunks) -> dict[str, float]:
             k = layer.counts
             table[column] += torch.tensor([k.tokens, k.replayed, k.agree, k.fallback], dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(table)
+        table = all_reduce_tensor(table)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if not controllers[0].sequence_parallel and tp > 1:
             table /= tp

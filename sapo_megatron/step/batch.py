@@ -85,6 +85,20 @@ class Microbatch:
     # Filled by sapo_megatron.step.run.assign_step_weights:
     token_weights: torch.Tensor | None = None  # [N, L], in sample_index's view
     step_num_tokens: int | None = None
+    # Packed layout: each sample starts a segment rounded up to this many tokens (2 x CP for
+    # THD context parallelism, whose slicing cuts every segment into 2 x CP chunks).
+    sample_multiple: int = 1
+
+
+# Entries of ``Microbatch.sample_index`` that point nowhere in the local layout: past the end of
+# the sample (-1), or a target held by another context-parallel rank (-2, see ``cp_shard``).
+PAST_END = -1
+ON_OTHER_CP_RANK = -2
+
+
+def target_counts(sample_index: torch.Tensor) -> torch.Tensor:
+    """Targets per sample (``[N]``), including those another CP rank holds."""
+    return (sample_index != PAST_END).sum(1)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -166,17 +180,25 @@ def collate_packed(
     pad_id: int = 0,
     min_length: int = 0,
     use_thd: bool = False,
+    sample_multiple: int = 1,
 ) -> Microbatch:
     """Concatenate ``samples`` into one ``[1, T]`` row (THD packing).
 
     ``use_thd=True`` attaches ``PackedSeqParams`` for Transformer Engine attention; otherwise a
-    block-diagonal causal mask expresses the same attention pattern.
+    block-diagonal causal mask expresses the same attention pattern. ``sample_multiple`` pads
+    each sample's segment to a multiple of it (context parallelism needs ``2 * cp``); the
+    padding carries no loss and the attention kernel gets both the true and the padded
+    segment bounds (``cu_seqlens_q`` / ``cu_seqlens_q_padded``), as Megatron's
+    ``get_thd_batch_on_this_cp_rank`` builds them.
     """
     if not samples:
         raise ValueError("collate_packed needs at least one sample")
+    if sample_multiple < 1:
+        raise ValueError(f"sample_multiple must be >= 1, got {sample_multiple}")
     names = _present_fields(samples)
     lengths = [s.tokens.numel() for s in samples]
-    total = _round_up(max(min_length, sum(lengths)), pad_multiple)
+    spans = [_round_up(n, sample_multiple) for n in lengths]
+    total = _round_up(max(min_length, sum(spans)), pad_multiple)
     tokens = torch.full((1, total), pad_id, dtype=torch.long)
     labels = torch.full((1, total), pad_id, dtype=torch.long)
     position_ids = torch.zeros(1, total, dtype=torch.long)
@@ -186,18 +208,22 @@ def collate_packed(
     # Padding forms its own segment so that it attends only to itself.
     segment = torch.full((total,), len(samples), dtype=torch.long)
     start = 0
-    for i, s in enumerate(samples):
+    padding = torch.ones(total, dtype=torch.bool)
+    for i, (s, span) in enumerate(zip(samples, spans)):
         n = s.tokens.numel()
         sl = slice(start, start + n)
         tokens[0, sl] = s.tokens
         labels[0, start : start + n - 1] = s.tokens[1:]
-        position_ids[0, sl] = torch.arange(n)
+        position_ids[0, start : start + span] = torch.arange(span)
         loss_mask[0, start : start + n - 1] = s.loss_mask
+        padding[sl] = False
         starts.append(start)
-        segment[sl] = i
+        # A sample's own padding stays in its segment: it comes after every real token of the
+        # sample, so under the causal mask no real token attends to it.
+        segment[start : start + span] = i
         for name in names:
             fields[name][0, start : start + n - 1] = getattr(s, name)
-        start += n
+        start += span
     position_ids[0, start:] = torch.arange(total - start)
     mb = Microbatch(
         tokens=tokens,
@@ -208,7 +234,8 @@ def collate_packed(
         loss_mask=loss_mask,
         sample_index=_sample_index(starts, [n - 1 for n in lengths]),
         fields=fields,
-        padding_mask=(torch.arange(total) >= sum(lengths))[None, :],
+        padding_mask=padding[None, :],
+        sample_multiple=sample_multiple,
     )
     if use_thd:
         from megatron.core.packed_seq_params import PackedSeqParams
@@ -216,14 +243,24 @@ def collate_packed(
         # The same segment bounds the routing alignment packs routes into.
         from sapo_megatron.routing.align import packed_cu_seqlens
 
-        bounds = packed_cu_seqlens(lengths, total)
+        bounds = packed_cu_seqlens(lengths, total, sample_multiple=sample_multiple)
         max_len = int((bounds[1:] - bounds[:-1]).max())
+        padded = {}
+        if sample_multiple > 1:
+            # True lengths, the trailing padding segment kept as is.
+            true = bounds.clone()
+            true[1 : len(lengths) + 1] = torch.tensor(lengths, dtype=bounds.dtype).cumsum(0)
+            if bounds.numel() > len(lengths) + 1:
+                true[-1] = true[-2] + (bounds[-1] - bounds[-2])
+            padded = dict(cu_seqlens_q_padded=bounds, cu_seqlens_kv_padded=bounds)
+            bounds = true
         mb.packed_seq_params = PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=bounds,
             cu_seqlens_kv=bounds,
             max_seqlen_q=max_len,
             max_seqlen_kv=max_len,
+            **padded,
         )
     else:
         same = segment[:, None] == segment[None, :]
@@ -232,14 +269,121 @@ def collate_packed(
     return mb
 
 
+def _moved(value, device):
+    """``value`` on ``device``: tensors, and the tensor fields of a dataclass such as
+    ``PackedSeqParams`` (its cu_seqlens feed the attention kernel)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {
+            f.name: getattr(value, f.name).to(device)
+            for f in dataclasses.fields(value)
+            if isinstance(getattr(value, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
+
+
 def to_device(mb: Microbatch, device) -> Microbatch:
+    """``mb`` with every tensor on ``device`` (the model's), called inside the forward step.
+
+    Routes are left alone: they stay compact on the host, and routing replay moves each
+    layer's slice when it hands it to the router as a target.
+    """
     moved = {
-        f.name: getattr(mb, f.name).to(device)
+        f.name: _moved(getattr(mb, f.name), device)
         for f in dataclasses.fields(mb)
-        if isinstance(getattr(mb, f.name), torch.Tensor)
+        if f.name not in ("fields", "routes")
     }
     moved["fields"] = {k: v.to(device) for k, v in mb.fields.items()}
     return dataclasses.replace(mb, **moved)
+
+
+def cp_positions(mb: Microbatch, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """Sequence positions (of ``mb.tokens.shape[1]``) that context-parallel rank ``cp_rank`` keeps.
+
+    Padded layout: Megatron's ``get_batch_on_this_cp_rank`` (``2 * cp`` chunks, rank ``r``
+    keeps chunks ``r`` and ``2 cp - 1 - r``). Packed THD layout: the same per padded segment
+    (Transformer Engine's ``thd_get_partitioned_indices``), from ``cu_seqlens_q_padded``.
+    """
+    from sapo_megatron.routing.align import cp_slice, thd_cp_indices
+
+    seq = mb.tokens.shape[1]
+    if mb.layout == "padded":
+        return cp_slice(torch.arange(seq), cp_rank, cp_size)
+    params = mb.packed_seq_params
+    bounds = getattr(params, "cu_seqlens_q_padded", None) if params is not None else None
+    if bounds is None:
+        raise ValueError(
+            "a packed microbatch needs THD PackedSeqParams with cu_seqlens_q_padded for context "
+            "parallelism: collate it with collate_packed(..., use_thd=True, sample_multiple=2 * cp)"
+        )
+    return thd_cp_indices(bounds.cpu(), cp_rank, cp_size)
+
+
+def cp_shard(mb: Microbatch, cp_rank: int, cp_size: int) -> Microbatch:
+    """This context-parallel rank's share of a full microbatch (identity at ``cp_size == 1``).
+
+    Every per-token tensor keeps the positions :func:`cp_positions` names, along the sequence
+    dimension (dim 1; dim 2 of the attention mask, as Megatron slices it). ``sample_index`` is
+    re-pointed into the local layout, with ``ON_OTHER_CP_RANK`` where a target lives on another
+    CP rank (``per_sample_view`` fills it like padding; ``target_counts`` still counts it), so
+    the per-sample ``[N, L]`` view, and the step weights in it, keep their shape on every rank.
+    Routes (still compact, on the host) get the same slice through ``routing.align``.
+    """
+    if cp_size == 1:
+        return mb
+    from sapo_megatron.routing.align import cp_slice, cp_slice_thd
+
+    keep = cp_positions(mb, cp_rank, cp_size).to(mb.tokens.device)
+    batch, seq = mb.tokens.shape
+    local = keep.numel()
+
+    def cut(x, dim=1):
+        return None if x is None else x.index_select(dim, keep.to(x.device))
+
+    # Flat position b * seq + s of the full layout -> b * local + j of the local one, or -1.
+    inverse = torch.full((batch * seq,), -1, dtype=torch.long, device=mb.sample_index.device)
+    rows = torch.arange(batch, device=inverse.device)[:, None]
+    inverse[(rows * seq + keep.to(inverse.device)[None, :]).reshape(-1)] = torch.arange(
+        batch * local, device=inverse.device
+    )
+    index = mb.sample_index
+    moved = inverse[index.clamp_min(0)]
+    sample_index = torch.where(
+        index < 0, index, torch.where(moved >= 0, moved, moved.new_full((), ON_OTHER_CP_RANK))
+    )
+    routes = mb.routes
+    if routes is not None:
+        if tuple(routes.sp_shard) != (0, 1):
+            raise ValueError(
+                f"microbatch routes were aligned for sequence-parallel shard {routes.sp_shard}; under "
+                f"context parallelism attach them for the whole sequence (tp_size=1): the CP slice "
+                f"comes first and routing replay takes the SP shard of what is left"
+            )
+        if mb.layout == "padded":
+            slice_ = lambda t: cp_slice(t, cp_rank, cp_size, seq_dim=0)  # noqa: E731
+        else:
+            bounds = mb.packed_seq_params.cu_seqlens_q_padded.cpu()
+            slice_ = lambda t: cp_slice_thd(t, bounds, cp_rank, cp_size, seq_dim=0)  # noqa: E731
+        routes = dataclasses.replace(
+            routes,
+            routes_SBMK=slice_(routes.routes_SBMK),
+            replay_mask_SB=slice_(routes.replay_mask_SB),
+            pad_mask_SB=slice_(routes.pad_mask_SB),
+        )
+    return dataclasses.replace(
+        mb,
+        tokens=cut(mb.tokens),
+        labels=cut(mb.labels),
+        position_ids=cut(mb.position_ids),
+        attention_mask=cut(mb.attention_mask, dim=2),
+        loss_mask=cut(mb.loss_mask),
+        padding_mask=cut(mb.padding_mask),
+        fields={k: cut(v) for k, v in mb.fields.items()},
+        sample_index=sample_index,
+        routes=routes,
+    )
 
 
 def split_step_samples(

@@ -19,11 +19,24 @@ and instead divides the summed gradients by the all-reduced token count that the
 returns. So the loss function returns ``(weighted_sum * N_step, n_local)`` with
 ``sum(n_local) == N_step``: Megatron's division by ``N_step`` cancels the factor exactly.
 
+Devices. Microbatches are built on the host; :func:`prepare_microbatch`, inside the forward
+step, moves one to the model's device right before its forward (routes stay compact on the
+host: routing replay moves each layer's slice when it sets it as a target). Every reduction
+goes through ``sapo_megatron.collectives``, whose tensors live on the group's device.
+
+Context parallelism (CP). Weights are assigned on the full microbatches; the forward step then
+keeps this CP rank's share (:func:`sapo_megatron.step.batch.cp_shard`, Megatron's
+``get_batch_on_this_cp_rank`` layout). ``n_local`` is the CP shard's token count, so its sum
+over the DP x CP group (which ``finalize_model_grads`` all-reduces) is still ``N_step``, and the
+metrics are reduced over that group too. A sequence-level ratio (``gspo``, ``sapo_seq``) spans
+the CP ranks of its sequence: its per-sequence sums are all-reduced over the CP group.
+
 Usage: see ``sapo_megatron.cli demo`` and ``tests/dist/step_worker.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +45,7 @@ from typing import ClassVar, Iterable
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.collectives import all_reduce_dict, all_reduce_tensor, all_reduce_values
 from sapo_megatron.logprobs import vocab_parallel_log_probs
 from sapo_megatron.losses import (
     POLICY_LOSSES,
@@ -40,7 +54,8 @@ from sapo_megatron.losses import (
     compute_policy_loss,
     reduction_weights,
 )
-from sapo_megatron.step.batch import Microbatch, per_sample_view
+from sapo_megatron.losses.policy import sequence_sums_reduced_by
+from sapo_megatron.step.batch import Microbatch, cp_shard, per_sample_view, target_counts, to_device
 from sapo_megatron.step.sharding import unwrap
 
 
@@ -73,10 +88,35 @@ class PolicyLossSpec(PolicyLossConfig):
                 raise ValueError(f"loss.{name} must be >= 1 or null, got {value!r}")
 
 
-def _data_parallel_group():
+def _data_parallel_group(with_context_parallel: bool = False):
     from megatron.core import parallel_state
 
-    return parallel_state.get_data_parallel_group()
+    return parallel_state.get_data_parallel_group(with_context_parallel=with_context_parallel)
+
+
+def context_parallel_rank_size() -> tuple[int, int]:
+    """(rank, size) in Megatron's context-parallel group; (0, 1) without model parallelism."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size()
+
+
+def model_device(model) -> torch.device:
+    """The device of a model chunk's parameters (CPU for a chunk without any)."""
+    inner = unwrap(model)
+    for tensor in inner.parameters():
+        return tensor.device
+    for tensor in inner.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def prepare_microbatch(mb: Microbatch, model) -> Microbatch:
+    """``mb`` on ``model``'s device, cut to this context-parallel rank's share."""
+    cp_rank, cp_size = context_parallel_rank_size()
+    return cp_shard(to_device(mb, model_device(model)), cp_rank, cp_size)
 
 
 def assign_step_weights(
@@ -85,21 +125,24 @@ def assign_step_weights(
     """Fill ``token_weights`` and ``step_num_tokens`` with step-global denominators.
 
     Call on the full (not context-parallel-sliced) microbatches of one optimizer step; every
-    DP rank calls it with its own share. ``dp_group=None`` uses Megatron's DP group; without
-    torch.distributed the counts are local (a single-process step).
+    DP rank calls it with its own share. ``dp_group=None`` uses Megatron's DP x CP group, the
+    one ``finalize_model_grads`` divides over: the CP ranks of a DP rank hold the same full
+    microbatches, so the sum over it is the DP sum times the CP size, divided out exactly.
+    Without torch.distributed the counts are local (a single-process step).
     """
     masks = [per_sample_view(mb.loss_mask, mb.sample_index, fill=False) for mb in microbatches]
     tokens = sum(int(m.sum()) for m in masks)
     sequences = sum(int(m.any(1).sum()) for m in masks)
     longest = max(int((mb.sample_index >= 0).sum(1).max()) for mb in microbatches)
-    counts = torch.tensor([tokens, sequences], dtype=torch.float64)
-    peak = torch.tensor([longest], dtype=torch.float64)
-    if dist.is_initialized():
-        group = dp_group if dp_group is not None else _data_parallel_group()
-        dist.all_reduce(counts, group=group)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    step_tokens, step_sequences = int(counts[0]), int(counts[1])
-    length = norm_length if norm_length is not None else int(peak[0])
+    copies = 1
+    group = dp_group
+    if dist.is_initialized() and dp_group is None:
+        group = _data_parallel_group(with_context_parallel=True)
+        copies = context_parallel_rank_size()[1]
+    total_tokens, total_sequences = all_reduce_values([tokens, sequences], group=group)
+    step_tokens, step_sequences = int(total_tokens) // copies, int(total_sequences) // copies
+    peak = all_reduce_values([longest], op="max", group=group)[0]
+    length = norm_length if norm_length is not None else int(peak)
     out = []
     for mb, mask in zip(microbatches, masks):
         if step_tokens == 0:
@@ -131,25 +174,45 @@ def loss_func(mb: Microbatch, spec: PolicyLossSpec, output_tensor: torch.Tensor)
     # Losses see one sample per row, whatever the layout (see Microbatch.sample_index).
     view = partial(per_sample_view, sample_index=mb.sample_index)
     fields = {name: view(value) for name, value in mb.fields.items()}
-    loss, metrics = compute_policy_loss(
-        spec.type,
-        view(log_probs),
-        fields["old_log_probs"],
-        fields["advantages"],
-        view(mb.loss_mask, fill=False),
-        config=spec,
-        reduction=spec.reduction,
-        ref_log_probs=fields.get("ref_log_probs"),
-        entropy=view(entropy),
-        rollout_log_probs=fields.get("rollout_log_probs"),
-        token_weights=mb.token_weights,
-    )
+    with _sequence_sums_over_context_parallel():
+        loss, metrics = compute_policy_loss(
+            spec.type,
+            view(log_probs),
+            fields["old_log_probs"],
+            fields["advantages"],
+            view(mb.loss_mask, fill=False),
+            config=spec,
+            reduction=spec.reduction,
+            ref_log_probs=fields.get("ref_log_probs"),
+            entropy=view(entropy),
+            rollout_log_probs=fields.get("rollout_log_probs"),
+            token_weights=mb.token_weights,
+        )
     num_tokens = mb.loss_mask.sum().to(torch.int)
     reported = {"loss_sum": loss.detach().clone().to(torch.float64)}
     for key, value in metrics.items():
         if key != "loss":
             reported[key] = value.detach().to(torch.float64)
+    cp_size = context_parallel_rank_size()[1]
+    if cp_size > 1 and "num_sequences" in reported:
+        # A sequence spread over CP ranks would be counted on each: count it once (its mask
+        # OR-ed over CP), as a share 1/CP per rank, since the metrics are summed over DP x CP.
+        from megatron.core import parallel_state
+
+        has_loss = view(mb.loss_mask, fill=False).any(1).to(torch.float64)
+        has_loss = all_reduce_tensor(has_loss, op="max", group=parallel_state.get_context_parallel_group())
+        reported["num_sequences"] = has_loss.sum() / cp_size
     return loss * mb.step_num_tokens, num_tokens, reported
+
+
+def _sequence_sums_over_context_parallel():
+    """Under CP, reduce sequence-level sums (GSPO-style ratios) over the CP group."""
+    from megatron.core import parallel_state
+
+    if context_parallel_rank_size()[1] == 1:
+        return contextlib.nullcontext()
+    group = parallel_state.get_context_parallel_group()
+    return sequence_sums_reduced_by(lambda sums: all_reduce_tensor(sums, group=group))
 
 
 def _uses_routing_statistics(config) -> bool:
@@ -174,7 +237,7 @@ def model_forward(model, mb: Microbatch):
 
     replay = routing_replay_of(model)
     if replay is not None:
-        replay.on_microbatch(mb.routes)
+        replay.on_microbatch(mb.routes, device=mb.tokens.device)
     kwargs = {"packed_seq_params": mb.packed_seq_params}
     if mb.padding_mask is not None and _uses_routing_statistics(unwrap(model).config):
         kwargs["padding_mask"] = mb.padding_mask
@@ -183,7 +246,7 @@ def model_forward(model, mb: Microbatch):
 
 def forward_step(spec: PolicyLossSpec, data_iterator, model):
     """One microbatch forward; returns the output and the loss closure (Megatron's contract)."""
-    mb: Microbatch = next(data_iterator)
+    mb = prepare_microbatch(next(data_iterator), model)
     return model_forward(model, mb), partial(loss_func, mb, spec)
 
 
@@ -250,15 +313,11 @@ def _merge_metrics(per_microbatch: Iterable[dict]) -> dict[str, float]:
             sums[key] = sum(float(d[key]) for d in per_microbatch if key in d)
         else:
             sums[key] = sum(float(d[key]) * float(d["num_tokens"]) for d in nonempty if key in d)
-    group = parallel_state.get_data_parallel_group()
+    # CP ranks hold different tokens of the same samples: reduce over DP x CP.
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     out = {}
-    for table, op in ((sums, dist.ReduceOp.SUM), (mins, dist.ReduceOp.MIN), (maxs, dist.ReduceOp.MAX)):
-        if not table:
-            continue
-        names = sorted(table)
-        t = torch.tensor([table[n] for n in names], dtype=torch.float64)
-        dist.all_reduce(t, op=op, group=group)
-        out.update(zip(names, t.tolist()))
+    for table, op in ((sums, "sum"), (mins, "min"), (maxs, "max")):
+        out.update(all_reduce_dict(table, op=op, group=group))
     tokens = max(out.get("num_tokens", 0.0), 1.0)
     for key in sums:
         if key not in _SUMMED:
@@ -318,13 +377,18 @@ def _log_prob_loss_func(mb: Microbatch, temperature: float, chunk_size, output_t
         chunk_size=chunk_size,
     )
     per_sample = per_sample_view(log_probs.detach(), mb.sample_index)
-    lengths = (mb.sample_index >= 0).sum(1).tolist()
+    if context_parallel_rank_size()[1] > 1:
+        # Each target lives on exactly one CP rank (0 elsewhere in the view): the sum is exact.
+        from megatron.core import parallel_state
+
+        per_sample = all_reduce_tensor(per_sample, group=parallel_state.get_context_parallel_group())
+    lengths = target_counts(mb.sample_index).tolist()
     rows = [per_sample[i, :n].cpu() for i, n in enumerate(lengths)]
     return torch.zeros((), device=output_tensor.device), torch.zeros((), dtype=torch.int), {"log_probs": rows}
 
 
 def _log_prob_forward_step(temperature, chunk_size, data_iterator, model):
-    mb: Microbatch = next(data_iterator)
+    mb = prepare_microbatch(next(data_iterator), model)
     return model_forward(model, mb), partial(_log_prob_loss_func, mb, temperature, chunk_size)
 
 

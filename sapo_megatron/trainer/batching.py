@@ -20,15 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.collectives import group_device
 from sapo_megatron.step.balance import imbalance
 from sapo_megatron.step.plan import plan_minibatch
-
-
-def group_device(group) -> torch.device:
-    """Where a collective's tensors must live for ``group``: the current CUDA device under NCCL."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.collectives import all_reduce_values, global_max
 from sapo_megatron.losses import grpo_advantages, rloo_advantages
 from sapo_megatron.step import (
     Sample,
@@ -49,7 +50,7 @@ from sapo_megatron.routing import (
     routing_replay_of,
 )
 from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
-from sapo_megatron.trainer.batching import StepBatcher, batch_metrics, group_device
+from sapo_megatron.trainer.batching import StepBatcher, batch_metrics
 from sapo_megatron.trainer.checkpoint import (
     finalize_async_saves,
     is_dist_checkpoint,
@@ -251,17 +252,27 @@ class Trainer:
         if min_length is not None:  # a token-budget plan (variable_seq_lengths under PP)
             length = min_length
         kwargs = {}
+        cp = self.cfg.parallel.context_parallel_size
+        # Context parallelism cuts the sequence into 2 x CP chunks, each a multiple of the
+        # SP shard: pad to 2 x CP x TP (packed: every sample to 2 x CP, the row to that x TP).
+        multiple = tp * 2 * cp if cp > 1 else tp
         if self.cfg.train.layout == "packed":
             length = length * len(group) if min_length is None else min_length
             # Transformer Engine attends packed samples through cu_seqlens (THD); the local
             # spec (CPU) gets the equivalent block-diagonal mask.
             kwargs["use_thd"] = use_transformer_engine()
-        mb = collate(group, pad_multiple=tp, min_length=length, **kwargs)
+            if cp > 1:
+                kwargs["sample_multiple"] = 2 * cp
+                length = -(-length // (2 * cp)) * 2 * cp + 2 * cp * len(group)
+        mb = collate(group, pad_multiple=multiple, min_length=length, **kwargs)
         if self.mode != "none" and group[0].routes is not None:
             from megatron.core import parallel_state
 
+            # Under CP the forward step takes the CP slice first, then replay the SP shard of
+            # what is left: attach routes for the whole sequence.
+            sp = self.cfg.parallel.sequence_parallel and cp == 1
             mb = attach_routes(mb, group, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                               tp_size=tp if self.cfg.parallel.sequence_parallel else 1)
+                               tp_size=tp if sp else 1)
         return mb
 
     def _microbatches(self, minibatch):
@@ -340,15 +351,11 @@ class Trainer:
                 keep = keep_groups(ds.filter, rewards, completed, n)
                 collector.add([(flat[g * n:(g + 1) * n], results[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
                                for g in range(len(keep))], keep)
-            full = torch.tensor([int(collector.full)], device=group_device(group))
-            dist.all_reduce(full, op=dist.ReduceOp.MIN, group=group)
-            if int(full):
+            if all_reduce_values([int(collector.full)], op="min", group=group)[0]:
                 break
         groups, topped = collector.take()
-        counts = torch.tensor([collector.generated, collector.filtered, topped, collector.quota], dtype=torch.float64,
-                              device=group_device(group))
-        dist.all_reduce(counts, group=group)
-        generated, filtered, topped_all, quota = counts.tolist()
+        generated, filtered, topped_all, quota = all_reduce_values(
+            [collector.generated, collector.filtered, topped, collector.quota], group=group)
         if topped_all and self.rank == 0:
             warnings.warn(
                 f"rollout.dynamic_sampling: step {self.step} kept {int(quota - topped_all)} of the "
@@ -437,11 +444,8 @@ class Trainer:
         results = [dataclasses.replace(r, finish_reason="abort", response_ids=[], response_log_probs=[], routes=None)
                    if d and r.finish_reason != "abort" else r for r, d in zip(results, dropped)]
         group = parallel_state.get_data_parallel_group()
-        sums = torch.tensor([sum(ages), len(ages), sum(dropped)], dtype=torch.float64, device=group_device(group))
-        peak = torch.tensor([max(ages, default=0)], dtype=torch.float64, device=group_device(group))
-        dist.all_reduce(sums, group=group)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-        total, n, n_dropped = sums.tolist()
+        total, n, n_dropped = all_reduce_values([sum(ages), len(ages), sum(dropped)], group=group)
+        peak = global_max(max(ages, default=0), group=group)
         return results, {"async/staleness_mean": total / max(n, 1.0), "async/staleness_max": float(peak),
                          "async/dropped_frac": n_dropped / max(n, 1.0)}
 
@@ -481,18 +485,14 @@ class Trainer:
         return metrics
 
     def _global_max(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t)
+        return int(global_max(value))
 
     def _step_metrics(self, rewards, results, update_metrics, timings) -> dict:
         from megatron.core import parallel_state
 
-        lengths = torch.tensor([len(r.response_ids) for r in results], dtype=torch.float64)
-        local = torch.tensor([rewards.sum(), (rewards**2).sum(), rewards.numel(), lengths.sum(),
-                              sum(r.finish_reason == "abort" for r in results)], dtype=torch.float64)
-        dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
-        total, sq, n, length, aborted = local.tolist()
+        local = [float(rewards.sum()), float((rewards**2).sum()), rewards.numel(),
+                 sum(len(r.response_ids) for r in results), sum(r.finish_reason == "abort" for r in results)]
+        total, sq, n, length, aborted = all_reduce_values(local, group=parallel_state.get_data_parallel_group())
         mean = total / n
         out = {
             "step": self.step,
