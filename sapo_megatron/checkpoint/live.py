@@ -131,16 +131,22 @@ class _GatherPlan:
     local: dict[str, tuple]
 
 
-def _plan_gather(model) -> _GatherPlan:
+def _held_tensors(model) -> dict[str, tuple]:
+    """This rank's tensors by canonical name: ``{name: (module, local_name, tensor)}`` (a tied
+    output layer is the embedding and is left out)."""
     local = {}
     for chunk in _chunks(model):
         inner = unwrap(chunk)
         tied = inner.share_embeddings_and_output_weights
         for local_name, tensor in _local_tensors(inner):
             name = _canonical(inner, local_name)
-            if tied and name == "output_layer.weight":
-                continue
-            local[name] = (inner, local_name, tensor)
+            if not (tied and name == "output_layer.weight"):
+                local[name] = (inner, local_name, tensor)
+    return local
+
+
+def _plan_gather(model) -> _GatherPlan:
+    local = _held_tensors(model)
     held: list = [None] * dist.get_world_size()
     dist.all_gather_object(held, {n: str(t.dtype).removeprefix("torch.") for n, (_, _, t) in local.items()})
     owner, dtype = {}, {}
@@ -297,14 +303,7 @@ def export_plan(model, hf_config: dict, dtype: torch.dtype | str | None = "check
     mapping = mapping_for(hf_config)
     cfg = mapping.config_from_hf(hf_config)
     by_mcore = {u.mcore: u for us in all_units(mapping, cfg).values() for u in us}
-    local = {}
-    for chunk in _chunks(model):
-        inner = unwrap(chunk)
-        tied = inner.share_embeddings_and_output_weights
-        for local_name, tensor in _local_tensors(inner):
-            name = _canonical(inner, local_name)
-            if not (tied and name == "output_layer.weight"):
-                local[name] = (inner, local_name, tensor)
+    local = _held_tensors(model)
     mine = {n: (str(t.dtype).removeprefix("torch."), _full_shape(t), _in_replica_zero(t)) for n, (_, _, t) in local.items()}
     held: list = [None] * dist.get_world_size()
     dist.all_gather_object(held, mine)

@@ -17,11 +17,12 @@ Needs matplotlib (``pip install -e ".[plot]"``); the rest of the package does no
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from sapo_megatron.jsonl import JSONLineError, json_lines
 
 # (file name, title, [(key, legend suffix)], y label)
 PANELS = [
@@ -44,17 +45,13 @@ class MetricsError(ValueError):
 
 def read_metrics(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MetricsError(f"{path}:{number}: not a JSON object ({err.msg}): {line.strip()[:80]!r}") from None
+    try:
+        for number, row in json_lines(path):
             if not isinstance(row, dict):
                 raise MetricsError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+    except JSONLineError as err:
+        raise MetricsError(f"{path}:{err.lineno}: not a JSON object ({err.msg}): {err.line.strip()[:80]!r}") from None
     return rows
 
 

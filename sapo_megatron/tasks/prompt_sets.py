@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from sapo_megatron.jsonl import JSONLineError, json_lines
+
 from .answer_check import extract_answer, last_boxed
 
 BOXED_INSTRUCTION = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -53,16 +55,10 @@ def read_records(path: str | Path) -> list[tuple[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
-    return records
+    try:
+        return [(f"line {lineno}", value) for lineno, value in json_lines(path)]
+    except JSONLineError as err:
+        raise RecordError(str(err)) from None
 
 
 def _read_json(path: Path) -> list[tuple[str, Any]]:
