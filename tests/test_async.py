@@ -120,6 +120,7 @@ routing: {{mode: R3}}
     assert [r["async/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]
     assert all(r["async/dropped_frac"] == 0.0 for r in rows)
     assert all(0.0 <= r["async/overlap_frac"] <= 1.0 and r["async/wait_rollout_s"] >= 0 for r in rows)
-    # Three batches of 16 requests, one weight load per step; the last step prefetches nothing.
+    # Three batches of 16 requests (the last step prefetches nothing); weight loads: version 0
+    # before the first rollout, then one per completed step.
     assert paths.count("/generate") == 3 * 16
-    assert paths.count("/update_weights_from_disk") == 3
+    assert paths.count("/update_weights_from_disk") == 1 + 3

@@ -65,8 +65,9 @@ class RolloutEngine(Protocol):
     ) -> list[RolloutResult]:
         """One result per prompt, in order (a failed request: finish_reason "abort")."""
 
-    def update_weights(self, model_chunks, step: int) -> None:
-        """Make the engine serve the trainer's current weights (and flush its caches)."""
+    def update_weights(self, model_chunks, version: int) -> None:
+        """Make the engine serve the trainer's current weights as policy ``version`` (the number
+        of RL steps completed; SGLang's ``weight_version``), and flush its caches."""
 
     def close(self) -> None:
         ...

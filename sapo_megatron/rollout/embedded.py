@@ -146,10 +146,11 @@ class EmbeddedEngine:
             ))
         return results
 
-    def update_weights(self, model_chunks, step: int) -> None:
-        """Live weights: nothing to sync. Lagged: RL step ``step`` is done, version ``step + 1``."""
+    def update_weights(self, model_chunks, version: int) -> None:
+        """Live weights: nothing to sync. Lagged: the trainer now holds policy ``version`` (RL
+        steps completed); the copy samples with version ``max(0, version - lag)``."""
         if self.lagged is not None:
-            self.lagged.update_weights(model_chunks, step + 1)
+            self.lagged.update_weights(model_chunks, version)
 
     def state_dict(self) -> dict:
         return {"lagged": self.lagged.state_dict()} if self.lagged is not None else {}

@@ -311,7 +311,7 @@ class Trainer:
         prompts = self.stream.next_batch(cfg.prompts_per_step)[self.dp_rank :: self.dp_size]
         flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
-                                     seed=self.cfg.run.seed * 1_000_003 + step)
+                                     run_seed=self.cfg.run.seed, step=step)
         self.engine.submit([p.ids for p in flat], params, return_routes=self.mode == "R3")
         # The servers hold the weights of version self.step (synced at the end of step - 1).
         self._prefetched = (flat, self.step)
