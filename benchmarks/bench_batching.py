@@ -55,7 +55,6 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from sapo_megatron.losses import PolicyLossConfig
     from sapo_megatron.models import ModelConfig, ParallelConfig
     from sapo_megatron.parallel import destroy, initialize_model_parallel
     from sapo_megatron.step import PolicyLossSpec, Sample, assign_step_weights, build_model_chunks, collate_padded, run_step
@@ -85,7 +84,7 @@ def worker(args) -> None:
         samples.append(Sample(tokens=torch.randint(0, 64, (total,), generator=gen), loss_mask=mask,
                               old_log_probs=torch.full((total - 1,), -4.0),
                               advantages=torch.full((total - 1,), float(torch.randn((), generator=gen)))))
-    spec = PolicyLossSpec(config=PolicyLossConfig(tau_pos=1.0, tau_neg=1.05))
+    spec = PolicyLossSpec(tau_pos=1.0, tau_neg=1.05)
     micro_batch_size = max(1, args.budget // args.max_len)
 
     def baseline():

@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 warnings.filterwarnings("ignore")
 
-from sapo_megatron.losses import PolicyLossConfig  # noqa: E402
 from sapo_megatron.models import ParallelConfig  # noqa: E402
 from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
 from sapo_megatron.step import (  # noqa: E402
@@ -70,8 +69,7 @@ def main() -> None:
     collate = collate_padded if args.layout == "padded" else collate_packed
     microbatches = [collate(g, pad_multiple=args.tp, min_length=n) for g, n in zip(plan.groups, plan.min_lengths)]
     microbatches = assign_step_weights(microbatches, args.reduction)
-    spec = PolicyLossSpec(reduction=args.reduction, config=PolicyLossConfig(tau_pos=1.0, tau_neg=1.05),
-                          logprob_chunk_size=5)
+    spec = PolicyLossSpec(reduction=args.reduction, tau_pos=1.0, tau_neg=1.05, logprob_chunk_size=5)
     metrics = run_step(chunks, microbatches, spec)
 
     grads = {n: p.main_grad.detach() for n, p in unwrap(model).named_parameters()}

@@ -34,7 +34,7 @@ def main() -> None:
 
     from megatron.core import parallel_state
 
-    from sapo_megatron.losses import PolicyLossConfig, compute_policy_loss, policy as policy_mod
+    from sapo_megatron.losses import compute_policy_loss, policy as policy_mod
     from sapo_megatron.models import ParallelConfig
     from sapo_megatron.parallel import destroy, initialize_model_parallel
     from sapo_megatron.routing.microbatch import attach_routes
@@ -99,8 +99,7 @@ def main() -> None:
     # log-prob kernel, itself tested against float64 in test_logprobs.py).
     keep = cp_positions(full, cp_rank, cp)
     for loss_type in ("sapo", "gspo", "sapo_seq"):
-        config = PolicyLossConfig(tau_pos=1.0, tau_neg=1.05)
-        spec = PolicyLossSpec(loss_type=loss_type, config=config)
+        spec = config = PolicyLossSpec(type=loss_type, tau_pos=1.0, tau_neg=1.05)
         # Reference: the whole sequence on this rank, no CP anywhere.
         leaf = logits_full.clone().requires_grad_()
         lp = vocab_parallel_log_probs(leaf, full.labels)

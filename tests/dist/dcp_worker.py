@@ -26,7 +26,6 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore")
 
 from sapo_megatron.config.schema import OptimConfig, RunConfig, TrainConfig, TrainSection  # noqa: E402
-from sapo_megatron.losses import PolicyLossConfig  # noqa: E402
 from sapo_megatron.models import ModelConfig, ParallelConfig  # noqa: E402
 from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
 from sapo_megatron.step import (  # noqa: E402
@@ -48,8 +47,7 @@ MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_atte
                     num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
                     num_experts=4, num_experts_per_tok=2, first_k_dense=1)
 GLOBAL_BATCH, MAX_LEN = 8, 14
-SPEC = PolicyLossSpec(loss_type="sapo", reduction="seq_mean_token_mean",
-                      config=PolicyLossConfig(tau_pos=1.0, tau_neg=1.05))
+SPEC = PolicyLossSpec(type="sapo", reduction="seq_mean_token_mean", tau_pos=1.0, tau_neg=1.05)
 
 
 def train_config(**optim) -> TrainConfig:
