@@ -126,6 +126,7 @@ def stage_rl(args) -> dict:
     from sapo_megatron.routing import routing_action
     from sapo_megatron.step import collect_log_probs
     from sapo_megatron.trainer import loop
+    from sapo_megatron.trainer.batching import Minibatch
 
     out = Path(args.out) / "rl"
     cfg = load_config(CONFIG, _overrides(args, out, steps=3, save_every=3))
@@ -138,7 +139,9 @@ def stage_rl(args) -> dict:
     advantages = loop.group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
     samples = loop._build_samples(results, advantages, use_routes=True)
     trainer._step_max_len = max(s.tokens.numel() for s in samples)
-    microbatches = trainer._microbatches(samples)
+    size = cfg.train.micro_batch_size
+    microbatches = trainer._microbatches(
+        Minibatch(samples, [len(samples[i : i + size]) for i in range(0, len(samples), size)], None))
     with routing_action(trainer.chunks, "replay", with_backward=False):
         log_probs = collect_log_probs(trainer.chunks, microbatches, temperature=trainer.spec.temperature)
     dump = Path(args.out) / "first_step.pt"
@@ -169,7 +172,8 @@ def stage_cpu_reference(args) -> dict:
     from sapo_megatron.parallel import initialize_model_parallel
     from sapo_megatron.routing import attach_routes, attach_routing_replay, routing_action
     from sapo_megatron.step import Sample, build_model_chunks, collate_padded, collect_log_probs
-    from sapo_megatron.step.sharding import load_full_state_dict
+    sys.path.insert(0, str(ROOT))  # the full-tensor loader is a test helper (tests/helpers.py)
+    from tests.helpers import load_full_state_dict
 
     assert not torch.cuda.is_available(), "the reference stage runs with CUDA hidden"
     dump = torch.load(Path(args.out) / "first_step.pt", weights_only=False)

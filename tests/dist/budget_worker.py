@@ -33,7 +33,8 @@ from sapo_megatron.step import (  # noqa: E402
 )
 from sapo_megatron.step.batch import split_step_samples  # noqa: E402
 from sapo_megatron.step.plan import enable_variable_seq_lengths, needs_equal_shapes, plan_minibatch  # noqa: E402
-from sapo_megatron.step.sharding import gather_full, load_full_state_dict, merge_over_ranks, unwrap  # noqa: E402
+from sapo_megatron.step.sharding import unwrap  # noqa: E402
+from tests.helpers import gather_full, load_full_state_dict, merge_over_ranks  # noqa: E402
 from sapo_megatron.step.synthetic import synthetic_samples  # noqa: E402
 from tests.dist.step_worker import GLOBAL_BATCH, MAX_LEN, MODEL  # noqa: E402
 

@@ -37,7 +37,8 @@ from sapo_megatron.step import (  # noqa: E402
     run_step,
 )
 from sapo_megatron.step.batch import split_step_samples  # noqa: E402
-from sapo_megatron.step.sharding import gather_full, merge_over_ranks, unwrap  # noqa: E402
+from sapo_megatron.step.sharding import unwrap  # noqa: E402
+from tests.helpers import gather_full, merge_over_ranks  # noqa: E402
 from sapo_megatron.step.synthetic import synthetic_samples  # noqa: E402
 from sapo_megatron.trainer import checkpoint as ckpt  # noqa: E402
 from sapo_megatron.trainer.schedule import build_scheduler  # noqa: E402
