@@ -178,7 +178,18 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
 
+    def _leave_meter(self) -> None:
+        """A /generate request stops counting as in flight once its answer is decided, before
+        the bytes go out: the client may send its next request the moment it has read them,
+        possibly before this handler thread runs again."""
+        if getattr(self, "_metered", False):
+            self._metered = False
+            with self.server.mock.lock:
+                self.server.mock.meter.leave()
+                self.server.mock.running_here -= 1
+
     def _send(self, status: int, body, content_type: str = "application/json") -> None:
+        self._leave_meter()
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -255,6 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
             count = mock.generate_count
             mock.meter.enter()
             mock.running_here += 1
+            self._metered = True
             prompt = tuple(request["input_ids"])
             slow = prompt in b.slow_prompts
             if slow:
@@ -295,9 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._drop()
             self._send(200, answer)
         finally:
-            with mock.lock:
-                mock.meter.leave()
-                mock.running_here -= 1
+            self._leave_meter()  # dropped connections and errors too
 
     def _server_info(self, _) -> None:
         b = self.server.mock.behaviour
