@@ -14,15 +14,13 @@ Run: ``pytest -m dist tests/test_sglang_weight_sync.py`` (torchrun, about a minu
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from tests.dist.ckpt_models import make_hf_model, read_safetensors_dir
-from tests.launch import ROOT, clean_env, torchrun
+from tests.launch import ROOT, torchrun
+from tests.sglang_receivers import dump_weights, start_receiver
 
 from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
 
@@ -35,29 +33,16 @@ def receivers(tmp_path):
 
     def start(n):
         urls = []
-        for i in range(n):
-            port_file = tmp_path / f"port{len(procs)}"
-            procs.append(subprocess.Popen([sys.executable, "-m", "tests.dist.sglang_receiver", "--port-file",
-                                           str(port_file)], cwd=ROOT, env=clean_env()))
-            deadline = time.monotonic() + 60
-            while not port_file.exists():
-                assert time.monotonic() < deadline, "receiver did not start"
-                time.sleep(0.05)
-            urls.append(f"http://127.0.0.1:{port_file.read_text()}")
+        for _ in range(n):
+            proc, url = start_receiver(tmp_path / f"port{len(procs)}")
+            procs.append(proc)
+            urls.append(url)
         return urls
 
     yield start
     for p in procs:
         p.kill()
         p.wait(timeout=10)
-
-
-def _dump(url, path):
-    from sapo_megatron.rollout.sglang.transport import Transport
-
-    t = Transport(concurrency=1, retries=0, backoff_s=0, api_key_env="X_NONE", admin_api_key_env="X_NONE")
-    t.call_json(url, "/_test/dump_weights", {"path": str(path)}, timeout=60)
-    return torch.load(path)
 
 
 @pytest.mark.dist
@@ -76,7 +61,7 @@ def test_received_weights_equal_the_hf_export(receivers, tmp_path, arch, layout,
     export = read_safetensors_dir(out / "hf")
     assert len(list((out / "hf").glob("*.safetensors"))) > 1  # the parallel writer made several shards
     for k, url in enumerate(urls):
-        got = _dump(url, tmp_path / f"recv{k}.pt")
+        got = dump_weights(url, tmp_path / f"recv{k}.pt")
         assert got["version"] == "1"  # the restarted one too: re-synced
         weights = got["weights"]
         assert set(weights) == set(export) and len(export) > 10

@@ -12,15 +12,13 @@ Run: ``pytest -m dist tests/test_trainer_sglang_distributed.py`` (torchrun, abou
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from tests.dist.ckpt_models import make_hf_model, read_safetensors_dir
-from tests.launch import ROOT, clean_env, torchrun
+from tests.launch import torchrun
+from tests.sglang_receivers import dump_weights, start_receiver
 
 CONFIG = """
 run: {{output_dir: {out}, steps: 3, save_every: 3, tensorboard: false}}
@@ -47,24 +45,9 @@ task: {{name: arithmetic}}
 
 
 def _start(tmp_path, name, *extra):
-    port_file = tmp_path / f"{name}.port"
     # The tiny HF model: 2 layers (layer 0 dense), 4 experts top-2; vocabulary 16 for the task.
-    proc = subprocess.Popen([sys.executable, "-m", "tests.dist.sglang_receiver", "--port-file", str(port_file),
-                             "--layers", "2", "--experts", "4", "--topk", "2", "--dense", "0", "--vocab", "16",
-                             *extra], cwd=ROOT, env=clean_env())
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        assert time.monotonic() < deadline and proc.poll() is None, "receiver did not start"
-        time.sleep(0.05)
-    return proc, f"http://127.0.0.1:{port_file.read_text()}"
-
-
-def _dump(url, path):
-    from sapo_megatron.rollout.sglang.transport import Transport
-
-    t = Transport(concurrency=1, retries=0, backoff_s=0, api_key_env="X_NONE", admin_api_key_env="X_NONE")
-    t.call_json(url, "/_test/dump_weights", {"path": str(path)}, timeout=60)
-    return torch.load(path)
+    return start_receiver(tmp_path / f"{name}.port", "--layers", "2", "--experts", "4", "--topk", "2",
+                          "--dense", "0", "--vocab", "16", *extra)
 
 
 @pytest.mark.dist
@@ -84,7 +67,7 @@ def test_trainer_syncs_distributed_and_resyncs_a_restarted_server(tmp_path):
         assert all(r["abort_frac"] == 0.0 for r in rows), "the dropped request was retried elsewhere"
         assert sum(r["sglang/resynced_servers"] for r in rows) == 1  # b, once
         assert rows[0]["sglang/resynced_servers"] == 0
-        got_a, got_b = _dump(a, tmp_path / "a.pt"), _dump(b, tmp_path / "b.pt")
+        got_a, got_b = dump_weights(a, tmp_path / "a.pt"), dump_weights(b, tmp_path / "b.pt")
     finally:
         for p in (a_proc, b_proc):
             p.kill()
