@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -203,6 +204,28 @@ class DynamicSamplingSection:
 
 
 @dataclass
+class EmbeddedSection:
+    """How the embedded engine differs from the trainer (rollout/engine_copy.py says why).
+
+    ``dtype``: the precision the engine's model copy computes in (``fp32``: as the trainer;
+    ``bf16``: weights and activations, as a bf16 inference engine). ``router_noise_std``:
+    the standard deviation of gaussian noise added to the engine copy's MoE router logits
+    (never the trainer's), a stand-in for kernel and batch-shape differences; 0: off.
+    """
+
+    dtype: str = "fp32"
+    router_noise_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        from sapo_megatron.rollout.engine_copy import ENGINE_DTYPES
+
+        _check(self.dtype in ENGINE_DTYPES, "rollout.embedded.dtype", f"one of {sorted(ENGINE_DTYPES)}", self.dtype)
+        _check(isinstance(self.router_noise_std, (int, float)) and math.isfinite(self.router_noise_std)
+               and self.router_noise_std >= 0, "rollout.embedded.router_noise_std", "a finite float >= 0 (0: off)",
+               self.router_noise_std)
+
+
+@dataclass
 class RolloutConfig(SamplingParams):
     """The rollout engine and batch, plus the engines' :class:`SamplingParams` (temperature,
     top_p, max_new_tokens, stop_token_ids, seed) as fields of this section: declared and
@@ -215,6 +238,7 @@ class RolloutConfig(SamplingParams):
     samples_per_prompt: int = 8
     sglang: SGLangSection = field(default_factory=SGLangSection)
     dynamic_sampling: DynamicSamplingSection = field(default_factory=DynamicSamplingSection)
+    embedded: EmbeddedSection = field(default_factory=EmbeddedSection)
     # Policy versions (RL steps) a sample may lag the trainer by; 0: the synchronous loop.
     max_staleness: int = 0
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
+
 from megatron.core.transformer.moe.router_replay import RouterReplay
 
 
@@ -60,3 +62,39 @@ def install_router_hook(router, layer) -> RouterHook:
     hook = RouterHook(layer)
     router.router_replay = hook
     return hook
+
+
+class RouterLogitNoise:
+    """Gaussian noise on one router's logits (``TopKRouter.gating``'s output), for the embedded
+    engine's model copy only: a stand-in for the kernel and batch-shape differences that make a
+    real inference engine's routers disagree with the trainer's (rollout/engine_copy.py).
+
+    It wraps the router's ``gating`` on the instance (``TopKRouter.forward`` calls
+    ``self.gating(input)`` right before ``self.routing(logits)``), so the noise moves both the
+    top-k choice and the routing probabilities, as a numerically different kernel would. Draws
+    come from a generator reseeded by :meth:`reseed` before every rollout call: the same
+    (seed, step) gives the same noise, so a resumed run routes exactly as the original.
+    """
+
+    def __init__(self, router, std: float, salt: int):
+        self.std = float(std)
+        self.salt = salt  # distinguishes layers (and ranks holding different tokens)
+        self.generator = torch.Generator().manual_seed(salt)
+        self._gating = router.gating  # the bound method: the class's own gating
+        router.gating = self
+
+    def reseed(self, key: int) -> None:
+        self.generator.manual_seed(hash((key, self.salt)) % (2**63))
+
+    def __call__(self, input):
+        logits = self._gating(input)
+        if self.std == 0:
+            return logits
+        noise = torch.randn(logits.shape, generator=self.generator, dtype=torch.float32)
+        return logits + (self.std * noise).to(device=logits.device, dtype=logits.dtype)
+
+
+def install_router_noise(inner, std: float, rank_salt: int = 0) -> list[RouterLogitNoise]:
+    """Put :class:`RouterLogitNoise` of ``std`` on every MoE router of one unwrapped chunk."""
+    return [RouterLogitNoise(router, std, salt=hash((rank_salt, index)) % (2**31))
+            for index, router in moe_routers(inner)]

@@ -38,26 +38,40 @@ def route_spec(model_cfg) -> RouteSpec | None:
 def _embedded(cfg, model_chunks, model_cfg, tokenizer):
     from sapo_megatron.rollout.embedded import EmbeddedEngine
 
+    from sapo_megatron.rollout.engine_copy import needs_engine_copy
+
     sp = cfg.parallel.sequence_parallel
-    lagged = None
-    if cfg.rollout.max_staleness > 0:
-        # Bounded staleness on CPU: an engine-owned copy sampling with older weights.
-        from sapo_megatron.rollout.lagged import LaggedWeights
+    emb = cfg.rollout.embedded
+    copy, noise = None, []
+    if needs_engine_copy(cfg.rollout.max_staleness, emb.dtype, emb.router_noise_std):
+        # An engine-owned copy (older weights, bf16, router noise) with the trainer's layout and
+        # its own routing controller: its routes are recorded from its own forward.
+        from megatron.core import parallel_state
+
+        from sapo_megatron.mcore.router_replay import install_router_noise
+        from sapo_megatron.rollout.engine_copy import EngineCopy
         from sapo_megatron.routing import attach_routing_replay
         from sapo_megatron.step import build_model_chunks
 
-        copy = build_model_chunks(model_cfg, cfg.parallel, wrap_ddp=False)
+        chunks = build_model_chunks(model_cfg, cfg.parallel, wrap_ddp=False)
         if model_cfg.num_experts:
-            for chunk in copy:
+            for chunk in chunks:
                 attach_routing_replay(chunk, model_cfg.moe_layer_pattern())
-        lagged = LaggedWeights(copy, cfg.rollout.max_staleness, model_chunks)
+                if emb.router_noise_std > 0:
+                    # Ranks that hold other tokens (DP, CP, SP shards) draw other noise; TP ranks
+                    # without SP see the same tokens and must draw the same.
+                    salt = (parallel_state.get_data_parallel_rank(), parallel_state.get_context_parallel_rank(),
+                            parallel_state.get_tensor_model_parallel_rank() if sp else 0)
+                    noise += install_router_noise(chunk, emb.router_noise_std, rank_salt=hash(salt) % (2**31))
+        copy = EngineCopy(chunks, model_chunks, lag=cfg.rollout.max_staleness, dtype=emb.dtype)
     return EmbeddedEngine(
         model_chunks,
         num_experts=model_cfg.num_experts or None,
         pad_multiple=cfg.parallel.tensor_model_parallel_size if sp else 1,
         pad_id=tokenizer.pad_id,
         seed=cfg.run.seed,
-        lagged=lagged,
+        copy=copy,
+        router_noise=noise,
     )
 
 

@@ -1,7 +1,9 @@
 """The embedded rollout engine: the training policy samples its own responses (the CPU default).
 
 It runs on every rank of the training job, on the trainer's own (sharded) model, so it needs no
-second copy of the weights and no weight sync. Each data-parallel rank generates for its own
+second copy of the weights and no weight sync, unless it must differ from the trainer (older
+weights, bf16, router noise): then it samples from an :class:`~.engine_copy.EngineCopy` with
+the same layout, updated by ``update_weights``. Each data-parallel rank generates for its own
 prompts; the ranks of one model-parallel group run the same forwards together.
 
 Generation is token by token: each step re-runs the model on the whole right-padded batch
@@ -68,10 +70,12 @@ class EmbeddedEngine:
     """Samples from the trainer's own model chunks (see module docstring)."""
 
     def __init__(self, model_chunks, *, num_experts: int | None, pad_multiple: int = 1, pad_id: int = 0, seed: int = 0,
-                 lagged=None):
-        # ``lagged``: a rollout.lagged.LaggedWeights owning the copy to sample from (max_staleness > 0).
-        self.lagged = lagged
-        self.model_chunks = lagged.chunks if lagged is not None else model_chunks
+                 copy=None, router_noise=()):
+        # ``copy``: a rollout.engine_copy.EngineCopy owning the model to sample from (lag, bf16,
+        # noise); ``router_noise``: the RouterLogitNoise hooks on that copy's routers.
+        self.copy = copy
+        self.router_noise = list(router_noise)
+        self.model_chunks = copy.chunks if copy is not None else model_chunks
         self.pad_multiple = pad_multiple
         self.pad_id = pad_id
         self.seed = seed
@@ -98,6 +102,8 @@ class EmbeddedEngine:
         # An explicit params.seed reproduces a rollout; otherwise every call draws anew.
         key = (params.seed,) if params.seed is not None else (self.seed, self.calls)
         gen = torch.Generator().manual_seed(hash((*key, _dp_rank())) % (2**63))
+        for noise in self.router_noise:  # the same (seed, step) draws the same router noise
+            noise.reseed(hash(key) % (2**63))
         self.calls += 1
         sequences = [torch.tensor(p, dtype=torch.long) for p in prompts]
         prompt_lens = [len(p) for p in prompts]
@@ -142,22 +148,23 @@ class EmbeddedEngine:
                 response_log_probs=log_probs[i],
                 finish_reason=finish[i],
                 routes=routes,
-                meta={"weight_version": self.lagged.version} if self.lagged is not None else {},
+                meta={"weight_version": self.copy.version} if self.copy is not None else {},
             ))
         return results
 
     def update_weights(self, model_chunks, version: int) -> None:
-        """Live weights: nothing to sync. Lagged: the trainer now holds policy ``version`` (RL
-        steps completed); the copy samples with version ``max(0, version - lag)``."""
-        if self.lagged is not None:
-            self.lagged.update_weights(model_chunks, version)
+        """Live weights: nothing to sync. A copy: the trainer now holds policy ``version`` (RL
+        steps completed); the copy samples with version ``max(0, version - lag)``, in its dtype."""
+        if self.copy is not None:
+            self.copy.update_weights(model_chunks, version)
 
     def state_dict(self) -> dict:
-        return {"lagged": self.lagged.state_dict()} if self.lagged is not None else {}
+        return {"copy": self.copy.state_dict()} if self.copy is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.lagged is not None and "lagged" in state:
-            self.lagged.load_state_dict(state["lagged"])
+        saved = state.get("copy", state.get("lagged"))  # "lagged": checkpoints before EngineCopy
+        if self.copy is not None and saved is not None:
+            self.copy.load_state_dict(saved)
 
     def close(self) -> None:
         pass

@@ -4,6 +4,7 @@ replayed inside Megatron-Core's routers.
 Pure parts (single process, tensors only):
 - :mod:`.codec` - SGLang's ``routed_experts`` wire format (decode, validate, encode, turns);
 - :mod:`.compact` - storage dtype and MoE-layer selection;
+- :mod:`.agreement` - engine vs trainer routes without replay (the mismatch metrics);
 - :mod:`.align` - the row order Megatron's routers see (padding, packing, CP, SP, PP stages).
 
 Distribution side: :mod:`.microbatch` attaches aligned routes to a microbatch and
@@ -52,10 +53,13 @@ from sapo_megatron.routing.compact import (
     storage_dtype,
 )
 
+from sapo_megatron.routing.agreement import agreement_counts, counts_to_metrics
+
 # Injection into Megatron-Core's routers (distribution side). Imported on first use: they
 # load Megatron-Core, which the pure codec (e.g. the SGLang client) should not pay for.
 _LAZY = {
     "attach_routes": "sapo_megatron.routing.microbatch",
+    "live_agreement_metrics": "sapo_megatron.routing.agreement",
     "MicrobatchRoutes": "sapo_megatron.routing.replay",
     "RoutingReplay": "sapo_megatron.routing.replay",
     "attach_routing_replay": "sapo_megatron.routing.replay",

@@ -176,6 +176,10 @@ class Trainer:
         # Sets the lr (and weight decay) of every optimizer step, once per step (schedule.py).
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.mode = cfg.routing.mode
+        # Routing agreement without replay (routing/agreement.py) needs the engine's routes in
+        # every mode; the embedded engine records them for free (SGLang only when R3 asks).
+        self._measure_routes = bool(self.model_cfg.num_experts) and cfg.rollout.engine == "embedded"
+        self._want_routes = self.mode == "R3" or self._measure_routes
         if self.model_cfg.num_experts:
             for chunk in self.chunks:
                 attach_routing_replay(chunk, self.model_cfg.moe_layer_pattern())
@@ -189,9 +193,9 @@ class Trainer:
         self.stream = PromptStream(self.task, seed=cfg.run.seed)
         self.engine = build_engine(cfg, self.chunks, self.model_cfg, tokenizer=self.task.tokenizer)
         self.spec = cfg.loss
-        # A lagged engine's weight snapshots are this rank's shards: saved per rank with every
+        # An engine copy's weight snapshots are this rank's shards: saved per rank with every
         # checkpoint (the extra-state hook), so a resumed run samples from the same old weights.
-        if getattr(self.engine, "lagged", None) is not None:
+        if getattr(self.engine, "copy", None) is not None:
             register_stateful("engine", self.engine, per_rank=True)
         else:
             unregister_extra_state("engine")
@@ -290,7 +294,7 @@ class Trainer:
         # Seeded by (seed, step, round): a resumed run samples exactly what the original did.
         params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
                                      run_seed=self.cfg.run.seed, step=self.step, round_index=round_)
-        results = self.engine.generate([p.ids for p in flat], params, return_routes=self.mode == "R3")
+        results = self.engine.generate([p.ids for p in flat], params, return_routes=self._want_routes)
         rewards = torch.tensor([
             self.task.reward(p, r.response_ids, self.task.tokenizer.decode(r.response_ids)) for p, r in zip(flat, results)
         ], dtype=torch.float64)
@@ -312,7 +316,7 @@ class Trainer:
         flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
                                      run_seed=self.cfg.run.seed, step=step)
-        self.engine.submit([p.ids for p in flat], params, return_routes=self.mode == "R3")
+        self.engine.submit([p.ids for p in flat], params, return_routes=self._want_routes)
         # The servers hold the weights of version self.step (synced at the end of step - 1).
         self._prefetched = (flat, self.step)
 
@@ -383,7 +387,7 @@ class Trainer:
         timings.update(staleness)
         aborted = torch.tensor([r.finish_reason == "abort" for r in results])
         advantages = group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
-        samples = _build_samples(results, advantages, use_routes=self.mode == "R3")
+        samples = _build_samples(results, advantages, use_routes=self._want_routes)
         self._step_max_len = self._global_max(max(s.tokens.numel() for s in samples))
         # Minibatches (one optimizer step each), balanced over DP under a token budget; the
         # log-prob passes run over all of them, in the same microbatches as the updates.
@@ -396,6 +400,7 @@ class Trainer:
         with self.logger.phase("log-probs", passes) as advance:
             samples = self._log_prob_passes(samples, microbatches, advance)
         timings["time/old_logprob_s"] = time.perf_counter() - t0
+        timings.update(self._mismatch_metrics)
 
         t0 = time.perf_counter()
         update_metrics, start = [], 0
@@ -455,17 +460,47 @@ class Trainer:
             ref = collect_log_probs(self.reference, microbatches, temperature=self.spec.temperature)
             samples = [dataclasses.replace(s, ref_log_probs=r) for s, r in zip(samples, ref)]
             advance()
+        self._mismatch_metrics = {}
         if not self.cfg.train.use_rollout_log_probs:
-            action = {"none": None, "R2": "record", "R3": "replay"}[self.mode]
+            measure = self._measure_routes and samples[0].routes is not None
+            # Live routing records its routes when measuring (a copy of the indices, no extra pass).
+            action = {"none": "record" if measure else None, "R2": "record", "R3": "replay"}[self.mode]
             with routing_action(self.chunks, action, with_backward=False):
                 old = collect_log_probs(self.chunks, microbatches, temperature=self.spec.temperature)
-                if self.mode == "R2":
+                if action == "record":
                     recorded = recorded_sample_routes(self.chunks, microbatches)
+            if measure:
+                self._mismatch_metrics = self._live_route_metrics(samples, microbatches, recorded if action == "record"
+                                                                  else None)
             samples = [dataclasses.replace(s, old_log_probs=o) for s, o in zip(samples, old)]
             if self.mode == "R2":
                 samples = [dataclasses.replace(s, routes=r) for s, r in zip(samples, recorded)]
             advance()
         return samples
+
+    def _live_route_metrics(self, samples, microbatches, recorded) -> dict:
+        """Engine routes vs the trainer's live routes (routing/agreement.py). Under R3 the replay
+        pass routes from replayed inputs, so one extra forward-only pass routes live; its log-probs
+        give the train/rollout gap without R3 (``train_rollout_logprob_abs_diff_live``)."""
+        from sapo_megatron.routing import live_agreement_metrics
+
+        out = {}
+        if recorded is None:
+            with routing_action(self.chunks, "record", with_backward=False):
+                live_lp = collect_log_probs(self.chunks, microbatches, temperature=self.spec.temperature)
+                recorded = recorded_sample_routes(self.chunks, microbatches)
+            gap = [float(((lp - s.rollout_log_probs).abs() * s.loss_mask).sum()) for lp, s in zip(live_lp, samples)]
+            total, count = all_reduce_values([sum(gap), sum(int(s.loss_mask.sum()) for s in samples)],
+                                             group=self._dp_group())
+            out["train_rollout_logprob_abs_diff_live"] = total / max(count, 1.0)
+        out.update(live_agreement_metrics(self.chunks, [s.routes for s in samples], recorded,
+                                          [s.loss_mask for s in samples]))
+        return out
+
+    def _dp_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
 
     def _update(self, minibatch_samples) -> dict:
         """One optimizer step on a minibatch, replaying routes unless routing is live."""
