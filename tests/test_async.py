@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sapo_megatron.rollout.lagged import LaggedWeights
+from sapo_megatron.rollout.engine_copy import EngineCopy
 from tests.launch import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def _set(module: torch.nn.Module, value: float) -> None:
 def test_lagged_weights_sample_k_versions_ago():
     live, copy = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     _set(live, 0.0)
-    lagged = LaggedWeights([copy], 2, [live])
+    lagged = EngineCopy([copy], [live], lag=2)
     seen = []
     for version in range(1, 6):
         _set(live, float(version))  # the trainer's weights after `version` RL steps
@@ -34,19 +34,48 @@ def test_lagged_weights_sample_k_versions_ago():
     assert float(live.weight.detach()[0, 0]) == 5.0
     assert sorted(lagged.snapshots) == [3, 4, 5]  # only what a later sync can still need
     # Round trip through a checkpoint's extra state.
-    other = LaggedWeights([torch.nn.Linear(2, 2)], 2, [live])
+    other = EngineCopy([torch.nn.Linear(2, 2)], [live], lag=2)
     other.load_state_dict(lagged.state_dict())
     assert other.version == 3 and float(other.chunks[0].weight[0, 0]) == 3.0
     with pytest.raises(ValueError, match="rollout.max_staleness=2"):
-        LaggedWeights([torch.nn.Linear(2, 2)], 1, [live]).load_state_dict(lagged.state_dict())
+        EngineCopy([torch.nn.Linear(2, 2)], [live], lag=1).load_state_dict(lagged.state_dict())
 
 
 def test_lag_zero_follows_the_trainer():
     live, copy = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    lagged = LaggedWeights([copy], 0, [live])
+    lagged = EngineCopy([copy], [live], lag=0)
     _set(live, 7.0)
     lagged.update_weights([live], 1)
     assert lagged.version == 1 and float(copy.weight[0, 0]) == 7.0
+
+
+def test_bf16_copy_holds_rounded_weights_and_keeps_fp32_snapshots():
+    live, copy = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        live.weight.copy_(torch.tensor([[1.0 + 2**-10, 0.1, -3.3], [7e-3, 1.0, 2.0], [0.3, 0.2, 0.1]]))
+    eng = EngineCopy([copy], [live], lag=1, dtype="bf16")
+    assert copy.weight.dtype == torch.bfloat16
+    # Exactly the round-to-nearest bf16 of the trainer's fp32 weights (1 + 2**-10 is below bf16's
+    # 2**-7 step at 1.0, so it rounds to 1.0: the cast is not vacuous).
+    assert torch.equal(copy.weight, live.weight.detach().to(torch.bfloat16))
+    assert float(copy.weight[0, 0]) == 1.0 and float(live.weight[0, 0]) != 1.0
+    assert eng.snapshots[0][0]["weight"].dtype == torch.float32  # no compounded roundings
+    # The copy computes in bf16 (activations too) and differs from the fp32 trainer.
+    x = torch.randn(4, 3)
+    out = copy(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert not torch.equal(out.float(), live(x).detach())
+    state = eng.state_dict()
+    assert state["dtype"] == "bf16"
+    with pytest.raises(ValueError, match="rollout.embedded.dtype"):
+        EngineCopy([torch.nn.Linear(3, 3)], [live], dtype="fp8")
+
+
+def test_needs_engine_copy():
+    from sapo_megatron.rollout.engine_copy import needs_engine_copy
+
+    assert not needs_engine_copy(0, "fp32", 0.0)
+    assert needs_engine_copy(1, "fp32", 0.0) and needs_engine_copy(0, "bf16", 0.0) and needs_engine_copy(0, "fp32", 0.1)
 
 
 SMALL = ["run.save_every=2", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "run.tensorboard=false",

@@ -1,20 +1,25 @@
-"""``sapo-megatron sweep``, the small-scale evidence grid: SAPO vs GRPO vs GSPO, tau asymmetry, routing replay on/off.
+"""``sapo-megatron sweep``, the small-scale evidence grid: SAPO vs GRPO vs GSPO, tau asymmetry,
+routing replay, under real off-policy pressure and a rollout engine that differs from the trainer.
 
 One command runs every arm x seed on the CPU demo task, each as its own 2-rank torchrun job
-(``examples/run_tiny_cpu.sh`` with overrides), then writes the table of final rewards and the
-figures, all from the runs' ``metrics.jsonl``::
+(``configs/ablation_cpu.yaml`` + the arm's overrides), then writes the table and the figures,
+all from the runs' ``metrics.jsonl``::
 
     sapo-megatron sweep --out runs/ablations            # run + report
     sapo-megatron sweep --out runs/ablations --dry-run  # print the commands
     sapo-megatron sweep --out runs/ablations --report-only
 
-(``python examples/ablations/sweep.py`` takes the same arguments.) The runs use the source
-checkout's ``examples/run_tiny_cpu.sh`` and ``configs/tiny_cpu.yaml``, found next to the package.
+(``python examples/ablations/sweep.py`` takes the same arguments.) The config is the source
+checkout's ``configs/ablation_cpu.yaml``, found next to the package.
+
+Pressure: 8 minibatch updates per rollout batch, staleness k in {0, 4} (``rollout.max_staleness``:
+the embedded engine samples with the weights of k RL steps ago) and the mismatch engine (bf16
+weights and activations, router-logit noise; ``rollout.embedded``). Families share arms with
+identical overrides (run once): losses at k=0 and k=4; routing R3 / R2 / none and the tau pairs
+at k=4 with SAPO. 14 distinct runs x 3 seeds; budget on the 2-core machine: ~1 minute per run.
 
 Every run is seeded (``seed=N``) and skipped when its ``metrics.jsonl`` already has all steps,
-so an interrupted sweep resumes where it stopped. Off-policy pressure: 4 minibatch updates per
-rollout batch, so ratios move away from 1 within a step. The grid is three families sharing a
-baseline (SAPO, tau 1.0 / 1.05, R3); budget on the 2-core machine: ~1 minute per run.
+so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -30,16 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: sapo_megatron/commands/sweep.py
-BASE = [
-    "run.steps=60",
-    "run.save_every=1000",
-    "run.tensorboard=false",
-    "rollout.prompts_per_step=8",
-    "rollout.samples_per_prompt=8",
-    "train.updates_per_rollout=4",
-    "train.micro_batch_size=16",
-]
+CONFIG = ROOT / "configs" / "ablation_cpu.yaml"
+NPROC = 2
+# Fixed by configs/ablation_cpu.yaml; repeated here so the table knows when a run is complete.
+STEPS = 30
+BASE = [f"run.steps={STEPS}"]
 FINAL_WINDOW = 10  # "final reward" = mean reward of the last 10 steps of a run
+HIGH_K = 4  # the highest staleness: where the routing and tau families run
 
 
 @dataclass(frozen=True)
@@ -49,25 +51,33 @@ class Arm:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-BASELINE = ("loss.type=sapo", "loss.tau_pos=1.0", "loss.tau_neg=1.05", "routing.mode=R3")
+def sapo(k: int = HIGH_K, mode: str = "R3", tau: tuple[float, float] = (1.0, 1.05)) -> tuple[str, ...]:
+    """A SAPO arm's overrides, in one canonical order (so equal arms share their runs)."""
+    return ("loss.type=sapo", f"loss.tau_pos={tau[0]}", f"loss.tau_neg={tau[1]}", f"routing.mode={mode}",
+            f"rollout.max_staleness={k}")
 
+
+def _loss(k: int) -> list[Arm]:
+    staleness = f"rollout.max_staleness={k}"
+    return [
+        Arm("loss", f"sapo_k{k}", sapo(k)),
+        Arm("loss", f"sapo_seq_k{k}", ("loss.type=sapo_seq", "routing.mode=R3", staleness)),
+        # GRPO with clip-higher (DAPO's asymmetric range).
+        Arm("loss", f"grpo_k{k}", ("loss.type=grpo", "loss.eps_clip=0.2", "loss.eps_clip_high=0.28",
+                                   "routing.mode=R3", staleness)),
+        # GSPO with its paper's sequence-level clip range.
+        Arm("loss", f"gspo_k{k}", ("loss.type=gspo", "loss.eps_clip=3e-4", "loss.eps_clip_high=4e-4",
+                                   "loss.reduction=seq_mean_token_mean", "routing.mode=R3", staleness)),
+    ]
+
+
+BASELINE = sapo()  # SAPO, tau 1.0 / 1.05, R3, k = 4: in every family
+TAUS = [(1.0, 1.05), (1.05, 1.0), (1.0, 1.0), (0.5, 0.5), (2.0, 2.0)]
 ARMS = [
-    # Losses (GSPO with its paper's sequence-level clip range).
-    Arm("loss", "sapo", BASELINE),
-    Arm("loss", "sapo_seq", ("loss.type=sapo_seq", "routing.mode=R3")),
-    Arm("loss", "grpo", ("loss.type=grpo", "loss.eps_clip=0.2", "loss.eps_clip_high=0.28", "routing.mode=R3")),
-    Arm("loss", "gspo", ("loss.type=gspo", "loss.eps_clip=3e-4", "loss.eps_clip_high=4e-4",
-                         "loss.reduction=seq_mean_token_mean", "routing.mode=R3")),
-    # Temperatures (tau_pos, tau_neg).
-    Arm("tau", "tau_1.0_1.05", BASELINE),
-    Arm("tau", "tau_1.05_1.0", ("loss.type=sapo", "loss.tau_pos=1.05", "loss.tau_neg=1.0", "routing.mode=R3")),
-    Arm("tau", "tau_1.0_1.0", ("loss.type=sapo", "loss.tau_pos=1.0", "loss.tau_neg=1.0", "routing.mode=R3")),
-    Arm("tau", "tau_0.5_0.5", ("loss.type=sapo", "loss.tau_pos=0.5", "loss.tau_neg=0.5", "routing.mode=R3")),
-    Arm("tau", "tau_2.0_2.0", ("loss.type=sapo", "loss.tau_pos=2.0", "loss.tau_neg=2.0", "routing.mode=R3")),
-    # Routing replay.
-    Arm("routing", "R3", BASELINE),
-    Arm("routing", "R2", ("loss.type=sapo", "loss.tau_pos=1.0", "loss.tau_neg=1.05", "routing.mode=R2")),
-    Arm("routing", "none", ("loss.type=sapo", "loss.tau_pos=1.0", "loss.tau_neg=1.05", "routing.mode=none")),
+    *_loss(0),
+    *_loss(HIGH_K),
+    *[Arm("tau", f"tau_{p}_{n}", sapo(tau=(p, n))) for p, n in TAUS],
+    *[Arm("routing", mode, sapo(mode=mode)) for mode in ("R3", "R2", "none")],
 ]
 
 
@@ -80,14 +90,15 @@ def unique_runs(arms: list[Arm]) -> dict[tuple[str, ...], Arm]:
 
 
 def seed_dir(out: Path, arm: Arm, seed: int) -> Path:
-    """Where a run lives; arms equal to the baseline share the baseline's runs."""
-    name = "baseline" if arm.overrides == BASELINE else arm.name
-    return out / "runs" / name / f"seed{seed}"
+    """Where a run lives: named after the first arm with its overrides (shared arms share it)."""
+    return out / "runs" / unique_runs(ARMS).get(arm.overrides, arm).name / f"seed{seed}"
 
 
 def command(out: Path, arm: Arm, seed: int) -> list[str]:
-    return ["bash", str(ROOT / "examples" / "run_tiny_cpu.sh"), f"output_dir={seed_dir(out, arm, seed)}",
-            f"seed={seed}", *BASE, *arm.overrides]
+    """The run's torchrun command (``python -m torch.distributed.run``: the interpreter running us)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
+            "-m", "sapo_megatron.cli", "train", "--config", str(CONFIG),
+            f"run.output_dir={seed_dir(out, arm, seed)}", f"run.seed={seed}", *BASE, *arm.overrides]
 
 
 def steps_of(metrics: Path) -> list[dict]:
@@ -97,7 +108,7 @@ def steps_of(metrics: Path) -> list[dict]:
 
 
 def expected_steps() -> int:
-    return int(next(o for o in BASE if o.startswith("run.steps=")).split("=")[1])
+    return STEPS
 
 
 def run_all(out: Path, seeds: list[int], *, dry_run: bool) -> None:
@@ -108,7 +119,10 @@ def run_all(out: Path, seeds: list[int], *, dry_run: bool) -> None:
         print(f"[{i}/{len(jobs)}] {arm.name} seed {seed}{' (done)' if done else ''}: {' '.join(cmd)}", flush=True)
         if dry_run or done:
             continue
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        # Two ranks on two cores: one thread each, or they fight over the cores. The checkout
+        # first on the path, as examples/run_tiny_cpu.sh runs it from there.
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode:
             sys.stderr.write(proc.stderr[-4000:])
@@ -119,33 +133,76 @@ def final_reward(rows: list[dict]) -> float:
     return statistics.mean(r["reward_mean"] for r in rows[-FINAL_WINDOW:])
 
 
+def collapsed(rows: list[dict]) -> bool:
+    """Collapse: a non-finite loss at any step, or a final reward (mean of the last 10 steps)
+    below half the run's peak 10-step mean reward (a run that learned, then lost it)."""
+    if any(not math.isfinite(r.get("loss", 0.0)) for r in rows):
+        return True
+    rewards = [r["reward_mean"] for r in rows]
+    windows = [statistics.mean(rewards[i : i + FINAL_WINDOW]) for i in range(len(rewards) - FINAL_WINDOW + 1)]
+    return bool(windows) and windows[-1] < 0.5 * max(windows)
+
+
+def _tail_mean(tail: list[dict], key: str) -> float | None:
+    values = [r[key] for r in tail if key in r]
+    return statistics.mean(values) if values else None
+
+
+# Late-training diagnostics in the table: (column, metrics.jsonl key); mean over the last 10 steps,
+# then over seeds. "-" where an arm does not log the key (a clip fraction for SAPO, ...).
+COLUMNS = [
+    ("low-weight frac", "low_weight_frac"),
+    ("clip frac", "clip_frac"),
+    ("ratio max", "ratio_max"),
+    ("ratio min", "ratio_min"),
+    ("logprob gap", "train_rollout_logprob_abs_diff"),
+    ("gap, live routing", "train_rollout_logprob_abs_diff_live"),
+    ("route agree (no replay)", "routing/live_agreement_mean"),
+    ("tokens differing >= 1 layer", "routing/live_token_differ_frac"),
+    ("route agree (replay)", "routing/agreement_mean"),
+    ("grad norm", "grad_norm"),
+]
+
+
+def _runs(out: Path, arm: Arm, seeds: list[int]) -> list[list[dict]]:
+    runs = [steps_of(seed_dir(out, arm, seed) / "metrics.jsonl") for seed in seeds]
+    return [rows for rows in runs if len(rows) >= expected_steps()]
+
+
+def _cell(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f}" if values else "-"
+
+
 def table(out: Path, seeds: list[int]) -> str:
-    """Markdown: final reward mean +- std over seeds, and late-training diagnostics, per arm."""
-    lines = [
-        "| family | arm | final reward (mean +- std, n) | max ratio (last 10) | low-weight / clip frac | routing agreement |",
-        "|---|---|---|---|---|---|",
-    ]
+    """Markdown: final reward mean +- std over seeds, collapse rate and late-training
+    diagnostics per arm; then per-MoE-layer routing agreement without replay."""
+    head = ["family", "arm", "final reward (mean +- std, n)", "collapsed", *(c for c, _ in COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    layers: list[str] = []
+    layer_rows = []
     for arm in ARMS:
-        finals, ratios, lows, agree = [], [], [], []
-        for seed in seeds:
-            rows = steps_of(seed_dir(out, arm, seed) / "metrics.jsonl")
-            if len(rows) < expected_steps():
-                continue
-            tail = rows[-FINAL_WINDOW:]
-            finals.append(final_reward(rows))
-            ratios.append(statistics.mean(r["ratio_max"] for r in tail))
-            lows.append(statistics.mean(r.get("low_weight_frac", 0.0) for r in tail))
-            if "routing/agreement_mean" in tail[0]:
-                agree.append(statistics.mean(r["routing/agreement_mean"] for r in tail))
-        if not finals:
-            lines.append(f"| {arm.family} | {arm.name} | (not run) | | | |")
+        runs = _runs(out, arm, seeds)
+        if not runs:
+            lines.append(f"| {arm.family} | {arm.name} | (not run) |" + " |" * (len(head) - 3))
             continue
+        finals = [final_reward(rows) for rows in runs]
         std = statistics.stdev(finals) if len(finals) > 1 else math.nan
-        agreement = f"{statistics.mean(agree):.3f}" if agree else "live routing"
-        lines.append(
-            f"| {arm.family} | {arm.name} | {statistics.mean(finals):.3f} +- {std:.3f} ({len(finals)}) | "
-            f"{statistics.mean(ratios):.3f} | {statistics.mean(lows):.3f} | {agreement} |"
-        )
+        cells = []
+        for _, key in COLUMNS:
+            cells.append(_cell([v for rows in runs if (v := _tail_mean(rows[-FINAL_WINDOW:], key)) is not None]))
+        lines.append(f"| {arm.family} | {arm.name} | {statistics.mean(finals):.3f} +- {std:.3f} ({len(finals)}) | "
+                     f"{sum(map(collapsed, runs))}/{len(runs)} | " + " | ".join(cells) + " |")
+        keys = sorted({k for rows in runs for k in rows[-1] if k.startswith("routing/live_agreement_moe")},
+                      key=lambda k: int(k.rsplit("moe", 1)[1]))
+        layers = layers or keys
+        layer_rows.append((arm, [_cell([v for rows in runs if (v := _tail_mean(rows[-FINAL_WINDOW:], k)) is not None])
+                                 for k in layers]))
+    if layers:
+        lines += ["", "Routing agreement without replay per MoE layer (engine routes vs the trainer's live routes, "
+                  f"last {FINAL_WINDOW} steps):", "",
+                  "| family | arm | " + " | ".join(f"MoE layer {k.rsplit('moe', 1)[1]}" for k in layers) + " |",
+                  "|---|---|" + "---|" * len(layers)]
+        lines += [f"| {arm.family} | {arm.name} | " + " | ".join(cells) + " |" for arm, cells in layer_rows]
     return "\n".join(lines)
 
 
@@ -169,7 +226,7 @@ def figures(out: Path, seeds: list[int]) -> None:
 
 
 EPILOG = """examples:
-  sapo-megatron sweep --out runs/ablations --dry-run       # print the 30 run commands
+  sapo-megatron sweep --out runs/ablations --dry-run       # print the 42 run commands
   sapo-megatron sweep --out runs/ablations --seeds 0 1 2   # run (resumable) + table + figures
   sapo-megatron sweep --out runs/ablations --report-only   # table.md and figures/ from existing runs"""
 
@@ -189,8 +246,8 @@ def main(argv=None, prog: str | None = None) -> int:
     ap = build_parser(prog)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if not args.report_only and not (ROOT / "examples" / "run_tiny_cpu.sh").is_file():
-        print(f"{ap.prog}: needs a source checkout: {ROOT / 'examples' / 'run_tiny_cpu.sh'} does not exist "
+    if not args.report_only and not CONFIG.is_file():
+        print(f"{ap.prog}: needs a source checkout: {CONFIG} does not exist "
               "(install with pip install -e . from the repository)", file=sys.stderr)
         return 2
     if not args.report_only:

@@ -470,8 +470,10 @@ class Trainer:
                 if action == "record":
                     recorded = recorded_sample_routes(self.chunks, microbatches)
             if measure:
+                t0 = time.perf_counter()
                 self._mismatch_metrics = self._live_route_metrics(samples, microbatches, recorded if action == "record"
                                                                   else None)
+                self._mismatch_metrics["time/route_metrics_s"] = time.perf_counter() - t0
             samples = [dataclasses.replace(s, old_log_probs=o) for s, o in zip(samples, old)]
             if self.mode == "R2":
                 samples = [dataclasses.replace(s, routes=r) for s, r in zip(samples, recorded)]
