@@ -309,6 +309,7 @@ def test_secrets_never_saved(tmp_path):
 
 SHIPPED = {  # config -> (world sizes it is meant for, overrides the launch scripts add)
     "tiny_cpu.yaml": ([2], []),
+    "ablation_cpu.yaml": ([2], []),  # the sweep's grid (sapo_megatron/commands/sweep.py)
     "qwen3_30b_a3b_sapo.yaml": ([4], ["rollout.sglang.urls=[http://127.0.0.1:30000,http://127.0.0.1:30001]"]),
     "qwen3_235b_a22b_sapo.yaml": ([64], ["rollout.sglang.urls=[http://node009:30000]"]),
 }
