@@ -12,6 +12,9 @@ bookkeeping is per model chunk instead, in :class:`sapo_megatron.routing.replay.
 the hook only computes the live top-k with Megatron's own function and hands both to the layer's
 decision (:meth:`~sapo_megatron.routing.replay.LayerReplay.select`).
 
+:class:`RouterLogitNoise` is the other patch at this place: noise on the embedded engine copy's
+router logits (``rollout.embedded.router_noise_std``), never on the trainer's.
+
 Upstream's own mechanism (``moe_enable_routing_replay`` and its RECORD / REPLAY_FORWARD /
 REPLAY_BACKWARD actions) is left off: ``routing/replay.py``'s docstring says why it is not
 enough (per-token fallback, live scores for agreement metrics, PP 1F1B and recomputation).
