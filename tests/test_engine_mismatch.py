@@ -22,7 +22,12 @@ from sapo_megatron.routing import (
     recorded_sample_routes,
     routing_action,
 )
-from sapo_megatron.step import Sample, build_model_chunks, collate_padded, collect_log_probs
+from sapo_megatron.step import (
+    Sample,
+    build_model_chunks,
+    collate_padded,
+    collect_log_probs,
+)
 
 MODEL = ModelConfig(vocab_size=20, num_hidden_layers=3, first_k_dense=1, num_experts=8, num_experts_per_tok=2)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12]] * 4
