@@ -16,7 +16,14 @@ Pressure: 8 minibatch updates per rollout batch, staleness k in {0, 4} (``rollou
 the embedded engine samples with the weights of k RL steps ago) and the mismatch engine (bf16
 weights and activations, router-logit noise; ``rollout.embedded``). Families share arms with
 identical overrides (run once): losses at k=0 and k=4; routing R3 / R2 / none and the tau pairs
-at k=4 with SAPO. 14 distinct runs x 3 seeds; budget on the 2-core machine: ~1 minute per run.
+at k=4 with SAPO. 14 distinct runs x 3 seeds = 42 runs. Budget on the 2-core machine: ~1 minute
+per run, ~40 minutes in all. Measured as a ratio under one load (other jobs running): a 30-step
+run of this grid (sapo_k4) took 133 s between two runs of the previous grid's baseline (138 s and
+123 s), whose 30-run grid took ~25 minutes (~50 s per run) on the quiet machine; so ~51 s at 30
+steps, ~58 s at the 36 steps used.
+
+Columns of ``table.md`` are means over a run's last 10 steps, then over seeds; the per-update
+loss statistics (ratio, gate, clip) are those of each step's last minibatch, the most off-policy.
 
 Every run is seeded (``seed=N``) and skipped when its ``metrics.jsonl`` already has all steps,
 so an interrupted sweep resumes where it stopped.
@@ -38,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: sapo_megatron/comman
 CONFIG = ROOT / "configs" / "ablation_cpu.yaml"
 NPROC = 2
 # Fixed by configs/ablation_cpu.yaml; repeated here so the table knows when a run is complete.
-STEPS = 30
+STEPS = 36
 BASE = [f"run.steps={STEPS}"]
 FINAL_WINDOW = 10  # "final reward" = mean reward of the last 10 steps of a run
 HIGH_K = 4  # the highest staleness: where the routing and tau families run
