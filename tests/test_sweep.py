@@ -66,7 +66,7 @@ def test_every_arm_trains_what_its_name_says():
         else:
             assert (loss, taus, mode, k) == ("sapo", (1.0, 1.05), arm.name, 4), arm.name
         assert cfg.run.steps == sweep.expected_steps() and cfg.train.updates_per_rollout == 8
-        assert (cfg.rollout.embedded.dtype, cfg.rollout.embedded.router_noise_std) == ("bf16", 0.03)
+        assert (cfg.rollout.embedded.dtype, cfg.rollout.embedded.router_noise_std) == ("bf16", 0.06)
     grpo = _resolved(next(a for a in sweep.ARMS if a.name == "grpo_k4")).loss
     assert (grpo.eps_clip, grpo.eps_clip_high) == (0.2, 0.28)
 
