@@ -307,13 +307,13 @@ class Trainer:
     def _score(self, flat, results, *, count_exact: bool) -> torch.Tensor:
         """Rewards of a round; its exact answers are counted for ``exact_frac`` when ``count_exact``
         (the first round of a step only: later dynamic-sampling rounds refill what the filter
-        dropped, which would bias the share)."""
+        dropped, which would bias the share; aborted requests are not judged)."""
         from sapo_megatron.tasks import score_response
 
         tok = self.task.tokenizer
         scores = [score_response(self.task, p, r.response_ids, tok.decode(r.response_ids)) for p, r in zip(flat, results)]
         if count_exact:
-            known = [s.exact for s in scores if s.exact is not None]
+            known = [s.exact for s, r in zip(scores, results) if s.exact is not None and r.finish_reason != "abort"]
             self._exact_counts = [sum(known), len(known)]
         return torch.tensor([s.reward for s in scores], dtype=torch.float64)
 
