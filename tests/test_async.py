@@ -83,7 +83,7 @@ SMALL = ["run.save_every=2", "rollout.prompts_per_step=4", "rollout.samples_per_
 
 
 def _train(out: Path, *overrides: str) -> list[dict]:
-    torchrun("sapo_megatron.cli", "train", "--config", ROOT / "configs" / "tiny_cpu.yaml", f"run.output_dir={out}",
+    torchrun("sapo_megatron.cli", "train", "--config", ROOT / "tests" / "configs" / "tiny_rl.yaml", f"run.output_dir={out}",
              *SMALL, *overrides, nproc=2, module=True, timeout=900)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -150,7 +150,7 @@ def test_config_calls_run_config_command_with_the_remaining_args(monkeypatch):
 
 @pytest.mark.slow  # loads and validates real configs (imports Megatron's config classes)
 def test_config_show_and_validate_run_for_real(capsys):
-    cfg = str(ROOT / "configs" / "tiny_cpu.yaml")
+    cfg = str(ROOT / "tests" / "configs" / "tiny_rl.yaml")
     assert cli.main(["config", "validate", "--config", cfg, "--world-size", "2"]) == 0
     assert capsys.readouterr().out.startswith("OK")
     assert cli.main(["config", "show", "--config", cfg, "seed=5"]) == 0
@@ -165,10 +165,10 @@ def test_train_dispatches_with_overrides(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(loop, "train", seen.append)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert cli.main(["train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "seed=3",
+    assert cli.main(["train", "--config", str(ROOT / "tests" / "configs" / "tiny_rl.yaml"), "seed=3",
                      "parallel.tensor_model_parallel_size=1"]) == 0
     assert len(seen) == 1 and seen[0].run.seed == 3
-    assert cli.main(["train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "loss.tua_pos=1"]) == 2
+    assert cli.main(["train", "--config", str(ROOT / "tests" / "configs" / "tiny_rl.yaml"), "loss.tua_pos=1"]) == 2
     assert "sapo-megatron train: " in capsys.readouterr().err and len(seen) == 1
 
 

@@ -28,6 +28,8 @@ from sapo_megatron.rollout.base import SamplingParams
 from sapo_megatron.step.run import PolicyLossSpec
 
 REPO = Path(__file__).resolve().parents[1]
+# A small RL config for the config machinery (the demo's configs/tiny_cpu.yaml is tuned on its own).
+TINY = REPO / "tests" / "configs" / "tiny_rl.yaml"
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -59,7 +61,7 @@ def test_aliases_and_override_text():
     cfg = load_config(None, ["output_dir=2024", "seed=3", "task.options.level=2"])
     assert cfg.run.output_dir == "2024"  # a str field keeps the text as typed
     assert cfg.run.seed == 3 and cfg.task.options == {"level": 2}
-    cfg = config_from_argv(["--config", str(REPO / "configs/tiny_cpu.yaml"), "output_dir=/tmp/x", "seed=4"])
+    cfg = config_from_argv(["--config", str(TINY), "output_dir=/tmp/x", "seed=4"])
     assert (cfg.run.output_dir, cfg.run.seed, cfg.model.resolve().vocab_size) == ("/tmp/x", 4, 16)
     with pytest.raises(ConfigError, match="expected --config PATH or key.sub=value"):
         config_from_argv(["--tau", "1"])
@@ -273,7 +275,7 @@ def test_saved_config_keeps_env_references_and_no_secret(tmp_path, monkeypatch):
 
 
 def test_resolved_config_round_trip(tmp_path):
-    cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["loss.tau_neg=1.2", "task.options.level=3"])
+    cfg = load_config(TINY, ["loss.tau_neg=1.2", "task.options.level=3"])
     assert config_from_dict(config_to_dict(cfg)) == cfg
     saved = save_resolved(cfg, tmp_path / "run" / "config.yaml")
     data = yaml.safe_load(saved.read_text())
@@ -447,7 +449,7 @@ def test_shipped_configs_need_their_env(name, monkeypatch):
 
 
 def test_config_validate_command(capsys):
-    tiny = str(REPO / "configs/tiny_cpu.yaml")
+    tiny = str(TINY)
     assert run_config_command(["validate", "--config", tiny, "--world-size", "2", "loss.tau_neg=1.1"]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("OK: ") and "\n" not in out and "data_parallel_size=1" in out
@@ -467,7 +469,7 @@ def test_config_validate_command(capsys):
 
 def test_config_show_command(capsys, monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-" + "A" * 24)
-    argv = ["show", "--config", str(REPO / "configs/tiny_cpu.yaml"), "--world-size", "2",
+    argv = ["show", "--config", str(TINY), "--world-size", "2",
             "seed=7", "task.options.api_key=${oc.env:MY_KEY}", "task.options.note=sk-" + "B" * 24]
     assert run_config_command(argv) == 0
     out = capsys.readouterr().out
@@ -480,5 +482,5 @@ def test_config_show_command(capsys, monkeypatch):
     # python -m sapo_megatron.config: the same backend (no action given: show, as before).
     from sapo_megatron.config.__main__ import main
 
-    assert main(["--config", str(REPO / "configs/tiny_cpu.yaml")]) == 0
+    assert main(["--config", str(TINY)]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["run"]["steps"] == 200

@@ -18,6 +18,7 @@ def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
     """The printed commands, split into words (comment lines dropped)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SGLANG_", "QWEN3_", "SAPO_"))}
     clean.pop("HOSTS", None)
+    clean.pop("CONFIG", None)  # run_tiny_cpu.sh / tiny_cpu.sbatch read it
     out = subprocess.run(["bash", str(REPO / script), *args], env={**clean, "DRY_RUN": "1", **env},
                          capture_output=True, text=True, timeout=60, check=True).stdout
     return [shlex.split(line) for line in out.splitlines() if line and not line.startswith("#")]
@@ -40,6 +41,14 @@ def test_tiny_cpu_passes_overrides_through():
     assert cmd[:2] == ["env", "OMP_NUM_THREADS=1"]
     assert cmd[2:] == ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "sapo_megatron.cli", "train",
                        "--config", "configs/tiny_cpu.yaml", "output_dir=/tmp/run a", "seed=3", "loss.tau_neg=1.1"]
+
+
+def test_tiny_cpu_takes_another_config_from_the_environment():
+    # What the trainer tests use (tests/configs/tiny_rl.yaml): the same launch, another config.
+    (cmd,) = dry_run("examples/run_tiny_cpu.sh", "seed=1", CONFIG="tests/configs/tiny_rl.yaml")
+    assert cmd[cmd.index("--config"):] == ["--config", "tests/configs/tiny_rl.yaml", "seed=1"]
+    (cmd,) = dry_run("examples/slurm/tiny_cpu.sbatch", "seed=1", CONFIG="tests/configs/tiny_rl.yaml")
+    assert cmd[cmd.index("--config"):] == ["--config", "tests/configs/tiny_rl.yaml", "seed=1"]
 
 
 def test_tiny_cpu_command_resolves_to_a_valid_config():

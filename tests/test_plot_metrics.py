@@ -52,6 +52,15 @@ def test_pngs_written(tmp_path):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
+def test_exact_frac_and_cold_start_panels(tmp_path):
+    from sapo_megatron.commands.plot import plot
+
+    rows = [{"step": 0, "phase": "cold_start", "sft_loss": 2.7}, {"step": 1, "phase": "rl", "loss": -0.1,
+                                                                   "reward_mean": 0.2, "exact_frac": 0.1}]
+    written = {p.name for p in plot([("demo", rows)], tmp_path, grouped=False)}
+    assert written == {"reward.png", "exact_frac.png", "loss.png"}  # the cold-start NLL joins the loss panel
+
+
 @pytest.mark.slow  # matplotlib in a subprocess per call
 def test_overlay_and_group_by_seed(tmp_path):
     files = [write_run(tmp_path / arm / f"seed{s}" / "metrics.jsonl", offset=0.05 * s + (arm == "grpo"))

@@ -219,7 +219,8 @@ def _rendezvous(log: str) -> dict[int, dict[str, str]]:
 @pytest.mark.dist
 def test_tiny_cpu_sbatch_trains_on_two_slurm_nodes(slurm, tmp_path):
     out, job_log = tmp_path / "run", tmp_path / "job-%j.out"
-    env = {**slurm.env, "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
+    env = {**slurm.env, "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+           "CONFIG": "tests/configs/tiny_rl.yaml"}  # not the demo's config, which may change
     cmd = ["sbatch", "--wait", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={job_log}",
            "examples/slurm/tiny_cpu.sbatch", f"output_dir={out}", *OVERRIDES]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,

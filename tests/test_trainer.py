@@ -15,14 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import ROOT, run
+from tests.launch import ROOT, clean_env, run
+
+# The RL loop as the demo ran it before its cold start; the demo's own config is free to change.
+CONFIG = "tests/configs/tiny_rl.yaml"
 SMALL = ["run.steps=4", "run.save_every=2", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
          "train.micro_batch_size=4", "run.tensorboard=false"]
 
 
 def _train(out: Path, *overrides: str) -> None:
     # Through the shipped launcher (torchrun, 2 ranks), as a user starts the demo.
-    run(["bash", ROOT / "examples" / "run_tiny_cpu.sh", f"output_dir={out}", *SMALL, *overrides], timeout=900)
+    run(["bash", ROOT / "examples" / "run_tiny_cpu.sh", f"output_dir={out}", *SMALL, *overrides], timeout=900,
+        env=clean_env(CONFIG=CONFIG))
 
 
 def _metrics(out: Path) -> list[dict]:

@@ -25,7 +25,7 @@ SMALL = ["run.save_every=0", "rollout.prompts_per_step=4", "rollout.samples_per_
 
 
 def _train(out: Path, *overrides: str, stderr: list | None = None) -> list[dict]:
-    proc = torchrun("sapo_megatron.cli", "train", "--config", ROOT / "configs" / "tiny_cpu.yaml",
+    proc = torchrun("sapo_megatron.cli", "train", "--config", ROOT / "tests" / "configs" / "tiny_rl.yaml",
                     f"run.output_dir={out}", *SMALL, *overrides, nproc=2, module=True, timeout=900)
     if stderr is not None:
         stderr.append(proc.stderr)

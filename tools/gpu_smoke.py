@@ -4,7 +4,7 @@ Stages, each in its own process (a failure is reported, the next stage still run
 
 1. ``build``: the tiny MoE ``GPTModel`` with the local spec, and with the Transformer Engine
    spec when TE imports, in bf16 on the GPU; one forward-only log-prob pass each.
-2. ``rl``: the CPU demo config (``configs/tiny_cpu.yaml``, TP=1 on one GPU, bf16, R3) for 3 RL
+2. ``rl``: the CPU demo's RL config (``tests/configs/tiny_rl.yaml``, TP=1 on one GPU, bf16, R3) for 3 RL
    steps through the trainer. Before them, the first step's old-log-prob pass (R3 replay of the
    embedded engine's routes) is dumped with the weights and samples.
 3. ``cpu-reference`` (``CUDA_VISIBLE_DEVICES=""``): the same pass on CPU in float32, from the
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
+CONFIG = ROOT / "tests" / "configs" / "tiny_rl.yaml"  # the RL demo without its cold start
 BENCH = ROOT / "benchmarks" / "bench_logprobs.py"
 
 # The check is relative to how much the log-probs vary over tokens:

@@ -4,7 +4,7 @@
     sapo-megatron plot runs/a/metrics.jsonl runs/b/metrics.jsonl --label sapo grpo --out plots
     sapo-megatron plot runs/*/seed*/metrics.jsonl --group-by parent --out plots
 
-One PNG per panel (reward, SAPO gate statistics, train/rollout log-prob difference, routing
+One PNG per panel (reward, exact-answer rate, SAPO gate statistics, train/rollout log-prob difference, routing
 agreement, ratio spread, grad norm, loss, entropy); a panel whose keys no file has is skipped,
 and a key missing from some steps leaves a gap. Several files are overlaid, one line each.
 ``--group-by`` averages runs that share a label (e.g. seeds of one ablation arm) and draws the
@@ -27,6 +27,7 @@ from sapo_megatron.jsonl import JSONLineError, json_lines
 # (file name, title, [(key, legend suffix)], y label)
 PANELS = [
     ("reward", "Mean reward", [("reward_mean", "")], "reward"),
+    ("exact_frac", "Exact-answer rate", [("exact_frac", "")], "fraction"),
     ("sapo_gate", "SAPO gate", [("gate_mean_pos", "gate A>0"), ("gate_mean_neg", "gate A<0"),
                                 ("low_weight_frac", "low-weight frac")], "value"),
     ("logprob_diff", "Train vs rollout log-prob |diff|", [("train_rollout_logprob_abs_diff", ""),
@@ -41,7 +42,7 @@ PANELS = [
     ("ratio", "Importance ratio spread", [("ratio_min", "min"), ("ratio_mean", "mean"),
                                           ("ratio_max", "max")], "ratio"),
     ("grad_norm", "Gradient norm", [("grad_norm", "")], "norm"),
-    ("loss", "Loss", [("loss", "")], "loss"),
+    ("loss", "Loss", [("loss", ""), ("sft_loss", "cold-start NLL")], "loss"),
     ("entropy", "Entropy", [("entropy", "")], "nats/token"),
 ]
 

@@ -275,6 +275,11 @@ class TrainSection:
     use_reference_model: bool = False
     # Old log-probs from the rollout engine instead of the trainer's own forward pass.
     use_rollout_log_probs: bool = False
+    # Supervised cold start before the RL steps (trainer/cold_start.py): this many optimizer
+    # steps of NLL on the task's reference answers, rollout.prompts_per_step prompts each, at
+    # cold_start_lr (null: optim.lr), constant, outside the LR schedule. Not counted in run.steps.
+    cold_start_steps: int = 0
+    cold_start_lr: float | None = None
 
     def __post_init__(self) -> None:
         if (self.micro_batch_size is None) == (self.max_tokens_per_microbatch is None):
@@ -288,6 +293,9 @@ class TrainSection:
                "train.max_tokens_per_microbatch", ">= 1", self.max_tokens_per_microbatch)
         _check(self.balance_quadratic_coef >= 0, "train.balance_quadratic_coef", ">= 0", self.balance_quadratic_coef)
         _check(self.updates_per_rollout >= 1, "train.updates_per_rollout", ">= 1", self.updates_per_rollout)
+        _check(self.cold_start_steps >= 0, "train.cold_start_steps", ">= 0 (0: no cold start)", self.cold_start_steps)
+        _check(self.cold_start_lr is None or self.cold_start_lr > 0, "train.cold_start_lr",
+               "> 0 or null (null: optim.lr)", self.cold_start_lr)
 
 
 @dataclass

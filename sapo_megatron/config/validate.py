@@ -57,6 +57,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.loss.kl_coef > 0 and not cfg.train.use_reference_model:
         problems.append(f"loss.kl_coef={cfg.loss.kl_coef} needs a reference model: set "
                         f"train.use_reference_model=true (or loss.kl_coef=0)")
+    if cfg.train.cold_start_steps and cfg.train.use_reference_model:
+        # The reference is copied from the initial weights when the trainer is built (and again
+        # on resume), before any cold start: a KL to it would pull towards the untrained model.
+        problems.append(f"train.cold_start_steps={cfg.train.cold_start_steps} with train.use_reference_model=true: "
+                        f"the reference model would be the weights before the cold start; run the cold start "
+                        f"first and start RL from its checkpoint (model.ckpt_dir), or set train.cold_start_steps=0")
     if cfg.loss.temperature != cfg.rollout.temperature:
         # The trainer's log-probs must describe the distribution the engine sampled from, or
         # ratios, TIS weights and the train/rollout log-prob gap compare different policies.

@@ -182,3 +182,22 @@ def gspo_loss(log_probs_BT: Tensor, old_log_probs_BT: Tensor, advantages_BT: Ten
     (GSPO's paper uses ~3e-4 / 4e-4, set them in the config)."""
     ratio_BT = torch.exp(sequence_log_ratio(log_probs_BT, old_log_probs_BT, mask_BT, config.log_ratio_clamp))
     return _clip_terms(ratio_BT, advantages_BT, config.eps_clip, config.eps_high)
+
+
+@register_policy_loss("nll")
+def nll_loss(log_probs_BT: Tensor, old_log_probs_BT: Tensor, advantages_BT: Tensor, mask_BT: Tensor,
+             config: PolicyLossConfig) -> PolicyLossTerms:
+    """Advantage-weighted negative log-likelihood, loss = -A log p (no ratio, no gate).
+
+    With A = 1 on reference responses it is the supervised cross-entropy of a cold start
+    (``trainer/cold_start.py``), run through the same Megatron step as the RL losses. It ignores
+    ``old_log_probs``: as an RL loss it would be on-policy REINFORCE, so the ratio it reports is
+    exp(logp - old) for the metrics only, and no token counts as low-weight.
+    """
+    ratio_BT = torch.exp(token_log_ratio(log_probs_BT, old_log_probs_BT, config.log_ratio_clamp)).detach()
+    return PolicyLossTerms(
+        pg_loss_BT=-log_probs_BT * advantages_BT,
+        ratio_BT=ratio_BT,
+        weight_BT=torch.ones_like(ratio_BT),
+        low_weight_BT=torch.zeros_like(mask_BT, dtype=torch.bool),
+    )

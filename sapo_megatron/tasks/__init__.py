@@ -19,7 +19,7 @@ Use::
 from . import arithmetic, math_task  # noqa: F401  (register the built-in tasks)
 from .arithmetic import ArithmeticConfig, ArithmeticTask, arithmetic_reward
 from .answer_check import answers_match, extract_answer, normalize_answer, regex_math_reward
-from .base import SPLITS, Prompt, PromptStream, Task, Tokenizer
+from .base import SPLITS, Prompt, PromptStream, Score, Task, Tokenizer, reference_response_ids, score_response
 from .math_grading import VERIFIERS, math_reward, resolve_verifier
 from .math_task import MathConfig, MathTask
 from .prompt_sets import FORMATS, RecordError, load_prompt_set
@@ -42,6 +42,7 @@ __all__ = [
     "Prompt",
     "PromptStream",
     "RecordError",
+    "Score",
     "Task",
     "Tokenizer",
     "UserRewardTask",
@@ -55,6 +56,8 @@ __all__ = [
     "math_reward",
     "normalize_answer",
     "regex_math_reward",
+    "reference_response_ids",
     "register_task",
     "resolve_verifier",
+    "score_response",
 ]

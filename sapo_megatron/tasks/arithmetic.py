@@ -13,7 +13,9 @@ Reward (the response is cut at the first EOS; PAD counts as a stray character):
   characters surround it, e.g. ``"7+"``, ``" 7"``, ``"07"``.
 - ``format_credit`` (0.1)  the response is a well-formed number (``-?[0-9]+``), but wrong.
 - 0.0  anything else: empty, garbage, a wrong number with extra characters.
-With ``shaping=False`` only the exact answer scores (1.0 or 0.0).
+With ``shaping=False`` only the exact answer scores (1.0 or 0.0). ``score`` also says whether the
+response is exact (the trainer's ``exact_frac``); ``reference_response`` is the answer + EOS (what
+a supervised cold start trains on).
 
 Prompts depend only on ``(seed, split, index)``, so streams are deterministic and resume in O(1).
 """
@@ -25,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from .base import Prompt, check_split
+from .base import Prompt, Score, check_split
 from .registry import config_from_options, register_task
 from .tokenizers import CharTokenizer
 
@@ -88,14 +90,26 @@ class ArithmeticTask:
     def reward(self, prompt: Prompt, response_ids: list[int], response_text: str) -> float:
         return arithmetic_reward(self.tokenizer, prompt.answer, response_ids, self.config)
 
+    def score(self, prompt: Prompt, response_ids: list[int], response_text: str) -> Score:
+        reward = self.reward(prompt, response_ids, response_text)
+        # Compare the text, not the reward: partial_credit may be configured up to 1.0.
+        return Score(reward, _cut_at_eos(self.tokenizer, response_ids) == prompt.answer)
 
-def arithmetic_reward(tokenizer: CharTokenizer, answer: str, response_ids: list[int],
-                      config: ArithmeticConfig) -> float:
+    def reference_response(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer.encode(prompt.answer) + [self.tokenizer.eos_id]
+
+
+def _cut_at_eos(tokenizer: CharTokenizer, response_ids: list[int]) -> str:
+    """The response's text up to its first EOS; PAD becomes "\\0" so "7<pad>" cannot look exact."""
     ids = list(response_ids)
     if tokenizer.eos_id in ids:
         ids = ids[: ids.index(tokenizer.eos_id)]
-    # PAD has no character; "\0" keeps it from vanishing and making "7<pad>" look exact.
-    text = "".join(tokenizer.char(i) or "\0" for i in ids)
+    return "".join(tokenizer.char(i) or "\0" for i in ids)
+
+
+def arithmetic_reward(tokenizer: CharTokenizer, answer: str, response_ids: list[int],
+                      config: ArithmeticConfig) -> float:
+    text = _cut_at_eos(tokenizer, response_ids)
     if text == answer:
         return 1.0
     if not config.shaping:

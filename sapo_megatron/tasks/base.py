@@ -9,6 +9,12 @@ Design choices:
 - Tasks are built by name from a registry (``sapo_megatron.tasks.registry``), which sits above
   this module and ``user_reward`` so that neither imports the other's importer.
 - Rewards are floats in [0, 1]; tasks with partial credit document their shaping.
+- A shaped reward says little about how often the policy is simply right, so a task may also
+  implement ``score(prompt, response_ids, response_text) -> Score`` (the reward and whether the
+  answer is exact); the trainer logs the exact share as ``exact_frac`` (:func:`score_response`).
+- A supervised cold start trains on reference responses: ``reference_response(prompt) -> ids``
+  when the task defines it, else the prompt's ``answer`` encoded and ended by EOS
+  (:func:`reference_response_ids`).
 """
 
 from __future__ import annotations
@@ -51,6 +57,34 @@ class Task(Protocol):
     def prompts(self, *, seed: int, split: str = "train") -> Iterator[Prompt]: ...
 
     def reward(self, prompt: Prompt, response_ids: list[int], response_text: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class Score:
+    """One response's reward, and whether its answer is exactly right (None: the task cannot tell)."""
+
+    reward: float
+    exact: bool | None = None
+
+
+def score_response(task: Task, prompt: Prompt, response_ids: list[int], response_text: str) -> Score:
+    """``task.score(...)`` when the task implements it, else its reward with exactness unknown."""
+    score = getattr(task, "score", None)
+    if score is not None:
+        return score(prompt, response_ids, response_text)
+    return Score(float(task.reward(prompt, response_ids, response_text)))
+
+
+def reference_response_ids(task: Task, prompt: Prompt) -> list[int]:
+    """The response a supervised cold start trains on: ``task.reference_response(prompt)`` when the
+    task defines it, else ``prompt.answer`` encoded with the task's tokenizer, then EOS."""
+    custom = getattr(task, "reference_response", None)
+    if custom is not None:
+        return list(custom(prompt))
+    if prompt.answer is None:
+        raise ValueError(f"task {task.name!r}: prompt {prompt.uid!r} has no answer to train a cold start on "
+                         f"(set train.cold_start_steps=0, or give the task a reference_response method)")
+    return list(task.tokenizer.encode(prompt.answer)) + [task.tokenizer.eos_id]
 
 
 def check_split(task_name: str, split: str) -> None:

@@ -17,6 +17,8 @@ so position ``p`` is ``perm_{p // N}[p % N]`` and a stream resumes in O(1). ``ui
 it can repeat inside one batch only when the batch is larger than the file or straddles an epoch.
 The reward is 1.0 when the response's final answer matches the ground truth, else 0.0; the
 verifier is resolved once when the task is built (``auto`` -> ``math_verify`` if installed).
+The reward is binary, so ``score`` reports it as the exactness too (``exact_frac``, no second
+verifier call).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .base import Prompt, check_split
+from .base import Prompt, Score, check_split
 from .math_grading import DEFAULT_TIMEOUT_S, math_reward, resolve_verifier
 from .prompt_sets import Record, RecordFormat, load_prompt_set
 from .registry import config_from_options, register_task
@@ -132,6 +134,10 @@ class MathTask:
     def reward(self, prompt: Prompt, response_ids: list[int], response_text: str) -> float:
         return math_reward(response_text, prompt.answer, verifier=self.config.verifier,
                            timeout_s=self.config.verifier_timeout_s)
+
+    def score(self, prompt: Prompt, response_ids: list[int], response_text: str) -> Score:
+        reward = self.reward(prompt, response_ids, response_text)
+        return Score(reward, reward >= 1.0)
 
 
 @register_task("math")

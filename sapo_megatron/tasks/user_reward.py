@@ -3,7 +3,8 @@
 The function is called as ``fn(prompt_text, response_text, answer, meta) -> float`` and must
 return a finite real number in [0, 1]. Values a hair outside (float round-off, 1e-6) are
 clamped; anything further out, NaN/inf or a non-number is refused with an error naming the
-function, because silently clamping a reward that is on the wrong scale hides a bug.
+function, because silently clamping a reward that is on the wrong scale hides a bug. Whether a
+response is exact (``exact_frac``) still comes from the wrapped task's ``score``, when it has one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import numbers
 from typing import Callable, Iterator
 
-from .base import Prompt, Task, open_prompts
+from .base import Prompt, Score, Task, open_prompts
 
 UserRewardFn = Callable[[str, str, "str | None", dict], float]
 _ROUND_OFF = 1e-6
@@ -64,3 +65,8 @@ class UserRewardTask:
     def reward(self, prompt: Prompt, response_ids: list[int], response_text: str) -> float:
         value = self.fn(prompt.text, response_text, prompt.answer, prompt.meta)
         return check_reward(value, self.reward_fn_path, prompt.uid)
+
+    def score(self, prompt: Prompt, response_ids: list[int], response_text: str) -> Score:
+        inner = getattr(self.task, "score", None)
+        exact = inner(prompt, response_ids, response_text).exact if inner is not None else None
+        return Score(self.reward(prompt, response_ids, response_text), exact)

@@ -92,7 +92,8 @@ class MetricsLogger:
             done = step + 1
             elapsed = time.time() - self.start
             total = f"/{self.total}" if self.total else ""
-            keys = ("reward_mean", "loss", "ratio_max", "low_weight_frac", "routing/agreement_mean")
+            keys = ("sft_loss", "reward_mean", "exact_frac", "loss", "ratio_max", "low_weight_frac",
+                    "routing/agreement_mean")
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), float))
             print(f"[step {done}{total} | {elapsed:.0f}s] {shown}", flush=True)
 

@@ -1,5 +1,6 @@
 """The SAPO RL loop, top to bottom: rollout -> reward -> advantages -> reference log-probs ->
-old log-probs -> minibatch updates -> weight sync -> checkpoint -> metrics.
+old log-probs -> minibatch updates -> weight sync -> checkpoint -> metrics; before the first RL
+step, an optional supervised cold start (``train.cold_start_steps``, ``cold_start.py``).
 
 Run it through the CLI (``sapo-megatron train --config configs/tiny_cpu.yaml key=value ...``),
 under ``torchrun`` for several ranks (``examples/run_tiny_cpu.sh``).
@@ -61,6 +62,7 @@ from sapo_megatron.trainer.checkpoint import (
     save_checkpoint,
     unregister_extra_state,
 )
+from sapo_megatron.trainer.cold_start import ColdStart, run_cold_start
 from sapo_megatron.trainer.schedule import build_scheduler
 from sapo_megatron.trainer.logging import MetricsLogger
 
@@ -191,6 +193,7 @@ class Trainer:
                 ref.load_state_dict(chunk.module.state_dict())
         self.task = build_task(task_options(cfg.task))
         self.stream = PromptStream(self.task, seed=cfg.run.seed)
+        self.cold_start = ColdStart(cfg, self.task)
         self.engine = build_engine(cfg, self.chunks, self.model_cfg, tokenizer=self.task.tokenizer)
         self.spec = cfg.loss
         # An engine copy's weight snapshots are this rank's shards: saved per rank with every
@@ -211,12 +214,13 @@ class Trainer:
         # step's batch is generated while this step trains. (The embedded engine lags instead.)
         self._async = cfg.rollout.max_staleness > 0 and hasattr(self.engine, "submit")
         self._prefetched, self._stream_state, self._async_metrics = None, None, {}
+        self._exact_counts = [0, 0]  # exact answers, answers judged: this step's first round
         self.step = 0
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.out / "config.yaml")
         self.logger = MetricsLogger(self.out, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard,
-                                    progress=cfg.run.progress, total_steps=cfg.run.steps,
+                                    progress=cfg.run.progress, total_steps=cfg.run.steps + cfg.train.cold_start_steps,
                                     wandb_project=cfg.run.wandb_project, wandb_entity=cfg.run.wandb_entity,
                                     config=cfg)
         self._maybe_resume()
@@ -227,8 +231,9 @@ class Trainer:
         if path is None:
             return
         meta = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
-        self.step = meta["step"]
+        self.step = meta.get("rl_step", meta["step"])
         self.stream.load_state_dict(meta["data"])
+        self.cold_start.load_state_dict(meta.get("cold_start"), rl_step=self.step)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -236,9 +241,15 @@ class Trainer:
         # A batch generated in the background is not saved: the stream position before its draw is,
         # so a resumed run draws the same prompts and regenerates them with the resumed weights.
         data = self._stream_state if self._prefetched is not None else self.stream.state_dict()
-        save_checkpoint(self.out, self.step, self.chunks, self.optimizer, self.scheduler,
-                        meta={"data": data, **self._model_meta()},
+        save_checkpoint(self.out, self.iteration, self.chunks, self.optimizer, self.scheduler,
+                        meta={"data": data, "rl_step": self.step, "cold_start": self.cold_start.state_dict(),
+                              **self._model_meta()},
                         keep_last=self.cfg.run.keep_last, async_save=self.cfg.run.async_save)
+
+    @property
+    def iteration(self) -> int:
+        """Steps done over the whole run (cold start + RL): checkpoints and metric rows count these."""
+        return self.cold_start.done + self.step
 
     def _model_meta(self) -> dict:
         """What ``convert mcore-to-hf`` needs to export a training checkpoint on its own."""
@@ -295,10 +306,20 @@ class Trainer:
         params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
                                      run_seed=self.cfg.run.seed, step=self.step, round_index=round_)
         results = self.engine.generate([p.ids for p in flat], params, return_routes=self._want_routes)
-        rewards = torch.tensor([
-            self.task.reward(p, r.response_ids, self.task.tokenizer.decode(r.response_ids)) for p, r in zip(flat, results)
-        ], dtype=torch.float64)
-        return flat, results, rewards
+        return flat, results, self._score(flat, results, count_exact=round_ == 0)
+
+    def _score(self, flat, results, *, count_exact: bool) -> torch.Tensor:
+        """Rewards of a round; its exact answers are counted for ``exact_frac`` when ``count_exact``
+        (the first round of a step only: later dynamic-sampling rounds refill what the filter
+        dropped, which would bias the share; aborted requests are not judged)."""
+        from sapo_megatron.tasks import score_response
+
+        tok = self.task.tokenizer
+        scores = [score_response(self.task, p, r.response_ids, tok.decode(r.response_ids)) for p, r in zip(flat, results)]
+        if count_exact:
+            known = [s.exact for s, r in zip(scores, results) if s.exact is not None and r.finish_reason != "abort"]
+            self._exact_counts = [sum(known), len(known)]
+        return torch.tensor([s.reward for s in scores], dtype=torch.float64)
 
     def rollout(self):
         ds = self.cfg.rollout.dynamic_sampling
@@ -329,9 +350,7 @@ class Trainer:
         wait = time.perf_counter() - t0
         flat, version = self._prefetched
         results = [dataclasses.replace(r, meta={**r.meta, "weight_version": version}) for r in results]
-        rewards = torch.tensor([
-            self.task.reward(p, r.response_ids, self.task.tokenizer.decode(r.response_ids)) for p, r in zip(flat, results)
-        ], dtype=torch.float64)
+        rewards = self._score(flat, results, count_exact=True)
         # Measured on this rank (rank 0 is a leader; the others report their wait only).
         self._async_metrics = {"async/wait_rollout_s": wait, "async/wait_train_s": getattr(self.engine, "idle_s", 0.0)}
         self._prefetched = None
@@ -528,17 +547,23 @@ class Trainer:
         from megatron.core import parallel_state
 
         local = [float(rewards.sum()), float((rewards**2).sum()), rewards.numel(),
-                 sum(len(r.response_ids) for r in results), sum(r.finish_reason == "abort" for r in results)]
-        total, sq, n, length, aborted = all_reduce_values(local, group=parallel_state.get_data_parallel_group())
+                 sum(len(r.response_ids) for r in results), sum(r.finish_reason == "abort" for r in results),
+                 *self._exact_counts]
+        total, sq, n, length, aborted, exact, judged = all_reduce_values(
+            local, group=parallel_state.get_data_parallel_group())
         mean = total / n
         out = {
-            "step": self.step,
+            "step": self.iteration,
+            "phase": "rl",
+            "rl_step": self.step,
             "reward_mean": mean,
             "reward_std": math.sqrt(max(sq / n - mean * mean, 0.0)),
             "response_len_mean": length / n,
             "abort_frac": aborted / n,
             **timings,
         }
+        if judged:  # the task tells exact answers apart (Task.score): their share, unshaped
+            out["exact_frac"] = exact / judged
         # Loss statistics: the first update (ratios start at 1) and the last (most off-policy).
         for key, value in update_metrics[-1].items():
             out[key] = value
@@ -546,6 +571,7 @@ class Trainer:
         return out
 
     def train(self) -> None:
+        run_cold_start(self)  # the supervised steps not done yet (none unless train.cold_start_steps)
         # Engines that serve from a copy of the weights start from the trainer's (version = step).
         getattr(self.engine, "begin", lambda chunks, version: None)(self.chunks, self.step)
         while self.step < self.cfg.run.steps:
