@@ -41,6 +41,23 @@ def test_lagged_weights_sample_k_versions_ago():
         EngineCopy([torch.nn.Linear(2, 2)], [live], lag=1).load_state_dict(lagged.state_dict())
 
 
+def test_engine_begin_snapshots_the_weights_the_rl_loop_starts_from():
+    """A copy built at start-up, then a cold start changes the trainer's weights: begin(version 0)
+    must make the copy sample from the cold-started weights, not the initial ones."""
+    from sapo_megatron.rollout.embedded import EmbeddedEngine
+
+    live, copy = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    _set(live, 0.0)
+    engine = EmbeddedEngine([live], num_experts=None, copy=EngineCopy([copy], [live], lag=4, dtype="bf16"))
+    _set(live, 0.5)  # the cold start's updates
+    assert float(copy.weight[0, 0]) == 0.0  # guard: the copy still holds the initial weights
+    engine.begin([live], 0)
+    assert engine.copy.version == 0 and float(copy.weight[0, 0]) == 0.5 and copy.weight.dtype == torch.bfloat16
+    _set(live, 1.0)
+    engine.update_weights([live], 1)  # lag 4: still version 0, i.e. the cold-started weights
+    assert engine.copy.version == 0 and float(copy.weight[0, 0]) == 0.5
+
+
 def test_lag_zero_follows_the_trainer():
     live, copy = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     lagged = EngineCopy([copy], [live], lag=0)

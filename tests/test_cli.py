@@ -135,7 +135,7 @@ def test_plot_dispatches(monkeypatch, tmp_path, capsys):
 def test_sweep_dispatches(tmp_path, capsys):
     assert cli.main(["sweep", "--out", str(tmp_path), "--seeds", "0", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(sweep.unique_runs(sweep.ARMS)) and lines[0].startswith("[1/10] sapo seed 0")
+    assert len(lines) == len(sweep.unique_runs(sweep.ARMS)) and lines[0].startswith(f"[1/{len(lines)}] sapo_k0 seed 0")
 
 
 def test_config_calls_run_config_command_with_the_remaining_args(monkeypatch):
@@ -229,4 +229,7 @@ def test_wrapper_is_the_package_main_and_takes_its_old_arguments(script):
 def test_sweep_wrapper_runs_a_dry_run(tmp_path):
     proc = _run([sys.executable, "examples/ablations/sweep.py", "--out", str(tmp_path), "--seeds", "0", "--dry-run"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(proc.stdout.splitlines()) == 10 and "run_tiny_cpu.sh" in proc.stdout
+    from sapo_megatron.commands import sweep
+
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(sweep.unique_runs(sweep.ARMS)) and all("configs/ablation_cpu.yaml" in line for line in lines)

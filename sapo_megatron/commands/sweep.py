@@ -109,9 +109,11 @@ def command(out: Path, arm: Arm, seed: int) -> list[str]:
 
 
 def steps_of(metrics: Path) -> list[dict]:
+    """A run's RL steps (the supervised cold-start rows, ``phase: cold_start``, are not RL steps)."""
     if not metrics.exists():
         return []
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+    return [r for r in rows if r.get("phase", "rl") == "rl"]
 
 
 def expected_steps() -> int:
@@ -158,6 +160,7 @@ def _tail_mean(tail: list[dict], key: str) -> float | None:
 # Late-training diagnostics in the table: (column, metrics.jsonl key); mean over the last 10 steps,
 # then over seeds. "-" where an arm does not log the key (a clip fraction for SAPO, ...).
 COLUMNS = [
+    ("exact frac", "exact_frac"),
     ("low-weight frac", "low_weight_frac"),
     ("clip frac", "clip_frac"),
     ("ratio max", "ratio_max"),

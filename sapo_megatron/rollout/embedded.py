@@ -152,6 +152,13 @@ class EmbeddedEngine:
             ))
         return results
 
+    def begin(self, model_chunks, version: int) -> None:
+        """The RL loop starts (or resumes) at policy ``version``: a copy takes the trainer's
+        weights as that version's snapshot. Without this, a copy built before a supervised cold
+        start would sample its first RL steps from the weights the cold start replaced (on a
+        resume the snapshot equals the saved one, so nothing changes)."""
+        self.update_weights(model_chunks, version)
+
     def update_weights(self, model_chunks, version: int) -> None:
         """Live weights: nothing to sync. A copy: the trainer now holds policy ``version`` (RL
         steps completed); the copy samples with version ``max(0, version - lag)``, in its dtype."""
