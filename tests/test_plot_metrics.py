@@ -52,6 +52,7 @@ def test_pngs_written(tmp_path):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
+@pytest.mark.slow  # matplotlib in this process
 def test_exact_frac_and_cold_start_panels(tmp_path):
     from sapo_megatron.commands.plot import plot
 
