@@ -215,6 +215,7 @@ class Trainer:
         self._async = cfg.rollout.max_staleness > 0 and hasattr(self.engine, "submit")
         self._prefetched, self._stream_state, self._async_metrics = None, None, {}
         self._exact_counts = [0, 0]  # exact answers, answers judged: this step's first round
+        self._topped_up_warned = False  # dynamic sampling warns once per run (see _dynamic_rollout)
         self.step = 0
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -379,12 +380,16 @@ class Trainer:
         groups, topped = collector.take()
         generated, filtered, topped_all, quota = all_reduce_values(
             [collector.generated, collector.filtered, topped, collector.quota], group=group)
-        if topped_all and self.rank == 0:
+        # Once per run: a policy that solves most prompts tops up every step from then on, and
+        # the count per step is in the metrics (rollout/topped_up_groups).
+        if topped_all and self.rank == 0 and not self._topped_up_warned:
+            self._topped_up_warned = True
             warnings.warn(
                 f"rollout.dynamic_sampling: step {self.step} kept {int(quota - topped_all)} of the "
                 f"{int(quota)} prompt groups it needs after rollout.dynamic_sampling.max_rounds={ds.max_rounds} "
                 f"rounds ({int(filtered)} of {int(generated)} generated groups filtered by {ds.filter!r}); "
-                f"training on them plus {int(topped_all)} filtered groups (zero advantages)", stacklevel=2)
+                f"training on them plus {int(topped_all)} filtered groups (zero advantages). Not repeated: "
+                f"later steps count them in rollout/topped_up_groups", stacklevel=2)
         self._rollout_metrics = {
             "rollout/filtered_frac": filtered / max(generated, 1.0),
             "rollout/sampling_rounds": float(round_ + 1),
