@@ -7,12 +7,14 @@ is communicated, so it works at any TP/PP/EP layout. Sources: a sapo_megatron ch
 (:func:`load_into_model`) or an HF directory directly (:func:`load_hf_into_model`).
 
 Export (:func:`export_plan`): all ranks agree on one global order of tensors (embedding,
-layers, final) and on who holds each (the ranks of data-parallel replica 0); the holders gather
-its TP slices onto one of them, on their device (assembled as ``sharding.gather_full_tensor``
-does). Every rank walks the same order, so the collectives cannot deadlock. :func:`export_hf` (weight sync to SGLang from disk)
-has each tensor written by one of its holders into that rank's own shard files: all ranks write
-in parallel, nothing funnels through rank 0. The distributed weight sync
-(``rollout/sglang/weight_sync``) walks the same plan in buckets. :func:`save_from_model` still
+layers, final), on who holds each (the ranks of data-parallel replica 0) and on each holder's
+tensor-parallel slice. No full tensor is ever assembled: :meth:`ExportPlan.exchange` sends each
+holder's part of each HF tensor (:mod:`.pieces`) straight to where it lands, a bucket slice or a
+file buffer, on the parameters' device. Every rank walks the same order, so the point-to-point
+operations cannot deadlock. :func:`export_hf` (weight sync to SGLang from disk) has each tensor
+written by one of its holders into that rank's own shard files: all ranks write in parallel,
+nothing funnels through rank 0. The distributed weight sync (``rollout/sglang/weight_sync``)
+walks the same plan in buckets. :func:`save_from_model` still
 sends every tensor to rank 0, which writes a sapo_megatron checkpoint.
 
 Every rank must call these functions (they are collective under torch.distributed).
@@ -43,7 +45,8 @@ from sapo_megatron.checkpoint.mapping import (
     units_by_mcore_name,
 )
 from sapo_megatron.checkpoint.mcore_io import McoreCheckpoint, McoreCheckpointWriter
-from sapo_megatron.checkpoint.transforms import to_hf, to_mcore
+from sapo_megatron.checkpoint.pieces import Layout, Piece, carve, piece_source, piece_target, place, plan_pieces
+from sapo_megatron.checkpoint.transforms import to_mcore
 from sapo_megatron.mcore.te_names import local_norm_name
 from sapo_megatron.step.sharding import gather_full_tensor, global_name, shard_full_tensor, unwrap
 
@@ -215,9 +218,10 @@ class ExportEntry:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    holders: list[int]  # the ranks of data-parallel replica 0 that hold it (they gather it)
+    holders: list[int]  # the ranks of data-parallel replica 0 that hold it (they send it)
     unit: object  # mapping.Unit: HF names, HF shapes, conversion kind
     hf_dtypes: tuple[torch.dtype, ...]
+    layouts: dict[int, Layout | None]  # each holder's (tp_rank, tp_size, dim) slice, None: full
 
     @property
     def hf(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -237,55 +241,89 @@ class ExportPlan:
     cfg: object
     hf_config: dict
 
-    def full(self, entry: ExportEntry, dst: int) -> torch.Tensor | None:
-        """The full tensor of ``entry`` on holder ``dst``, on the parameter's own device (a TP
-        gather among the holders); None on every other rank. Only ``dst`` receives: half the
-        traffic of an all-gather at TP=2, which matters when the copies are the bottleneck."""
-        rank = dist.get_rank()
-        if rank not in entry.holders:
-            return None
-        inner, local_name, tensor = self.local[entry.name]
-        return _gather_to(tensor.detach(), tensor, local_name, inner.config, dst)
+    def pieces(self, entry: ExportEntry, dst: int) -> list[Piece]:
+        return plan_pieces(entry.name, entry.unit.kind, entry.unit.hf_shapes, entry.holders, entry.layouts, dst)
 
-    def to_hf(self, entry: ExportEntry, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """HF tensors of one full tensor, cast to the export dtypes (same device)."""
+    def exchange(self, entries: list[ExportEntry], dst: int, dests: dict[str, torch.Tensor] | None) -> Callable[[], None]:
+        """Collective over the holders of ``entries`` and ``dst``: every HF tensor of ``entries``
+        lands in ``dests[hf_name]`` (given on ``dst`` only: views of a bucket or a file buffer,
+        any device), in the export dtypes. Returns ``wait()``, which finishes the receives.
+
+        No full tensor is built: ``dst`` copies its own pieces once, straight from its
+        parameters into ``dests``; every other holder sends its pieces (cast there, so a
+        narrowing cast halves the bytes on the wire) and ``dst`` receives them in place when the
+        destination is contiguous and on the group's device (else through one buffer). All
+        sends and receives are posted at once (one ``batch_isend_irecv``, fused under NCCL)."""
+        rank, device = dist.get_rank(), group_device()
+        ops, landing, wires = [], [], []
+        with torch.no_grad():
+            for entry in entries:
+                for piece in self.pieces(entry, dst):
+                    hf_name, hf_dtype, _ = entry.hf[piece.hf]
+                    if rank == piece.rank:
+                        source = self._source(entry, piece)
+                        if rank == dst:
+                            place(piece_target(piece, dests[hf_name]), source)
+                        else:
+                            wire = source.to(hf_dtype).contiguous()  # no copy when it already is
+                            wires.append(wire)
+                            ops.append(dist.P2POp(dist.isend, wire, dst))
+                    elif rank == dst:
+                        target = piece_target(piece, dests[hf_name])
+                        if target.is_contiguous() and target.device == device:
+                            buf = target
+                        else:  # a column slice (row-parallel weight), or a host destination under NCCL
+                            buf = torch.empty(target.shape, dtype=hf_dtype, device=device)
+                            landing.append((target, buf))
+                        ops.append(dist.P2POp(dist.irecv, buf, piece.rank))
+        works = dist.batch_isend_irecv(ops) if ops else []
+
+        def wait() -> None:
+            for work in works:
+                work.wait()
+            with torch.no_grad():
+                for target, buf in landing:
+                    target.copy_(buf)
+            wires.clear()
+
+        return wait
+
+    def _source(self, entry: ExportEntry, piece: Piece) -> torch.Tensor:
+        _, _, tensor = self.local[entry.name]
+        layout = entry.layouts.get(dist.get_rank())
+        return piece_source(piece, entry.unit.kind, tensor.detach(), self.cfg, layout[1] if layout else 1)
+
+    def direct(self, entry: ExportEntry) -> list[tuple[str, torch.Tensor]] | None:
+        """This rank's HF tensors of ``entry`` as views of its own host tensor, when it holds the
+        whole of each, contiguous and in the export dtype (written to disk with no copy at all);
+        None otherwise."""
+        rank = dist.get_rank()
+        pieces = self.pieces(entry, rank)
+        if any(p.rank != rank or p.dim is not None for p in pieces):
+            return None
         out = []
-        for (hf_name, dtype, shape), t in zip(entry.hf, to_hf(entry.unit.kind, full, self.cfg)):
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"export of {entry.name!r}: HF tensor {hf_name!r} has shape {tuple(t.shape)}, "
-                                 f"the config implies {tuple(shape)}")
-            out.append((hf_name, t.to(dtype)))
+        for piece in pieces:
+            hf_name, hf_dtype, shape = entry.hf[piece.hf]
+            view = self._source(entry, piece)
+            if view.device.type != "cpu" or view.dtype != hf_dtype or not view.is_contiguous():
+                return None
+            out.append((hf_name, view.view(shape)))
         return out
 
 
-def _gather_to(local: torch.Tensor, param, name: str, config, dst: int) -> torch.Tensor | None:
-    """``sharding.gather_full_tensor`` with one receiver (``dst``, a member of the TP group):
-    the same slices, reassembled the same way (GLU fc1 is ``[gate; up]`` per rank)."""
-    from sapo_megatron.step.sharding import _is_glu_fc1, _tp_layout
-
-    layout = _tp_layout(param)
-    if layout is None:
-        return local
-    group, _, size, dim = layout
-    rank = dist.get_rank()
-    parts = [torch.empty_like(local) for _ in range(size)] if rank == dst else None
-    dist.gather(local.contiguous(), parts, dst=dst, group=group)
-    if rank != dst:
-        return None
-    if _is_glu_fc1(name, config):
-        halves = [part.chunk(2, dim) for part in parts]
-        return torch.cat([torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)], dim)
-    return torch.cat(parts, dim)
-
-
 def _full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    shape = list(tensor.shape)
+    layout = _slice_layout(tensor)
+    if layout is not None:
+        shape[layout[2]] *= layout[1]
+    return tuple(shape)
+
+
+def _slice_layout(tensor: torch.Tensor) -> Layout | None:
     from sapo_megatron.step.sharding import _tp_layout
 
-    shape = list(tensor.shape)
     layout = _tp_layout(tensor)
-    if layout is not None:
-        shape[layout[3]] *= layout[2]
-    return tuple(shape)
+    return None if layout is None else (layout[1], layout[2], layout[3])
 
 
 def _in_replica_zero(tensor: torch.Tensor) -> bool:
@@ -304,14 +342,16 @@ def export_plan(model, hf_config: dict, dtype: torch.dtype | str | None = "check
     cfg = mapping.config_from_hf(hf_config)
     by_mcore = {u.mcore: u for us in all_units(mapping, cfg).values() for u in us}
     local = _held_tensors(model)
-    mine = {n: (str(t.dtype).removeprefix("torch."), _full_shape(t), _in_replica_zero(t)) for n, (_, _, t) in local.items()}
+    mine = {n: (str(t.dtype).removeprefix("torch."), _full_shape(t), _in_replica_zero(t), _slice_layout(t))
+            for n, (_, _, t) in local.items()}
     held: list = [None] * dist.get_world_size()
     dist.all_gather_object(held, mine)
-    info, holders, fallback = {}, defaultdict(list), defaultdict(list)
+    info, holders, fallback, layouts = {}, defaultdict(list), defaultdict(list), defaultdict(dict)
     for rank, names in enumerate(held):
-        for name, (dt, shape, zero) in names.items():
+        for name, (dt, shape, zero, layout) in names.items():
             info.setdefault(name, (getattr(torch, dt), shape))
             fallback[name].append(rank)
+            layouts[name][rank] = None if layout is None else tuple(layout)
             if zero:
                 holders[name].append(rank)
     missing, extra = sorted(set(by_mcore) - set(info)), sorted(set(info) - set(by_mcore))
@@ -327,7 +367,8 @@ def export_plan(model, hf_config: dict, dtype: torch.dtype | str | None = "check
             hf_dtypes = tuple(checkpoint_dtype(h, dt, hf_config) for h in unit.hf)
         else:
             hf_dtypes = tuple(dtype if dt.is_floating_point else dt for _ in unit.hf)
-        entries.append(ExportEntry(name, tuple(shape), dt, holders[name] or fallback[name], unit, hf_dtypes))
+        entries.append(ExportEntry(name, tuple(shape), dt, holders[name] or fallback[name], unit, hf_dtypes,
+                                   layouts[name]))
     return ExportPlan(entries, local, cfg, hf_config)
 
 
@@ -365,8 +406,9 @@ def export_hf(
 ) -> None:
     """Write the live model as HF safetensors + config.json; collective.
 
-    No funnel: the ranks that hold a tensor gather it (TP), and one of them writes it into its
-    OWN shard files, so every rank writes in parallel and nothing passes through one process.
+    No funnel: one of the ranks that hold a tensor writes it into its OWN shard files (the
+    other TP holders send it their slices, :meth:`ExportPlan.exchange`), so every rank writes in
+    parallel and nothing passes through one process.
     The file layout is computed from the plan alone, so rank 0 writes the index and config.json
     without asking anyone. ``fsync``: flush the shards to stable storage before returning.
     ``dtype``: see :func:`export_plan` (None keeps the model's dtypes).
@@ -389,18 +431,36 @@ def export_hf(
                 writer = PlannedShard(out / file, [h for e in shard for h in e.hf])
                 mine.append(writer)
                 writer_of.update({e.name: writer for e in shard})
-    # One background writer: the next tensor is gathered while this one goes to disk.
+    # Each HF tensor is written from where it lands: straight from the parameter when this rank
+    # holds all of it (contiguous, on the host, export dtype), else from a host buffer that the
+    # pieces are copied / received into once. Two buffers and one background writer: entry k + 1
+    # is assembled while entry k goes to disk.
+    staged = [e for k, e in enumerate(plan.entries) if writer_index[k] == rank and plan.direct(e) is None]
+    size = max((e.hf_nbytes for e in staged), default=0)
+    pin = group_device().type == "cuda"
+    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2 if size else 0)]
+    sends: list[Callable[[], None]] = []  # this rank's sends still in flight (bounded below)
     with ThreadPoolExecutor(1, thread_name_prefix="hf-export") as io:
-        pending = None
-        with torch.no_grad():
-            for k, entry in enumerate(plan.entries):
-                full = plan.full(entry, writer_index[k])
-                if entry.name not in writer_of:
-                    continue
-                tensors = [(n, t.cpu()) for n, t in plan.to_hf(entry, full)]
-                if pending is not None:
-                    pending.result()
-                pending = io.submit(lambda w=writer_of[entry.name], ts=tensors: [w.add(n, t) for n, t in ts])
+        pending, turn = None, 0
+        for k, entry in enumerate(plan.entries):
+            dst = writer_index[k]
+            if dst != rank:
+                sends.append(plan.exchange([entry], dst, None))
+                while len(sends) > 4:
+                    sends.pop(0)()
+                continue
+            tensors = plan.direct(entry)
+            if tensors is None:
+                buffer = buffers[turn % 2]
+                turn += 1  # the write in flight (if any) reads the other buffer
+                views = carve(buffer, entry.hf)
+                plan.exchange([entry], dst, {h: v for (h, _, _), v in zip(entry.hf, views)})()
+                tensors = [(h, v) for (h, _, _), v in zip(entry.hf, views)]
+            if pending is not None:
+                pending.result()
+            pending = io.submit(lambda w=writer_of[entry.name], ts=tensors: [w.add(n, t) for n, t in ts])
+        for wait in sends:
+            wait()
         if pending is not None:
             pending.result()
         for writer in mine:

@@ -19,10 +19,13 @@ Design choices:
   reachable server, under a new group name (``<group_name>_r<n>``), then pushes the whole model. A
   restart is rare; the common step pays nothing for this. A server that is down is left out and
   stays stale until a later sync finds it reachable.
-- Gathering on the device, overlapped with the wire: the ranks that hold a tensor gather it onto
-  one of them (a TP gather, on the parameter's device); if rank 0 does not hold it (another expert-parallel or
-  pipeline rank) its owner sends it to rank 0 device-to-device. Bucket ``k + 1`` is gathered while
-  bucket ``k`` broadcasts (``async_op=True``): two buckets in memory, never the model.
+- Assembling on the device, overlapped with the wire: each bucket is ONE preallocated buffer on
+  rank 0's device. Every holder of a tensor (TP slices, another expert-parallel or pipeline rank)
+  sends its part of each HF tensor straight to rank 0, which receives it into its slice of the
+  bucket; rank 0 copies its own parts from its parameters into the bucket (``ExportPlan.exchange``:
+  no full tensor, no ``cat``, no split copies, no packing pass). Bucket ``k + 1`` is assembled
+  into the second buffer while bucket ``k`` broadcasts (``async_op=True``): two buckets in
+  memory, never the model.
 - One source, not one group per pipeline stage: SGLang serialises weight-update requests behind
   its model-update writer lock, so a server receives one bucket at a time whichever stage sends
   it; per-stage groups would only parallelise the gathering, which already overlaps with the
@@ -40,6 +43,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.checkpoint.pieces import carve
 from sapo_megatron.rollout.sglang.protocol import (
     check_server,
     distributed_update_payload,
@@ -79,6 +83,9 @@ class DistributedSync(WeightSync):
         self.group_name: str | None = None
         self.generation = 0
         self.rebuilds = 0
+        # Seconds of the pushes so far (rank 0 only for wire_wait_s), for benchmarks/bench_weight_sync.py:
+        # assembling the buckets (copies and receives), waiting for the broadcast of the previous one.
+        self.timings = {"assemble_s": 0.0, "wire_wait_s": 0.0}
 
     # ------------------------------------------------------------------ the group (rank 0)
     def _reachable(self, urls: list[str]) -> list[str]:
@@ -159,21 +166,31 @@ class DistributedSync(WeightSync):
         share_outcome(error, members)  # every rank raises if the group could not be built
 
         buckets = plan_buckets(plan.entries, self.section.bucket_bytes)
+        # Two buckets' worth of memory on rank 0, reused: bucket k + 1 is assembled into one while
+        # bucket k broadcasts from the other.
+        size = max(sum(e.hf_nbytes for e in b) for b in buckets)
+        buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)] if dist.get_rank() == 0 else []
         in_flight = None
         for k, bucket in enumerate(buckets):
-            tensors = self._gather(plan, bucket, device)  # overlaps with bucket k - 1 on the wire
+            t0 = time.perf_counter()
+            metas = self._assemble(plan, bucket, buffers[k % 2] if buffers else None)
+            self.timings["assemble_s"] += time.perf_counter() - t0
             if dist.get_rank() != 0 or error:
                 continue
             try:
+                t0 = time.perf_counter()
                 if in_flight is not None:
                     self._finish(in_flight, version)
-                in_flight = self._start(tensors, version, last=k == len(buckets) - 1)
+                self.timings["wire_wait_s"] += time.perf_counter() - t0
+                in_flight = self._start(metas, buffers[k % 2], version, last=k == len(buckets) - 1)
             except Exception as err:
                 error, in_flight = f"{type(err).__name__}: {err}", None
                 self.pg, self.members = None, []  # a broken group is rebuilt at the next sync
         if in_flight is not None and not error:
             try:
+                t0 = time.perf_counter()
                 self._finish(in_flight, version)
+                self.timings["wire_wait_s"] += time.perf_counter() - t0
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
                 self.pg, self.members = None, []
@@ -184,34 +201,28 @@ class DistributedSync(WeightSync):
     def resync(self, model, version: int, urls: list[str]) -> list[str]:
         return self.push(model, version, rebuild=True)
 
-    def _gather(self, plan, bucket, device) -> list[tuple[str, torch.Tensor]]:
-        """Collective: the bucket's HF tensors on rank 0 in aligned order ([] elsewhere)."""
-        rank, out = dist.get_rank(), []
-        with torch.no_grad():
-            for entry in bucket:
-                owner = 0 if 0 in entry.holders else entry.holders[0]
-                full = plan.full(entry, owner)
-                if owner != 0:
-                    if rank == owner:
-                        dist.send(full.contiguous(), dst=0)
-                    elif rank == 0:
-                        full = torch.empty(entry.shape, dtype=entry.dtype, device=device)
-                        dist.recv(full, src=owner)
-                if rank == 0:
-                    out += plan.to_hf(entry, full)
-        order = bk.aligned_order([(n, t.dtype, tuple(t.shape)) for n, t in out])
-        return [out[i] for i in order]
+    @staticmethod
+    def _assemble(plan, bucket, buffer) -> list[bk.Meta]:
+        """Collective: the bucket's HF tensors written into ``buffer`` on rank 0 (None
+        elsewhere) in aligned order, each byte copied or received once; returns their metas."""
+        metas = [meta for entry in bucket for meta in entry.hf]
+        metas = [metas[i] for i in bk.aligned_order(metas)]
+        dests = None
+        if buffer is not None:
+            dests = {name: view for (name, _, _), view in zip(metas, carve(buffer, metas))}
+        plan.exchange(bucket, 0, dests)()
+        return metas
 
-    def _start(self, tensors, version: int, *, last: bool):
+    def _start(self, metas, buffer, version: int, *, last: bool):
         load_format = self.section.load_format
-        payload = distributed_update_payload([n for n, _ in tensors], [t.dtype for _, t in tensors],
-                                             [tuple(t.shape) for _, t in tensors], group_name=self.group_name,
+        names, dtypes, shapes = zip(*metas)
+        payload = distributed_update_payload(list(names), list(dtypes), list(shapes), group_name=self.group_name,
                                              load_format=load_format, last=last, version=version)
         futures = self.engine.submit_all(UPDATE, lambda url: payload, urls=self.members, collective=True)
         if load_format == "flattened_bucket":
-            wire = [bk.pack(tensors)]
+            wire = [buffer[: sum(map(bk.nbytes, metas))]]
         else:
-            wire = [t.contiguous() for _, t in tensors]
+            wire = carve(buffer, metas)  # each a contiguous view: one broadcast per tensor
         works = [dist.broadcast(t, src=0, group=self.pg, async_op=True) for t in wire]
         return futures, works, wire
 
