@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -244,10 +245,12 @@ class ExportPlan:
     def pieces(self, entry: ExportEntry, dst: int) -> list[Piece]:
         return plan_pieces(entry.name, entry.unit.kind, entry.unit.hf_shapes, entry.holders, entry.layouts, dst)
 
-    def exchange(self, entries: list[ExportEntry], dst: int, dests: dict[str, torch.Tensor] | None) -> Callable[[], None]:
-        """Collective over the holders of ``entries`` and ``dst``: every HF tensor of ``entries``
-        lands in ``dests[hf_name]`` (given on ``dst`` only: views of a bucket or a file buffer,
-        any device), in the export dtypes. Returns ``wait()``, which finishes the receives.
+    def exchange(self, entries: list[ExportEntry], dst: int | list[int],
+                 dests: dict[str, torch.Tensor] | None) -> Callable[[], None]:
+        """Collective over the holders of ``entries`` and their destinations: every HF tensor of
+        ``entries[k]`` lands in ``dests[hf_name]`` on rank ``dst`` (or ``dst[k]``); ``dests``
+        holds views of a bucket or a file buffer (any device) for the entries this rank
+        receives, in the export dtypes. Returns ``wait()``, which finishes the sends and receives.
 
         No full tensor is built: ``dst`` copies its own pieces once, straight from its
         parameters into ``dests``; every other holder sends its pieces (cast there, so a
@@ -255,9 +258,10 @@ class ExportPlan:
         destination is contiguous and on the group's device (else through one buffer). All
         sends and receives are posted at once (one ``batch_isend_irecv``, fused under NCCL)."""
         rank, device = dist.get_rank(), group_device()
+        dsts = [dst] * len(entries) if isinstance(dst, int) else dst
         ops, landing, wires = [], [], []
         with torch.no_grad():
-            for entry in entries:
+            for entry, dst in zip(entries, dsts, strict=True):
                 for piece in self.pieces(entry, dst):
                     hf_name, hf_dtype, _ = entry.hf[piece.hf]
                     if rank == piece.rank:
@@ -395,6 +399,22 @@ def _shard_layout(plan: ExportPlan, max_shard_bytes: int) -> tuple[dict[int, lis
     return dict(sorted(per_rank.items())), names
 
 
+_CHUNK = 64 * 1024**2  # HF bytes per exchange of the disk export (all writers together)
+
+
+def plan_buckets(entries: list[ExportEntry], bucket_bytes: int) -> list[list[ExportEntry]]:
+    """Consecutive export entries, at most ``bucket_bytes`` of HF bytes per bucket (an entry
+    larger than that is a bucket of its own). The same on every rank."""
+    out, size = [], 0
+    for entry in entries:
+        if not out or (out[-1] and size + entry.hf_nbytes > bucket_bytes):
+            out.append([])
+            size = 0
+        out[-1].append(entry)
+        size += entry.hf_nbytes
+    return out
+
+
 def export_hf(
     model,
     out_dir: str | os.PathLike,
@@ -403,6 +423,7 @@ def export_hf(
     dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = 4 * 1024**3,
     fsync: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> None:
     """Write the live model as HF safetensors + config.json; collective.
 
@@ -411,9 +432,13 @@ def export_hf(
     parallel and nothing passes through one process.
     The file layout is computed from the plan alone, so rank 0 writes the index and config.json
     without asking anyone. ``fsync``: flush the shards to stable storage before returning.
-    ``dtype``: see :func:`export_plan` (None keeps the model's dtypes).
+    ``dtype``: see :func:`export_plan` (None keeps the model's dtypes). ``timings``: this rank's
+    seconds per stage are added to it (plan, assemble: copies, sends and receives, write_wait:
+    the background writer behind, close: flush and fsync).
     """
+    clock = _Clock(timings)
     plan = export_plan(model, hf_config, dtype)
+    clock.tick("plan_s")
     per_rank, names = _shard_layout(plan, max_shard_bytes)
     writer_index = [_writer(entry, k) for k, entry in enumerate(plan.entries)]
     rank, out = dist.get_rank(), Path(out_dir)
@@ -433,38 +458,48 @@ def export_hf(
                 writer_of.update({e.name: writer for e in shard})
     # Each HF tensor is written from where it lands: straight from the parameter when this rank
     # holds all of it (contiguous, on the host, export dtype), else from a host buffer that the
-    # pieces are copied / received into once. Two buffers and one background writer: entry k + 1
-    # is assembled while entry k goes to disk.
-    staged = [e for k, e in enumerate(plan.entries) if writer_index[k] == rank and plan.direct(e) is None]
-    size = max((e.hf_nbytes for e in staged), default=0)
+    # pieces are copied / received into once. The entries go in chunks of about ``_CHUNK`` bytes,
+    # one exchange each (one synchronisation per chunk, not per tensor); two buffers and one
+    # background writer: chunk c + 1 is assembled while chunk c goes to disk.
+    chunks = plan_buckets(plan.entries, _CHUNK)
+    first_index = [0]
+    for chunk in chunks:
+        first_index.append(first_index[-1] + len(chunk))
+    # Per chunk: this rank's staged entries (written from the buffer) and what it exchanges (all
+    # but the entries it writes directly: those involve no other rank).
+    direct = {k: plan.direct(e) for k, e in enumerate(plan.entries) if writer_index[k] == rank}
+    staged_of, exchanged_of = [], []
+    for c in range(len(chunks)):
+        ks = range(first_index[c], first_index[c + 1])
+        staged_of.append([plan.entries[k] for k in ks if k in direct and direct[k] is None])
+        exchanged_of.append([k for k in ks if direct.get(k) is None])
+    size = max((sum(e.hf_nbytes for e in staged) for staged in staged_of), default=0)
     pin = group_device().type == "cuda"
     buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2 if size else 0)]
-    sends: list[Callable[[], None]] = []  # this rank's sends still in flight (bounded below)
     with ThreadPoolExecutor(1, thread_name_prefix="hf-export") as io:
-        pending, turn = None, 0
-        for k, entry in enumerate(plan.entries):
-            dst = writer_index[k]
-            if dst != rank:
-                sends.append(plan.exchange([entry], dst, None))
-                while len(sends) > 4:
-                    sends.pop(0)()
-                continue
-            tensors = plan.direct(entry)
-            if tensors is None:
-                buffer = buffers[turn % 2]
-                turn += 1  # the write in flight (if any) reads the other buffer
-                views = carve(buffer, entry.hf)
-                plan.exchange([entry], dst, {h: v for (h, _, _), v in zip(entry.hf, views)})()
-                tensors = [(h, v) for (h, _, _), v in zip(entry.hf, views)]
-            if pending is not None:
+        pending = None
+        for c, chunk in enumerate(chunks):
+            staged = staged_of[c]
+            metas = [meta for e in staged for meta in e.hf]
+            views = dict(zip([m[0] for m in metas], carve(buffers[c % 2], metas))) if staged else {}
+            ks = exchanged_of[c]
+            plan.exchange([plan.entries[k] for k in ks], [writer_index[k] for k in ks], views)()
+            clock.tick("assemble_s")
+            writes = []
+            for k in range(first_index[c], first_index[c + 1]):
+                if k in direct:
+                    entry = plan.entries[k]
+                    writes.append((writer_of[entry.name], direct[k] or [(h, views[h]) for h, _, _ in entry.hf]))
+            if pending is not None:  # chunk c - 1's writes read the other buffer
                 pending.result()
-            pending = io.submit(lambda w=writer_of[entry.name], ts=tensors: [w.add(n, t) for n, t in ts])
-        for wait in sends:
-            wait()
+            clock.tick("write_wait_s")
+            pending = io.submit(lambda ws=writes: [w.add(n, t) for w, ts in ws for n, t in ts])
         if pending is not None:
             pending.result()
+        clock.tick("write_wait_s")
         for writer in mine:
             writer.close(fsync=fsync)
+        clock.tick("close_s")
     if rank == 0:
         if len(names) > 1:
             total = sum(e.hf_nbytes for e in plan.entries)
@@ -472,6 +507,19 @@ def export_hf(
             (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         write_hf_config(out, hf_config)
     dist.barrier()
+
+
+class _Clock:
+    """Adds the seconds since the last tick to ``timings[stage]`` (nothing when timings is None)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings, self.last = timings, time.perf_counter()
+
+    def tick(self, stage: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+            self.last = now
 
 
 def save_from_model(model, ckpt_dir: str | os.PathLike, hf_config: dict) -> None:

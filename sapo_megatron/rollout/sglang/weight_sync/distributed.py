@@ -43,6 +43,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.checkpoint.live import plan_buckets
 from sapo_megatron.checkpoint.pieces import carve
 from sapo_megatron.rollout.sglang.protocol import (
     check_server,
@@ -55,19 +56,6 @@ from sapo_megatron.rollout.sglang.weight_sync.group import destroy, free_port, i
 
 logger = logging.getLogger(__name__)
 UPDATE = "/update_weights_from_distributed"
-
-
-def plan_buckets(entries, bucket_bytes: int) -> list[list]:
-    """Consecutive export entries, at most ``bucket_bytes`` of HF bytes per bucket (an entry
-    larger than that is a bucket of its own). The same on every rank."""
-    out, size = [], 0
-    for entry in entries:
-        if not out or (out[-1] and size + entry.hf_nbytes > bucket_bytes):
-            out.append([])
-            size = 0
-        out[-1].append(entry)
-        size += entry.hf_nbytes
-    return out
 
 
 class DistributedSync(WeightSync):
