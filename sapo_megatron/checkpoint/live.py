@@ -297,23 +297,6 @@ class ExportPlan:
         layout = entry.layouts.get(dist.get_rank())
         return piece_source(piece, entry.unit.kind, tensor.detach(), self.cfg, layout[1] if layout else 1)
 
-    def direct(self, entry: ExportEntry) -> list[tuple[str, torch.Tensor]] | None:
-        """This rank's HF tensors of ``entry`` as views of its own host tensor, when it holds the
-        whole of each, contiguous and in the export dtype (written to disk with no copy at all);
-        None otherwise."""
-        rank = dist.get_rank()
-        pieces = self.pieces(entry, rank)
-        if any(p.rank != rank or p.dim is not None for p in pieces):
-            return None
-        out = []
-        for piece in pieces:
-            hf_name, hf_dtype, shape = entry.hf[piece.hf]
-            view = self._source(entry, piece)
-            if view.device.type != "cpu" or view.dtype != hf_dtype or not view.is_contiguous():
-                return None
-            out.append((hf_name, view.view(shape)))
-        return out
-
 
 def _full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     shape = list(tensor.shape)
@@ -402,6 +385,51 @@ def _shard_layout(plan: ExportPlan, max_shard_bytes: int) -> tuple[dict[int, lis
 _CHUNK = 64 * 1024**2  # HF bytes per exchange of the disk export (all writers together)
 
 
+@dataclasses.dataclass
+class _ChunkJobs:
+    """One rank's part of writing one chunk of entries (:func:`_chunk_jobs`)."""
+
+    metas: list  # host buffer slots: (name, dtype, shape), in aligned order
+    local: list  # (entry, hf_name, source, byte offset, slot or None): this rank's own rows
+    exchanged: list  # entries sent to their writer (column slices), and the writer of each
+    exchanged_dst: list
+    exchanged_here: list  # those of them this rank writes
+    assembled: dict  # hf_name -> slot, for exchanged_here
+
+
+def _chunk_jobs(plan: ExportPlan, chunk: list[ExportEntry], writers: list[int], rank: int) -> _ChunkJobs:
+    slots: list = []
+    local, exchanged, exchanged_dst, here, assembled = [], [], [], [], {}
+    for entry, writer in zip(chunk, writers):
+        pieces = plan.pieces(entry, writer)
+        if any(p.dim not in (None, 0) for p in pieces):
+            exchanged.append(entry)
+            exchanged_dst.append(writer)
+            if writer == rank:
+                here.append(entry)
+                for meta in entry.hf:
+                    assembled[meta[0]] = len(slots)
+                    slots.append(meta)
+            continue
+        for piece in pieces:
+            if piece.rank != rank:
+                continue
+            hf_name, hf_dtype, shape = entry.hf[piece.hf]
+            source = plan._source(entry, piece)
+            rows = tuple(shape) if piece.dim is None else (piece.length, *shape[1:])
+            offset = 0 if piece.dim is None else piece.start * math.prod(shape[1:]) * hf_dtype.itemsize
+            slot = None
+            if source.device.type != "cpu" or source.dtype != hf_dtype or not source.is_contiguous():
+                slot = len(slots)
+                slots.append((hf_name, hf_dtype, rows))
+            local.append((entry, hf_name, source, offset, slot))
+    order = sorted(range(len(slots)), key=lambda i: -slots[i][1].itemsize)  # aligns every slot
+    where = {old: new for new, old in enumerate(order)}
+    return _ChunkJobs([slots[i] for i in order],
+                      [(e, h, src, off, None if slot is None else where[slot]) for e, h, src, off, slot in local],
+                      exchanged, exchanged_dst, here, {h: where[slot] for h, slot in assembled.items()})
+
+
 def plan_buckets(entries: list[ExportEntry], bucket_bytes: int) -> list[list[ExportEntry]]:
     """Consecutive export entries, at most ``bucket_bytes`` of HF bytes per bucket (an entry
     larger than that is a bucket of its own). The same on every rank."""
@@ -445,61 +473,71 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     first = 0
     files: dict[str, str] = {}
-    writer_of: dict[str, PlannedShard] = {}
-    mine: list[PlannedShard] = []
+    file_of: dict[str, tuple[Path, list, bool]] = {}  # entry name -> (path, file contents, this rank owns it)
+    owned: list[PlannedShard] = []
     for r, shards in per_rank.items():
         for shard in shards:
             file = names[first]
             first += 1
             files.update({h: file for e in shard for h, _, _ in e.hf})
+            contents = [h for e in shard for h in e.hf]
+            file_of.update({e.name: (out / file, contents, r == rank) for e in shard})
             if r == rank:
-                writer = PlannedShard(out / file, [h for e in shard for h in e.hf])
-                mine.append(writer)
-                writer_of.update({e.name: writer for e in shard})
-    # Each HF tensor is written from where it lands: straight from the parameter when this rank
-    # holds all of it (contiguous, on the host, export dtype), else from a host buffer that the
-    # pieces are copied / received into once. The entries go in chunks of about ``_CHUNK`` bytes,
-    # one exchange each (one synchronisation per chunk, not per tensor); two buffers and one
-    # background writer: chunk c + 1 is assembled while chunk c goes to disk.
+                owned.append(PlannedShard(out / file, contents))
+    shard_at: dict[Path, PlannedShard] = {s.path: s for s in owned}
+
+    def shard_of(entry: ExportEntry) -> PlannedShard:
+        path, contents, mine = file_of[entry.name]
+        if path not in shard_at:  # a file another rank owns, which this rank writes rows of
+            shard_at[path] = PlannedShard(path, contents, owner=False)
+        return shard_at[path]
+
+    dist.barrier()  # every file exists before anyone writes rows into another rank's file
+    clock.tick("plan_s")
+    # Every byte is written by the rank that holds it, in place (``pwrite`` at its offset): rows
+    # of a tensor-parallel slice along dim 0 are a contiguous byte range of the HF tensor, so
+    # each TP rank writes its own rows into the writer's file and nothing crosses ranks. Only
+    # column slices (row-parallel weights: dim 1) are sent to the writer, which assembles the
+    # whole tensor. A source that is contiguous, on the host and in the export dtype is written
+    # straight from the parameter; any other (QKV rows, a cast, a GPU tensor) is copied once into
+    # a host buffer first. The entries go in chunks of about ``_CHUNK`` bytes (one exchange each);
+    # two buffers and one background writer: chunk c + 1 is assembled while chunk c is written.
     chunks = plan_buckets(plan.entries, _CHUNK)
-    first_index = [0]
-    for chunk in chunks:
-        first_index.append(first_index[-1] + len(chunk))
-    # Per chunk: this rank's staged entries (written from the buffer) and what it exchanges (all
-    # but the entries it writes directly: those involve no other rank).
-    direct = {k: plan.direct(e) for k, e in enumerate(plan.entries) if writer_index[k] == rank}
-    staged_of, exchanged_of = [], []
-    for c in range(len(chunks)):
-        ks = range(first_index[c], first_index[c + 1])
-        staged_of.append([plan.entries[k] for k in ks if k in direct and direct[k] is None])
-        exchanged_of.append([k for k in ks if direct.get(k) is None])
-    size = max((sum(e.hf_nbytes for e in staged) for staged in staged_of), default=0)
+    index_of = {e.name: k for k, e in enumerate(plan.entries)}
+    planned = [_chunk_jobs(plan, chunk, [writer_index[index_of[e.name]] for e in chunk], rank) for chunk in chunks]
+    size = max((sum(math.prod(m[2]) * m[1].itemsize for m in p.metas) for p in planned), default=0)
     pin = group_device().type == "cuda"
     buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2 if size else 0)]
     with ThreadPoolExecutor(1, thread_name_prefix="hf-export") as io:
         pending = None
-        for c, chunk in enumerate(chunks):
-            staged = staged_of[c]
-            metas = [meta for e in staged for meta in e.hf]
-            views = dict(zip([m[0] for m in metas], carve(buffers[c % 2], metas))) if staged else {}
-            ks = exchanged_of[c]
-            plan.exchange([plan.entries[k] for k in ks], [writer_index[k] for k in ks], views)()
-            clock.tick("assemble_s")
+        for c, (chunk, job) in enumerate(zip(chunks, planned)):
+            views = dict(zip(range(len(job.metas)), carve(buffers[c % 2], job.metas))) if job.metas else {}
             writes = []
-            for k in range(first_index[c], first_index[c + 1]):
-                if k in direct:
-                    entry = plan.entries[k]
-                    writes.append((writer_of[entry.name], direct[k] or [(h, views[h]) for h, _, _ in entry.hf]))
+            with torch.no_grad():
+                for entry, hf_name, source, offset, slot in job.local:
+                    if slot is not None:
+                        place(views[slot], source)
+                        source = views[slot]
+                    writes.append((shard_of(entry), hf_name, source, offset))
+            dests = {hf_name: views[slot] for hf_name, slot in job.assembled.items()}
+            plan.exchange(job.exchanged, job.exchanged_dst, dests)()
+            for entry in job.exchanged_here:
+                writes += [(shard_of(entry), h, dests[h], 0) for h, _, _ in entry.hf]
+            clock.tick("assemble_s")
             if pending is not None:  # chunk c - 1's writes read the other buffer
                 pending.result()
             clock.tick("write_wait_s")
-            pending = io.submit(lambda ws=writes: [w.add(n, t) for w, ts in ws for n, t in ts])
+            pending = io.submit(lambda ws=writes: [sh.write(n, t, o) for sh, n, t, o in ws])
         if pending is not None:
             pending.result()
         clock.tick("write_wait_s")
-        for writer in mine:
-            writer.close(fsync=fsync)
-        clock.tick("close_s")
+    for sh in shard_at.values():
+        if not sh.owner:
+            sh.flush(fsync=fsync)
+    dist.barrier()  # every co-writer is done with the files
+    for sh in owned:
+        sh.close(fsync=fsync)
+    clock.tick("close_s")
     if rank == 0:
         if len(names) > 1:
             total = sum(e.hf_nbytes for e in plan.entries)
