@@ -100,6 +100,9 @@ class DistributedSync(WeightSync):
         self.pg, self.members = None, []
 
     def _build(self, urls: list[str]) -> None:
+        if self.engine.config.concurrency < len(urls):  # a bucket's requests must all be in flight at once
+            raise ValueError(f"rollout.sglang.concurrency={self.engine.config.concurrency} is below the {len(urls)} "
+                             f"servers of the distributed weight sync: every server must be in each broadcast")
         infos = [self.engine.server_info(u) for u in urls]
         for info in infos:
             check_server(info, require_routes=False, seeded=False, distributed=True)
@@ -167,17 +170,21 @@ class DistributedSync(WeightSync):
                 continue
             try:
                 t0 = time.perf_counter()
-                if in_flight is not None:
-                    self._finish(in_flight, version)
+                sent = in_flight
+                if sent is not None:
+                    self._wire_done(sent, version)
                 self.timings["wire_wait_s"] += time.perf_counter() - t0
                 in_flight = self._start(metas, buffers[k % 2], version, last=k == len(buckets) - 1)
+                if sent is not None:  # bucket k - 1's answers come back while bucket k is on the wire
+                    self._answered(sent, version)
             except Exception as err:
                 error, in_flight = f"{type(err).__name__}: {err}", None
                 self.pg, self.members = None, []  # a broken group is rebuilt at the next sync
         if in_flight is not None and not error:
             try:
                 t0 = time.perf_counter()
-                self._finish(in_flight, version)
+                self._wire_done(in_flight, version)
+                self._answered(in_flight, version)
                 self.timings["wire_wait_s"] += time.perf_counter() - t0
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
@@ -214,9 +221,14 @@ class DistributedSync(WeightSync):
         works = [dist.broadcast(t, src=0, group=self.pg, async_op=True) for t in wire]
         return futures, works, wire
 
-    def _finish(self, in_flight, version: int) -> None:
-        """Wait for one bucket; a server that refuses it (it never enters the broadcast) fails
-        the sync at once instead of leaving rank 0 waiting for the group timeout."""
+    def _wire_done(self, in_flight, version: int) -> None:
+        """Wait for one bucket's broadcast; a server that refuses it (it never enters the
+        broadcast) fails the sync at once instead of leaving rank 0 waiting for the group timeout.
+
+        When the broadcast has completed, every server is inside that bucket's request (a
+        broadcast completes only once each peer has posted its receive; gloo and NCCL alike), so
+        the next bucket's request may go out before this one is answered: it queues behind this
+        one on the server's model-update lock, in order. This hides one HTTP round trip per bucket."""
         futures, works, _wire = in_flight
         deadline = time.monotonic() + self.timeout.total_seconds()
         while not all(w.is_completed() for w in works):
@@ -227,7 +239,9 @@ class DistributedSync(WeightSync):
             time.sleep(0.001)
         for w in works:
             w.wait()
-        self.engine.collect(futures, UPDATE, f"weight update to version {version}")
+
+    def _answered(self, in_flight, version: int) -> None:
+        self.engine.collect(in_flight[0], UPDATE, f"weight update to version {version}")
 
     def close(self) -> None:
         if self.pg is not None:
