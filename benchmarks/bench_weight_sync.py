@@ -2,8 +2,9 @@
 
 Measured in one run, so the ratios hold on a noisy shared machine:
 - ``dist_ratio`` = time of ONE bare gloo broadcast of the model's bytes to the receiver (one
-  uint8 tensor through the same group, the wire's ceiling) / time of the distributed sync
-  (buckets gathered from the TP shards and broadcast, HTTP requests included). Target >= 0.7.
+  uint8 tensor through the same group, the wire's ceiling; of never-touched and of resident
+  memory, the faster counts) / time of the distributed sync (buckets assembled from the TP
+  shards and broadcast, HTTP requests included). Target >= 0.7.
 - ``disk_ratio`` = time of ``shutil.copyfile`` of the same bytes / time of the disk sync (the
   parallel HF export plus ``/update_weights_from_disk``). Equal conditions: both fsync what they
   write, and the copy's source is a fresh file evicted from the page cache
@@ -12,11 +13,16 @@ Measured in one run, so the ratios hold on a noisy shared machine:
 - ``speedup_vs_funnel`` = time of the old export (every tensor sent to rank 0, which converts and
   writes all shards; ``live._iter_full`` + ``HFShardWriter``, fsynced) / time of the disk sync.
 
+Each path and its baseline alternate for ``--rounds`` rounds and keep their best (the machine's
+load moves within a minute); ``wire_only_s`` is the sync's own buckets and requests broadcast
+from prefilled buffers (what the protocol costs without assembly), and the ``stages`` lines give
+each trainer rank's seconds per stage of the best round.
+
 The model is a random Qwen3-MoE of about 700 MB in fp32 (what the served checkpoint holds, so
 bytes synced = bytes trained). The receiver keeps nothing (``--drop-weights``).
 
-Run: ``python benchmarks/bench_weight_sync.py [--layers 4] [--out /tmp/bench_ws]``; the last line
-reads ``dist_ratio=<x> disk_ratio=<y> speedup_vs_funnel=<z>``.
+Run: ``python benchmarks/bench_weight_sync.py [--layers 4] [--bucket-mb 64] [--rounds 3]``; the
+last line reads ``dist_ratio=<x> disk_ratio=<y> speedup_vs_funnel=<z>``.
 """
 
 from __future__ import annotations
@@ -111,7 +117,12 @@ def worker(args) -> None:
     from sapo_megatron.checkpoint.parity import build_model_for_hf_config
     from sapo_megatron.models import ParallelConfig
     from sapo_megatron.parallel import destroy, initialize_model_parallel
-    from sapo_megatron.rollout.sglang import DiskSync, DistributedSync, SGLangConfig, SGLangEngine
+    from sapo_megatron.rollout.sglang import (
+        DiskSync,
+        DistributedSync,
+        SGLangConfig,
+        SGLangEngine,
+    )
     from sapo_megatron.rollout.sglang.protocol import distributed_update_payload
     from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
 
@@ -182,7 +193,7 @@ def worker(args) -> None:
         runs["bare_untouched"].append((timed(lambda: bare(untouched)), None))
         runs["bare_resident"].append((timed(lambda: bare(resident)), None))
         runs["wire_only"].append((timed(lambda: wire_only(prefilled)), None))
-    del untouched, resident, prefilled
+    untouched = resident = prefilled = None  # freed before the disk rounds
     sync.close()
 
     disk = DiskSync(engine, served, config, str(work / "disk"), fsync=True)

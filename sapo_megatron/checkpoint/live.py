@@ -36,8 +36,13 @@ import torch
 import torch.distributed as dist
 
 from sapo_megatron.checkpoint.convert import check_hf_against_config
-from sapo_megatron.collectives import group_device
-from sapo_megatron.checkpoint.hf_io import INDEX, SINGLE, HFCheckpoint, PlannedShard, write_hf_config
+from sapo_megatron.checkpoint.hf_io import (
+    INDEX,
+    SINGLE,
+    HFCheckpoint,
+    PlannedShard,
+    write_hf_config,
+)
 from sapo_megatron.checkpoint.mapping import (
     all_units,
     group_of,
@@ -46,10 +51,24 @@ from sapo_megatron.checkpoint.mapping import (
     units_by_mcore_name,
 )
 from sapo_megatron.checkpoint.mcore_io import McoreCheckpoint, McoreCheckpointWriter
-from sapo_megatron.checkpoint.pieces import Layout, Piece, carve, piece_source, piece_target, place, plan_pieces
+from sapo_megatron.checkpoint.pieces import (
+    Layout,
+    Piece,
+    carve,
+    piece_source,
+    piece_target,
+    place,
+    plan_pieces,
+)
 from sapo_megatron.checkpoint.transforms import to_mcore
+from sapo_megatron.collectives import group_device
 from sapo_megatron.mcore.te_names import local_norm_name
-from sapo_megatron.step.sharding import gather_full_tensor, global_name, shard_full_tensor, unwrap
+from sapo_megatron.step.sharding import (
+    gather_full_tensor,
+    global_name,
+    shard_full_tensor,
+    unwrap,
+)
 
 _TIED_SOURCE = "embedding.word_embeddings.weight"
 
@@ -261,18 +280,18 @@ class ExportPlan:
         dsts = [dst] * len(entries) if isinstance(dst, int) else dst
         ops, landing, wires = [], [], []
         with torch.no_grad():
-            for entry, dst in zip(entries, dsts, strict=True):
-                for piece in self.pieces(entry, dst):
+            for entry, to in zip(entries, dsts, strict=True):
+                for piece in self.pieces(entry, to):
                     hf_name, hf_dtype, _ = entry.hf[piece.hf]
                     if rank == piece.rank:
                         source = self._source(entry, piece)
-                        if rank == dst:
+                        if rank == to:
                             place(piece_target(piece, dests[hf_name]), source)
                         else:
                             wire = source.to(hf_dtype).contiguous()  # no copy when it already is
                             wires.append(wire)
-                            ops.append(dist.P2POp(dist.isend, wire, dst))
-                    elif rank == dst:
+                            ops.append(dist.P2POp(dist.isend, wire, to))
+                    elif rank == to:
                         target = piece_target(piece, dests[hf_name])
                         if target.is_contiguous() and target.device == device:
                             buf = target
@@ -473,7 +492,7 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     first = 0
     files: dict[str, str] = {}
-    file_of: dict[str, tuple[Path, list, bool]] = {}  # entry name -> (path, file contents, this rank owns it)
+    file_of: dict[str, tuple[Path, list]] = {}  # entry name -> (its file, the file's contents)
     owned: list[PlannedShard] = []
     for r, shards in per_rank.items():
         for shard in shards:
@@ -481,13 +500,13 @@ def export_hf(
             first += 1
             files.update({h: file for e in shard for h, _, _ in e.hf})
             contents = [h for e in shard for h in e.hf]
-            file_of.update({e.name: (out / file, contents, r == rank) for e in shard})
+            file_of.update({e.name: (out / file, contents) for e in shard})
             if r == rank:
                 owned.append(PlannedShard(out / file, contents))
     shard_at: dict[Path, PlannedShard] = {s.path: s for s in owned}
 
     def shard_of(entry: ExportEntry) -> PlannedShard:
-        path, contents, mine = file_of[entry.name]
+        path, contents = file_of[entry.name]
         if path not in shard_at:  # a file another rank owns, which this rank writes rows of
             shard_at[path] = PlannedShard(path, contents, owner=False)
         return shard_at[path]

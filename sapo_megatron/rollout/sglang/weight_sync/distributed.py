@@ -52,7 +52,11 @@ from sapo_megatron.rollout.sglang.protocol import (
 )
 from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
 from sapo_megatron.rollout.sglang.weight_sync.base import WeightSync, share_outcome
-from sapo_megatron.rollout.sglang.weight_sync.group import destroy, free_port, init_custom_process_group
+from sapo_megatron.rollout.sglang.weight_sync.group import (
+    destroy,
+    free_port,
+    init_custom_process_group,
+)
 
 logger = logging.getLogger(__name__)
 UPDATE = "/update_weights_from_distributed"
