@@ -3,7 +3,7 @@
 Each server is ``python -m tests.dist.sglang_receiver``: the mock HTTP server plus SGLang's
 receive logic re-implemented from its source (group built with rendezvous + PrefixStore at
 ``rank_offset + tp_rank``; per-tensor and flattened-bucket broadcasts). A 2-rank trainer
-(TP=2, or EP=2 with the DeepSeek-V3-style dots1 block) pushes its weights; what each server
+(TP=2, PP=2, or EP=2 with the DeepSeek-V3-style dots1 block) pushes its weights; what each server
 received must equal, tensor for tensor and byte for byte, the HF export of the same model
 (the disk sync's parallel writer, in the dtypes the served checkpoint holds). The worker then
 restarts one server and re-syncs it (a rebuilt group), as the trainer does.
@@ -51,6 +51,8 @@ def receivers(tmp_path):
     ("qwen3_moe", ["--tp", "2"], False, "flattened_bucket"),
     ("dots1", ["--ep", "2"], True, "flattened_bucket"),
     ("qwen3_moe", ["--tp", "2"], True, "none"),
+    # PP=2: the second stage's tensors go straight from their rank into rank 0's buckets.
+    ("qwen3_moe", ["--pp", "2"], True, "flattened_bucket"),
 ])
 def test_received_weights_equal_the_hf_export(receivers, tmp_path, arch, layout, bf16, load_format):
     hf = make_hf_model(arch, tmp_path / "hf_in")
@@ -60,6 +62,13 @@ def test_received_weights_equal_the_hf_export(receivers, tmp_path, arch, layout,
              *(["--bf16"] if bf16 else []), "--load-format", load_format, nproc=2)
     export = read_safetensors_dir(out / "hf")
     assert len(list((out / "hf").glob("*.safetensors"))) > 1  # the parallel writer made several shards
+    # The export itself against an independent reference: the HF input the model was loaded from,
+    # cast to the served dtypes (the sync and the export share their data path, so this is what
+    # keeps the comparison below from agreeing on a common mistake).
+    original = read_safetensors_dir(hf)
+    assert set(original) == set(export)
+    for name, t in original.items():
+        assert torch.equal(export[name], t.to(export[name].dtype)), name
     for k, url in enumerate(urls):
         got = dump_weights(url, tmp_path / f"recv{k}.pt")
         assert got["version"] == "1"  # the restarted one too: re-synced

@@ -142,14 +142,20 @@ class _StreamingShard:
 class PlannedShard:
     """One safetensors file whose tensors (names, dtypes, shapes) are known before any data.
 
-    The header is written first and each tensor's bytes follow as they come, straight into the
-    final file (no side file, no second copy); tensors must come in the planned order. Used by
-    the parallel export, where every rank knows its shard's contents from the export plan.
+    Used by the parallel export, where every rank knows every shard's contents from the export
+    plan: the header (built by hand, per the safetensors format: 8-byte little-endian header
+    length, JSON header padded to 8 bytes, then the raw bytes at the header's ``data_offsets``)
+    is written first, and every byte range is then written in place with ``pwrite``, in any
+    order and by any rank: the owner (``owner=True``) creates the file at its full size, and
+    other ranks (tensor-parallel holders of row slices) open the same file after it exists and
+    write their own rows. No side file, no second copy. The owner renames it into place at
+    :meth:`close` (after every writer closed): a reader never sees a half-written shard.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], *, owner: bool = True):
         self.path = Path(path)
-        self._expected = list(entries)
+        self.owner = owner
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
         header, offset = {}, 0
         for name, dtype, shape in entries:
             if dtype not in _ST_DTYPES:
@@ -159,29 +165,48 @@ class PlannedShard:
             offset += nbytes
         raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self._tmp, "wb")
-        self._file.write(len(raw).to_bytes(8, "little"))
-        self._file.write(raw)
-        self._next = 0
+        self._data_start = 8 + len(raw)
+        self._ranges = {name: tuple(h["data_offsets"]) for name, h in header.items()}
+        self._fd = None
+        if owner:
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self._fd, self._data_start + offset)
+            self._pwrite(len(raw).to_bytes(8, "little") + raw, 0)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        want_name, want_dtype, want_shape = self._expected[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (want_name, want_dtype, tuple(want_shape)):
-            raise ValueError(f"{self.path.name}: got {name!r} {tensor.dtype} {tuple(tensor.shape)}, the plan says "
-                             f"{want_name!r} {want_dtype} {tuple(want_shape)}")
-        self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self._next += 1
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:  # one write stops at about 2 GiB on Linux
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def write(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
+        """Write the bytes of ``tensor`` (contiguous, on the host) at ``byte_offset`` within the
+        data of tensor ``name`` (0: the tensor starts there; it may be the whole or a row slice)."""
+        if self._fd is None:  # a co-writer opens the file the owner created
+            self._fd = os.open(self._tmp, os.O_WRONLY)
+        start, end = self._ranges[name]
+        raw = tensor.detach().reshape(-1).view(torch.uint8)
+        if not tensor.is_contiguous() or tensor.device.type != "cpu" or byte_offset + raw.numel() > end - start:
+            raise ValueError(f"{self.path.name}: {name!r} takes {end - start} bytes; got a {tuple(tensor.shape)} "
+                             f"{tensor.dtype} tensor on {tensor.device} at byte {byte_offset} "
+                             f"(contiguous={tensor.is_contiguous()})")
+        self._pwrite(raw.numpy(), self._data_start + start + byte_offset)
+
+    def flush(self, *, fsync: bool = False) -> None:
+        """This rank is done writing (co-writers call it before the owner's :meth:`close`)."""
+        if self._fd is not None:
+            if fsync:
+                os.fsync(self._fd)
+            if not self.owner:
+                os.close(self._fd)
+                self._fd = None
 
     def close(self, *, fsync: bool = False) -> None:
-        if self._next != len(self._expected):
-            self._file.close()
-            raise ValueError(f"{self.path.name}: {len(self._expected) - self._next} planned tensors were never written")
-        self._file.flush()
-        if fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)  # a reader never sees a half-written shard under its name
+        """The owner, after every co-writer flushed: the file goes under its name."""
+        self.flush(fsync=fsync)
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self._tmp, self.path)
 
 
 class HFShardWriter:

@@ -7,12 +7,14 @@ is communicated, so it works at any TP/PP/EP layout. Sources: a sapo_megatron ch
 (:func:`load_into_model`) or an HF directory directly (:func:`load_hf_into_model`).
 
 Export (:func:`export_plan`): all ranks agree on one global order of tensors (embedding,
-layers, final) and on who holds each (the ranks of data-parallel replica 0); the holders gather
-its TP slices onto one of them, on their device (assembled as ``sharding.gather_full_tensor``
-does). Every rank walks the same order, so the collectives cannot deadlock. :func:`export_hf` (weight sync to SGLang from disk)
-has each tensor written by one of its holders into that rank's own shard files: all ranks write
-in parallel, nothing funnels through rank 0. The distributed weight sync
-(``rollout/sglang/weight_sync``) walks the same plan in buckets. :func:`save_from_model` still
+layers, final), on who holds each (the ranks of data-parallel replica 0) and on each holder's
+tensor-parallel slice. No full tensor is ever assembled: :meth:`ExportPlan.exchange` sends each
+holder's part of each HF tensor (:mod:`.pieces`) straight to where it lands, a bucket slice or a
+file buffer, on the parameters' device. Every rank walks the same order, so the point-to-point
+operations cannot deadlock. :func:`export_hf` (weight sync to SGLang from disk) has each tensor
+written by one of its holders into that rank's own shard files: all ranks write in parallel,
+nothing funnels through rank 0. The distributed weight sync (``rollout/sglang/weight_sync``)
+walks the same plan in buckets. :func:`save_from_model` still
 sends every tensor to rank 0, which writes a sapo_megatron checkpoint.
 
 Every rank must call these functions (they are collective under torch.distributed).
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,8 +36,13 @@ import torch
 import torch.distributed as dist
 
 from sapo_megatron.checkpoint.convert import check_hf_against_config
-from sapo_megatron.collectives import group_device
-from sapo_megatron.checkpoint.hf_io import INDEX, SINGLE, HFCheckpoint, PlannedShard, write_hf_config
+from sapo_megatron.checkpoint.hf_io import (
+    INDEX,
+    SINGLE,
+    HFCheckpoint,
+    PlannedShard,
+    write_hf_config,
+)
 from sapo_megatron.checkpoint.mapping import (
     all_units,
     group_of,
@@ -43,9 +51,24 @@ from sapo_megatron.checkpoint.mapping import (
     units_by_mcore_name,
 )
 from sapo_megatron.checkpoint.mcore_io import McoreCheckpoint, McoreCheckpointWriter
-from sapo_megatron.checkpoint.transforms import to_hf, to_mcore
+from sapo_megatron.checkpoint.pieces import (
+    Layout,
+    Piece,
+    carve,
+    piece_source,
+    piece_target,
+    place,
+    plan_pieces,
+)
+from sapo_megatron.checkpoint.transforms import to_mcore
+from sapo_megatron.collectives import group_device
 from sapo_megatron.mcore.te_names import local_norm_name
-from sapo_megatron.step.sharding import gather_full_tensor, global_name, shard_full_tensor, unwrap
+from sapo_megatron.step.sharding import (
+    gather_full_tensor,
+    global_name,
+    shard_full_tensor,
+    unwrap,
+)
 
 _TIED_SOURCE = "embedding.word_embeddings.weight"
 
@@ -215,9 +238,10 @@ class ExportEntry:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    holders: list[int]  # the ranks of data-parallel replica 0 that hold it (they gather it)
+    holders: list[int]  # the ranks of data-parallel replica 0 that hold it (they send it)
     unit: object  # mapping.Unit: HF names, HF shapes, conversion kind
     hf_dtypes: tuple[torch.dtype, ...]
+    layouts: dict[int, Layout | None]  # each holder's (tp_rank, tp_size, dim) slice, None: full
 
     @property
     def hf(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -237,55 +261,75 @@ class ExportPlan:
     cfg: object
     hf_config: dict
 
-    def full(self, entry: ExportEntry, dst: int) -> torch.Tensor | None:
-        """The full tensor of ``entry`` on holder ``dst``, on the parameter's own device (a TP
-        gather among the holders); None on every other rank. Only ``dst`` receives: half the
-        traffic of an all-gather at TP=2, which matters when the copies are the bottleneck."""
-        rank = dist.get_rank()
-        if rank not in entry.holders:
-            return None
-        inner, local_name, tensor = self.local[entry.name]
-        return _gather_to(tensor.detach(), tensor, local_name, inner.config, dst)
+    def pieces(self, entry: ExportEntry, dst: int) -> list[Piece]:
+        return plan_pieces(entry.name, entry.unit.kind, entry.unit.hf_shapes, entry.holders, entry.layouts, dst)
 
-    def to_hf(self, entry: ExportEntry, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """HF tensors of one full tensor, cast to the export dtypes (same device)."""
-        out = []
-        for (hf_name, dtype, shape), t in zip(entry.hf, to_hf(entry.unit.kind, full, self.cfg)):
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"export of {entry.name!r}: HF tensor {hf_name!r} has shape {tuple(t.shape)}, "
-                                 f"the config implies {tuple(shape)}")
-            out.append((hf_name, t.to(dtype)))
-        return out
+    def exchange(self, entries: list[ExportEntry], dst: int | list[int],
+                 dests: dict[str, torch.Tensor] | None) -> Callable[[], None]:
+        """Collective over the holders of ``entries`` and their destinations: every HF tensor of
+        ``entries[k]`` lands in ``dests[hf_name]`` on rank ``dst`` (or ``dst[k]``); ``dests``
+        holds views of a bucket or a file buffer (any device) for the entries this rank
+        receives, in the export dtypes. Returns ``wait()``, which finishes the sends and receives.
 
+        No full tensor is built: ``dst`` copies its own pieces once, straight from its
+        parameters into ``dests``; every other holder sends its pieces (cast there, so a
+        narrowing cast halves the bytes on the wire) and ``dst`` receives them in place when the
+        destination is contiguous and on the group's device (else through one buffer). All
+        sends and receives are posted at once (one ``batch_isend_irecv``, fused under NCCL)."""
+        rank, device = dist.get_rank(), group_device()
+        dsts = [dst] * len(entries) if isinstance(dst, int) else dst
+        ops, landing, wires = [], [], []
+        with torch.no_grad():
+            for entry, to in zip(entries, dsts, strict=True):
+                for piece in self.pieces(entry, to):
+                    hf_name, hf_dtype, _ = entry.hf[piece.hf]
+                    if rank == piece.rank:
+                        source = self._source(entry, piece)
+                        if rank == to:
+                            place(piece_target(piece, dests[hf_name]), source)
+                        else:
+                            wire = source.to(hf_dtype).contiguous()  # no copy when it already is
+                            wires.append(wire)
+                            ops.append(dist.P2POp(dist.isend, wire, to))
+                    elif rank == to:
+                        target = piece_target(piece, dests[hf_name])
+                        if target.is_contiguous() and target.device == device:
+                            buf = target
+                        else:  # a column slice (row-parallel weight), or a host destination under NCCL
+                            buf = torch.empty(target.shape, dtype=hf_dtype, device=device)
+                            landing.append((target, buf))
+                        ops.append(dist.P2POp(dist.irecv, buf, piece.rank))
+        works = dist.batch_isend_irecv(ops) if ops else []
 
-def _gather_to(local: torch.Tensor, param, name: str, config, dst: int) -> torch.Tensor | None:
-    """``sharding.gather_full_tensor`` with one receiver (``dst``, a member of the TP group):
-    the same slices, reassembled the same way (GLU fc1 is ``[gate; up]`` per rank)."""
-    from sapo_megatron.step.sharding import _is_glu_fc1, _tp_layout
+        def wait() -> None:
+            for work in works:
+                work.wait()
+            with torch.no_grad():
+                for target, buf in landing:
+                    target.copy_(buf)
+            wires.clear()
 
-    layout = _tp_layout(param)
-    if layout is None:
-        return local
-    group, _, size, dim = layout
-    rank = dist.get_rank()
-    parts = [torch.empty_like(local) for _ in range(size)] if rank == dst else None
-    dist.gather(local.contiguous(), parts, dst=dst, group=group)
-    if rank != dst:
-        return None
-    if _is_glu_fc1(name, config):
-        halves = [part.chunk(2, dim) for part in parts]
-        return torch.cat([torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)], dim)
-    return torch.cat(parts, dim)
+        return wait
+
+    def _source(self, entry: ExportEntry, piece: Piece) -> torch.Tensor:
+        _, _, tensor = self.local[entry.name]
+        layout = entry.layouts.get(dist.get_rank())
+        return piece_source(piece, entry.unit.kind, tensor.detach(), self.cfg, layout[1] if layout else 1)
 
 
 def _full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    shape = list(tensor.shape)
+    layout = _slice_layout(tensor)
+    if layout is not None:
+        shape[layout[2]] *= layout[1]
+    return tuple(shape)
+
+
+def _slice_layout(tensor: torch.Tensor) -> Layout | None:
     from sapo_megatron.step.sharding import _tp_layout
 
-    shape = list(tensor.shape)
     layout = _tp_layout(tensor)
-    if layout is not None:
-        shape[layout[3]] *= layout[2]
-    return tuple(shape)
+    return None if layout is None else (layout[1], layout[2], layout[3])
 
 
 def _in_replica_zero(tensor: torch.Tensor) -> bool:
@@ -304,14 +348,16 @@ def export_plan(model, hf_config: dict, dtype: torch.dtype | str | None = "check
     cfg = mapping.config_from_hf(hf_config)
     by_mcore = {u.mcore: u for us in all_units(mapping, cfg).values() for u in us}
     local = _held_tensors(model)
-    mine = {n: (str(t.dtype).removeprefix("torch."), _full_shape(t), _in_replica_zero(t)) for n, (_, _, t) in local.items()}
+    mine = {n: (str(t.dtype).removeprefix("torch."), _full_shape(t), _in_replica_zero(t), _slice_layout(t))
+            for n, (_, _, t) in local.items()}
     held: list = [None] * dist.get_world_size()
     dist.all_gather_object(held, mine)
-    info, holders, fallback = {}, defaultdict(list), defaultdict(list)
+    info, holders, fallback, layouts = {}, defaultdict(list), defaultdict(list), defaultdict(dict)
     for rank, names in enumerate(held):
-        for name, (dt, shape, zero) in names.items():
+        for name, (dt, shape, zero, layout) in names.items():
             info.setdefault(name, (getattr(torch, dt), shape))
             fallback[name].append(rank)
+            layouts[name][rank] = None if layout is None else tuple(layout)
             if zero:
                 holders[name].append(rank)
     missing, extra = sorted(set(by_mcore) - set(info)), sorted(set(info) - set(by_mcore))
@@ -327,7 +373,8 @@ def export_plan(model, hf_config: dict, dtype: torch.dtype | str | None = "check
             hf_dtypes = tuple(checkpoint_dtype(h, dt, hf_config) for h in unit.hf)
         else:
             hf_dtypes = tuple(dtype if dt.is_floating_point else dt for _ in unit.hf)
-        entries.append(ExportEntry(name, tuple(shape), dt, holders[name] or fallback[name], unit, hf_dtypes))
+        entries.append(ExportEntry(name, tuple(shape), dt, holders[name] or fallback[name], unit, hf_dtypes,
+                                   layouts[name]))
     return ExportPlan(entries, local, cfg, hf_config)
 
 
@@ -354,6 +401,67 @@ def _shard_layout(plan: ExportPlan, max_shard_bytes: int) -> tuple[dict[int, lis
     return dict(sorted(per_rank.items())), names
 
 
+_CHUNK = 64 * 1024**2  # HF bytes per exchange of the disk export (all writers together)
+
+
+@dataclasses.dataclass
+class _ChunkJobs:
+    """One rank's part of writing one chunk of entries (:func:`_chunk_jobs`)."""
+
+    metas: list  # host buffer slots: (name, dtype, shape), in aligned order
+    local: list  # (entry, hf_name, source, byte offset, slot or None): this rank's own rows
+    exchanged: list  # entries sent to their writer (column slices), and the writer of each
+    exchanged_dst: list
+    exchanged_here: list  # those of them this rank writes
+    assembled: dict  # hf_name -> slot, for exchanged_here
+
+
+def _chunk_jobs(plan: ExportPlan, chunk: list[ExportEntry], writers: list[int], rank: int) -> _ChunkJobs:
+    slots: list = []
+    local, exchanged, exchanged_dst, here, assembled = [], [], [], [], {}
+    for entry, writer in zip(chunk, writers):
+        pieces = plan.pieces(entry, writer)
+        if any(p.dim not in (None, 0) for p in pieces):
+            exchanged.append(entry)
+            exchanged_dst.append(writer)
+            if writer == rank:
+                here.append(entry)
+                for meta in entry.hf:
+                    assembled[meta[0]] = len(slots)
+                    slots.append(meta)
+            continue
+        for piece in pieces:
+            if piece.rank != rank:
+                continue
+            hf_name, hf_dtype, shape = entry.hf[piece.hf]
+            source = plan._source(entry, piece)
+            rows = tuple(shape) if piece.dim is None else (piece.length, *shape[1:])
+            offset = 0 if piece.dim is None else piece.start * math.prod(shape[1:]) * hf_dtype.itemsize
+            slot = None
+            if source.device.type != "cpu" or source.dtype != hf_dtype or not source.is_contiguous():
+                slot = len(slots)
+                slots.append((hf_name, hf_dtype, rows))
+            local.append((entry, hf_name, source, offset, slot))
+    order = sorted(range(len(slots)), key=lambda i: -slots[i][1].itemsize)  # aligns every slot
+    where = {old: new for new, old in enumerate(order)}
+    return _ChunkJobs([slots[i] for i in order],
+                      [(e, h, src, off, None if slot is None else where[slot]) for e, h, src, off, slot in local],
+                      exchanged, exchanged_dst, here, {h: where[slot] for h, slot in assembled.items()})
+
+
+def plan_buckets(entries: list[ExportEntry], bucket_bytes: int) -> list[list[ExportEntry]]:
+    """Consecutive export entries, at most ``bucket_bytes`` of HF bytes per bucket (an entry
+    larger than that is a bucket of its own). The same on every rank."""
+    out, size = [], 0
+    for entry in entries:
+        if not out or (out[-1] and size + entry.hf_nbytes > bucket_bytes):
+            out.append([])
+            size = 0
+        out[-1].append(entry)
+        size += entry.hf_nbytes
+    return out
+
+
 def export_hf(
     model,
     out_dir: str | os.PathLike,
@@ -362,49 +470,93 @@ def export_hf(
     dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = 4 * 1024**3,
     fsync: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> None:
     """Write the live model as HF safetensors + config.json; collective.
 
-    No funnel: the ranks that hold a tensor gather it (TP), and one of them writes it into its
-    OWN shard files, so every rank writes in parallel and nothing passes through one process.
+    No funnel: one of the ranks that hold a tensor writes it into its OWN shard files (the
+    other TP holders send it their slices, :meth:`ExportPlan.exchange`), so every rank writes in
+    parallel and nothing passes through one process.
     The file layout is computed from the plan alone, so rank 0 writes the index and config.json
     without asking anyone. ``fsync``: flush the shards to stable storage before returning.
-    ``dtype``: see :func:`export_plan` (None keeps the model's dtypes).
+    ``dtype``: see :func:`export_plan` (None keeps the model's dtypes). ``timings``: this rank's
+    seconds per stage are added to it (plan, assemble: copies, sends and receives, write_wait:
+    the background writer behind, close: flush and fsync).
     """
+    clock = _Clock(timings)
     plan = export_plan(model, hf_config, dtype)
+    clock.tick("plan_s")
     per_rank, names = _shard_layout(plan, max_shard_bytes)
     writer_index = [_writer(entry, k) for k, entry in enumerate(plan.entries)]
     rank, out = dist.get_rank(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = 0
     files: dict[str, str] = {}
-    writer_of: dict[str, PlannedShard] = {}
-    mine: list[PlannedShard] = []
+    file_of: dict[str, tuple[Path, list]] = {}  # entry name -> (its file, the file's contents)
+    owned: list[PlannedShard] = []
     for r, shards in per_rank.items():
         for shard in shards:
             file = names[first]
             first += 1
             files.update({h: file for e in shard for h, _, _ in e.hf})
+            contents = [h for e in shard for h in e.hf]
+            file_of.update({e.name: (out / file, contents) for e in shard})
             if r == rank:
-                writer = PlannedShard(out / file, [h for e in shard for h in e.hf])
-                mine.append(writer)
-                writer_of.update({e.name: writer for e in shard})
-    # One background writer: the next tensor is gathered while this one goes to disk.
+                owned.append(PlannedShard(out / file, contents))
+    shard_at: dict[Path, PlannedShard] = {s.path: s for s in owned}
+
+    def shard_of(entry: ExportEntry) -> PlannedShard:
+        path, contents = file_of[entry.name]
+        if path not in shard_at:  # a file another rank owns, which this rank writes rows of
+            shard_at[path] = PlannedShard(path, contents, owner=False)
+        return shard_at[path]
+
+    dist.barrier()  # every file exists before anyone writes rows into another rank's file
+    clock.tick("plan_s")
+    # Every byte is written by the rank that holds it, in place (``pwrite`` at its offset): rows
+    # of a tensor-parallel slice along dim 0 are a contiguous byte range of the HF tensor, so
+    # each TP rank writes its own rows into the writer's file and nothing crosses ranks. Only
+    # column slices (row-parallel weights: dim 1) are sent to the writer, which assembles the
+    # whole tensor. A source that is contiguous, on the host and in the export dtype is written
+    # straight from the parameter; any other (QKV rows, a cast, a GPU tensor) is copied once into
+    # a host buffer first. The entries go in chunks of about ``_CHUNK`` bytes (one exchange each);
+    # two buffers and one background writer: chunk c + 1 is assembled while chunk c is written.
+    chunks = plan_buckets(plan.entries, _CHUNK)
+    index_of = {e.name: k for k, e in enumerate(plan.entries)}
+    planned = [_chunk_jobs(plan, chunk, [writer_index[index_of[e.name]] for e in chunk], rank) for chunk in chunks]
+    size = max((sum(math.prod(m[2]) * m[1].itemsize for m in p.metas) for p in planned), default=0)
+    pin = group_device().type == "cuda"
+    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2 if size else 0)]
     with ThreadPoolExecutor(1, thread_name_prefix="hf-export") as io:
         pending = None
-        with torch.no_grad():
-            for k, entry in enumerate(plan.entries):
-                full = plan.full(entry, writer_index[k])
-                if entry.name not in writer_of:
-                    continue
-                tensors = [(n, t.cpu()) for n, t in plan.to_hf(entry, full)]
-                if pending is not None:
-                    pending.result()
-                pending = io.submit(lambda w=writer_of[entry.name], ts=tensors: [w.add(n, t) for n, t in ts])
+        for c, (chunk, job) in enumerate(zip(chunks, planned)):
+            views = dict(zip(range(len(job.metas)), carve(buffers[c % 2], job.metas))) if job.metas else {}
+            writes = []
+            with torch.no_grad():
+                for entry, hf_name, source, offset, slot in job.local:
+                    if slot is not None:
+                        place(views[slot], source)
+                        source = views[slot]
+                    writes.append((shard_of(entry), hf_name, source, offset))
+            dests = {hf_name: views[slot] for hf_name, slot in job.assembled.items()}
+            plan.exchange(job.exchanged, job.exchanged_dst, dests)()
+            for entry in job.exchanged_here:
+                writes += [(shard_of(entry), h, dests[h], 0) for h, _, _ in entry.hf]
+            clock.tick("assemble_s")
+            if pending is not None:  # chunk c - 1's writes read the other buffer
+                pending.result()
+            clock.tick("write_wait_s")
+            pending = io.submit(lambda ws=writes: [sh.write(n, t, o) for sh, n, t, o in ws])
         if pending is not None:
             pending.result()
-        for writer in mine:
-            writer.close(fsync=fsync)
+        clock.tick("write_wait_s")
+    for sh in shard_at.values():
+        if not sh.owner:
+            sh.flush(fsync=fsync)
+    dist.barrier()  # every co-writer is done with the files
+    for sh in owned:
+        sh.close(fsync=fsync)
+    clock.tick("close_s")
     if rank == 0:
         if len(names) > 1:
             total = sum(e.hf_nbytes for e in plan.entries)
@@ -412,6 +564,19 @@ def export_hf(
             (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         write_hf_config(out, hf_config)
     dist.barrier()
+
+
+class _Clock:
+    """Adds the seconds since the last tick to ``timings[stage]`` (nothing when timings is None)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings, self.last = timings, time.perf_counter()
+
+    def tick(self, stage: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+            self.last = now
 
 
 def save_from_model(model, ckpt_dir: str | os.PathLike, hf_config: dict) -> None:

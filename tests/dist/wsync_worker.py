@@ -2,7 +2,7 @@
 
 Run by tests/test_sglang_weight_sync.py::
 
-    torchrun --nproc_per_node=2 tests/dist/wsync_worker.py --tp 2 --hf HF --out OUT \\
+    torchrun --nproc_per_node=2 tests/dist/wsync_worker.py --tp 2|--ep 2|--pp 2 --hf HF --out OUT \\
         --url http://127.0.0.1:P1 --url http://127.0.0.1:P2 [--bf16] [--load-format none]
 
 Builds the model of HF at this layout, pushes it (version 1) over SGLang's protocol (gloo), writes
@@ -34,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--hf", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--url", action="append", required=True)
@@ -41,7 +42,8 @@ def main() -> None:
     ap.add_argument("--load-format", default="flattened_bucket")
     ap.add_argument("--bucket-mb", type=float, default=0.02)
     args = ap.parse_args()
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, expert_model_parallel_size=args.ep)
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, expert_model_parallel_size=args.ep,
+                              pipeline_model_parallel_size=args.pp)
     initialize_model_parallel(parallel, seed=1234)
     hf_config = json.loads((Path(args.hf) / "config.json").read_text())
     chunks = build_model_for_hf_config(hf_config, parallel)

@@ -9,7 +9,10 @@ version = RL steps completed) and can re-sync a server that restarted or missed 
 
 from sapo_megatron.rollout.sglang.weight_sync.base import WeightSync
 from sapo_megatron.rollout.sglang.weight_sync.disk import DiskSync
-from sapo_megatron.rollout.sglang.weight_sync.distributed import DistributedSync, plan_buckets
+from sapo_megatron.rollout.sglang.weight_sync.distributed import (
+    DistributedSync,
+    plan_buckets,
+)
 
 WEIGHT_SYNCS = {"disk": DiskSync, "distributed": DistributedSync}
 

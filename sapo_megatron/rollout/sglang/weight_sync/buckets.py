@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from sapo_megatron.checkpoint.pieces import carve
+
 Meta = tuple[str, torch.dtype, tuple[int, ...]]  # name, dtype, shape
 
 
@@ -41,15 +43,15 @@ def offsets(metas: list[Meta]) -> list[int]:
 
 def pack(tensors: list[tuple[str, torch.Tensor]], out: torch.Tensor | None = None) -> torch.Tensor:
     """Concatenate the raw bytes of ``tensors`` (already in aligned order) into one uint8 tensor
-    on their device; ``out`` is reused when given and large enough."""
+    on their device; ``out`` is reused when given and large enough. (The sync itself writes each
+    tensor straight into its bucket view, ``checkpoint.pieces.carve``; this is the reference.)"""
     metas = [(n, t.dtype, tuple(t.shape)) for n, t in tensors]
-    starts = offsets(metas)
+    offsets(metas)  # refuses an unaligned order with SGLang's reason
     total = sum(map(nbytes, metas))
     device = tensors[0][1].device
     if out is None or out.numel() < total or out.device != device:
         out = torch.empty(total, dtype=torch.uint8, device=device)
     out = out[:total]
-    for (_, t), start in zip(tensors, starts):
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        out[start : start + raw.numel()].copy_(raw)
+    for view, (_, t) in zip(carve(out, metas), tensors):
+        view.copy_(t)
     return out

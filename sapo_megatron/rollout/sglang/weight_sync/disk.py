@@ -33,6 +33,7 @@ class DiskSync(WeightSync):
         self.fsync = fsync
         self.current: str | None = None
         self._written: list[str] = []
+        self.timings: dict[str, float] = {}  # this rank's export seconds per stage (``export_hf``)
 
     def write(self, model, version: int) -> str:
         """Collective: the HF checkpoint of the live model in ``weight_dir/step_{version}``."""
@@ -42,7 +43,7 @@ class DiskSync(WeightSync):
         if dist.get_rank() == 0 and os.path.isdir(path):  # left by a crashed run: never load a half-written dir
             shutil.rmtree(path)
         dist.barrier()
-        export_hf(model, path, self.hf_config, dtype="checkpoint", fsync=self.fsync)
+        export_hf(model, path, self.hf_config, dtype="checkpoint", fsync=self.fsync, timings=self.timings)
         return path
 
     def _load(self, path: str, version: int, urls: list[str]) -> list[str]:

@@ -19,10 +19,13 @@ Design choices:
   reachable server, under a new group name (``<group_name>_r<n>``), then pushes the whole model. A
   restart is rare; the common step pays nothing for this. A server that is down is left out and
   stays stale until a later sync finds it reachable.
-- Gathering on the device, overlapped with the wire: the ranks that hold a tensor gather it onto
-  one of them (a TP gather, on the parameter's device); if rank 0 does not hold it (another expert-parallel or
-  pipeline rank) its owner sends it to rank 0 device-to-device. Bucket ``k + 1`` is gathered while
-  bucket ``k`` broadcasts (``async_op=True``): two buckets in memory, never the model.
+- Assembling on the device, overlapped with the wire: each bucket is ONE preallocated buffer on
+  rank 0's device. Every holder of a tensor (TP slices, another expert-parallel or pipeline rank)
+  sends its part of each HF tensor straight to rank 0, which receives it into its slice of the
+  bucket; rank 0 copies its own parts from its parameters into the bucket (``ExportPlan.exchange``:
+  no full tensor, no ``cat``, no split copies, no packing pass). Bucket ``k + 1`` is assembled
+  into the second buffer while bucket ``k`` broadcasts (``async_op=True``): two buckets in
+  memory, never the model.
 - One source, not one group per pipeline stage: SGLang serialises weight-update requests behind
   its model-update writer lock, so a server receives one bucket at a time whichever stage sends
   it; per-stage groups would only parallelise the gathering, which already overlaps with the
@@ -40,6 +43,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.checkpoint.live import plan_buckets
+from sapo_megatron.checkpoint.pieces import carve
 from sapo_megatron.rollout.sglang.protocol import (
     check_server,
     distributed_update_payload,
@@ -47,23 +52,14 @@ from sapo_megatron.rollout.sglang.protocol import (
 )
 from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
 from sapo_megatron.rollout.sglang.weight_sync.base import WeightSync, share_outcome
-from sapo_megatron.rollout.sglang.weight_sync.group import destroy, free_port, init_custom_process_group
+from sapo_megatron.rollout.sglang.weight_sync.group import (
+    destroy,
+    free_port,
+    init_custom_process_group,
+)
 
 logger = logging.getLogger(__name__)
 UPDATE = "/update_weights_from_distributed"
-
-
-def plan_buckets(entries, bucket_bytes: int) -> list[list]:
-    """Consecutive export entries, at most ``bucket_bytes`` of HF bytes per bucket (an entry
-    larger than that is a bucket of its own). The same on every rank."""
-    out, size = [], 0
-    for entry in entries:
-        if not out or (out[-1] and size + entry.hf_nbytes > bucket_bytes):
-            out.append([])
-            size = 0
-        out[-1].append(entry)
-        size += entry.hf_nbytes
-    return out
 
 
 class DistributedSync(WeightSync):
@@ -79,6 +75,9 @@ class DistributedSync(WeightSync):
         self.group_name: str | None = None
         self.generation = 0
         self.rebuilds = 0
+        # Seconds of the pushes so far (rank 0 only for wire_wait_s), for benchmarks/bench_weight_sync.py:
+        # assembling the buckets (copies and receives), waiting for the broadcast of the previous one.
+        self.timings = {"assemble_s": 0.0, "wire_wait_s": 0.0}
 
     # ------------------------------------------------------------------ the group (rank 0)
     def _reachable(self, urls: list[str]) -> list[str]:
@@ -105,6 +104,9 @@ class DistributedSync(WeightSync):
         self.pg, self.members = None, []
 
     def _build(self, urls: list[str]) -> None:
+        if self.engine.config.concurrency < len(urls):  # a bucket's requests must all be in flight at once
+            raise ValueError(f"rollout.sglang.concurrency={self.engine.config.concurrency} is below the {len(urls)} "
+                             f"servers of the distributed weight sync: every server must be in each broadcast")
         infos = [self.engine.server_info(u) for u in urls]
         for info in infos:
             check_server(info, require_routes=False, seeded=False, distributed=True)
@@ -159,21 +161,35 @@ class DistributedSync(WeightSync):
         share_outcome(error, members)  # every rank raises if the group could not be built
 
         buckets = plan_buckets(plan.entries, self.section.bucket_bytes)
+        # Two buckets' worth of memory on rank 0, reused: bucket k + 1 is assembled into one while
+        # bucket k broadcasts from the other.
+        size = max(sum(e.hf_nbytes for e in b) for b in buckets)
+        buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)] if dist.get_rank() == 0 else []
         in_flight = None
         for k, bucket in enumerate(buckets):
-            tensors = self._gather(plan, bucket, device)  # overlaps with bucket k - 1 on the wire
+            t0 = time.perf_counter()
+            metas = self._assemble(plan, bucket, buffers[k % 2] if buffers else None)
+            self.timings["assemble_s"] += time.perf_counter() - t0
             if dist.get_rank() != 0 or error:
                 continue
             try:
-                if in_flight is not None:
-                    self._finish(in_flight, version)
-                in_flight = self._start(tensors, version, last=k == len(buckets) - 1)
+                t0 = time.perf_counter()
+                sent = in_flight
+                if sent is not None:
+                    self._wire_done(sent, version)
+                self.timings["wire_wait_s"] += time.perf_counter() - t0
+                in_flight = self._start(metas, buffers[k % 2], version, last=k == len(buckets) - 1)
+                if sent is not None:  # bucket k - 1's answers come back while bucket k is on the wire
+                    self._answered(sent, version)
             except Exception as err:
                 error, in_flight = f"{type(err).__name__}: {err}", None
                 self.pg, self.members = None, []  # a broken group is rebuilt at the next sync
         if in_flight is not None and not error:
             try:
-                self._finish(in_flight, version)
+                t0 = time.perf_counter()
+                self._wire_done(in_flight, version)
+                self._answered(in_flight, version)
+                self.timings["wire_wait_s"] += time.perf_counter() - t0
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
                 self.pg, self.members = None, []
@@ -184,40 +200,39 @@ class DistributedSync(WeightSync):
     def resync(self, model, version: int, urls: list[str]) -> list[str]:
         return self.push(model, version, rebuild=True)
 
-    def _gather(self, plan, bucket, device) -> list[tuple[str, torch.Tensor]]:
-        """Collective: the bucket's HF tensors on rank 0 in aligned order ([] elsewhere)."""
-        rank, out = dist.get_rank(), []
-        with torch.no_grad():
-            for entry in bucket:
-                owner = 0 if 0 in entry.holders else entry.holders[0]
-                full = plan.full(entry, owner)
-                if owner != 0:
-                    if rank == owner:
-                        dist.send(full.contiguous(), dst=0)
-                    elif rank == 0:
-                        full = torch.empty(entry.shape, dtype=entry.dtype, device=device)
-                        dist.recv(full, src=owner)
-                if rank == 0:
-                    out += plan.to_hf(entry, full)
-        order = bk.aligned_order([(n, t.dtype, tuple(t.shape)) for n, t in out])
-        return [out[i] for i in order]
+    @staticmethod
+    def _assemble(plan, bucket, buffer) -> list[bk.Meta]:
+        """Collective: the bucket's HF tensors written into ``buffer`` on rank 0 (None
+        elsewhere) in aligned order, each byte copied or received once; returns their metas."""
+        metas = [meta for entry in bucket for meta in entry.hf]
+        metas = [metas[i] for i in bk.aligned_order(metas)]
+        dests = None
+        if buffer is not None:
+            dests = {name: view for (name, _, _), view in zip(metas, carve(buffer, metas))}
+        plan.exchange(bucket, 0, dests)()
+        return metas
 
-    def _start(self, tensors, version: int, *, last: bool):
+    def _start(self, metas, buffer, version: int, *, last: bool):
         load_format = self.section.load_format
-        payload = distributed_update_payload([n for n, _ in tensors], [t.dtype for _, t in tensors],
-                                             [tuple(t.shape) for _, t in tensors], group_name=self.group_name,
+        names, dtypes, shapes = zip(*metas)
+        payload = distributed_update_payload(list(names), list(dtypes), list(shapes), group_name=self.group_name,
                                              load_format=load_format, last=last, version=version)
         futures = self.engine.submit_all(UPDATE, lambda url: payload, urls=self.members, collective=True)
         if load_format == "flattened_bucket":
-            wire = [bk.pack(tensors)]
+            wire = [buffer[: sum(map(bk.nbytes, metas))]]
         else:
-            wire = [t.contiguous() for _, t in tensors]
+            wire = carve(buffer, metas)  # each a contiguous view: one broadcast per tensor
         works = [dist.broadcast(t, src=0, group=self.pg, async_op=True) for t in wire]
         return futures, works, wire
 
-    def _finish(self, in_flight, version: int) -> None:
-        """Wait for one bucket; a server that refuses it (it never enters the broadcast) fails
-        the sync at once instead of leaving rank 0 waiting for the group timeout."""
+    def _wire_done(self, in_flight, version: int) -> None:
+        """Wait for one bucket's broadcast; a server that refuses it (it never enters the
+        broadcast) fails the sync at once instead of leaving rank 0 waiting for the group timeout.
+
+        When the broadcast has completed, every server is inside that bucket's request (a
+        broadcast completes only once each peer has posted its receive; gloo and NCCL alike), so
+        the next bucket's request may go out before this one is answered: it queues behind this
+        one on the server's model-update lock, in order. This hides one HTTP round trip per bucket."""
         futures, works, _wire = in_flight
         deadline = time.monotonic() + self.timeout.total_seconds()
         while not all(w.is_completed() for w in works):
@@ -228,7 +243,9 @@ class DistributedSync(WeightSync):
             time.sleep(0.001)
         for w in works:
             w.wait()
-        self.engine.collect(futures, UPDATE, f"weight update to version {version}")
+
+    def _answered(self, in_flight, version: int) -> None:
+        self.engine.collect(in_flight[0], UPDATE, f"weight update to version {version}")
 
     def close(self) -> None:
         if self.pg is not None:
