@@ -174,14 +174,21 @@ routing: {{mode: R3}}
 
 MISMATCH = ["run.save_every=2", "run.progress=false", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
             "train.micro_batch_size=2", "rollout.max_staleness=2", "rollout.embedded.dtype=bf16",
-            "rollout.embedded.router_noise_std=0.03", "routing.mode=R3"]
+            "rollout.embedded.router_noise_std=0.03", "routing.mode=R3",
+            # The grid's cold start, shortened: the copy must start RL from the cold-started weights.
+            "train.cold_start_steps=2",
+            # 16 samples of a barely trained policy: the format credit gives the groups reward
+            # variance, so the resumed steps have gradients to get wrong (checked below).
+            "task.options.format_credit=0.1"]
 
 
 def _train_mismatch(out: Path, *overrides: str) -> list[dict]:
     # The grid's own config (bf16 + router noise engine, 8 updates per rollout), shrunk.
     torchrun("sapo_megatron.cli", "train", "--config", ROOT / "configs" / "ablation_cpu.yaml", f"run.output_dir={out}",
              *MISMATCH, *overrides, nproc=2, module=True, timeout=900)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows[:2]] == ["cold_start", "cold_start"]
+    return [r for r in rows if r["phase"] == "rl"]
 
 
 @pytest.mark.dist
@@ -197,7 +204,7 @@ def test_mismatch_engine_resume_continues_exactly(tmp_path):
     assert all("routing/live_agreement_moe1" in r and "train_rollout_logprob_abs_diff_live" in r for r in full)
     _train_mismatch(tmp_path / "part", "run.steps=2")
     resumed = _train_mismatch(tmp_path / "part", "run.steps=4")
-    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    assert [r["rl_step"] for r in resumed] == [0, 1, 2, 3]
     for key in ("loss", "reward_mean", "grad_norm", "routing/live_agreement_mean", "routing/agreement_mean",
                 "train_rollout_logprob_abs_diff", "train_rollout_logprob_abs_diff_live"):
         assert [r[key] for r in resumed[2:]] == [r[key] for r in full[2:]], key
