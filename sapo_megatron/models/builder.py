@@ -13,16 +13,11 @@ Must be called after ``sapo_megatron.parallel.initialize_model_parallel``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch
 
 from sapo_megatron.mcore.norms import with_sp_norms
-from sapo_megatron.models.config import ModelConfig, ParallelConfig, to_transformer_config
-
-
-def use_transformer_engine() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+from sapo_megatron.models.config import ModelConfig, ParallelConfig, to_transformer_config, use_transformer_engine
 
 
 def build_layer_spec(transformer_config, *, vp_stage: int | None = None):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,9 +147,54 @@ class ModelConfig:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def transformer_engine_requested() -> bool:
+    """Transformer Engine is importable and not turned off with ``SAPO_MEGATRON_TE=0``.
+
+    The switch exists so that one process can build the local spec on a machine with TE (the
+    GPU smoke builds both); the layer spec, grouped-GEMM experts and TE's fusions all follow it,
+    since a local spec with TE-only settings does not build.
+    """
+    return os.environ.get("SAPO_MEGATRON_TE", "1") != "0" and _importable("transformer_engine")
+
+
+def use_transformer_engine() -> bool:
+    """TE's layer spec: CUDA present and TE requested (:func:`transformer_engine_requested`)."""
+    return torch.cuda.is_available() and transformer_engine_requested()
+
+
+def gpu_fusions(*, on_cpu: bool, transformer_engine: bool) -> dict[str, bool]:
+    """Megatron's fused kernels, each on where this machine provides it (all off on CPU).
+
+    - ``gradient_accumulation_fusion``: TE's linears accumulate the weight gradient into DDP's
+      ``main_grad`` inside their GEMM; the local spec's linears need Apex's
+      ``fused_weight_gradient_mlp_cuda`` for the same.
+    - ``apply_rope_fusion``: TE's fused RoPE (also for THD, where the unfused path loops over
+      sequences in Python with a ``cu_seqlens.tolist()`` in every layer).
+    - ``masked_softmax_fusion``: the local spec's softmax kernel (``scaled_masked_softmax_cuda``,
+      Megatron's / Apex's extension); TE's attention has its own fused softmax.
+    - ``bias_dropout_fusion`` stays off: these models have no linear biases and no dropout, so
+      the fused kernel would be one residual add, compiled by ``torch.compile`` in every process.
+    - ``persist_layer_norm``: Apex's persistent LayerNorm; RMSNorm does not use it.
+    """
+    gpu = not on_cpu
+    return dict(
+        gradient_accumulation_fusion=gpu and (transformer_engine or _importable("fused_weight_gradient_mlp_cuda")),
+        apply_rope_fusion=gpu and transformer_engine,
+        masked_softmax_fusion=gpu and _importable("scaled_masked_softmax_cuda"),
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
 def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_cpu: bool):
     """Build Megatron-Core's ``TransformerConfig`` for ``model`` under ``parallel``."""
     from megatron.core.transformer import TransformerConfig
+
+    te = not on_cpu and transformer_engine_requested()
 
     if model.num_attention_heads % parallel.tensor_model_parallel_size:
         raise ValueError(
@@ -195,12 +241,7 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_cp
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
-        # Gradients are accumulated by Megatron's DDP buffers (main_grad).
-        gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
+        **gpu_fusions(on_cpu=on_cpu, transformer_engine=te),
     )
     if model.num_experts:
         kwargs.update(
@@ -214,7 +255,7 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_cp
             moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
             # Grouped GEMM experts are TE's (TEGroupedMLP); without TE, megatron-core 0.16's
             # local spec would pick the legacy GroupedMLP, which needs the grouped_gemm package.
-            moe_grouped_gemm=not on_cpu and importlib.util.find_spec("transformer_engine") is not None,
+            moe_grouped_gemm=te,
             moe_router_dtype="fp32",
         )
     allowed = {f.name for f in dataclasses.fields(TransformerConfig)}

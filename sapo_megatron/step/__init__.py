@@ -1,7 +1,7 @@
 """The SAPO training step inside Megatron-Core's parallel schedules."""
 
 from sapo_megatron.step.batch import Microbatch, Sample, collate_packed, collate_padded
-from sapo_megatron.step.setup import build_model_chunks, build_optimizer
+from sapo_megatron.step.setup import build_model_chunks, build_optimizer, sync_params
 from sapo_megatron.step.run import (
     PolicyLossSpec,
     assign_step_weights,
@@ -23,5 +23,6 @@ __all__ = [
     "loss_func",
     "collect_log_probs",
     "make_forward_step",
+    "sync_params",
     "run_step",
 ]

@@ -30,9 +30,15 @@ def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     chunks = [build_gpt_model(model_cfg, parallel_cfg, vp_stage=s, transformer_config=config) for s in stages]
     if not wrap_ddp:
         return chunks
+    # On GPUs the gradient reduce-scatter runs while backward goes on, and with the sharded
+    # optimizer the parameter all-gather while the next forward runs (its forward pre-hooks wait
+    # bucket by bucket). Anything that reads the weights outside a forward must call
+    # :func:`sync_params` first. On CPU (gloo) both stay synchronous, as tested.
+    overlap = torch.cuda.is_available()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap and use_distributed_optimizer,
         use_distributed_optimizer=use_distributed_optimizer,
     )
     wrapped = [
@@ -43,6 +49,20 @@ def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     return wrapped
+
+
+def sync_params(model_chunks) -> None:
+    """Finish the sharded optimizer's parameter all-gather now.
+
+    With ``overlap_param_gather`` the updated weights reach the model only when the next
+    forward's pre-hooks wait for them (Megatron dispatches the gather at ``zero_grad``). A weight
+    sync, a checkpoint or an engine copy reads them without a forward: call this first (a no-op
+    without the overlap). Collective over the data-parallel group.
+    """
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def build_optimizer(model_chunks, *, lr: float = 1e-6, weight_decay: float = 0.0, clip_grad: float = 1.0,

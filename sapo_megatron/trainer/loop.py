@@ -40,6 +40,7 @@ from sapo_megatron.step import (
     collate_padded,
     collect_log_probs,
     run_step,
+    sync_params,
 )
 from sapo_megatron.models.builder import use_transformer_engine
 from sapo_megatron.routing import (
@@ -242,6 +243,7 @@ class Trainer:
         # A batch generated in the background is not saved: the stream position before its draw is,
         # so a resumed run draws the same prompts and regenerates them with the resumed weights.
         data = self._stream_state if self._prefetched is not None else self.stream.state_dict()
+        sync_params(self.chunks)
         save_checkpoint(self.out, self.iteration, self.chunks, self.optimizer, self.scheduler,
                         meta={"data": data, "rl_step": self.step, "cold_start": self.cold_start.state_dict(),
                               **self._model_meta()},
@@ -454,6 +456,7 @@ class Trainer:
             self._async_metrics["async/overlap_frac"] = max(0.0, 1.0 - wait / generate_s) if generate_s > 0 else 0.0
         with self.logger.phase("weight sync", 1) as advance:
             # The policy version is the number of RL steps completed (this one included).
+            sync_params(self.chunks)
             self.engine.update_weights(self.chunks, self.step + 1)
             advance()
         timings["time/weight_sync_s"] = time.perf_counter() - t0
@@ -578,6 +581,7 @@ class Trainer:
     def train(self) -> None:
         run_cold_start(self)  # the supervised steps not done yet (none unless train.cold_start_steps)
         # Engines that serve from a copy of the weights start from the trainer's (version = step).
+        sync_params(self.chunks)
         getattr(self.engine, "begin", lambda chunks, version: None)(self.chunks, self.step)
         while self.step < self.cfg.run.steps:
             t0 = time.perf_counter()
