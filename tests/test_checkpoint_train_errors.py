@@ -75,6 +75,31 @@ def test_missing_metadata_names_the_file(saved):
         ckpt.load_checkpoint(path, chunks, optimizer)
 
 
+def test_missing_common_state_names_both_formats(saved):
+    """The replicated state is common.pt up to megatron-core 0.18 and an entry of the torch_dist
+    files from 0.19 (a GPU run on 0.19 found resume refusing every checkpoint that lacked
+    common.pt): a checkpoint has exactly one of the two, and one with neither is refused."""
+    import pickle
+
+    from sapo_megatron.trainer import checkpoint as ckpt
+
+    root, chunks, optimizer = saved
+    path = ckpt.latest_checkpoint(root)
+    with open(path / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    inside = [k for k in metadata.state_dict_metadata if k.startswith(ckpt.COMMON_STATE_KEY)]
+    assert bool(inside) != (path / "common.pt").is_file(), "expected exactly one place for the common state"
+    if inside:
+        for key in inside:
+            del metadata.state_dict_metadata[key]
+        with open(path / ".metadata", "wb") as f:
+            pickle.dump(metadata, f)
+    else:
+        os.remove(path / "common.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"iter_0000003/common\.pt is missing and .*'common_state/'"):
+        ckpt.load_checkpoint(path, chunks, optimizer)
+
+
 def test_truncated_shard_names_the_file(saved):
     from sapo_megatron.trainer import checkpoint as ckpt
 

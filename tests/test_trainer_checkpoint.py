@@ -10,11 +10,13 @@ probabilities. Same layout, same ranks, CPU: the comparison is exact.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
+from sapo_megatron.trainer.checkpoint import has_common_state
 from tests.launch import run_python, torchrun
 
 CONFIG = Path(__file__).parent / "configs" / "ckpt_small.yaml"
@@ -42,7 +44,10 @@ def test_layout_on_disk(full_run):
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["iter_0000002", "iter_0000004"]
     files = {p.name for p in (ckpts / "iter_0000004").iterdir()}
-    assert {".metadata", "metadata.json", "common.pt", "meta.json"} <= files
+    assert {".metadata", "metadata.json", "meta.json"} <= files
+    # The replicated state: common.pt up to megatron-core 0.18, an entry of the torch_dist files after.
+    with open(ckpts / "iter_0000004" / ".metadata", "rb") as f:
+        assert has_common_state(ckpts / "iter_0000004", pickle.load(f))
     meta = json.loads((ckpts / "iter_0000004" / "meta.json").read_text())
     assert meta["optimizer"] == {"distributed": True, "sharding": "dp_reshardable"}
     assert meta["layout"]["dp"] == 2 and meta["step"] == 4 and "position" in json.dumps(meta["data"])

@@ -6,7 +6,8 @@ Layout::
     OUT/checkpoints/iter_0000020/                     one dist_checkpointing directory
         .metadata, __*_*.distcp                         sharded tensors (model, optimizer) and
                                                         per-rank objects (RNG, per-rank extras)
-        common.pt, metadata.json                        replicated state; backend + version
+        common.pt, metadata.json                        replicated state (inside the .distcp files
+                                                        from megatron-core 0.19); backend + version
         meta.json                                       ours: step, data position, layout, model
     OUT/checkpoints/latest_checkpointed_iteration.txt   "20", replaced last
 
@@ -325,9 +326,21 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
+# Where the replicated (non-tensor) state lives: megatron-core up to 0.18 writes common.pt beside
+# the torch_dist files; 0.19 stores it inside them as one ShardedObject, keyed as below.
+COMMON_STATE_KEY = "common_state/"
+
+
+def has_common_state(ckpt_dir: Path, metadata) -> bool:
+    """The checkpoint holds its common state, in either format (``metadata``: the ``.metadata``)."""
+    if (ckpt_dir / "common.pt").is_file():
+        return True
+    return any(key.startswith(COMMON_STATE_KEY) for key in getattr(metadata, "state_dict_metadata", {}))
+
+
 def check_complete(ckpt_dir: Path) -> None:
     """Refuse a partial or corrupt dist checkpoint, naming the file at fault."""
-    for name in ("metadata.json", ".metadata", "common.pt"):
+    for name in ("metadata.json", ".metadata"):
         if not (ckpt_dir / name).is_file():
             raise CheckpointError(f"{ckpt_dir / name} is missing: {ckpt_dir} is not a complete "
                                   f"dist_checkpointing checkpoint (a save that did not finish?)")
@@ -336,6 +349,10 @@ def check_complete(ckpt_dir: Path) -> None:
             metadata = pickle.load(f)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise CheckpointError(f"{ckpt_dir / '.metadata'} cannot be read ({type(err).__name__}: {err})") from None
+    if not has_common_state(ckpt_dir, metadata):
+        raise CheckpointError(f"{ckpt_dir / 'common.pt'} is missing and {ckpt_dir / '.metadata'} names no "
+                              f"{COMMON_STATE_KEY!r} entry: {ckpt_dir} is not a complete dist_checkpointing "
+                              f"checkpoint (a save that did not finish?)")
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
