@@ -1,14 +1,19 @@
 """tools/gpu_smoke.sh and its driver: runnable, and every stage's CPU side works (dry run).
 
 The GPU itself is not here; ``--device cpu`` runs the same stages at toy sizes in float32
-(build, the RL steps with the first step dumped, the CPU reference, save + resume, the
-benchmark), so a broken import, config key, stage hand-off or summary field fails here first.
+(build, the RL steps with the first step and its gradients dumped, the CPU reference, save +
+resume, the memory slice, the benchmark), so a broken import, config key, stage hand-off or
+summary field fails here first. The dry run also runs in a bare environment (only what a bare GPU
+machine has, plus the carried wheels installed with ``--no-index``), so a GPU session does not
+spend its minutes on a missing import.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -31,14 +36,82 @@ def test_hbm_floor_is_three_passes_over_bf16_logits():
     assert 1.86e-3 < bench.hbm_floor_s(8192, 151936, 2) < 1.87e-3
 
 
+def _summary(stdout: str) -> dict:
+    line = stdout.strip().splitlines()[-1]
+    assert line.startswith("GPU_SMOKE ok=1 "), stdout[-3000:]
+    return dict(item.split("=", 1) for item in line.split()[1:])
+
+
+def test_summary_fails_without_transformer_engine_on_a_gpu():
+    """TE absent on a GPU is reported and fails the run; a CPU dry run has no TE to check."""
+    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "tools" / "gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    good = {"build": {"local": "ok", "te": "ok"}, "rl": {"steps": 3, "finite": True}, "cpu-reference": {"ok": True},
+            "resume": {"ok": True}, "memory": {"finite": True}, "bench": {}}
+    assert smoke.passed(good, "cuda")
+    assert not smoke.passed({**good, "build": {"local": "ok", "te": "absent"}}, "cuda")
+    assert smoke.passed({**good, "build": {"local": "ok", "te": "skipped(cpu)"}}, "cpu")
+    assert not smoke.passed({**good, "rl": {"steps": 3, "finite": False}}, "cuda"), "a NaN loss must fail"
+    assert not smoke.passed({**good, "cpu-reference": {"ok": False}}, "cuda")
+
+
+def test_grad_parity_measure():
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "tools" / "gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    want = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0, 1e-4])}
+    got = {"a": torch.tensor([3.0, 4.5]), "b": torch.tensor([0.0, 1.0])}
+    out = smoke.grad_parity(got, want)
+    # total: sqrt(0.5^2 + ~1^2) / ~5; "b" holds < 1% of the largest norm, so it is not the worst.
+    assert out["relative"] == pytest.approx((0.25 + (1 - 1e-4) ** 2) ** 0.5 / (25 + 1e-8) ** 0.5)
+    assert out["worst_param"] == "a" and out["worst"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="vacuous"):
+        smoke.grad_parity({"a": torch.zeros(2)}, {"a": torch.zeros(2)})
+
+
 @pytest.mark.slow
 def test_dry_run_on_cpu_passes_every_stage(tmp_path):
     out = run_python("tools/gpu_smoke.py", "--device", "cpu", "--out", str(tmp_path), timeout=1200).stdout
-    line = out.strip().splitlines()[-1]
-    assert line.startswith("GPU_SMOKE ok=1 "), out[-3000:]
-    fields = dict(item.split("=", 1) for item in line.split()[1:])
-    assert fields["build_local"] == "ok" and fields["rl_steps"] == "3" and fields["resume"] == "True"
+    fields = _summary(out)
+    assert fields["build_local"] == "ok" and fields["build_te"] == "skipped(cpu)" and fields["rl_steps"] == "3"
+    assert fields["resume"] == "True" and fields["rl_finite"] == "True"
     assert fields["logprob_ok"] == "True" and float(fields["logprob_max_abs"]) <= 1e-4
+    # Same device, same dtype: the gradients agree to float32 rounding, and wrong routes do not.
+    assert fields["grad_ok"] == "True" and float(fields["grad_rel"]) <= 1e-4
+    assert float(fields["grad_rel_wrong_routes"]) > 0.1
     # On CPU the resumed step equals the uninterrupted run's exactly.
     assert float(fields["resume_loss_gap"]) == 0.0
     assert (tmp_path / "first_step.pt").exists() and (tmp_path / "summary.json").exists()
+
+
+BARE = ["numpy", "safetensors", "transformers", "pyyaml", "tqdm"]  # + torch: a bare GPU machine
+
+
+@pytest.mark.slow
+def test_dry_run_in_a_bare_environment(tmp_path):
+    """Only torch, numpy, safetensors, transformers, pyyaml and tqdm, then the carried wheels
+    installed by the script with --no-index: the smoke's CPU dry run must pass there."""
+    import torch
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}", *BARE]
+    subprocess.run(pip, check=True, timeout=1200, capture_output=True)
+    probe = [str(python), "-c", "import megatron.core"]
+    assert subprocess.run(probe, capture_output=True).returncode != 0, "the venv must start without megatron-core"
+    wheels = tmp_path / "wheels"
+    subprocess.run(["bash", str(SCRIPT), "prepare", str(wheels)], check=True, timeout=900, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHON=str(python), SAPO_SMOKE_SITE=str(tmp_path / "site"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(SCRIPT), str(wheels), "--device", "cpu", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    installed = next(line for line in proc.stdout.splitlines() if line.startswith("installing from"))
+    for name in ("megatron-core", "omegaconf", "antlr4-python3-runtime", "pybase64", "psutil"):
+        assert name in installed, installed
+    fields = _summary(proc.stdout)
+    assert fields["rl_steps"] == "3" and fields["grad_ok"] == "True" and fields["resume"] == "True"
