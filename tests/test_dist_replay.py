@@ -10,7 +10,8 @@ token (tests/dist/replay_worker.py --generate). Every training layout then check
   backward must replay the same routes, or the gradients would differ);
 - without replay, the live routing disagrees with the rollout on a visible fraction of tokens
   (recorded in the test output; the perturbation makes the mismatch real);
-- uneven pipeline stages (5 layers at PP=2, split 2/3) replay and train as one rank does.
+- uneven pipeline stages (5 layers at PP=2, split 2/3, and 1/4 with a first stage holding only
+  the dense layer) replay and train as one rank does.
 """
 
 from __future__ import annotations
@@ -93,18 +94,32 @@ def test_r3_replays_rollout_routes(rollout, single, layout, record_property):
     _check_replay(got, single, layout, record_property, num_moe=3)
 
 
-def test_r3_uneven_pipeline_stages(tmp_path_factory, record_property):
-    """5 layers at PP=2, 2 on the first stage and 3 on the last (1 and 3 MoE layers), against
-    one rank: each stage replays the routes of its own layers, found by their global index."""
-    five = _generate(tmp_path_factory, "--num-layers", "5")
-    single = _run(five, "single", 1)
-    got = _run(five, "pp2_first2", 2, "--pp", "2", "--pp-first", "2", "--microbatches", "4")
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    rollout = _generate(tmp_path_factory, "--num-layers", "5")
+    return rollout, _run(rollout, "single", 1)
+
+
+UNEVEN = {
+    # first stage: dense layer 0 and MoE layer 1; last: MoE layers 2, 3, 4
+    "first2": (["--pp-first", "2"], [[0, 1], [2, 3, 4]]),
+    # first stage holds only the dense layer: a stage with no router at all
+    "last4": (["--pp-last", "4"], [[0], [1, 2, 3, 4]]),
+}
+
+
+@pytest.mark.parametrize("split", list(UNEVEN))
+def test_r3_uneven_pipeline_stages(five_layers, split, record_property):
+    """5 layers at PP=2 split unevenly, against one rank: each stage replays the routes of its
+    own layers, found by their global index, and the step's gradients are the single rank's."""
+    rollout, single = five_layers
+    args, expected = UNEVEN[split]
+    got = _run(rollout, f"pp2_{split}", 2, "--pp", "2", *args, "--microbatches", "4")
     # Not vacuous: the stages really are uneven (an even split of 5 layers would be refused).
-    stages = sorted(part["stage_layers"] for part in got["per_rank"])
-    assert stages == [[0, 1], [2, 3, 4]]
-    assert sorted(part["layers"] for part in got["per_rank"]) == [[1], [2, 3, 4]]
+    assert sorted(part["stage_layers"] for part in got["per_rank"]) == expected
+    assert sorted(part["layers"] for part in got["per_rank"]) == [[i for i in stage if i] for stage in expected]
     assert single["per_rank"][0]["stage_layers"] == [0, 1, 2, 3, 4]
-    _check_replay(got, single, "pp2_first2", record_property, num_moe=4)
+    _check_replay(got, single, f"pp2_{split}", record_property, num_moe=4)
     # Every layer of both stages received a gradient (a stage left out would compare zeros).
     for layer in range(5):
         norm = sum(float(g.norm()) for n, g in got["grads"].items() if f"decoder.layers.{layer}." in n)

@@ -152,6 +152,7 @@ class RoutingReplay:
     with_backward: bool = False
     # Recorded routes are kept in the rollout batch's compact dtype (compact.storage_dtype).
     route_dtype: torch.dtype = torch.int64
+    topk: int | None = None
 
     def on_microbatch(self, routes: MicrobatchRoutes | None, *, device=None) -> None:
         """Called by the forward step right before a microbatch's forward.
@@ -190,7 +191,7 @@ class RoutingReplay:
             self.pushed += 1
             return
         columns = self.moe_columns
-        lo = columns[0] if columns else 0
+        lo = columns[0]
         if columns == list(range(lo, lo + len(columns))):  # a pipeline stage's layers: a slice
             mine_SBMK = routes_SBMK[:, :, lo : lo + len(columns)]
         else:
@@ -253,6 +254,7 @@ def attach_routing_replay(model, moe_layer_pattern: list[int]) -> RoutingReplay:
         recompute=config.recompute_granularity is not None,
         sequence_parallel=bool(config.sequence_parallel),
         route_dtype=storage_dtype(config.num_moe_experts or 1),
+        topk=config.moe_router_topk,
     )
     # Routers are found by their global layer index (Megatron's layer_number), so any pipeline
     # split, uneven first/last stages included, maps each router to its column.
@@ -363,7 +365,8 @@ def recorded_sample_routes(model_chunks, microbatches, *, include_last: bool = F
         B, S = mb.tokens.shape
         lengths = ((mb.sample_index >= 0).sum(1) + int(include_last)).tolist()
         starts = mb.sample_index[:, 0].tolist()
-        topk = layers[0][0].recorded[i].shape[1] if layers else 1
+        # A pipeline stage without MoE layers returns zeros of the right shape.
+        topk = layers[0][0].recorded[i].shape[1] if layers else controllers[0].topk
         routes_SBLK = torch.zeros(S, B, 0, topk, dtype=dtype)
         if layers:
             local_TLK = torch.stack([layer.recorded[i] for layer, _, _ in layers], dim=1)
