@@ -250,6 +250,9 @@ LAYOUTS = [
     dict(num_layers=8, pp=4, vpp=2),
     dict(num_layers=10, pp=3, first=2, last=4),
     dict(num_layers=7, pp=2, first=3),
+    dict(num_layers=94, pp=4, first=23, last=23),  # Qwen3-235B: 23/24/24/23
+    dict(num_layers=5, pp=2, first=2),
+    dict(num_layers=5, pp=2, last=4),
     dict(num_layers=7, pp=2, last=2),
     dict(num_layers=9, pp=3, first=1, last=2),
     dict(num_layers=12, pp=3, vpp=2, first=2, last=2),
