@@ -17,7 +17,12 @@ in flight under PP 1F1B and with activation recomputation. So:
   is set) is a recomputation: it pops a second FIFO filled by the forward calls, so the
   backward replays exactly the routes its forward used, in schedule order;
 - :meth:`RoutingReplay.finish` asserts that every pushed route was consumed exactly once by a
-  forward (and once by a recompute when recomputation is on).
+  forward (and once by a recompute when recomputation is on);
+- nothing in the hooks makes the host wait for the GPU (upstream's replay has no counts to
+  keep, ours must not pay for them): routes cross to the device in non-blocking copies, once
+  per microbatch; agreement counts are summed on the device and read once per step
+  (:func:`replay_metrics`); recorded routes stay on the device, compact, until the pass ends
+  (``tests/test_replay_syncs.py`` counts the syncs).
 
 Actions: ``None`` (live routing, untouched), ``"record"`` (R2's old-log-prob pass: route live
 and keep the indices), ``"replay"`` (use pushed routes where the replay mask is set, live
