@@ -20,9 +20,13 @@ from sapo_megatron.step.sharding import gather_full_tensor, global_name, shard_f
 
 
 def add_layout_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--tp`` / ``--pp`` / ``--ep`` of a distributed test worker (see :func:`init_layout`)."""
+    """``--tp`` / ``--pp`` / ``--ep`` (and ``--pp-first`` / ``--pp-last``) of a distributed test
+    worker (see :func:`init_layout`)."""
     for flag in ("--tp", "--pp", "--ep"):
         ap.add_argument(flag, type=int, default=1)
+    # Uneven pipeline stages: the layers of the first / last stage (parallel.num_layers_in_*).
+    ap.add_argument("--pp-first", type=int)
+    ap.add_argument("--pp-last", type=int)
     return ap
 
 
@@ -35,6 +39,8 @@ def init_layout(args: argparse.Namespace, *, seed: int):
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
         expert_model_parallel_size=args.ep,
+        num_layers_in_first_pipeline_stage=getattr(args, "pp_first", None),
+        num_layers_in_last_pipeline_stage=getattr(args, "pp_last", None),
     )
     initialize_model_parallel(parallel, seed=seed)
     return parallel

@@ -54,6 +54,30 @@ def test_published_layout_and_round_trip(saved):
     assert all(torch.equal(got[k], v) for k, v in want.items()), "weights not restored"
 
 
+def test_pipeline_split_is_part_of_the_layout(saved, monkeypatch, capsys):
+    """The layers per pipeline stage are saved with the layout; a checkpoint written before they
+    were (an even split) still counts as the same layout; the distributed optimizer's state,
+    which reshards across DP only, refuses another split at the same PP size."""
+    from pathlib import Path
+
+    from sapo_megatron.trainer import checkpoint as ckpt
+
+    root, chunks, optimizer = saved
+    path = ckpt.latest_checkpoint(root)
+    meta = json.loads((path / ckpt.META).read_text())
+    assert meta["layout"]["pp_layers"] == [2]
+    del meta["layout"]["pp_layers"]
+    (path / ckpt.META).write_text(json.dumps(meta))
+    ckpt.load_checkpoint(path, chunks, optimizer)
+    assert "RNG states not restored" not in capsys.readouterr().out
+
+    monkeypatch.setattr(ckpt, "is_distributed_optimizer", lambda _: True)
+    here = {"tp": 1, "pp": 2, "pp_layers": [3, 2], "vpp": 1, "ep": 1, "etp": 1, "cp": 1}
+    there = {**here, "pp_layers": [2, 3]}
+    with pytest.raises(ckpt.CheckpointError, match=r"not PP_LAYERS \[2, 3\] -> \[3, 2\]\. Resume at .*PP_LAYERS=\[2, 3\]"):
+        ckpt._check_optimizer_compat(Path("ckpt"), {"optimizer": {"distributed": True}}, None, here, there)
+
+
 def test_shape_mismatch_names_tensor_and_shapes(saved):
     from sapo_megatron.trainer import checkpoint as ckpt
 

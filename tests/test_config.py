@@ -162,6 +162,12 @@ def test_sampling_params_of_a_step():
     assert seeded.sampling_params().seed is None
 
 
+def test_uneven_pipeline_stages_accepted():
+    cfg = load_config(None, ["model.num_hidden_layers=3", "parallel.pipeline_model_parallel_size=2",
+                             "parallel.num_layers_in_last_pipeline_stage=1"])
+    assert cfg.parallel.stage_layers(3) == [2, 1]
+
+
 def test_model_and_parallel_sizes_refused():
     with pytest.raises(ConfigError, match=r"num_attention_heads \(4\) is not divisible by tensor_model_parallel_size \(3\)"):
         load_config(None, ["parallel.tensor_model_parallel_size=3"])
@@ -169,6 +175,10 @@ def test_model_and_parallel_sizes_refused():
         load_config(None, ["parallel.pipeline_model_parallel_size=4"])
     with pytest.raises(ConfigError, match=r"num_experts \(4\) is not divisible by expert_model_parallel_size \(3\)"):
         load_config(None, ["parallel.expert_model_parallel_size=3"])
+    with pytest.raises(ConfigError, match=r"num_hidden_layers \(3\) minus parallel.num_layers_in_last_pipeline_stage \(2\) "
+                       r"leaves 1 layers for the 2 middle stage"):
+        load_config(None, ["model.num_hidden_layers=3", "parallel.pipeline_model_parallel_size=3",
+                           "parallel.num_layers_in_last_pipeline_stage=2"])
     with pytest.raises(ConfigError, match="parallel.tensor_model_parallel_size must be a positive integer"):
         load_config(None, ["parallel.tensor_model_parallel_size=0"])
 

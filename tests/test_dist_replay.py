@@ -9,7 +9,9 @@ token (tests/dist/replay_worker.py --generate). Every training layout then check
   including under PP 1F1B with 4 microbatches and with activation recomputation (whose
   backward must replay the same routes, or the gradients would differ);
 - without replay, the live routing disagrees with the rollout on a visible fraction of tokens
-  (recorded in the test output; the perturbation makes the mismatch real).
+  (recorded in the test output; the perturbation makes the mismatch real);
+- uneven pipeline stages (5 layers at PP=2, split 2/3, and 1/4 with a first stage holding only
+  the dense layer) replay and train as one rank does.
 """
 
 from __future__ import annotations
@@ -30,18 +32,22 @@ REL_TOL = 1e-4
 LOGP_ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def rollout(tmp_path_factory):
+def _generate(tmp_path_factory, *args: str):
     d = tmp_path_factory.mktemp("replay")
     weights, samples = d / "weights.pt", d / "samples.pt"
-    torchrun(WORKER, "--generate", "--weights", weights, "--samples", samples, nproc=1)
-    return d, weights, samples
+    torchrun(WORKER, "--generate", "--weights", weights, "--samples", samples, *args, nproc=1)
+    return d, weights, samples, args
+
+
+@pytest.fixture(scope="module")
+def rollout(tmp_path_factory):
+    return _generate(tmp_path_factory)
 
 
 def _run(rollout, name: str, nproc: int, *args: str) -> dict:
-    d, weights, samples = rollout
+    d, weights, samples, model_args = rollout
     out = d / f"{name}.pt"
-    torchrun(WORKER, "--weights", weights, "--samples", samples, "--out", out, *args, nproc=nproc)
+    torchrun(WORKER, "--weights", weights, "--samples", samples, "--out", out, *model_args, *args, nproc=nproc)
     return torch.load(out, weights_only=False)
 
 
@@ -59,10 +65,11 @@ def _used_routes(result: dict) -> dict[int, torch.Tensor]:
     merged: dict[int, torch.Tensor] = {}
     for part in result["per_rank"]:
         for sid, routes in zip(part["ids"], part["used"]):
-            base = merged.setdefault(sid, torch.full_like(routes, -1))
+            # int64: -1 marks a layer no rank filled (routes come back in a compact unsigned dtype).
+            base = merged.setdefault(sid, torch.full(routes.shape, -1, dtype=torch.long))
             for layer in part["layers"]:
-                column = layer - 1  # tiny model: layer 0 is dense, MoE layers 1..3 -> columns 0..2
-                base[:, column] = routes[:, column]
+                column = layer - 1  # tiny model: layer 0 is dense, MoE layers 1.. -> columns 0..
+                base[:, column] = routes[:, column].long()
     return merged
 
 
@@ -84,6 +91,42 @@ LAYOUTS = {
 def test_r3_replays_rollout_routes(rollout, single, layout, record_property):
     nproc, args = LAYOUTS[layout]
     got = single if layout == "single" else _run(rollout, layout, nproc, *args)
+    _check_replay(got, single, layout, record_property, num_moe=3)
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    rollout = _generate(tmp_path_factory, "--num-layers", "5")
+    return rollout, _run(rollout, "single", 1)
+
+
+UNEVEN = {
+    # first stage: dense layer 0 and MoE layer 1; last: MoE layers 2, 3, 4
+    "first2": (["--pp-first", "2"], [[0, 1], [2, 3, 4]]),
+    # first stage holds only the dense layer: a stage with no router at all
+    "last4": (["--pp-last", "4"], [[0], [1, 2, 3, 4]]),
+}
+
+
+@pytest.mark.parametrize("split", list(UNEVEN))
+def test_r3_uneven_pipeline_stages(five_layers, split, record_property):
+    """5 layers at PP=2 split unevenly, against one rank: each stage replays the routes of its
+    own layers, found by their global index, and the step's gradients are the single rank's."""
+    rollout, single = five_layers
+    args, expected = UNEVEN[split]
+    got = _run(rollout, f"pp2_{split}", 2, "--pp", "2", *args, "--microbatches", "4")
+    # Not vacuous: the stages really are uneven (an even split of 5 layers would be refused).
+    assert sorted(part["stage_layers"] for part in got["per_rank"]) == expected
+    assert sorted(part["layers"] for part in got["per_rank"]) == [[i for i in stage if i] for stage in expected]
+    assert single["per_rank"][0]["stage_layers"] == [0, 1, 2, 3, 4]
+    _check_replay(got, single, f"pp2_{split}", record_property, num_moe=4)
+    # Every layer of both stages received a gradient (a stage left out would compare zeros).
+    for layer in range(5):
+        norm = sum(float(g.norm()) for n, g in got["grads"].items() if f"decoder.layers.{layer}." in n)
+        assert norm > 0, f"layer {layer} has no gradient"
+
+
+def _check_replay(got, single, layout, record_property, *, num_moe):
     rollout_routes = got["rollout_routes"]
     used = _used_routes(got)
     assert sorted(used) == list(range(len(rollout_routes)))
@@ -105,7 +148,7 @@ def test_r3_replays_rollout_routes(rollout, single, layout, record_property):
     # While replaying, agreement compares the router's live choice on the replayed network with
     # the replayed routes; it is a fraction, reported per layer.
     assert 0.0 < stats["routing/agreement_mean"] <= 1.0
-    assert {f"routing/agreement_moe{c}" for c in range(3)} <= set(stats)
+    assert {f"routing/agreement_moe{c}" for c in range(num_moe)} <= set(stats)
 
     ref_lp, lp = _per_sample(single, "replay_lp"), _per_sample(got, "replay_lp")
     live_lp = _per_sample(got, "live_lp")
@@ -115,6 +158,7 @@ def test_r3_replays_rollout_routes(rollout, single, layout, record_property):
         differs = max(differs, float((live_lp[sid] - lp[sid]).abs().max()))
     assert differs > 1e-3, "replaying different routes must change some log-probs"
 
+    assert set(got["grads"]) == set(single["grads"]), f"{layout}: gathered gradients miss parameters"
     errors = {n: float((g - single["grads"][n]).norm() / single["grads"][n].norm().clamp_min(1e-30))
               for n, g in got["grads"].items()}
     worst = max(errors, key=errors.get)

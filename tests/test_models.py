@@ -244,6 +244,60 @@ def test_parallel_sizes_must_divide_the_model(parallel, match):
         to_transformer_config(ModelConfig(), parallel, on_cpu=True)
 
 
+@pytest.mark.parametrize(
+    "layers,pp,first,last,vpp,expected",
+    [
+        (94, 4, 23, 23, None, [23, 24, 24, 23]),  # Qwen3-235B at PP=4
+        (94, 2, 47, None, None, [47, 47]),
+        (5, 2, 2, None, None, [2, 3]),
+        (3, 2, None, 1, None, [2, 1]),
+        (10, 3, 2, None, 2, [2, 4, 4]),
+        (8, 2, None, None, None, [4, 4]),
+    ],
+)
+def test_uneven_pipeline_stages_reach_megatron(layers, pp, first, last, vpp, expected):
+    """The split, and Megatron-Core's own config accepting it (test_routing_align.py checks
+    the same split against Megatron's get_num_layers_to_build)."""
+    parallel = ParallelConfig(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+                              num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
+    assert parallel.stage_layers(layers) == expected
+    config = to_transformer_config(ModelConfig(num_hidden_layers=layers), parallel, on_cpu=True)
+    assert (config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage) == (first, last)
+
+
+@pytest.mark.parametrize(
+    "layers,parallel,match",
+    [
+        (94, dict(pipeline_model_parallel_size=4), r"num_hidden_layers \(94\) is not divisible by "
+         r"pipeline_model_parallel_size \(4\); for uneven stages set parallel.num_layers_in_first_pipeline_stage"),
+        (94, dict(pipeline_model_parallel_size=4, num_layers_in_first_pipeline_stage=24),
+         r"num_hidden_layers \(94\) minus parallel.num_layers_in_first_pipeline_stage \(24\) leaves 70 layers "
+         r"for the 3 middle stage\(s\) of pipeline_model_parallel_size \(4\)"),
+        (5, dict(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=2,
+                 num_layers_in_last_pipeline_stage=2), r"leaves 1 layers for no middle stage"),
+        (4, dict(pipeline_model_parallel_size=3, num_layers_in_first_pipeline_stage=2,
+                 num_layers_in_last_pipeline_stage=2), r"leaves 0 layers for the 1 middle stage"),
+        (10, dict(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=3,
+                  virtual_pipeline_model_parallel_size=2), r"stages hold \[3, 7\] layers .* not all divisible by "
+         r"virtual_pipeline_model_parallel_size \(2\)"),
+    ],
+)
+def test_uneven_pipeline_stages_refused(layers, parallel, match):
+    with pytest.raises(ValueError, match=match):
+        to_transformer_config(ModelConfig(num_hidden_layers=layers), ParallelConfig(**parallel), on_cpu=True)
+
+
+def test_uneven_pipeline_stage_inputs():
+    with pytest.raises(ValueError, match=r"num_layers_in_last_pipeline_stage \(2\) needs pipeline_model_parallel_size > 1"):
+        ParallelConfig(num_layers_in_last_pipeline_stage=2)
+    with pytest.raises(ValueError, match="parallel.num_layers_in_first_pipeline_stage must be a positive integer"):
+        ParallelConfig(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=0)
+    # One place for the stage split: Megatron's field of the same name under model.megatron is refused.
+    with pytest.raises(ValueError, match=r"model.megatron sets \['num_layers_in_first_pipeline_stage'\]: set them under parallel"):
+        to_transformer_config(ModelConfig(num_hidden_layers=3, megatron={"num_layers_in_first_pipeline_stage": 2}),
+                              ParallelConfig(pipeline_model_parallel_size=2), on_cpu=True)
+
+
 def test_bad_parallel_and_dict_config():
     with pytest.raises(ValueError, match="tensor_model_parallel_size"):
         ParallelConfig(tensor_model_parallel_size=0)

@@ -250,6 +250,9 @@ LAYOUTS = [
     dict(num_layers=8, pp=4, vpp=2),
     dict(num_layers=10, pp=3, first=2, last=4),
     dict(num_layers=7, pp=2, first=3),
+    dict(num_layers=94, pp=4, first=23, last=23),  # Qwen3-235B: 23/24/24/23
+    dict(num_layers=5, pp=2, first=2),
+    dict(num_layers=5, pp=2, last=4),
     dict(num_layers=7, pp=2, last=2),
     dict(num_layers=9, pp=3, first=1, last=2),
     dict(num_layers=12, pp=3, vpp=2, first=2, last=2),
@@ -298,9 +301,9 @@ def test_stage_moe_layers_with_model_config_and_slots():
     assert stage_moe_layers(2, num_layers=8, pp_size=2, pp_rank=0) == [0, 2]
     with pytest.raises(ValueError, match=r"layers \[5\] are not MoE layers"):
         moe_slots(pattern, [5])
-    with pytest.raises(ValueError, match="cannot be split over 3 pipeline stages"):
+    with pytest.raises(ValueError, match=r"num_hidden_layers \(8\) is not divisible by pipeline_model_parallel_size \(3\)"):
         stage_layer_range(8, pp_size=3, pp_rank=0)
-    with pytest.raises(ValueError, match="not all divisible by vpp_size 3"):
+    with pytest.raises(ValueError, match=r"not all divisible by virtual_pipeline_model_parallel_size \(3\)"):
         stage_layer_range(8, pp_size=2, pp_rank=0, vpp_size=3, vp_stage=0)
 
 

@@ -90,7 +90,7 @@ def test_replay_forces_the_given_routes(chunks):
         replayed = collect_log_probs(chunks, mbs)
         used = recorded_sample_routes(chunks, mbs)
     for s, u, ul in zip(forced, used, used_live):
-        assert torch.equal(u, s.routes.long())
+        assert torch.equal(u.long(), s.routes.long())
         assert not same_topk_set(ul.reshape(-1, 2), s.routes.long().reshape(-1, 2)).all()
     assert any(not torch.allclose(a, b) for a, b in zip(live, replayed))
     weighted = assign_step_weights(mbs, "token_mean")

@@ -30,17 +30,17 @@ def validate(cfg: TrainConfig) -> None:
 
         from sapo_megatron.models.config import to_transformer_config
 
-        # Its divisibility checks (heads % TP, layers % PP, experts % EP, megatron: keys) and
+        # Its divisibility checks (heads % TP, the pipeline stage split, experts % EP, megatron: keys) and
         # Megatron-Core's own TransformerConfig checks, without building anything.
         to_transformer_config(model, cfg.parallel, on_cpu=not torch.cuda.is_available())
     except (ValueError, AssertionError) as err:
         problems.append(f"model x parallel: {err}")
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
-    if vpp is not None and (pp < 2 or model.num_hidden_layers % (pp * vpp)):
+    # The layers of every stage dividing by vpp is checked with the stage split, above.
+    if vpp is not None and pp < 2:
         problems.append(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
-                        f"pipeline_model_parallel_size > 1 and model.num_hidden_layers "
-                        f"({model.num_hidden_layers}) divisible by pipeline x virtual ({pp} x {vpp})")
+                        f"pipeline_model_parallel_size > 1, got {pp}")
     if cfg.routing.mode != "none" and not any(model.moe_layer_pattern()):
         problems.append(f"routing.mode={cfg.routing.mode} replays MoE routes, but the model has no "
                         f"MoE layers (model.num_experts={model.num_experts}); use routing.mode=none")

@@ -35,6 +35,57 @@ def _require_positive_ints(obj, section: str, names) -> None:
             raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
 
 
+_UNEVEN = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+
+
+def pipeline_stage_layers(
+    num_layers: int,
+    pp_size: int,
+    *,
+    first: int | None = None,
+    last: int | None = None,
+    vpp_size: int | None = None,
+) -> list[int]:
+    """Layers per pipeline rank, as Megatron-Core splits them (``get_num_layers_to_build``).
+
+    ``first`` / ``last`` fix the first and last stage (``num_layers_in_{first,last}_pipeline_
+    stage``); the stages between share the rest evenly. With ``vpp_size`` every rank's share is
+    cut into that many equal virtual stages, so each must divide by it. Errors name the inputs.
+    """
+    counts: list[int | None] = [None] * pp_size
+    if pp_size > 1 and first is not None:
+        counts[0] = first
+    if pp_size > 1 and last is not None:
+        counts[-1] = last
+    fixed = sum(c for c in counts if c is not None)
+    left, middle = num_layers - fixed, counts.count(None)
+    if first is None and last is None:
+        if num_layers % pp_size:
+            raise ValueError(
+                f"model.num_hidden_layers ({num_layers}) is not divisible by "
+                f"pipeline_model_parallel_size ({pp_size}); for uneven stages set "
+                f"parallel.num_layers_in_first_pipeline_stage and/or "
+                f"num_layers_in_last_pipeline_stage"
+            )
+    elif left < 0 or (middle and (left == 0 or left % middle)) or (not middle and left):
+        given = ", ".join(f"parallel.{n} ({v})" for n, v in zip(_UNEVEN, (first, last)) if v is not None)
+        where = (f"the {middle} middle stage(s) of pipeline_model_parallel_size ({pp_size})" if middle
+                 else f"no middle stage at pipeline_model_parallel_size ({pp_size})")
+        raise ValueError(
+            f"model.num_hidden_layers ({num_layers}) minus {given} leaves {left} layers for "
+            f"{where}: they must split evenly, at least one layer each"
+        )
+    per_rank = [c if c is not None else left // middle for c in counts]
+    vpp = vpp_size or 1
+    if any(c % vpp for c in per_rank):
+        raise ValueError(
+            f"pipeline stages hold {per_rank} layers (model.num_hidden_layers {num_layers} over "
+            f"pipeline_model_parallel_size {pp_size}), not all divisible by "
+            f"virtual_pipeline_model_parallel_size ({vpp})"
+        )
+    return per_rank
+
+
 @dataclass
 class ParallelConfig:
     """Model-parallel sizes; data parallelism is whatever remains of the world."""
@@ -47,6 +98,11 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     # Required by Megatron-Core for MoE with TP>1 in training; default on whenever TP>1.
     sequence_parallel: bool | None = None
+    # Uneven pipeline stages, Megatron-Core's TransformerConfig fields of the same names: the
+    # layers of the first / last stage; the stages between share the rest evenly. None: an even
+    # split. E.g. Qwen3-235B's 94 layers at PP=4: first 23, last 23 -> 23/24/24/23.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
 
     def __post_init__(self) -> None:
         _require_positive_ints(
@@ -61,6 +117,24 @@ class ParallelConfig:
         )
         if self.sequence_parallel is None:
             self.sequence_parallel = self.tensor_model_parallel_size > 1
+        uneven = [n for n in _UNEVEN if getattr(self, n) is not None]
+        _require_positive_ints(self, "parallel", uneven)
+        if uneven and self.pipeline_model_parallel_size < 2:
+            # Megatron-Core would build only that many layers on the single stage.
+            raise ValueError(
+                f"parallel.{uneven[0]} ({getattr(self, uneven[0])}) needs "
+                f"pipeline_model_parallel_size > 1, got {self.pipeline_model_parallel_size}"
+            )
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Layers held by each pipeline rank (all its virtual stages together)."""
+        return pipeline_stage_layers(
+            num_layers,
+            self.pipeline_model_parallel_size,
+            first=self.num_layers_in_first_pipeline_stage,
+            last=self.num_layers_in_last_pipeline_stage,
+            vpp_size=self.virtual_pipeline_model_parallel_size,
+        )
 
     @property
     def model_parallel_size(self) -> int:
@@ -201,11 +275,11 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_cp
             f"model.num_attention_heads ({model.num_attention_heads}) is not divisible by "
             f"tensor_model_parallel_size ({parallel.tensor_model_parallel_size})"
         )
-    if model.num_hidden_layers % parallel.pipeline_model_parallel_size:
-        raise ValueError(
-            f"model.num_hidden_layers ({model.num_hidden_layers}) is not divisible by "
-            f"pipeline_model_parallel_size ({parallel.pipeline_model_parallel_size})"
-        )
+    misplaced = sorted(set(_UNEVEN) & set(model.megatron))
+    if misplaced:
+        # One source for the stage split: the parallel layout, checked against the layers below.
+        raise ValueError(f"model.megatron sets {misplaced}: set them under parallel instead")
+    parallel.stage_layers(model.num_hidden_layers)
     if model.num_experts and model.num_experts % parallel.expert_model_parallel_size:
         raise ValueError(
             f"model.num_experts ({model.num_experts}) is not divisible by "
@@ -237,6 +311,8 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_cp
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         context_parallel_size=parallel.context_parallel_size,

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sapo_megatron.models.config import pipeline_stage_layers
 from sapo_megatron.routing.compact import moe_layer_pattern
 
 
@@ -261,7 +262,8 @@ def stage_layer_range(
 
     Computed independently of Megatron-Core (and tested against its
     ``get_transformer_layer_offset`` / ``get_num_layers_to_build``): every pipeline rank
-    holds a number of layers (the uneven first/last counts, the rest split evenly), each rank's
+    holds a number of layers (``models.config.pipeline_stage_layers``: the uneven first/last
+    counts, the rest split evenly), each rank's
     share is cut into ``vpp_size`` equal chunks, and the layers are dealt out chunk by chunk in
     the order virtual stage 0 of ranks 0..pp-1, then virtual stage 1, ... Custom
     ``pipeline_model_parallel_layout`` strings and embedding/loss stages are not supported.
@@ -272,23 +274,8 @@ def stage_layer_range(
     stage = vp_stage or 0
     if not 0 <= stage < vpp:
         raise ValueError(f"vp_stage {vp_stage} is outside [0, vpp_size {vpp})")
-    counts = [None] * pp_size
-    if pp_size > 1 and num_layers_in_first_stage is not None:
-        counts[0] = num_layers_in_first_stage
-    if pp_size > 1 and num_layers_in_last_stage is not None:
-        counts[-1] = num_layers_in_last_stage
-    left = num_layers - sum(c for c in counts if c is not None)
-    middle = counts.count(None)
-    if left < 0 or (middle and left % middle) or (not middle and left):
-        raise ValueError(
-            f"{num_layers} layers cannot be split over {pp_size} pipeline stages with "
-            f"{num_layers_in_first_stage} in the first and {num_layers_in_last_stage} in the last"
-        )
-    counts = [c if c is not None else left // middle for c in counts]
-    if any(c % vpp for c in counts):
-        raise ValueError(
-            f"pipeline stages hold {counts} layers, not all divisible by vpp_size {vpp}"
-        )
+    counts = pipeline_stage_layers(num_layers, pp_size, first=num_layers_in_first_stage,
+                                   last=num_layers_in_last_stage, vpp_size=vpp)
     chunk_sizes = [c // vpp for c in counts]
     offset = stage * sum(chunk_sizes) + sum(chunk_sizes[:pp_rank])
     return range(offset, offset + chunk_sizes[pp_rank])

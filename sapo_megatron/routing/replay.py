@@ -17,7 +17,12 @@ in flight under PP 1F1B and with activation recomputation. So:
   is set) is a recomputation: it pops a second FIFO filled by the forward calls, so the
   backward replays exactly the routes its forward used, in schedule order;
 - :meth:`RoutingReplay.finish` asserts that every pushed route was consumed exactly once by a
-  forward (and once by a recompute when recomputation is on).
+  forward (and once by a recompute when recomputation is on);
+- nothing in the hooks makes the host wait for the GPU (upstream's replay has no counts to
+  keep, ours must not pay for them): routes cross to the device in non-blocking copies, once
+  per microbatch; agreement counts are summed on the device and read once per step
+  (:func:`replay_metrics`); recorded routes stay on the device, compact, until the pass ends
+  (``tests/test_replay_syncs.py`` counts the syncs).
 
 Actions: ``None`` (live routing, untouched), ``"record"`` (R2's old-log-prob pass: route live
 and keep the indices), ``"replay"`` (use pushed routes where the replay mask is set, live
@@ -35,6 +40,7 @@ import torch.distributed as dist
 from sapo_megatron.collectives import all_reduce_tensor
 from sapo_megatron.mcore.router_replay import install_router_hook, moe_routers
 from sapo_megatron.routing.align import sp_slice
+from sapo_megatron.routing.compact import storage_dtype
 from sapo_megatron.step.sharding import unwrap
 
 ACTIONS = (None, "record", "replay", "compare")
@@ -54,17 +60,12 @@ class MicrobatchRoutes:
 
 @dataclass
 class _Target:
-    idx_TK: torch.Tensor
+    idx_TK: torch.Tensor  # compact dtype, on the device; widened to int64 when used
     replay_T: torch.Tensor
     valid_T: torch.Tensor
 
 
-@dataclass
-class _Counts:
-    tokens: int = 0
-    replayed: int = 0
-    agree: int = 0
-    fallback: int = 0
+COUNTS = ("tokens", "replayed", "agree", "fallback")  # the columns of LayerReplay.counts_C
 
 
 def _in_backward() -> bool:
@@ -84,8 +85,9 @@ class LayerReplay:
         self.moe_index = moe_index
         self.forward_queue: list[_Target] = []
         self.recompute_queue: list[_Target] = []
-        self.recorded: list[torch.Tensor] = []
-        self.counts = _Counts()
+        self.recorded: list[torch.Tensor] = []  # per microbatch, compact dtype, on the device
+        # Token counts (COUNTS) summed on the device: read once per step by replay_metrics.
+        self.counts_C: torch.Tensor | None = None
 
     def select(self, scores, live_values, live_idx):
         """``(probs, indices)`` for the router: live, recorded, replayed or compared, per action."""
@@ -95,7 +97,7 @@ class LayerReplay:
         recompute = _in_backward()
         if action == "record":
             if not recompute:
-                self.recorded.append(live_idx.detach().clone())
+                self.recorded.append(live_idx.detach().to(self.controller.route_dtype))
             return live_values, live_idx
         target = self._next_target(recompute)
         if target.idx_TK.shape != live_idx.shape:
@@ -104,14 +106,12 @@ class LayerReplay:
                 f"{tuple(target.idx_TK.shape)} (tokens, topk) but the router sees "
                 f"{tuple(live_idx.shape)}; the routes were aligned to another layout"
             )
-        replay_T1 = target.replay_T[:, None]
-        idx = torch.where(replay_T1, target.idx_TK, live_idx)
-        if action == "compare":
-            idx = live_idx
+        replayed_idx = torch.where(target.replay_T[:, None], target.idx_TK.long(), live_idx)
+        idx = live_idx if action == "compare" else replayed_idx
         if not recompute:
-            self._count(live_idx, torch.where(replay_T1, target.idx_TK, live_idx), target)
+            self._count(live_idx, replayed_idx, target)
             if self.controller.keep_used:
-                self.recorded.append(idx.detach().clone())
+                self.recorded.append(idx.detach().to(self.controller.route_dtype))
         if action == "compare":
             return live_values, live_idx
         return scores.gather(1, idx), idx
@@ -130,15 +130,14 @@ class LayerReplay:
         return target
 
     def _count(self, live_idx, used_idx, target: _Target) -> None:
+        """Add this microbatch's counts on the device: reading them here (``int(t.sum())``)
+        would stall the host behind the GPU four times per layer per microbatch."""
         with torch.no_grad():
             valid = target.valid_T
             replayed = target.replay_T & valid
             agree = same_topk_set(live_idx, used_idx) & replayed
-            c = self.counts
-            c.tokens += int(valid.sum())
-            c.replayed += int(replayed.sum())
-            c.agree += int(agree.sum())
-            c.fallback += int((valid & ~target.replay_T).sum())
+            counts_C = torch.stack([valid, replayed, agree, valid & ~target.replay_T]).sum(1)
+            self.counts_C = counts_C if self.counts_C is None else self.counts_C + counts_C
 
 
 @dataclass
@@ -156,12 +155,17 @@ class RoutingReplay:
     keep_used: bool = False
     # Whether the current pass runs a backward (and so, with recomputation, a second forward).
     with_backward: bool = False
+    # Recorded routes are kept in the rollout batch's compact dtype (compact.storage_dtype).
+    route_dtype: torch.dtype = torch.int64
+    topk: int | None = None
 
     def on_microbatch(self, routes: MicrobatchRoutes | None, *, device=None) -> None:
         """Called by the forward step right before a microbatch's forward.
 
-        Routes arrive compact on the host; each layer's slice moves to ``device`` (the model's)
-        here, and is widened to int64 there.
+        Routes arrive compact on the host. This chunk's MoE layers cross to ``device`` (the
+        model's) in one non-blocking copy, the two masks in another, whatever the layer count:
+        a blocking copy per layer would make the host wait for the GPU each time. Each layer's
+        slice stays compact until its router widens it to int64.
         """
         if self.action not in ("replay", "compare"):
             return
@@ -188,11 +192,21 @@ class RoutingReplay:
                     f"microbatch routes were aligned for sequence-parallel shard {routes.sp_shard}, "
                     f"this rank is ({rank}, {size})"
                 )
-        replay_T = replay_SB.reshape(-1).to(device)
-        valid_T = ~pad_SB.reshape(-1).to(device)
+        if not self.layers:  # a pipeline stage without MoE layers
+            self.pushed += 1
+            return
+        columns = self.moe_columns
+        lo = columns[0]
+        if columns == list(range(lo, lo + len(columns))):  # a pipeline stage's layers: a slice
+            mine_SBMK = routes_SBMK[:, :, lo : lo + len(columns)]
+        else:
+            mine_SBMK = routes_SBMK[:, :, columns]
+        routes_dev = _to_device(mine_SBMK, device)
+        masks_2T = _to_device(torch.stack([replay_SB.reshape(-1), ~pad_SB.reshape(-1)]), device)
+        replay_T, valid_T = masks_2T.unbind(0)
         topk = routes_SBMK.shape[-1]
-        for layer, column in zip(self.layers, self.moe_columns):
-            idx_TK = routes_SBMK[:, :, column].reshape(-1, topk).to(device).long()
+        for j, layer in enumerate(self.layers):
+            idx_TK = routes_dev[:, :, j].reshape(-1, topk)
             layer.forward_queue.append(_Target(idx_TK, replay_T, valid_T))
         self.pushed += 1
 
@@ -222,7 +236,17 @@ class RoutingReplay:
 
     def reset_counts(self) -> None:
         for layer in self.layers:
-            layer.counts = _Counts()
+            layer.counts_C = None
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` (host) on ``device`` without making the host wait: pinned, non-blocking on CUDA."""
+    device = torch.device(device) if device is not None else t.device
+    if device.type == "cpu":
+        return t.contiguous()
+    if device.type == "cuda":
+        t = t.contiguous().pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def attach_routing_replay(model, moe_layer_pattern: list[int]) -> RoutingReplay:
@@ -234,7 +258,11 @@ def attach_routing_replay(model, moe_layer_pattern: list[int]) -> RoutingReplay:
         num_moe_layers=len(moe_globals),
         recompute=config.recompute_granularity is not None,
         sequence_parallel=bool(config.sequence_parallel),
+        route_dtype=storage_dtype(config.num_moe_experts or 1),
+        topk=config.moe_router_topk,
     )
+    # Routers are found by their global layer index (Megatron's layer_number), so any pipeline
+    # split, uneven first/last stages included, maps each router to its column.
     for global_index, router in moe_routers(inner):
         layer = LayerReplay(controller, global_index)
         install_router_hook(router, layer)
@@ -283,16 +311,19 @@ def replay_metrics(model_chunks) -> dict[str, float]:
     if not controllers:
         return {}
     num = controllers[0].num_moe_layers
-    table = torch.zeros(num, 4, dtype=torch.float64)
-    for c in controllers:
-        for layer, column in zip(c.layers, c.moe_columns):
-            k = layer.counts
-            table[column] += torch.tensor([k.tokens, k.replayed, k.agree, k.fallback], dtype=torch.float64)
+    counted = [(column, layer.counts_C) for c in controllers
+               for layer, column in zip(c.layers, c.moe_columns) if layer.counts_C is not None]
+    device = counted[0][1].device if counted else None
+    table = torch.zeros(num, len(COUNTS), dtype=torch.int64, device=device)
+    for column, counts_C in counted:
+        table[column] += counts_C
     if dist.is_initialized():
         table = all_reduce_tensor(table)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if not controllers[0].sequence_parallel and tp > 1:
-            table /= tp
+    # The one read of the counts: once per step, after the collective.
+    table = table.to("cpu", torch.float64)
+    tp = parallel_state.get_tensor_model_parallel_world_size() if dist.is_initialized() else 1
+    if not controllers[0].sequence_parallel and tp > 1:
+        table /= tp
     out: dict[str, float] = {}
     tokens, replayed, agree, fallback = table.unbind(1)
     seen = tokens > 0
@@ -312,47 +343,56 @@ def recorded_sample_routes(model_chunks, microbatches, *, include_last: bool = F
     R2 uses it after a ``"record"`` pass (the live routes); with ``keep_used`` set, it returns
     the routes the routers actually used in a ``"replay"`` pass (the parity check).
 
-    Returns one ``[N_i - 1, M, K]`` int tensor per sample (microbatch order):
-    tokens ``0 .. N_i - 2``, the form a rollout engine returns (see ``Sample.routes``).
-    ``include_last`` adds the last token's row (``N_i`` rows): the embedded rollout engine
-    needs it, because the token it feeds next is that last one. Only this rank's MoE layers
-    are filled (a pipeline stage replays its own layers only); sequence-parallel shards are
-    gathered over TP first.
+    Returns one ``[N_i - 1, M, K]`` tensor per sample (microbatch order), in the compact dtype
+    of the rollout batch's routes (``compact.storage_dtype``): tokens ``0 .. N_i - 2``, the form
+    a rollout engine returns (see ``Sample.routes``). ``include_last`` adds the last token's
+    row (``N_i`` rows): the embedded rollout engine needs it, because the token it feeds next is
+    that last one. Only this rank's MoE layers are filled (a pipeline stage replays its own
+    layers only; the others hold zeros); sequence-parallel shards are gathered over TP first.
+    Per microbatch, this rank's layers come to the host in ONE copy (per sample and layer, the
+    host would wait for the device every time), after the pass rather than inside it.
     """
-    from megatron.core import parallel_state
-
     controllers = [c for c in (routing_replay_of(m) for m in model_chunks) if c is not None]
     if not controllers:
         raise ValueError("no routing replay is attached to these model chunks")
-    num = controllers[0].num_moe_layers
+    num, dtype = controllers[0].num_moe_layers, controllers[0].route_dtype
+    layers = [(layer, column, c) for c in controllers for layer, column in zip(c.layers, c.moe_columns)]
+    for layer, _, _ in layers:
+        if len(layer.recorded) != len(microbatches):
+            raise RuntimeError(
+                f"MoE layer {layer.moe_index} recorded {len(layer.recorded)} microbatches, "
+                f"expected {len(microbatches)}"
+            )
+    columns = torch.tensor([column for _, column, _ in layers], dtype=torch.long)
+    sequence_parallel = any(c.sequence_parallel for _, _, c in layers)
     samples: list[torch.Tensor] = []
     for i, mb in enumerate(microbatches):
         B, S = mb.tokens.shape
-        lengths = (mb.sample_index >= 0).sum(1) + int(include_last)
-        starts = mb.sample_index[:, 0]
-        topk = None
-        per_layer: dict[int, torch.Tensor] = {}
-        for c in controllers:
-            for layer, column in zip(c.layers, c.moe_columns):
-                if len(layer.recorded) != len(microbatches):
-                    raise RuntimeError(
-                        f"MoE layer {layer.moe_index} recorded {len(layer.recorded)} microbatches, "
-                        f"expected {len(microbatches)}"
-                    )
-                idx_TK = layer.recorded[i]
-                if c.sequence_parallel:
-                    group = parallel_state.get_tensor_model_parallel_group()
-                    parts = [torch.empty_like(idx_TK) for _ in range(dist.get_world_size(group))]
-                    dist.all_gather(parts, idx_TK.contiguous(), group=group)
-                    idx_TK = torch.cat(parts)
-                topk = idx_TK.shape[1]
-                per_layer[column] = idx_TK.reshape(S, B, topk)
-        for b in range(mb.sample_index.shape[0]):
-            n, first = int(lengths[b]), int(starts[b])
+        lengths = ((mb.sample_index >= 0).sum(1) + int(include_last)).tolist()
+        starts = mb.sample_index[:, 0].tolist()
+        # A pipeline stage without MoE layers returns zeros of the right shape.
+        topk = layers[0][0].recorded[i].shape[1] if layers else controllers[0].topk
+        routes_SBLK = torch.zeros(S, B, 0, topk, dtype=dtype)
+        if layers:
+            local_TLK = torch.stack([layer.recorded[i] for layer, _, _ in layers], dim=1)
+            if sequence_parallel:
+                local_TLK = _gather_sequence(local_TLK)
+            routes_SBLK = local_TLK.cpu().view(S, B, len(layers), topk)
+        for b, (n, first) in enumerate(zip(lengths, starts)):
             flat = first + torch.arange(n)
-            rows_b, rows_s = flat // S, flat % S
-            out = torch.zeros(n, num, topk, dtype=torch.long)
-            for column, routes_SBK in per_layer.items():
-                out[:, column] = routes_SBK[rows_s, rows_b]
+            out = torch.zeros(n, num, topk, dtype=dtype)
+            out[:, columns] = routes_SBLK[flat % S, flat // S]
             samples.append(out)
     return samples
+
+
+def _gather_sequence(local_TLK: torch.Tensor) -> torch.Tensor:
+    """The sequence-parallel shards of every TP rank, concatenated (one collective). Narrow
+    integer dtypes travel as bytes, which every backend gathers."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    raw = local_TLK.contiguous().view(torch.uint8)
+    parts = [torch.empty_like(raw) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, raw, group=group)
+    return torch.cat(parts).view(local_TLK.dtype)

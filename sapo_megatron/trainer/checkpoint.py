@@ -130,10 +130,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def layout() -> dict:
+def layout(model_chunks=None) -> dict:
+    """This run's parallel layout; with ``model_chunks``, also the layers per pipeline stage
+    (``pp_layers``: uneven first/last stages change it at the same PP size)."""
     from megatron.core import parallel_state as ps
 
-    return {
+    out = {
         "world_size": _world(),
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
@@ -143,6 +145,22 @@ def layout() -> dict:
         "cp": ps.get_context_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
     }
+    if model_chunks:
+        out["pp_layers"] = _pipeline_split(model_chunks, out["pp"])
+    return out
+
+
+def _pipeline_split(model_chunks, pp: int, *, even: bool = False) -> list[int]:
+    """Layers per pipeline stage of this model at PP ``pp`` (``even``: as every checkpoint
+    written before uneven stages existed split them)."""
+    from sapo_megatron.models.config import pipeline_stage_layers
+    from sapo_megatron.step.sharding import unwrap
+
+    cfg = unwrap(model_chunks[0]).config
+    if even:
+        return pipeline_stage_layers(cfg.num_layers, pp) if cfg.num_layers % pp == 0 else None
+    return pipeline_stage_layers(cfg.num_layers, pp, first=cfg.num_layers_in_first_pipeline_stage,
+                                 last=cfg.num_layers_in_last_pipeline_stage)
 
 
 def _rng_state() -> dict:
@@ -259,7 +277,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     state["sapo_extra_state"] = common
     state["sapo_rank_state"] = _per_rank_object("sapo_rank_state", per_rank)
     full_meta = {
-        "format": FORMAT, "step": step, "layout": layout(),
+        "format": FORMAT, "step": step, "layout": layout(model_chunks),
         "optimizer": {
             "distributed": optimizer is not None and is_distributed_optimizer(optimizer),
             "sharding": DISTOPT_SHARDING if optimizer is not None and is_distributed_optimizer(optimizer) else None,
@@ -424,7 +442,9 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler=None) -
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / META} has format {meta.get('format')!r}, expected {FORMAT!r}")
     check_complete(path)
-    here, there = layout(), meta["layout"]
+    here, there = layout(model_chunks), dict(meta["layout"])
+    if "pp_layers" not in there:  # written before uneven pipeline stages: an even split
+        there["pp_layers"] = _pipeline_split(model_chunks, there["pp"], even=True)
     same_layout = here == there
     state = model_sharded_state_dict(model_chunks)
     saved = _check_shapes(path, state)
@@ -496,14 +516,16 @@ def _check_optimizer_compat(path: Path, meta: dict, optimizer, here: dict, there
             f"this run has {str(now_dist).lower()}: the two store the optimizer state differently; "
             f"resume with the setting that wrote it")
     if now_dist:
-        keys = ("tp", "pp", "vpp", "ep", "etp", "cp")
-        changed = {k: (there[k], here[k]) for k in keys if there[k] != here[k]}
+        keys = ("tp", "pp", "pp_layers", "vpp", "ep", "etp", "cp")
+        changed = {k: (there.get(k), here.get(k)) for k in keys if there.get(k) != here.get(k)}
+        if "pp" in changed:  # another PP size splits the layers differently anyway
+            changed.pop("pp_layers", None)
         if changed:
             desc = ", ".join(f"{k.upper()} {a} -> {b}" for k, (a, b) in changed.items())
             raise CheckpointError(
                 f"{path} holds a distributed-optimizer state in the '{DISTOPT_SHARDING}' format, which "
                 f"reshards across data-parallel size only, not {desc}. Resume at "
-                + ", ".join(f"{k.upper()}={there[k]}" for k in keys)
+                + ", ".join(f"{k.upper()}={there.get(k)}" for k in keys)
                 + f" (any DP size), or start from its weights alone: model.ckpt_dir={path} with a "
                 f"fresh run directory (the Adam moments restart)")
 

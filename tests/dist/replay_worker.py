@@ -160,6 +160,7 @@ def _samples(records) -> list[Sample]:
 
 
 def main() -> None:
+    global MODEL
     ap = argparse.ArgumentParser()
     ap.add_argument("--generate", action="store_true")
     add_layout_args(ap)
@@ -169,7 +170,10 @@ def main() -> None:
     ap.add_argument("--samples", required=True)
     ap.add_argument("--out")
     ap.add_argument("--perturb", type=float, default=0.1, help="relative weight noise of the rollout policy")
+    ap.add_argument("--num-layers", type=int, default=MODEL.num_hidden_layers,
+                    help="hidden layers (layer 0 dense, the rest MoE); odd counts for uneven stages")
     args = ap.parse_args()
+    MODEL = dataclasses.replace(MODEL, num_hidden_layers=args.num_layers)
     if args.generate:
         _generate(args.weights, args.samples, args.perturb)
         return
@@ -223,7 +227,9 @@ def main() -> None:
     # Per-sample results from every DP rank (pipeline stages each hold their own layers).
     mine_ids = [i for i, s in enumerate(samples) if any(s is m for m in mine)]
     local_layers = sorted({lay.moe_index for c in (unwrap(m)._sapo_routing_replay for m in chunks) for lay in c.layers})
+    stage_layers = [layer.layer_number - 1 for chunk in chunks for layer in unwrap(chunk).decoder.layers]
     result = {
+        "stage_layers": stage_layers,
         "ids": mine_ids,
         "live_lp": live_lp,
         "replay_lp": replay_lp,
