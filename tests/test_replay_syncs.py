@@ -204,3 +204,46 @@ def test_r2_records_compact_and_copies_once_per_microbatch(num_moe_layers):
     assert counter.scalar_reads == 0 and counter.data_dependent == 0
     assert [r.shape for r in recorded] == [(s.tokens.numel() - 1, num_moe_layers, 2) for s in samples]
     assert all(r.dtype == torch.uint8 for r in recorded)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("action", ["replay", "record"])
+def test_hooks_on_cuda_make_no_synchronizing_call(action):
+    """The same hooks on a real GPU under ``torch.cuda.set_sync_debug_mode("error")``: any call
+    that waits for the device raises. Replayed routes land where the replay mask says."""
+    from sapo_megatron.routing.replay import MicrobatchRoutes, recorded_sample_routes
+
+    chunk, controller = _meta_model(8)
+    device = torch.device("cuda")
+    S, B, K, E = 12, 2, 2, 6
+    gen = torch.Generator().manual_seed(0)
+    routes = MicrobatchRoutes(
+        routes_SBMK=torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(S * B * 8)]).view(S, B, 8, K)
+        .to(torch.uint8),
+        replay_mask_SB=torch.rand(S, B, generator=gen) < 0.8,
+        pad_mask_SB=torch.zeros(S, B, dtype=torch.bool),
+    )
+    controller.begin(action, with_backward=False)
+    used = []
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if action == "replay":
+            controller.on_microbatch(routes, device=device)
+        for layer in controller.layers:
+            scores = torch.randn(S * B, E, device=device)
+            values, idx = torch.topk(scores, K, dim=1)
+            used.append(layer.select(scores, values, idx)[1])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if action == "replay":
+        mask = routes.replay_mask_SB.reshape(-1)
+        for m, idx in enumerate(used):
+            want = routes.routes_SBMK[:, :, m].reshape(-1, K).long()
+            assert torch.equal(idx.cpu()[mask], want[mask]), f"layer {m}: replayed routes differ"
+    else:
+        samples = synthetic_samples(2, vocab_size=40, seed=6, min_length=S, max_length=S)
+        recorded = recorded_sample_routes([chunk], [collate_padded(samples)])
+        assert all(r.dtype == torch.uint8 for r in recorded)
+        assert torch.equal(recorded[0][:, 0].long(), used[0].view(S, B, K)[: S - 1, 0].cpu())
+    controller.finish()
