@@ -127,3 +127,23 @@ def test_gradients_are_not_trivial(reference):
     assert router and min(router) > 0, "router weights got no gradient"
     assert experts and min(experts) > 0, "some expert got no gradient (routing too uneven?)"
     assert norms["output_layer.weight"] > 0 and norms["embedding.word_embeddings.weight"] > 0
+
+
+def test_overlapped_param_gather_needs_and_gets_sync_params(tmp_path):
+    """GPUs overlap the sharded optimizer's parameter all-gather with the next forward: right
+    after the step, the shards other ranks updated are still the old ones, so anything that reads
+    weights without a forward (weight sync, checkpoint, the engine's copy) must call
+    ``sync_params`` first; after it, the weights equal a synchronous gather's bit for bit."""
+    out = tmp_path / "overlap.pt"
+    torchrun(Path(__file__).parent / "dist" / "overlap_worker.py", "--out", out, nproc=2)
+    runs = torch.load(out)
+    names = sorted(runs["start"])
+
+    def moved(a, b) -> list[str]:
+        return [n for n in names if not torch.equal(runs[a][n], runs[b][n])]
+
+    assert moved("sync", "start") == names, "guard: the step must move every parameter"
+    stale = [n for n in names if n not in moved("overlap", "start")]
+    # DP=2: rank 0 updated its own shard in place; the other shard waits for the gather.
+    assert stale and moved("overlap", "start"), "expected part updated, part stale before the gather"
+    assert moved("synced", "sync") == [], "sync_params must bring every parameter to the step's result"

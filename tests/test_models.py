@@ -305,3 +305,32 @@ def test_bad_parallel_and_dict_config():
         model_config_from_dict({"hiden_size": 8})
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("qwen9")
+
+
+def test_gpu_fusions_follow_what_the_machine_provides(monkeypatch):
+    """Fusions are on only where their kernels exist: TE's (wgrad accumulation, RoPE) with TE,
+    the local softmax kernel with Megatron's/Apex's extension; never on CPU; and TE's settings
+    (grouped GEMM, its fusions) follow ``SAPO_MEGATRON_TE`` like the layer spec does."""
+    from sapo_megatron.models import config as model_config
+
+    off = model_config.gpu_fusions(on_cpu=True, transformer_engine=True)
+    assert not any(off.values())
+    te = model_config.gpu_fusions(on_cpu=False, transformer_engine=True)
+    assert te["gradient_accumulation_fusion"] and te["apply_rope_fusion"]
+    assert not te["bias_dropout_fusion"], "no biases, no dropout: nothing to fuse"
+    local = model_config.gpu_fusions(on_cpu=False, transformer_engine=False)
+    have_apex_wgrad = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    assert local["gradient_accumulation_fusion"] == have_apex_wgrad and not local["apply_rope_fusion"]
+    assert local["masked_softmax_fusion"] == (importlib.util.find_spec("scaled_masked_softmax_cuda") is not None)
+    # The switch turns TE off for the spec and for every TE-only setting together.
+    monkeypatch.setattr(model_config, "_importable", lambda name: name == "transformer_engine")
+    monkeypatch.setenv("SAPO_MEGATRON_TE", "1")
+    assert model_config.transformer_engine_requested()
+    # (TransformerConfig itself refuses the RoPE fusion where TE's kernel does not import.)
+    with_te = preset("qwen3-30b-a3b", megatron={"apply_rope_fusion": False})
+    tc = to_transformer_config(with_te, ParallelConfig(expert_model_parallel_size=8), on_cpu=False)
+    assert tc.moe_grouped_gemm and tc.gradient_accumulation_fusion
+    monkeypatch.setenv("SAPO_MEGATRON_TE", "0")
+    assert not model_config.transformer_engine_requested() and not model_config.use_transformer_engine()
+    tc = to_transformer_config(preset("qwen3-30b-a3b"), ParallelConfig(expert_model_parallel_size=8), on_cpu=False)
+    assert not tc.moe_grouped_gemm and not tc.gradient_accumulation_fusion and not tc.apply_rope_fusion

@@ -15,11 +15,13 @@ from sapo_megatron.models import ModelConfig, ParallelConfig, build_gpt_model, t
 
 
 def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, wrap_ddp: bool = True,
-                       use_distributed_optimizer: bool = False):
+                       use_distributed_optimizer: bool = False, overlap: bool | None = None):
     """This rank's model chunks (one per virtual pipeline stage), DDP-wrapped and hooked.
 
     ``use_distributed_optimizer`` must match the optimizer's setting (Megatron's DDP lays out
-    its gradient buffers for the sharded optimizer).
+    its gradient buffers for the sharded optimizer). ``overlap`` (default: on with CUDA)
+    overlaps the gradient reduction with backward and, with the sharded optimizer, the
+    parameter all-gather with the next forward.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
@@ -33,8 +35,8 @@ def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     # On GPUs the gradient reduce-scatter runs while backward goes on, and with the sharded
     # optimizer the parameter all-gather while the next forward runs (its forward pre-hooks wait
     # bucket by bucket). Anything that reads the weights outside a forward must call
-    # :func:`sync_params` first. On CPU (gloo) both stay synchronous, as tested.
-    overlap = torch.cuda.is_available()
+    # :func:`sync_params` first. On CPU (gloo) both stay synchronous unless asked.
+    overlap = torch.cuda.is_available() if overlap is None else overlap
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap,
