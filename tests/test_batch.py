@@ -129,6 +129,11 @@ def test_packed_row_length_by_hand():
     assert packed_row_length([5, 3, 9], 4) == 20
     assert packed_row_length([5, 3, 9], 8, sample_multiple=4) == 24  # 8 + 4 + 12 = 24
     assert packed_row_length([], 4) == 0
+    # A row multiple that is not one of sample_multiple (sequence_multiples never gives one):
+    # the tail joins the last segment, which must stay a multiple of 4.
+    assert packed_row_length([3, 6], 2, sample_multiple=4) == 12
+    mb = collate_packed(SAMPLES, sample_multiple=4, pad_multiple=2, min_length=13)
+    assert mb.cu_seqlens_padded.tolist() == [0, 4, 8, 16]
     with pytest.raises(ValueError, match="multiples must be >= 1"):
         packed_row_length([3], 0)
 

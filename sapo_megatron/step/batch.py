@@ -28,6 +28,7 @@ Lengths are rounded up to a multiple of what tensor/sequence and context paralle
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -143,7 +144,9 @@ def packed_row_length(lengths, multiple: int = 1, *, sample_multiple: int = 1) -
     """
     if multiple < 1 or sample_multiple < 1:
         raise ValueError(f"multiples must be >= 1, got multiple={multiple} sample_multiple={sample_multiple}")
-    return _round_up(sum(_round_up(int(n), sample_multiple) for n in lengths), multiple)
+    # The row's tail joins the last sample's segment, which must stay a multiple of
+    # sample_multiple (sequence_multiples' row multiple always is one; lcm covers other callers).
+    return _round_up(sum(_round_up(int(n), sample_multiple) for n in lengths), math.lcm(multiple, sample_multiple))
 
 
 def _sample_index(starts: list[int], num_targets: list[int]) -> torch.Tensor:
@@ -224,8 +227,8 @@ def collate_packed(
 ) -> Microbatch:
     """Concatenate ``samples`` into one ``[1, T]`` row (THD packing).
 
-    ``T = max(min_length, packed_row_length(lengths, pad_multiple, sample_multiple))`` rounded
-    up to ``pad_multiple``: the samples' lengths, not a multiple of the longest. ``min_length``
+    ``T = packed_row_length(lengths, pad_multiple, sample_multiple=sample_multiple)``, the
+    samples' lengths, not a multiple of the longest (or ``min_length`` rounded up likewise). ``min_length``
     is for equal shapes (pipeline stages without variable sequence lengths, the allgather
     dispatcher). ``sample_multiple`` pads each sample's segment to a multiple of it (context
     parallelism needs ``2 * cp``). Padding carries no loss and belongs to the padded segment of
@@ -242,7 +245,8 @@ def collate_packed(
     names = _present_fields(samples)
     lengths = [s.tokens.numel() for s in samples]
     spans = [_round_up(n, sample_multiple) for n in lengths]
-    total = _round_up(max(min_length, packed_row_length(lengths, sample_multiple=sample_multiple)), pad_multiple)
+    # packed_row_length(lengths, pad_multiple, sample_multiple=...) unless min_length is longer.
+    total = _round_up(max(min_length, sum(spans)), math.lcm(pad_multiple, sample_multiple))
     tokens = torch.full((1, total), pad_id, dtype=torch.long)
     labels = torch.full((1, total), pad_id, dtype=torch.long)
     position_ids = torch.zeros(1, total, dtype=torch.long)
