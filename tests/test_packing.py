@@ -182,13 +182,19 @@ def test_local_spec_mask_is_built_per_microbatch_in_flight(chunks, monkeypatch):
     assert all(mb.attention_mask is None for mb in microbatches)
 
 
-def test_packed_row_without_thd_is_refused_on_transformer_engine():
-    """A packed row with neither a mask nor THD bounds would attend across samples under TE's
-    causal kernel: refused by name."""
+def test_attention_kind_and_packed_rows_without_thd_on_transformer_engine(chunks, monkeypatch):
+    """The local spec is recognised (it gets a mask); a chunk without attention gets none; a
+    packed row with neither a mask nor THD bounds would attend across samples under TE's causal
+    kernel: refused by name."""
+    assert step_run.attention_kind(chunks[0]) == "local"
+    assert step_run.attention_kind(torch.nn.Linear(1, 1)) is None
     mb = collate_packed(_samples())
-    model = torch.nn.Linear(1, 1)  # no local DotProductAttention: stands in for a TE model
+    assert step_run._attention_mask(torch.nn.Linear(1, 1), mb) is None
+    monkeypatch.setattr(step_run, "attention_kind", lambda model: "te")
     with pytest.raises(ValueError, match="use_thd=True"):
-        step_run._attention_mask(model, mb)
+        step_run._attention_mask(chunks[0], mb)
+    assert step_run._attention_mask(chunks[0], collate_packed(_samples(), use_thd=True)) is None
+    assert step_run._attention_mask(chunks[0], collate_padded(_samples())) is None
 
 
 def test_bench_batching_packed_padding_is_at_most_two_percent():

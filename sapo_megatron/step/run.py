@@ -254,30 +254,41 @@ def model_forward(model, mb: Microbatch):
     return model(mb.tokens, mb.position_ids, _attention_mask(model, mb), **kwargs)
 
 
-_LOCAL_ATTENTION: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ATTENTION_KIND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def uses_local_attention(model) -> bool:
-    """Does ``model`` attend through Megatron's local ``DotProductAttention`` (the CPU spec),
-    which needs an explicit mask? Transformer Engine's causal and THD kernels need none."""
+def attention_kind(model) -> str | None:
+    """``"local"`` when ``model`` attends through Megatron's local ``DotProductAttention`` (the
+    CPU spec), which needs an explicit mask; ``"te"`` for any other attention (Transformer
+    Engine's causal and THD kernels need none); None for a chunk without attention."""
     inner = unwrap(model)
-    if inner not in _LOCAL_ATTENTION:
+    if inner not in _ATTENTION_KIND:
+        from megatron.core.transformer.attention import Attention
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-        _LOCAL_ATTENTION[inner] = any(isinstance(m, DotProductAttention) for m in inner.modules())
-    return _LOCAL_ATTENTION[inner]
+        modules = list(inner.modules())
+        kind = None
+        if any(isinstance(m, DotProductAttention) for m in modules):
+            kind = "local"
+        elif any(isinstance(m, Attention) for m in modules):
+            kind = "te"
+        _ATTENTION_KIND[inner] = kind
+    return _ATTENTION_KIND[inner]
 
 
 def _attention_mask(model, mb: Microbatch):
     """The mask the model's attention needs for ``mb``: built here, for this microbatch only,
     on the local spec; None on Transformer Engine (causal kernels, THD bounds for packing)."""
-    if mb.attention_mask is not None or not uses_local_attention(model):
-        if mb.layout == "packed" and mb.attention_mask is None and mb.packed_seq_params is None:
-            raise ValueError(
-                "a packed microbatch needs PackedSeqParams on Transformer Engine, or its samples "
-                "would attend to each other: collate it with collate_packed(..., use_thd=True)")
+    if mb.attention_mask is not None:
         return mb.attention_mask
-    return dense_attention_mask(mb)
+    kind = attention_kind(model)
+    if kind == "local":
+        return dense_attention_mask(mb)
+    if kind == "te" and mb.layout == "packed" and mb.packed_seq_params is None:
+        raise ValueError(
+            "a packed microbatch needs PackedSeqParams on Transformer Engine, or its samples "
+            "would attend to each other: collate it with collate_packed(..., use_thd=True)")
+    return None
 
 
 def forward_step(spec: PolicyLossSpec, data_iterator, model):
