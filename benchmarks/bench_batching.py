@@ -14,11 +14,18 @@ like real RL responses: lognormal (median ~245 tokens), clipped to 16..2048, on 
 Both compute the same gradient (tests/test_dist_budget.py); steps alternate baseline / ours so
 that machine noise hits both alike, and the ratio of their median times is reported.
 
+Packed layout (padding only, not timed: on CPU it attends through a dense mask): the same
+samples collated as the trainer collates them (``trainer/batching.py``), fixed-count rows of
+``micro_batch_size`` samples and token-budget rows, under three parallel layouts' length
+multiples (``step.batch.sequence_multiples``), next to the rows the trainer built before
+(longest sample x samples per row). ``--packing-only`` prints just that, in one process.
+
     python benchmarks/bench_batching.py                       # relaunches itself under torchrun
     python benchmarks/bench_batching.py --samples-per-rank 16 --steps 2    # quicker
+    python benchmarks/bench_batching.py --packing-only        # the packed-layout padding, ~1 s
 
-Last line: ``step_speedup=<x> padding_frac=<y> dp_imbalance=<z>`` (ours; the baseline's are
-printed above it).
+Last line: ``step_speedup=<x> padding_frac=<y> dp_imbalance=<z> packed_padding_frac=<w>`` (ours;
+the baseline's are printed above it; ``w`` is the largest packed-layout padding of the table).
 """
 
 from __future__ import annotations
@@ -41,7 +48,68 @@ def parse_args(argv=None):
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3, help="timed steps of each variant (after one warm-up)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--packing-only", action="store_true", help="print the packed-layout padding table only")
     return ap.parse_args(argv)
+
+
+PROMPT = 16
+# (name, tp, sequence_parallel, cp): the length multiples of layouts the configs use.
+PARALLEL_LAYOUTS = (("tp1", 1, False, 1), ("tp8_sp", 8, True, 1), ("tp2_sp_cp2", 2, True, 2))
+
+
+def packed_padding(args, num_ranks: int = 2) -> list[dict]:
+    """Padding of the packed layout on the benchmark's samples, per rank as the trainer collates
+    them: fixed-count rows (``micro_batch_size`` samples each, arrival order) and token-budget
+    rows (first-fit-decreasing under ``--budget``), now and under the old rule."""
+    import types
+
+    import torch
+
+    from sapo_megatron.step.batch import Sample, sequence_multiples
+    from sapo_megatron.step.budget import pack
+    from sapo_megatron.trainer.batching import StepBatcher, collate_microbatch
+
+    lengths = [PROMPT + n for n in lognormal_lengths(args.samples_per_rank * num_ranks, args.max_len - PROMPT, args.seed)]
+    micro_batch_size = max(1, args.budget // args.max_len)
+    rows = []
+    for name, tp, sp, cp in PARALLEL_LAYOUTS:
+        multiple, sample_multiple = sequence_multiples(tp_size=tp, sequence_parallel=sp, cp_size=cp)
+        counts = {"fixed": [0, 0], "budget": [0, 0], "old_fixed": [0, 0]}
+        for rank in range(num_ranks):
+            mine = [Sample(tokens=torch.zeros(n, dtype=torch.long), loss_mask=torch.ones(n - 1, dtype=torch.bool),
+                           old_log_probs=torch.zeros(n - 1), advantages=torch.zeros(n - 1))
+                    for n in lengths[rank::num_ranks]]
+            cfg = types.SimpleNamespace(updates_per_rollout=1, micro_batch_size=micro_batch_size,
+                                        max_tokens_per_microbatch=None, layout="packed")
+            batcher = StepBatcher(cfg, pad_multiple=multiple, sample_multiple=sample_multiple, dp_group=None)
+            (minibatch,) = batcher.split(mine)
+            budget_groups = [[mine[i] for i in b] for b in pack(
+                [s.tokens.numel() for s in mine], args.budget, layout="packed", pad_multiple=multiple,
+                sample_multiple=sample_multiple)]
+            for key, groups in (("fixed", minibatch.groups()), ("budget", budget_groups)):
+                for group in groups:
+                    mb = collate_microbatch(group, layout="packed", pad_multiple=multiple,
+                                            sample_multiple=sample_multiple)
+                    counts[key][0] += int((~mb.padding_mask).sum())
+                    counts[key][1] += mb.tokens.numel()
+            for group in minibatch.groups():  # the old trainer's row (trainer/loop.py before packing)
+                old = max(s.tokens.numel() for s in group) * len(group)
+                if cp > 1:
+                    old = -(-old // (2 * cp)) * 2 * cp + 2 * cp * len(group)
+                counts["old_fixed"][0] += sum(s.tokens.numel() for s in group)
+                counts["old_fixed"][1] += -(-old // multiple) * multiple
+        rows.append({"layout": name, "multiple": multiple, "sample_multiple": sample_multiple,
+                     **{key: 1 - real / total for key, (real, total) in counts.items()}})
+    return rows
+
+
+def print_packed_padding(args, rows) -> float:
+    print(f"packed layout padding (samples_per_rank={args.samples_per_rank}, micro_batch_size="
+          f"{max(1, args.budget // args.max_len)}, budget={args.budget}):")
+    for r in rows:
+        print(f"  {r['layout']:<11} multiple={r['multiple']:<2} sample_multiple={r['sample_multiple']}: "
+              f"fixed-count rows {r['fixed']:.4f} (old rule {r['old_fixed']:.4f}), token-budget rows {r['budget']:.4f}")
+    return max(max(r["fixed"], r["budget"]) for r in rows)
 
 
 def lognormal_lengths(n: int, max_len: int, seed: int) -> list[int]:
@@ -73,7 +141,7 @@ def worker(args) -> None:
     group = parallel_state.get_data_parallel_group()
     rank, size = dist.get_rank(group), dist.get_world_size(group)
 
-    prompt = 16
+    prompt = PROMPT
     lengths = lognormal_lengths(args.samples_per_rank * size, args.max_len - prompt, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     samples = []
@@ -121,12 +189,18 @@ def worker(args) -> None:
         pad, imb, _ = stats["ours"]
         print(f"samples_per_rank={args.samples_per_rank} budget={args.budget} baseline_micro_batch_size="
               f"{micro_batch_size} tokens={sum(lengths) + prompt * len(lengths)}")
-        print(f"step_speedup={speedup:.3f} padding_frac={pad:.3f} dp_imbalance={imb:.3f}", flush=True)
+        packed = print_packed_padding(args, packed_padding(args, size))
+        print(f"step_speedup={speedup:.3f} padding_frac={pad:.3f} dp_imbalance={imb:.3f} "
+              f"packed_padding_frac={packed:.4f}", flush=True)
     destroy()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.packing_only:
+        packed = print_packed_padding(args, packed_padding(args))
+        print(f"packed_padding_frac={packed:.4f}", flush=True)
+        return
     if "RANK" in os.environ:
         worker(args)
         return

@@ -10,7 +10,10 @@ from sapo_megatron.step.batch import (
     Sample,
     collate_packed,
     collate_padded,
+    dense_attention_mask,
+    packed_row_length,
     per_sample_view,
+    sequence_multiples,
     split_step_samples,
 )
 from sapo_megatron.step.run import assign_step_weights
@@ -38,8 +41,10 @@ def test_padded_alignment():
     assert mb.loss_mask[1].tolist() == [True, False, False, False]
     assert mb.fields["old_log_probs"][0, :3].tolist() == [-1, -2, -3]
     assert mb.sample_index.tolist() == [[0, 1, 2], [4, -1, -1], [8, 9, -1]]
-    # Causal: position t never sees t+1.
-    assert mb.attention_mask[0, 0, 0, 1] and not mb.attention_mask[0, 0, 1, 0]
+    # No dense mask is stored; the local spec's one is causal: position t never sees t+1.
+    assert mb.attention_mask is None
+    mask = dense_attention_mask(mb)
+    assert mask.shape == (1, 1, 4, 4) and mask[0, 0, 0, 1] and not mask[0, 0, 1, 0]
 
 
 def test_packed_alignment_and_block_mask():
@@ -50,10 +55,15 @@ def test_packed_alignment_and_block_mask():
     assert mb.labels[0, :9].tolist() == [6, 7, 8, 0, 10, 0, 2, 3, 0]
     assert mb.loss_mask[0, :9].tolist() == [False, True, True, False, True, False, True, True, False]
     assert mb.position_ids[0, :9].tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2]
-    blocked = mb.attention_mask[0, 0]
+    assert mb.attention_mask is None
+    blocked = dense_attention_mask(mb)[0, 0]
     assert not blocked[3, 0] and blocked[4, 3] and not blocked[5, 4] and blocked[0, 1]
     assert blocked[9:, :9].all(), "padding must not attend into samples"
+    assert blocked[:9, 9:].all(), "no real token may attend to padding"
+    assert not blocked[9:, 9:].diagonal().any() and blocked[10, 9], "padding attends only to itself"
     assert mb.sample_index.tolist() == [[0, 1, 2], [4, -1, -1], [6, 7, -1]]
+    # The row's padding belongs to the last sample's padded segment, not a segment of its own.
+    assert mb.cu_seqlens_padded.tolist() == [0, 4, 6, 12]
 
 
 def test_per_sample_view_is_layout_independent():
@@ -70,8 +80,62 @@ def test_per_sample_view_is_layout_independent():
 
 def test_thd_params():
     mb = collate_packed(SAMPLES, pad_multiple=4, use_thd=True)
-    assert mb.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 6, 9, 12]
-    assert mb.packed_seq_params.max_seqlen_q == 4
+    params = mb.packed_seq_params
+    # True bounds for attention; the 3 padding tokens sit in the last sample's padded segment,
+    # which Transformer Engine skips (no segment of padding that attends or routes).
+    assert params.cu_seqlens_q.tolist() == [0, 4, 6, 9]
+    assert params.cu_seqlens_q_padded.tolist() == [0, 4, 6, 12]
+    assert params.max_seqlen_q == 6
+    assert mb.attention_mask is None
+    # Nothing to pad: no padded bounds (Transformer Engine then needs no padding support).
+    exact = collate_packed(SAMPLES[:2], pad_multiple=2, use_thd=True).packed_seq_params
+    assert exact.cu_seqlens_q.tolist() == [0, 4, 6] and exact.cu_seqlens_q_padded is None
+
+
+def test_sequence_multiples_follow_upstream():
+    # megatron.core.models.multimodal.context_parallel.get_padding: SP -> TP, CP -> 2 CP,
+    # both -> 2 CP TP; TP without SP needs nothing.
+    assert sequence_multiples() == (1, 1)
+    assert sequence_multiples(tp_size=4, sequence_parallel=True) == (4, 1)
+    assert sequence_multiples(tp_size=4, sequence_parallel=False) == (1, 1)
+    assert sequence_multiples(cp_size=2) == (4, 4)
+    assert sequence_multiples(tp_size=2, sequence_parallel=True, cp_size=3) == (12, 6)
+
+
+@pytest.mark.parametrize("multiple, sample_multiple", [(1, 1), (4, 1), (8, 4), (12, 6)])
+def test_packed_row_is_the_sum_of_lengths_rounded_up(multiple, sample_multiple):
+    """The old trainer packed to longest x count (a row of 4 samples of up to 8k tokens padded
+    to ~34k); a packed row now holds the sum of its samples' lengths, rounded up only as far as
+    the parallel layout needs."""
+    gen = torch.Generator().manual_seed(multiple)
+    samples = [_sample(torch.randint(0, 9, (int(n),)).tolist(), [1] * (int(n) - 1))
+               for n in torch.randint(2, 40, (5,), generator=gen)]
+    lengths = [s.tokens.numel() for s in samples]
+    mb = collate_packed(samples, pad_multiple=multiple, sample_multiple=sample_multiple, use_thd=True)
+    row = mb.tokens.shape[1]
+    assert row == packed_row_length(lengths, multiple, sample_multiple=sample_multiple)
+    assert row % multiple == 0 and row >= sum(lengths)
+    # Padding: under one sample_multiple per sample, plus under one multiple for the row.
+    assert row - sum(lengths) < len(lengths) * sample_multiple + multiple
+    assert row < max(lengths) * len(lengths), "the old rule (longest x count) is back"
+    assert int((~mb.padding_mask).sum()) == sum(lengths)
+    assert mb.cu_seqlens_padded[-1] == row and len(mb.cu_seqlens_padded) == len(lengths) + 1
+    bounds = mb.cu_seqlens_padded.tolist()
+    assert all((b - a) % sample_multiple == 0 for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def test_packed_row_length_by_hand():
+    assert packed_row_length([5, 3, 9]) == 17
+    assert packed_row_length([5, 3, 9], 4) == 20
+    assert packed_row_length([5, 3, 9], 8, sample_multiple=4) == 24  # 8 + 4 + 12 = 24
+    assert packed_row_length([], 4) == 0
+    # A row multiple that is not one of sample_multiple (sequence_multiples never gives one):
+    # the tail joins the last segment, which must stay a multiple of 4.
+    assert packed_row_length([3, 6], 2, sample_multiple=4) == 12
+    mb = collate_packed(SAMPLES, sample_multiple=4, pad_multiple=2, min_length=13)
+    assert mb.cu_seqlens_padded.tolist() == [0, 4, 8, 16]
+    with pytest.raises(ValueError, match="multiples must be >= 1"):
+        packed_row_length([3], 0)
 
 
 @pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])

@@ -28,6 +28,7 @@ from sapo_megatron.step.batch import (
     collate_padded,
     cp_positions,
     cp_shard,
+    dense_attention_mask,
     per_sample_view,
     target_counts,
 )
@@ -62,6 +63,8 @@ class _Group:
 def test_padded_shard_is_megatrons_get_batch_on_this_cp_rank(cp, monkeypatch):
     samples = _samples()
     full = attach_routes(collate_padded(samples, pad_multiple=2 * cp), samples)
+    # Microbatches carry no mask; one set by hand is cut as Megatron cuts it (dim 2).
+    full = dataclasses.replace(full, attention_mask=dense_attention_mask(full))
     # Megatron reads the CP rank and size from the group: 0.16 through group.rank() / size()
     # (once torch.distributed is initialised), 0.19 through dist.get_rank / get_world_size.
     monkeypatch.setattr(dist, "is_initialized", lambda: True)

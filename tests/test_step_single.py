@@ -22,6 +22,7 @@ from sapo_megatron.step import (
     collect_log_probs,
     run_step,
 )
+from sapo_megatron.step.batch import dense_attention_mask
 from sapo_megatron.step.sharding import unwrap
 from tests.helpers import load_full_state_dict
 from sapo_megatron.step.synthetic import synthetic_samples
@@ -40,7 +41,7 @@ def _models():
 
 def _reference_loss(plain, samples):
     mb = collate_padded(samples)
-    logits = plain(mb.tokens, mb.position_ids, mb.attention_mask).double()
+    logits = plain(mb.tokens, mb.position_ids, dense_attention_mask(mb)).double()
     log_probs = torch.log_softmax(logits, -1).gather(-1, mb.labels[..., None])[..., 0]
     per_sample = []
     for b, s in enumerate(samples):

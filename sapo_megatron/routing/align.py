@@ -143,8 +143,9 @@ def packed_cu_seqlens(
     lengths: Sequence[int], total_length: int, *, sample_multiple: int = 1
 ) -> torch.Tensor:
     """Segment bounds (int32) of the packed layout: each sample's length rounded up to
-    ``sample_multiple``, then the trailing padding as its own segment (as ``collate_packed``
-    builds its ``PackedSeqParams``)."""
+    ``sample_multiple``, then the trailing padding as a segment of its own. The samples' starts
+    are ``collate_packed``'s; its ``cu_seqlens_padded`` instead gives the trailing padding to
+    the last sample's segment (the same positions, so the routes align either way)."""
     bounds = [0]
     for length in lengths:
         bounds.append(bounds[-1] + -(-length // sample_multiple) * sample_multiple)

@@ -5,19 +5,30 @@ Alignment convention (the one Megatron uses for ``labels``): for a sample of tok
 prediction of ``x_{t+1}`` from ``x_0 .. x_t``. ``loss_mask`` is true on response targets.
 
 Two layouts:
-- **padded** (``[B, S]``): samples right-padded to a common length, a causal mask;
-- **packed** (``[1, T]``, THD): samples concatenated, positions restarting per sample. With
-  Transformer Engine the model receives ``PackedSeqParams`` (cu_seqlens); the local spec has
-  no THD kernel, so on CPU the same computation is expressed as a block-diagonal causal
-  attention mask — mathematically identical, and tested against the padded layout.
+- **padded** (``[B, S]``): samples right-padded to a common length, causal attention;
+- **packed** (``[1, T]``, THD): samples concatenated, positions restarting per sample. The row
+  holds the sum of its samples' lengths, rounded up only as far as the parallel layout needs
+  (:func:`packed_row_length`); the few padding tokens extend the last sample's padded segment
+  (``cu_seqlens_padded``), they are not a segment of their own. With Transformer Engine the
+  model receives ``PackedSeqParams``: the kernel attends within each sample's true bounds
+  (``cu_seqlens``) and skips the padding altogether.
 
-Lengths are rounded up to ``pad_multiple`` (the TP size under sequence parallelism, 2 x CP
-under context parallelism). Padding never carries loss.
+No microbatch carries a dense ``[S, S]`` mask. Transformer Engine's causal kernels ignore the
+mask (and THD needs none); the local spec (CPU) needs one, so :func:`dense_attention_mask`
+builds it in the forward step for the microbatch in flight only (``step.run.model_forward``):
+causal for the padded layout, block-diagonal causal for the packed one, where a padding token
+attends only to itself and no real token attends to padding. Mathematically the same as THD,
+and tested against the padded layout.
+
+Lengths are rounded up to a multiple of what tensor/sequence and context parallelism need
+(:func:`sequence_multiples`, upstream's rule). Padding never carries loss, is marked in
+``padding_mask`` (MoE load-balancing statistics skip it) and is never replayed by routing replay.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +81,9 @@ class Microbatch:
     layout: str  # "padded" or "packed"
     labels: torch.Tensor  # [B, S]
     position_ids: torch.Tensor  # [B, S]
-    attention_mask: torch.Tensor | None  # [B|1, 1, S, S] bool, True = masked out
+    # [B|1, 1, S, S] bool, True = masked out. None from collation: the forward step builds it
+    # for the local spec only (dense_attention_mask), for the microbatch in flight.
+    attention_mask: torch.Tensor | None
     loss_mask: torch.Tensor  # [B, S] bool
     # [N, L] flat positions (into the [B*S] layout) of each sample's targets, -1 past its end.
     # Losses see samples as rows of this view, whether the layout is padded or packed, so
@@ -88,6 +101,9 @@ class Microbatch:
     # Packed layout: each sample starts a segment rounded up to this many tokens (2 x CP for
     # THD context parallelism, whose slicing cuts every segment into 2 x CP chunks).
     sample_multiple: int = 1
+    # Packed layout: [N + 1] int32 bounds of the samples' padded segments (the last one ends at
+    # the row's end); what the local spec's block-diagonal mask is built from.
+    cu_seqlens_padded: torch.Tensor | None = None
 
 
 # Entries of ``Microbatch.sample_index`` that point nowhere in the local layout: past the end of
@@ -103,6 +119,34 @@ def target_counts(sample_index: torch.Tensor) -> torch.Tensor:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def sequence_multiples(*, tp_size: int = 1, sequence_parallel: bool = False, cp_size: int = 1) -> tuple[int, int]:
+    """``(row_multiple, sample_multiple)``: what a microbatch's sequence length, and each packed
+    sample's segment, must be a multiple of.
+
+    Upstream's rule (``megatron.core.models.multimodal.context_parallel.get_padding``): sequence
+    parallelism scatters the sequence over TP ranks (a multiple of TP); context parallelism cuts
+    every sequence into 2 x CP chunks (Transformer Engine's THD partitioning cuts every packed
+    segment so: ``thd_get_partitioned_indices``), and with both, a multiple of 2 x CP x TP.
+    """
+    sp = tp_size if sequence_parallel and tp_size > 1 else 1
+    cp = 2 * cp_size if cp_size > 1 else 1
+    return sp * cp, cp
+
+
+def packed_row_length(lengths, multiple: int = 1, *, sample_multiple: int = 1) -> int:
+    """Tokens of a packed row holding samples of these ``lengths``: each sample rounded up to
+    ``sample_multiple``, the sum rounded up to ``multiple`` (see :func:`sequence_multiples`).
+
+    The one rule for the packed layout's size: ``collate_packed`` builds rows of this length,
+    the token budget (``step.budget``) and the memory planner count them so.
+    """
+    if multiple < 1 or sample_multiple < 1:
+        raise ValueError(f"multiples must be >= 1, got multiple={multiple} sample_multiple={sample_multiple}")
+    # The row's tail joins the last sample's segment, which must stay a multiple of
+    # sample_multiple (sequence_multiples' row multiple always is one; lcm covers other callers).
+    return _round_up(sum(_round_up(int(n), sample_multiple) for n in lengths), math.lcm(multiple, sample_multiple))
 
 
 def _sample_index(starts: list[int], num_targets: list[int]) -> torch.Tensor:
@@ -135,7 +179,7 @@ def _present_fields(samples: list[Sample]) -> list[str]:
 def collate_padded(
     samples: list[Sample], *, pad_multiple: int = 1, pad_id: int = 0, min_length: int = 0
 ) -> Microbatch:
-    """Right-pad ``samples`` into a ``[B, S]`` microbatch with a causal mask.
+    """Right-pad ``samples`` into a ``[B, S]`` microbatch (causal attention, no mask built).
 
     ``min_length`` pads further, e.g. to give every microbatch of a pipeline-parallel step
     the same shape.
@@ -158,14 +202,13 @@ def collate_padded(
         starts.append(b * seq)
         for name in names:
             fields[name][b, : n - 1] = getattr(s, name)
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
     lengths = torch.tensor([s.tokens.numel() for s in samples])
     return Microbatch(
         tokens=tokens,
         layout="padded",
         labels=labels,
         position_ids=torch.arange(seq).expand(batch, seq).contiguous(),
-        attention_mask=causal,
+        attention_mask=None,
         loss_mask=loss_mask,
         sample_index=_sample_index(starts, [s.tokens.numel() - 1 for s in samples]),
         fields=fields,
@@ -184,12 +227,16 @@ def collate_packed(
 ) -> Microbatch:
     """Concatenate ``samples`` into one ``[1, T]`` row (THD packing).
 
-    ``use_thd=True`` attaches ``PackedSeqParams`` for Transformer Engine attention; otherwise a
-    block-diagonal causal mask expresses the same attention pattern. ``sample_multiple`` pads
-    each sample's segment to a multiple of it (context parallelism needs ``2 * cp``); the
-    padding carries no loss and the attention kernel gets both the true and the padded
-    segment bounds (``cu_seqlens_q`` / ``cu_seqlens_q_padded``), as Megatron's
-    ``get_thd_batch_on_this_cp_rank`` builds them.
+    ``T = packed_row_length(lengths, pad_multiple, sample_multiple=sample_multiple)``, the
+    samples' lengths, not a multiple of the longest (or ``min_length`` rounded up likewise). ``min_length``
+    is for equal shapes (pipeline stages without variable sequence lengths, the allgather
+    dispatcher). ``sample_multiple`` pads each sample's segment to a multiple of it (context
+    parallelism needs ``2 * cp``). Padding carries no loss and belongs to the padded segment of
+    the sample before it: ``use_thd=True`` attaches ``PackedSeqParams`` with the true
+    (``cu_seqlens_q``) and, where they differ, the padded (``cu_seqlens_q_padded``) bounds, as
+    Megatron's ``get_thd_batch_on_this_cp_rank`` builds them, so Transformer Engine never
+    attends to padding. Without it the forward step builds the local spec's mask
+    (:func:`dense_attention_mask`).
     """
     if not samples:
         raise ValueError("collate_packed needs at least one sample")
@@ -198,33 +245,26 @@ def collate_packed(
     names = _present_fields(samples)
     lengths = [s.tokens.numel() for s in samples]
     spans = [_round_up(n, sample_multiple) for n in lengths]
-    total = _round_up(max(min_length, sum(spans)), pad_multiple)
+    # packed_row_length(lengths, pad_multiple, sample_multiple=...) unless min_length is longer.
+    total = _round_up(max(min_length, sum(spans)), math.lcm(pad_multiple, sample_multiple))
     tokens = torch.full((1, total), pad_id, dtype=torch.long)
     labels = torch.full((1, total), pad_id, dtype=torch.long)
     position_ids = torch.zeros(1, total, dtype=torch.long)
     loss_mask = torch.zeros(1, total, dtype=torch.bool)
-    starts = []
     fields = {n: torch.zeros(1, total, dtype=torch.float32) for n in names}
-    # Padding forms its own segment so that it attends only to itself.
-    segment = torch.full((total,), len(samples), dtype=torch.long)
-    start = 0
     padding = torch.ones(total, dtype=torch.bool)
-    for i, (s, span) in enumerate(zip(samples, spans)):
-        n = s.tokens.numel()
-        sl = slice(start, start + n)
-        tokens[0, sl] = s.tokens
+    starts = torch.tensor([0, *spans], dtype=torch.int64).cumsum(0)[:-1].tolist()
+    # The row's tail (what rounding the row up adds) extends the last sample's padded segment.
+    spans[-1] += total - sum(spans)
+    for s, start, span, n in zip(samples, starts, spans, lengths):
+        tokens[0, start : start + n] = s.tokens
         labels[0, start : start + n - 1] = s.tokens[1:]
         position_ids[0, start : start + span] = torch.arange(span)
         loss_mask[0, start : start + n - 1] = s.loss_mask
-        padding[sl] = False
-        starts.append(start)
-        # A sample's own padding stays in its segment: it comes after every real token of the
-        # sample, so under the causal mask no real token attends to it.
-        segment[start : start + span] = i
+        padding[start : start + n] = False
         for name in names:
             fields[name][0, start : start + n - 1] = getattr(s, name)
-        start += span
-    position_ids[0, start:] = torch.arange(total - start)
+    padded_bounds = torch.tensor([0, *spans], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     mb = Microbatch(
         tokens=tokens,
         layout="packed",
@@ -236,37 +276,58 @@ def collate_packed(
         fields=fields,
         padding_mask=padding[None, :],
         sample_multiple=sample_multiple,
+        cu_seqlens_padded=padded_bounds,
     )
     if use_thd:
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        # The same segment bounds the routing alignment packs routes into.
-        from sapo_megatron.routing.align import packed_cu_seqlens
-
-        bounds = packed_cu_seqlens(lengths, total, sample_multiple=sample_multiple)
-        max_len = int((bounds[1:] - bounds[:-1]).max())
+        # Transformer Engine's convention: cu_seqlens count true tokens only (cumulative
+        # lengths), cu_seqlens_padded give where each sequence sits in the row.
+        true_bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        # Transformer Engine sizes its work by the longest padded segment.
+        max_len = max(spans)
         padded = {}
-        if sample_multiple > 1:
-            # True lengths, the trailing padding segment kept as is.
-            true = bounds.clone()
-            true[1 : len(lengths) + 1] = torch.tensor(lengths, dtype=bounds.dtype).cumsum(0)
-            if bounds.numel() > len(lengths) + 1:
-                true[-1] = true[-2] + (bounds[-1] - bounds[-2])
-            padded = dict(cu_seqlens_q_padded=bounds, cu_seqlens_kv_padded=bounds)
-            bounds = true
+        # Context parallelism slices by the padded bounds (cp_positions), so they go with it.
+        if sample_multiple > 1 or not torch.equal(true_bounds, padded_bounds):
+            padded = dict(cu_seqlens_q_padded=padded_bounds, cu_seqlens_kv_padded=padded_bounds)
         mb.packed_seq_params = PackedSeqParams(
             qkv_format="thd",
-            cu_seqlens_q=bounds,
-            cu_seqlens_kv=bounds,
+            cu_seqlens_q=true_bounds,
+            cu_seqlens_kv=true_bounds,
             max_seqlen_q=max_len,
             max_seqlen_kv=max_len,
             **padded,
         )
-    else:
-        same = segment[:, None] == segment[None, :]
-        causal = torch.tril(torch.ones(total, total, dtype=torch.bool))
-        mb.attention_mask = ~(same & causal)[None, None]
     return mb
+
+
+def dense_attention_mask(mb: Microbatch, device=None) -> torch.Tensor:
+    """The ``[1, 1, S, S]`` bool mask (True = masked out) the local spec needs for ``mb``.
+
+    Built per microbatch in the forward step, never stored with the step's microbatches.
+    Padded layout: causal (a real token never reaches the right padding after it). Packed
+    layout: causal within each sample's padded segment, padding keys masked for every query
+    but themselves, so padding neither is attended to nor attends to a real token, exactly
+    what THD attention with ``cu_seqlens_padded`` computes for the real tokens.
+    """
+    device = mb.tokens.device if device is None else device
+    seq = mb.tokens.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    if mb.layout == "padded":
+        return ~causal[None, None]
+    bounds = mb.cu_seqlens_padded
+    if bounds is None or int(bounds[-1]) != seq:
+        raise ValueError(
+            f"a packed microbatch of {seq} tokens needs cu_seqlens_padded ending at {seq} to build "
+            f"its attention mask (got {None if bounds is None else bounds.tolist()}); the local "
+            f"spec cannot take a context-parallel shard"
+        )
+    spans = (bounds[1:] - bounds[:-1]).to(device=device, dtype=torch.long)
+    segment = torch.repeat_interleave(torch.arange(spans.numel(), device=device), spans)
+    real = ~mb.padding_mask[0].to(device)
+    allowed = (segment[:, None] == segment[None, :]) & causal & real[None, :] & real[:, None]
+    allowed |= torch.eye(seq, dtype=torch.bool, device=device)
+    return ~allowed[None, None]
 
 
 def _moved(value, device):

@@ -7,7 +7,8 @@ memory and compute on every shorter microbatch. A token budget bounds what one f
 
 What a microbatch costs depends on the layout (:mod:`sapo_megatron.step.batch`):
 
-- ``packed`` (THD): ``round_up(sum of lengths, pad_multiple)`` tokens;
+- ``packed`` (THD): :func:`~sapo_megatron.step.batch.packed_row_length`, the sum of lengths
+  (each rounded up to ``sample_multiple`` under context parallelism) rounded up to ``pad_multiple``;
 - ``padded``: ``count * round_up(longest, pad_multiple)`` tokens (padding is computed too).
 
 Packing is first-fit-decreasing for ``packed`` (within 11/9 OPT + 6/9 bins) and, for
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from sapo_megatron.step.batch import packed_row_length
+
 LAYOUTS = ("padded", "packed")
 
 
@@ -36,12 +39,12 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def microbatch_cost(lengths: Sequence[int], layout: str, pad_multiple: int = 1) -> int:
+def microbatch_cost(lengths: Sequence[int], layout: str, pad_multiple: int = 1, sample_multiple: int = 1) -> int:
     """Tokens one microbatch of samples with these lengths occupies in ``layout``."""
     if not lengths:
         return 0
     if layout == "packed":
-        return round_up(sum(lengths), pad_multiple)
+        return packed_row_length(lengths, pad_multiple, sample_multiple=sample_multiple)
     if layout == "padded":
         return len(lengths) * round_up(max(lengths), pad_multiple)
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -106,7 +109,7 @@ def _sorted_cut(lengths, budget, cost) -> list[list[int]]:
 PACKERS: dict[str, Callable] = {"packed": _first_fit_decreasing, "padded": _sorted_cut}
 
 
-def pack(lengths: Sequence[int], budget: int, *, layout: str, pad_multiple: int = 1,
+def pack(lengths: Sequence[int], budget: int, *, layout: str, pad_multiple: int = 1, sample_multiple: int = 1,
          names: Sequence[str] | None = None) -> list[list[int]]:
     """Indices of ``lengths`` grouped into microbatches under ``budget`` (see the module docstring)."""
     if budget < 1:
@@ -114,7 +117,7 @@ def pack(lengths: Sequence[int], budget: int, *, layout: str, pad_multiple: int 
     if layout not in PACKERS:
         raise ValueError(f"layout must be one of {sorted(PACKERS)}, got {layout!r}")
     check_fits(lengths, budget, pad_multiple=pad_multiple, names=names)
-    cost = lambda ls: microbatch_cost(ls, layout, pad_multiple)  # noqa: E731
+    cost = lambda ls: microbatch_cost(ls, layout, pad_multiple, sample_multiple)  # noqa: E731
     return PACKERS[layout](list(lengths), budget, cost)
 
 
@@ -125,7 +128,7 @@ def _split(lengths, members: list[int]) -> tuple[list[int], list[int]]:
 
 
 def pack_exact(lengths: Sequence[int], count: int, budget: int, *, layout: str, pad_multiple: int = 1,
-               names: Sequence[str] | None = None) -> list[list[int]]:
+               sample_multiple: int = 1, names: Sequence[str] | None = None) -> list[list[int]]:
     """Exactly ``count`` non-empty microbatches under ``budget`` (``count`` >= what :func:`pack` needs).
 
     Splitting a microbatch lowers the cost of both halves (cost is monotone in the member set),
@@ -134,11 +137,12 @@ def pack_exact(lengths: Sequence[int], count: int, budget: int, *, layout: str, 
     """
     if not 1 <= count <= len(lengths):
         raise ValueError(f"cannot make {count} non-empty microbatches from {len(lengths)} samples")
-    bins = pack(lengths, budget, layout=layout, pad_multiple=pad_multiple, names=names)
+    bins = pack(lengths, budget, layout=layout, pad_multiple=pad_multiple, sample_multiple=sample_multiple,
+                names=names)
     if len(bins) > count:
         raise ValueError(f"{len(lengths)} samples need {len(bins)} microbatches under the budget "
                          f"{budget}, more than the {count} asked for")
-    cost = lambda b: microbatch_cost([lengths[i] for i in b], layout, pad_multiple)  # noqa: E731
+    cost = lambda b: microbatch_cost([lengths[i] for i in b], layout, pad_multiple, sample_multiple)  # noqa: E731
     while len(bins) < count:
         splittable = [b for b in bins if len(b) > 1]
         worst = max(splittable, key=cost)

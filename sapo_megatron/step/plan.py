@@ -50,12 +50,14 @@ class MinibatchPlan:
         return imbalance(self.tokens_by_rank)
 
 
-def plan_minibatch(samples: list, *, budget: int, layout: str, pad_multiple: int = 1, quadratic_coef: float = 0.0,
-                   group=None, balance: bool = True, equal_shapes: bool = False, label: str = "") -> MinibatchPlan:
+def plan_minibatch(samples: list, *, budget: int, layout: str, pad_multiple: int = 1, sample_multiple: int = 1,
+                   quadratic_coef: float = 0.0, group=None, balance: bool = True, equal_shapes: bool = False,
+                   label: str = "") -> MinibatchPlan:
     """This rank's microbatches for one minibatch (a collective over the DP ``group``).
 
     ``equal_shapes``: microbatch ``i`` gets the same shape on every DP rank (packed layout
-    only), padded to the largest; see :func:`needs_equal_shapes`.
+    only), padded to the largest; see :func:`needs_equal_shapes`. ``pad_multiple`` /
+    ``sample_multiple``: :func:`sapo_megatron.step.batch.sequence_multiples`.
     """
     if equal_shapes and layout != "packed":
         raise ValueError("train.max_tokens_per_microbatch under expert parallelism with Megatron's allgather "
@@ -76,7 +78,8 @@ def plan_minibatch(samples: list, *, budget: int, layout: str, pad_multiple: int
         lengths_by_rank = gather_lengths(samples, group=group)
         check(lengths_by_rank)
         mine, n_moved = list(samples), 0
-    needed = [len(pack(lengths, budget, layout=layout, pad_multiple=pad_multiple)) if lengths else 0
+    needed = [len(pack(lengths, budget, layout=layout, pad_multiple=pad_multiple, sample_multiple=sample_multiple))
+              if lengths else 0
               for lengths in lengths_by_rank]
     count = max(needed)
     fewest = min(len(lengths) for lengths in lengths_by_rank)
@@ -86,9 +89,13 @@ def plan_minibatch(samples: list, *, budget: int, layout: str, pad_multiple: int
             f"{count} under train.max_tokens_per_microbatch={budget}, but another holds only {fewest} "
             f"samples; raise the budget or use more samples per minibatch")
     def bins_of(lengths: list[int]) -> list[list[int]]:
-        bins = pack_exact(lengths, count, budget, layout=layout, pad_multiple=pad_multiple)
+        bins = pack_exact(lengths, count, budget, layout=layout, pad_multiple=pad_multiple,
+                          sample_multiple=sample_multiple)
         # Costliest first on every rank, so that equal-shape padding pairs like with like.
-        return sorted(bins, key=lambda b: (-microbatch_cost([lengths[i] for i in b], layout, pad_multiple), min(b)))
+        return sorted(bins, key=lambda b: (-cost([lengths[i] for i in b]), min(b)))
+
+    def cost(lengths: list[int]) -> int:
+        return microbatch_cost(lengths, layout, pad_multiple, sample_multiple)
 
     lengths = [int(s.tokens.numel()) for s in mine]
     bins = bins_of(lengths)
@@ -96,8 +103,7 @@ def plan_minibatch(samples: list, *, budget: int, layout: str, pad_multiple: int
     if equal_shapes:
         costs = []
         for rank_lengths in lengths_by_rank:
-            costs.append([microbatch_cost([rank_lengths[i] for i in b], layout, pad_multiple)
-                          for b in bins_of(rank_lengths)])
+            costs.append([cost([rank_lengths[i] for i in b]) for b in bins_of(rank_lengths)])
         min_lengths = [max(c[i] for c in costs) for i in range(count)]
     groups = [[mine[i] for i in b] for b in bins]
     return MinibatchPlan(groups, min_lengths, [sum(ls) for ls in lengths_by_rank], n_moved)

@@ -21,8 +21,10 @@ returns. So the loss function returns ``(weighted_sum * N_step, n_local)`` with
 
 Devices. Microbatches are built on the host; :func:`prepare_microbatch`, inside the forward
 step, moves one to the model's device right before its forward (routes stay compact on the
-host: routing replay moves each layer's slice when it sets it as a target). Every reduction
-goes through ``sapo_megatron.collectives``, whose tensors live on the group's device.
+host: routing replay moves each layer's slice when it sets it as a target). Microbatches hold
+no dense attention mask: :func:`model_forward` builds one, on the device, for the microbatch in
+flight and only for the local spec (CPU); Transformer Engine gets none. Every reduction goes
+through ``sapo_megatron.collectives``, whose tensors live on the group's device.
 
 Context parallelism (CP). Weights are assigned on the full microbatches; the forward step then
 keeps this CP rank's share (:func:`sapo_megatron.step.batch.cp_shard`, Megatron's
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar, Iterable
@@ -55,7 +58,14 @@ from sapo_megatron.losses import (
     reduction_weights,
 )
 from sapo_megatron.losses.policy import sequence_sums_reduced_by
-from sapo_megatron.step.batch import Microbatch, cp_shard, per_sample_view, target_counts, to_device
+from sapo_megatron.step.batch import (
+    Microbatch,
+    cp_shard,
+    dense_attention_mask,
+    per_sample_view,
+    target_counts,
+    to_device,
+)
 from sapo_megatron.step.sharding import unwrap
 
 
@@ -241,7 +251,44 @@ def model_forward(model, mb: Microbatch):
     kwargs = {"packed_seq_params": mb.packed_seq_params}
     if mb.padding_mask is not None and _uses_routing_statistics(unwrap(model).config):
         kwargs["padding_mask"] = mb.padding_mask
-    return model(mb.tokens, mb.position_ids, mb.attention_mask, **kwargs)
+    return model(mb.tokens, mb.position_ids, _attention_mask(model, mb), **kwargs)
+
+
+_ATTENTION_KIND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def attention_kind(model) -> str | None:
+    """``"local"`` when ``model`` attends through Megatron's local ``DotProductAttention`` (the
+    CPU spec), which needs an explicit mask; ``"te"`` for any other attention (Transformer
+    Engine's causal and THD kernels need none); None for a chunk without attention."""
+    inner = unwrap(model)
+    if inner not in _ATTENTION_KIND:
+        from megatron.core.transformer.attention import Attention
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        modules = list(inner.modules())
+        kind = None
+        if any(isinstance(m, DotProductAttention) for m in modules):
+            kind = "local"
+        elif any(isinstance(m, Attention) for m in modules):
+            kind = "te"
+        _ATTENTION_KIND[inner] = kind
+    return _ATTENTION_KIND[inner]
+
+
+def _attention_mask(model, mb: Microbatch):
+    """The mask the model's attention needs for ``mb``: built here, for this microbatch only,
+    on the local spec; None on Transformer Engine (causal kernels, THD bounds for packing)."""
+    if mb.attention_mask is not None:
+        return mb.attention_mask
+    kind = attention_kind(model)
+    if kind == "local":
+        return dense_attention_mask(mb)
+    if kind == "te" and mb.layout == "packed" and mb.packed_seq_params is None:
+        raise ValueError(
+            "a packed microbatch needs PackedSeqParams on Transformer Engine, or its samples "
+            "would attend to each other: collate it with collate_packed(..., use_thd=True)")
+    return None
 
 
 def forward_step(spec: PolicyLossSpec, data_iterator, model):

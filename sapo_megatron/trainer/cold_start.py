@@ -92,20 +92,13 @@ class ColdStart:
 
     def step(self, trainer) -> dict:
         """One optimizer step of NLL on this DP rank's share of the next prompts."""
-        from megatron.core import parallel_state
-
         from sapo_megatron.routing import routing_action, routing_replay_of
-        from sapo_megatron.trainer.batching import StepBatcher
 
         t0 = time.perf_counter()
         prompts = self.stream.next_batch(self.prompts_per_step)[trainer.dp_rank :: trainer.dp_size]
         samples = reference_samples(trainer.task, prompts)
-        trainer._step_max_len = trainer._global_max(max(s.tokens.numel() for s in samples))
         # One minibatch (one optimizer step), cut into microbatches as an RL update is.
-        batcher = StepBatcher(dataclasses.replace(trainer.cfg.train, updates_per_rollout=1),
-                              pad_multiple=trainer.cfg.parallel.tensor_model_parallel_size,
-                              dp_group=parallel_state.get_data_parallel_group(),
-                              equal_shapes=trainer.batcher.equal_shapes)
+        batcher = trainer.batcher.with_updates(1)
         (minibatch,) = batcher.split(samples, label=f" (cold-start step {self.done})")
         microbatches = assign_step_weights(trainer._microbatches(minibatch), self.spec.reduction,
                                            norm_length=self.spec.norm_length)

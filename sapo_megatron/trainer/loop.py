@@ -36,13 +36,12 @@ from sapo_megatron.step import (
     assign_step_weights,
     build_model_chunks,
     build_optimizer,
-    collate_packed,
-    collate_padded,
     collect_log_probs,
     run_step,
     sync_params,
 )
 from sapo_megatron.models.builder import use_transformer_engine
+from sapo_megatron.step.batch import sequence_multiples
 from sapo_megatron.routing import (
     attach_routes,
     attach_routing_replay,
@@ -52,7 +51,7 @@ from sapo_megatron.routing import (
     routing_replay_of,
 )
 from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
-from sapo_megatron.trainer.batching import StepBatcher, batch_metrics
+from sapo_megatron.trainer.batching import StepBatcher, batch_metrics, collate_microbatch
 from sapo_megatron.trainer.checkpoint import (
     finalize_async_saves,
     is_dist_checkpoint,
@@ -206,11 +205,17 @@ class Trainer:
         from sapo_megatron.step.plan import enable_variable_seq_lengths, needs_equal_shapes
 
         budget = cfg.train.max_tokens_per_microbatch is not None
-        if budget and cfg.parallel.pipeline_model_parallel_size > 1:
+        pipeline = cfg.parallel.pipeline_model_parallel_size > 1
+        if budget and pipeline:
             enable_variable_seq_lengths(self.chunks)  # token-budget microbatches differ in shape
-        self.batcher = StepBatcher(cfg.train, pad_multiple=cfg.parallel.tensor_model_parallel_size,
+        pad_multiple, sample_multiple = sequence_multiples(
+            tp_size=cfg.parallel.tensor_model_parallel_size, sequence_parallel=cfg.parallel.sequence_parallel,
+            cp_size=cfg.parallel.context_parallel_size)
+        equal_shapes = needs_equal_shapes(self.chunks)
+        self.batcher = StepBatcher(cfg.train, pad_multiple=pad_multiple, sample_multiple=sample_multiple,
                                    dp_group=parallel_state.get_data_parallel_group(),
-                                   equal_shapes=budget and needs_equal_shapes(self.chunks))
+                                   equal_shapes=budget and equal_shapes,
+                                   one_shape=not budget and (pipeline or equal_shapes))
         # Bounded staleness with an engine that generates in the background (SGLang): the next
         # step's batch is generated while this step trains. (The embedded engine lags instead.)
         self._async = cfg.rollout.max_staleness > 0 and hasattr(self.engine, "submit")
@@ -262,27 +267,13 @@ class Trainer:
 
     # --- one RL step ------------------------------------------------------------------
     def _collate(self, group: list[Sample], min_length: int | None = None):
-        tp = self.cfg.parallel.tensor_model_parallel_size
-        collate = collate_padded if self.cfg.train.layout == "padded" else collate_packed
-        longest = max(s.tokens.numel() for s in group)
-        # Pipeline parallelism needs one shape per step: pad to the step's longest sample.
-        length = self._step_max_len if self.cfg.parallel.pipeline_model_parallel_size > 1 else longest
-        if min_length is not None:  # a token-budget plan (variable_seq_lengths under PP)
-            length = min_length
-        kwargs = {}
+        """One microbatch (trainer/batching.py: its length), with routes to replay attached."""
         cp = self.cfg.parallel.context_parallel_size
-        # Context parallelism cuts the sequence into 2 x CP chunks, each a multiple of the
-        # SP shard: pad to 2 x CP x TP (packed: every sample to 2 x CP, the row to that x TP).
-        multiple = tp * 2 * cp if cp > 1 else tp
-        if self.cfg.train.layout == "packed":
-            length = length * len(group) if min_length is None else min_length
-            # Transformer Engine attends packed samples through cu_seqlens (THD); the local
-            # spec (CPU) gets the equivalent block-diagonal mask.
-            kwargs["use_thd"] = use_transformer_engine()
-            if cp > 1:
-                kwargs["sample_multiple"] = 2 * cp
-                length = -(-length // (2 * cp)) * 2 * cp + 2 * cp * len(group)
-        mb = collate(group, pad_multiple=multiple, min_length=length, **kwargs)
+        # Transformer Engine attends packed samples through cu_seqlens (THD); the local spec
+        # (CPU) gets a block-diagonal mask, built in the forward step.
+        mb = collate_microbatch(group, layout=self.cfg.train.layout, pad_multiple=self.batcher.pad_multiple,
+                                sample_multiple=self.batcher.sample_multiple, min_length=min_length or 0,
+                                use_thd=use_transformer_engine())
         if self.mode != "none" and group[0].routes is not None:
             from megatron.core import parallel_state
 
@@ -290,7 +281,7 @@ class Trainer:
             # what is left: attach routes for the whole sequence.
             sp = self.cfg.parallel.sequence_parallel and cp == 1
             mb = attach_routes(mb, group, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                               tp_size=tp if sp else 1)
+                               tp_size=self.cfg.parallel.tensor_model_parallel_size if sp else 1)
         return mb
 
     def _microbatches(self, minibatch):
@@ -414,7 +405,6 @@ class Trainer:
         aborted = torch.tensor([r.finish_reason == "abort" for r in results])
         advantages = group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
         samples = _build_samples(results, advantages, use_routes=self._want_routes)
-        self._step_max_len = self._global_max(max(s.tokens.numel() for s in samples))
         # Minibatches (one optimizer step each), balanced over DP under a token budget; the
         # log-prob passes run over all of them, in the same microbatches as the updates.
         minibatches = self.batcher.split(samples, label=f" (step {self.step})")
@@ -547,9 +537,6 @@ class Trainer:
             self.scheduler.step(increment=1)
         metrics.update(replay_metrics(self.chunks) if self.mode != "none" else {})
         return metrics
-
-    def _global_max(self, value: int) -> int:
-        return int(global_max(value))
 
     def _step_metrics(self, rewards, results, update_metrics, timings) -> dict:
         from megatron.core import parallel_state

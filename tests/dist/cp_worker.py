@@ -40,7 +40,7 @@ def main() -> None:
     from sapo_megatron.routing.microbatch import attach_routes
     from sapo_megatron.step import run as step_run
     from sapo_megatron.logprobs import vocab_parallel_log_probs
-    from sapo_megatron.step.batch import collate_padded, cp_positions, per_sample_view
+    from sapo_megatron.step.batch import collate_padded, cp_positions, dense_attention_mask, per_sample_view
     from sapo_megatron.step.run import PolicyLossSpec, assign_step_weights, loss_func, prepare_microbatch
     from sapo_megatron.step.synthetic import synthetic_samples
     from tests.megatron_cp import megatron_cp_slice
@@ -58,6 +58,8 @@ def main() -> None:
                                                            generator=torch.Generator().manual_seed(i), dtype=torch.uint8))
                for i, s in enumerate(samples)]
     full = collate_padded(samples, pad_multiple=2 * cp)
+    # Microbatches carry no mask; one set by hand is cut as Megatron cuts it (dim 2).
+    full = dataclasses.replace(full, attention_mask=dense_attention_mask(full))
     full = attach_routes(full, samples)  # whole sequence (tp_size=1): CP slices first
     full = assign_step_weights([full], "seq_mean_token_mean")[0]
     # The policy's output for this step, and old log-probs near it (ratios near 1, so that the

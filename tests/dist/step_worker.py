@@ -28,6 +28,7 @@ from sapo_megatron.step import (  # noqa: E402
     collate_padded,
     run_step,
 )
+from sapo_megatron.step.batch import packed_row_length  # noqa: E402
 from sapo_megatron.step.sharding import unwrap  # noqa: E402
 from sapo_megatron.step.synthetic import synthetic_samples  # noqa: E402
 from sapo_megatron.models import ModelConfig  # noqa: E402
@@ -85,8 +86,10 @@ def main() -> None:
     samples = synthetic_samples(GLOBAL_BATCH, vocab_size=MODEL.vocab_size, seed=7, max_length=MAX_LEN)
     groups = this_rank_microbatches(samples, args.microbatches)
     collate = collate_padded if args.layout == "padded" else collate_packed
-    # One shape for every microbatch (pipeline p2p buffers are sized once per step).
-    min_length = MAX_LEN if args.layout == "padded" else MAX_LEN * (GLOBAL_BATCH // args.microbatches)
+    # One shape for every microbatch (pipeline p2p buffers are sized once per step): the longest
+    # sample, or the longest packed row (the sum of its samples' lengths, not longest x count).
+    min_length = MAX_LEN if args.layout == "padded" else max(
+        packed_row_length([s.tokens.numel() for s in g], args.tp) for g in groups)
     microbatches = [collate(g, pad_multiple=args.tp, min_length=min_length) for g in groups]
     microbatches = assign_step_weights(microbatches, args.reduction)
 
