@@ -5,7 +5,8 @@ Stages, each in its own process (a failure is reported, the next stage still run
 1. ``build``: the tiny MoE ``GPTModel`` with the local spec, and with the Transformer Engine
    spec when TE imports (its grouped-GEMM experts checked), in bf16 on the GPU; one
    forward-only log-prob pass each. Without TE the TE build reads ``absent``, which fails the run.
-2. ``rl``: the CPU demo's RL config (``tests/configs/tiny_rl.yaml``, TP=1 on one GPU, bf16, R3)
+2. ``rl``: the CPU demo's RL config (``tests/configs/tiny_rl.yaml``, TP=1 on one GPU, bf16, R3,
+   packed rows)
    for 3 RL steps through the trainer. Before them, the first step's old-log-prob pass (R3
    replay of the embedded engine's routes) and one backward pass of the SAPO loss over the same
    samples are dumped with the weights: log-probs and every parameter's gradient.
@@ -78,11 +79,12 @@ SUMMARY_RESERVE_S = 15.0
 
 
 def _overrides(args, out: Path, steps: int, save_every: int) -> list[str]:
-    """The CPU demo config on one device: TP=1, the chosen dtype, R3."""
+    """The CPU demo config on one device: TP=1, the chosen dtype, R3, packed rows (the CPU
+    reference collates padded rows, so the parity check covers the packing too)."""
     ov = [f"run.output_dir={out}", f"run.steps={steps}", f"run.save_every={save_every}",
           "run.tensorboard=false", "run.progress=false", "parallel.tensor_model_parallel_size=1",
           f"model.params_dtype={args.dtype}", f"model.init_method_std={INIT_STD}", "routing.mode=R3",
-          f"run.seed={args.seed}"]
+          "train.layout=packed", f"run.seed={args.seed}"]
     if args.device == "cpu":
         # Toy sizes: the dry run checks the plumbing.
         ov += ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "train.micro_batch_size=2"]
@@ -194,7 +196,6 @@ def stage_rl(args) -> dict:
     aborted = torch.tensor([r.finish_reason == "abort" for r in results])
     advantages = loop.group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
     samples = loop._build_samples(results, advantages, use_routes=True)
-    trainer._step_max_len = max(s.tokens.numel() for s in samples)
     size = cfg.train.micro_batch_size
 
     def collate(group):
