@@ -60,7 +60,7 @@ from sapo_megatron.checkpoint.pieces import (
     place,
     plan_pieces,
 )
-from sapo_megatron.checkpoint.transforms import to_mcore
+from sapo_megatron.checkpoint.transforms import to_hf, to_mcore
 from sapo_megatron.collectives import group_device
 from sapo_megatron.mcore.te_names import local_norm_name
 from sapo_megatron.step.sharding import global_name, shard_full_tensor, unwrap
@@ -541,13 +541,44 @@ def _rounds(writers: dict) -> list[list]:
     return [[g for g in writers if g in {q[r] for q in queues.values() if r < len(q)}] for r in range(depth)]
 
 
+def _landing(entry: ExportEntry, cfg) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The Megatron tensor of ``entry`` on its writer (host, empty) and where its HF tensors
+    land: for ``copy`` and ``gate_up``, views of it (the gate and up halves are contiguous rows),
+    so the pieces arrive in place; for ``qkv``, separate q/k/v buffers and no tensor yet
+    (interleaved by query group once they are in: allocating the fused tensor only then, after
+    the sends, keeps the peak lower than landing into its strided views)."""
+    if entry.unit.kind == "qkv":
+        return None, {h: torch.empty(shape, dtype=dt) for h, dt, shape in entry.hf}
+    full = torch.empty(entry.shape, dtype=entry.dtype)
+    return full, dict(zip(entry.unit.hf, to_hf(entry.unit.kind, full, cfg, views=True)))
+
+
+def _write_round(plan: ExportPlan, ckpt_dir, jobs: list[tuple[int, list[ExportEntry]]], rank: int) -> None:
+    """One round of :func:`save_from_model`: every ``(writer, group entries)`` assembled on its
+    writer and written there (each rank writes at most one); collective."""
+    entries = [e for _, group in jobs for e in group]
+    mine = [e for writer, group in jobs if writer == rank for e in group]
+    fused, dests = {}, {}
+    for entry in mine:
+        fused[entry.name], landing = _landing(entry, plan.cfg)
+        dests.update(landing)
+    plan.exchange(entries, [writer for writer, group in jobs for _ in group], dests)()
+    if not mine:
+        return
+    tensors = {}
+    for entry in mine:
+        hf = [dests.pop(h) for h in entry.unit.hf]
+        tensors[entry.name] = to_mcore(entry.unit.kind, hf, plan.cfg) if fused[entry.name] is None else fused[entry.name]
+    write_part(ckpt_dir, group_of(mine[0].name), tensors)
+
+
 def save_from_model(model, ckpt_dir: str | os.PathLike, hf_config: dict) -> None:
     """Write the live model as a sapo_megatron checkpoint; collective.
 
     The export plan of :func:`export_hf` with the model's dtypes, one writer per group (a layer,
     the embedding, the final norm and head): the holders send their pieces of each HF tensor
-    to it (:meth:`ExportPlan.exchange`), it merges them into the Megatron tensors
-    (``to_mcore``: QKV interleave, gate/up concat) and writes the group as its own part
+    to it (:meth:`ExportPlan.exchange`), straight into the Megatron tensors where the format
+    allows (:func:`_landing`), and it writes the group as its own part
     (:func:`~sapo_megatron.checkpoint.mcore_io.write_part`). Writers of different ranks work in
     the same round, so a rank holds at most one group at a time and nothing passes through one
     process; rank 0 merges the parts' metadata at the end.
@@ -571,14 +602,7 @@ def save_from_model(model, ckpt_dir: str | os.PathLike, hf_config: dict) -> None
         raise ValueError(box[0])
     dist.barrier()  # the directory exists before anyone writes a part
     for groups_now in _rounds(writers):
-        entries = [e for g in groups_now for e in groups[g]]
-        mine = [e for g in groups_now if writers[g] == rank for e in groups[g]]
-        dests = {h: torch.empty(shape, dtype=dt) for e in mine for h, dt, shape in e.hf}
-        plan.exchange(entries, [writers[group_of(e.name)] for e in entries], dests)()
-        if mine:
-            tensors = {e.name: to_mcore(e.unit.kind, [dests.pop(h) for h in e.unit.hf], plan.cfg) for e in mine}
-            write_part(ckpt_dir, group_of(mine[0].name), tensors)
-            del tensors
+        _write_round(plan, ckpt_dir, [(writers[g], groups[g]) for g in groups_now], rank)
     dist.barrier()  # every part is written
     if writer is not None:
         for group in groups:
