@@ -126,15 +126,17 @@ class LiveTensorBytes:
     A ``TorchDispatchMode`` sees every tensor an aten op returns (``torch.empty``, copies, and
     the ``set_`` by which ``torch.load`` / DCP reads wrap the storage they read into); each
     storage counts from the first op that returns it until the last such tensor object dies.
-    Tensors made before entering (a model's parameters) are not counted. Usage::
+    Storages of ``existing`` tensors (a model's parameters, whose views the code inside makes)
+    are not counted: only what it allocates. Usage::
 
-        with LiveTensorBytes() as live:
+        with LiveTensorBytes(existing=model.state_dict().values()) as live:
             export(...)
         live.peak  # bytes
     """
 
-    def __init__(self) -> None:
+    def __init__(self, existing=()) -> None:
         self.now = self.peak = 0
+        self._existing = {t.untyped_storage().data_ptr() for t in existing if isinstance(t, torch.Tensor)}
         self._storages: dict[int, list[int]] = {}  # data_ptr -> [nbytes, tensor objects holding it]
         self._seen: set[tuple[int, int]] = set()  # (id(tensor), data_ptr) already counted
         self._mode = None
@@ -166,7 +168,7 @@ class LiveTensorBytes:
             return
         storage = t.untyped_storage()
         ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        if not nbytes or (id(t), ptr) in self._seen:
+        if not nbytes or ptr in self._existing or (id(t), ptr) in self._seen:
             return
         self._seen.add((id(t), ptr))
         slot = self._storages.setdefault(ptr, [nbytes, 0])

@@ -100,10 +100,12 @@ def test_exports_hold_one_layer_not_the_model(models, exported, tmp_path, layout
     out = exported(layout)[BIG]
     groups = _group_bytes(models[BIG][0])
     model, layer = sum(groups.values()), max(groups.values())
-    # What is live at once: one group's tensors as read or assembled, plus transients of one
-    # tensor or one group's merge (the chunk DCP reads before copying it in, the gate/up
-    # factory's concat, the QKV/gate-up splits on the way to HF). Measured 1.51x (streamed
-    # export) and 1.42x (save_from_model, per rank); the whole model is 8.2x.
+    # What is live at once: one group's tensors as read or assembled, plus transients of about
+    # one tensor (the chunk DCP reads before copying it in, the gate/up factory's concat, the
+    # QKV / gate-up splits on the way to HF; for save_from_model the QKV pieces a rank sends to
+    # another writer, and q/k/v before they are interleaved). Measured at TP=2, PP=2 and EP=2:
+    # 1.51 layers (streamed export), 1.28 (save_from_model, each rank, its own allocations:
+    # the model's parameters are excluded); the whole model is 8.2.
     bound = 2 * layer
     assert bound < model / 4
     with LiveTensorBytes() as live:

@@ -42,7 +42,8 @@ def main() -> None:
         load_hf_into_model(chunks, hf_dir)
         meta = {"model_config": dataclasses.asdict(model_config_from_hf(hf_config)), "hf_config": hf_config}
         save_checkpoint(out / "run", 1, chunks, None, meta=meta)
-        with LiveTensorBytes() as live:
+        params = [t for c in chunks for t in c.state_dict().values()]
+        with LiveTensorBytes(existing=params) as live:  # what it allocates, not the model's own tensors
             save_from_model(chunks, out / "ckpt", hf_config)
         (out / f"save_peak_rank{dist.get_rank()}.json").write_text(json.dumps({"peak": live.peak}))
     destroy()
