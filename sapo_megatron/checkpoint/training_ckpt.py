@@ -113,7 +113,8 @@ def _skeleton(model_cfg) -> dict:
     Not ``build_gpt_model``: on a GPU machine it picks the Transformer Engine spec (whose modules
     allocate on CUDA whatever the default device) and moves the model to CUDA. The local spec
     names its tensors in the checkpoint as the TE spec does (Megatron-Core maps its norms to the
-    fused names), so its entries address a checkpoint written by either."""
+    fused names, and SequentialMLP's experts to grouped GEMM's ``experts.experts.*`` keys), so its
+    entries address a checkpoint written by either."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -162,6 +163,9 @@ class TrainingCheckpoint:
 
     def __init__(self, path: str | os.PathLike):
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+            CachedMetadataFileSystemReader,
+        )
 
         from sapo_megatron.mcore.te_names import local_norm_name
         from sapo_megatron.models import ModelConfig
@@ -184,6 +188,8 @@ class TrainingCheckpoint:
         _check_shapes(iter_dir, skeleton)  # names the tensor and both shapes on a mismatch
         self._entries = {local_norm_name(name): entry for name, entry in skeleton.items()
                          if isinstance(entry, (ShardedTensor, ShardedTensorFactory))}
+        # One reader, its metadata read once (it lists the optimizer state too: large at scale).
+        self._reader = CachedMetadataFileSystemReader(str(iter_dir))
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -207,13 +213,14 @@ class TrainingCheckpoint:
             request[name] = dataclasses.replace(entry, data=torch.empty(entry.data.shape, dtype=entry.data.dtype))
         factories = {n: r for n, r in request.items() if isinstance(r, ShardedTensorFactory)}
         apply_factories(request)  # e.g. gate/up: two ShardedTensors over halves of one buffer
-        _read_regions(self.dir, [v for v in nested_values(request) if isinstance(v, ShardedTensor)])
+        _read_regions(self._reader, [v for v in nested_values(request) if isinstance(v, ShardedTensor)])
         loaded = dict_list_map_inplace(lambda v: v.data if isinstance(v, ShardedTensor) else v, request)
         return apply_factory_merges(loaded, factories)
 
 
-def _read_regions(ckpt_dir: Path, sh_tens: list) -> None:
-    """Fill each ShardedTensor's ``data`` with its region of the global tensor in ``ckpt_dir``.
+def _read_regions(reader, sh_tens: list) -> None:
+    """Fill each ShardedTensor's ``data`` with its region of the global tensor (``reader``: a
+    DCP FileSystemReader of the checkpoint).
 
     Why not ``dist_checkpointing.load``: its torch_dist strategy describes a request as a regular
     grid of shards whose other cells belong to "another rank", ``(rank + 1) % world_size``; in a
@@ -226,13 +233,12 @@ def _read_regions(ckpt_dir: Path, sh_tens: list) -> None:
     regions = {}
     for sh in sh_tens:
         if sh.flattened_range is not None:
-            raise ValueError(f"{ckpt_dir}: {sh.key} is requested flattened; the export reads whole tensors")
+            raise ValueError(f"{sh.key} is requested flattened; the export reads whole tensors")
         region = sh.data.view((1,) * sh.prepend_axis_num + tuple(sh.local_shape))
         regions[(sh.key, tuple(sh.global_offset))] = region
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # no_dist is deliberate: one reader
-        dcp.load({}, storage_reader=dcp.FileSystemReader(str(ckpt_dir)), planner=_RegionPlanner(regions),
-                 no_dist=True)
+        dcp.load({}, storage_reader=reader, planner=_RegionPlanner(regions), no_dist=True)
 
 
 class _RegionPlanner(DefaultLoadPlanner):
