@@ -11,7 +11,7 @@ Measured in one run, so the ratios hold on a noisy shared machine:
   (``posix_fadvise(DONTNEED)`` after an fsync), as the sync reads live tensors, not a cached
   file. Target >= 0.5.
 - ``speedup_vs_funnel`` = time of the old export (every tensor sent to rank 0, which converts and
-  writes all shards; ``live._iter_full`` + ``HFShardWriter``, fsynced) / time of the disk sync.
+  writes all shards; ``_iter_full`` below + ``HFShardWriter``, fsynced) / time of the disk sync.
 
 Each path and its baseline alternate for ``--rounds`` rounds and keep their best (the machine's
 load moves within a minute); ``wire_only_s`` is the sync's own buckets and requests broadcast
@@ -28,6 +28,7 @@ last line reads ``dist_ratio=<x> disk_ratio=<y> speedup_vs_funnel=<z>``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,13 +82,73 @@ def _copy_baseline(nbytes: int, work: Path) -> float:
     dst.unlink()
     return elapsed
 
+# --- the old export's gather (kept here as the baseline it is) ---------------------------
+
+@dataclasses.dataclass
+class _GatherPlan:
+    order: list[str]
+    owner: dict[str, int]
+    dtype: dict[str, torch.dtype]
+    local: dict[str, tuple]
+
+
+def _plan_gather(model) -> _GatherPlan:
+    import torch
+    import torch.distributed as dist
+
+    from sapo_megatron.checkpoint.live import _held_tensors
+    from sapo_megatron.checkpoint.mapping import group_of, group_order
+
+    local = _held_tensors(model)
+    held: list = [None] * dist.get_world_size()
+    dist.all_gather_object(held, {n: str(t.dtype).removeprefix("torch.") for n, (_, _, t) in local.items()})
+    owner, dtype = {}, {}
+    for rank, names in enumerate(held):
+        for name, dt in names.items():
+            owner.setdefault(name, rank)
+            dtype[name] = getattr(torch, dt)
+    order = sorted(owner, key=lambda n: (group_order(group_of(n)), n))
+    return _GatherPlan(order, owner, dtype, local)
+
+
+def _iter_full(plan: _GatherPlan) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Full tensors in ``plan.order`` on rank 0 (None elsewhere); collective."""
+    import torch
+    import torch.distributed as dist
+
+    from sapo_megatron.collectives import group_device
+    from sapo_megatron.step.sharding import gather_full_tensor
+
+    rank = dist.get_rank()
+    for name in plan.order:
+        full = None
+        if name in plan.local:
+            inner, local_name, tensor = plan.local[name]
+            full = gather_full_tensor(tensor.detach(), tensor, local_name, inner.config).cpu()
+        src = plan.owner[name]
+        # Point-to-point tensors on the default group's device (CUDA under NCCL).
+        device = group_device()
+        if src != 0 and rank == src:
+            header = torch.zeros(8, dtype=torch.int64, device=device)
+            header[0] = full.dim()
+            header[1 : 1 + full.dim()] = torch.tensor(full.shape, device=device)
+            dist.send(header, dst=0)
+            dist.send(full.to(device).contiguous(), dst=0)
+        elif src != 0 and rank == 0:
+            header = torch.empty(8, dtype=torch.int64, device=device)
+            dist.recv(header, src=src)
+            shape = header[1 : 1 + int(header[0])].tolist()
+            full = torch.empty(shape, dtype=plan.dtype[name], device=device)
+            dist.recv(full, src=src)
+            full = full.cpu()
+        yield name, (full if rank == 0 else None)
+
 
 def _funnel(chunks, out: Path, served: dict) -> None:
     """The export as it was: rank 0 receives every full tensor and writes every shard."""
     import torch.distributed as dist
 
     from sapo_megatron.checkpoint.hf_io import HFShardWriter, write_hf_config
-    from sapo_megatron.checkpoint.live import _iter_full, _plan_gather
     from sapo_megatron.checkpoint.mapping import all_units, mapping_for
     from sapo_megatron.checkpoint.transforms import to_hf
 

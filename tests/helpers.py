@@ -124,3 +124,71 @@ def add_fallback_row(
     replayed[rows] = False
     return torch.cat([routes_RMK, filler]), replayed
 
+
+
+class LiveTensorBytes:
+    """Peak bytes of host tensor storages alive at once, among those the code inside makes.
+
+    A ``TorchDispatchMode`` sees every tensor an aten op returns (``torch.empty``, copies, and
+    the ``set_`` by which ``torch.load`` / DCP reads wrap the storage they read into); each
+    storage counts from the first op that returns it until the last such tensor object dies.
+    Storages of ``existing`` tensors (a model's parameters, whose views the code inside makes)
+    are not counted: only what it allocates. Usage::
+
+        with LiveTensorBytes(existing=model.state_dict().values()) as live:
+            export(...)
+        live.peak  # bytes
+    """
+
+    def __init__(self, existing=()) -> None:
+        self.now = self.peak = 0
+        self._existing = {t.untyped_storage().data_ptr() for t in existing if isinstance(t, torch.Tensor)}
+        self._storages: dict[int, list[int]] = {}  # data_ptr -> [nbytes, tensor objects holding it]
+        self._seen: set[tuple[int, int]] = set()  # (id(tensor), data_ptr) already counted
+        self._mode = None
+
+    def __enter__(self) -> "LiveTensorBytes":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker._track(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def _track(self, t: torch.Tensor) -> None:
+        import weakref
+
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if not nbytes or ptr in self._existing or (id(t), ptr) in self._seen:
+            return
+        self._seen.add((id(t), ptr))
+        slot = self._storages.setdefault(ptr, [nbytes, 0])
+        if slot[1] == 0:
+            self.now += nbytes
+            self.peak = max(self.peak, self.now)
+        slot[1] += 1
+        weakref.finalize(t, self._drop, id(t), ptr)
+
+    def _drop(self, key: int, ptr: int) -> None:
+        self._seen.discard((key, ptr))
+        slot = self._storages.get(ptr)
+        if slot is not None:
+            slot[1] -= 1
+            if slot[1] == 0:
+                self.now -= slot[0]
+                del self._storages[ptr]

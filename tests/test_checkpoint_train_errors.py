@@ -223,3 +223,34 @@ def test_v1_checkpoints_resume_at_their_layout(single_rank_parallel, tmp_path):
     (step / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ckpt.CheckpointError, match="resume only at their own layout"):
         ckpt.load_checkpoint(path, chunks, optimizer)
+
+
+def test_streamed_export_on_one_rank_and_a_checkpoint_of_another_model(single_rank_parallel, tmp_path):
+    """``mcore_to_hf`` of a training checkpoint (``TrainingCheckpoint``): the HF tensors are the
+    model's own (gate/up split from its fused ``linear_fc1``); a ``meta.json`` whose model config
+    does not match the saved tensors is refused naming the tensor and both shapes."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from sapo_megatron.checkpoint import mcore_to_hf
+    from sapo_megatron.models import ModelConfig
+    from sapo_megatron.trainer import checkpoint as ckpt
+
+    chunks, optimizer = _build()
+    model_config = dataclasses.asdict(ModelConfig(**SMALL))
+    ckpt.save_checkpoint(tmp_path / "run", 1, chunks, optimizer, meta={"model_config": model_config})
+    mcore_to_hf(tmp_path / "run", tmp_path / "hf", show_progress=False)
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    params = dict(chunks[0].module.named_parameters())
+    fc1 = params["decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"]
+    assert torch.equal(hf["model.layers.1.mlp.experts.3.gate_proj.weight"], fc1[:8])
+    assert torch.equal(hf["model.layers.1.mlp.experts.3.up_proj.weight"], fc1[8:])
+    assert torch.equal(hf["model.embed_tokens.weight"], params["embedding.word_embeddings.weight"])
+
+    meta_path = tmp_path / "run" / "checkpoints" / "iter_0000001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_config"]["moe_intermediate_size"] = 12
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"experts\.linear_fc2\.weight' has shape \(4, 16, 8\) .* expects \(4, 16, 12\)"):
+        mcore_to_hf(tmp_path / "run", tmp_path / "hf2", show_progress=False)

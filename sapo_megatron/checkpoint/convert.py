@@ -26,6 +26,7 @@ from sapo_megatron.checkpoint.mapping import (
     mapping_for,
 )
 from sapo_megatron.checkpoint.mcore_io import McoreCheckpoint, McoreCheckpointWriter
+from sapo_megatron.checkpoint.training_ckpt import TrainingCheckpoint, is_training_checkpoint
 from sapo_megatron.checkpoint.transforms import to_hf, to_mcore
 
 
@@ -113,15 +114,16 @@ def mcore_to_hf(
 ) -> dict:
     """Convert a sapo_megatron checkpoint back to HF safetensors + config.json; returns stats.
 
-    A training checkpoint (``iter_N/``, its parent or the run directory) is exported from its
-    model state (``training_ckpt.py``)."""
-    from sapo_megatron.checkpoint.training_ckpt import export_training_checkpoint, is_training_checkpoint
-
-    if is_training_checkpoint(ckpt_dir):
-        return export_training_checkpoint(ckpt_dir, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype,
-                                          show_progress=show_progress)
+    A training checkpoint (``iter_N/``, its parent or the run directory) is read from its
+    dist checkpoint the same way, one group at a time (:class:`TrainingCheckpoint`)."""
     t0 = time.time()
-    reader = McoreCheckpoint(ckpt_dir)
+    if is_training_checkpoint(ckpt_dir):
+        reader = TrainingCheckpoint(ckpt_dir)
+        if show_progress:
+            print(f"mcore-to-hf: reading {reader.dir} (step {reader.meta.get('step')}, written at "
+                  f"{reader.meta.get('layout')})", file=sys.stderr, flush=True)
+    else:
+        reader = McoreCheckpoint(ckpt_dir)
     mapping = mapping_for(reader.hf_config)
     cfg = mapping.config_from_hf(reader.hf_config)
     plan = all_units(mapping, cfg)

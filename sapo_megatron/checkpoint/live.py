@@ -14,8 +14,8 @@ file buffer, on the parameters' device. Every rank walks the same order, so the 
 operations cannot deadlock. :func:`export_hf` (weight sync to SGLang from disk) has each tensor
 written by one of its holders into that rank's own shard files: all ranks write in parallel,
 nothing funnels through rank 0. The distributed weight sync (``rollout/sglang/weight_sync``)
-walks the same plan in buckets. :func:`save_from_model` still
-sends every tensor to rank 0, which writes a sapo_megatron checkpoint.
+walks the same plan in buckets. :func:`save_from_model` (a sapo_megatron checkpoint) walks it
+a group at a time, each group assembled and written by one of the ranks that hold it.
 
 Every rank must call these functions (they are collective under torch.distributed).
 """
@@ -50,7 +50,7 @@ from sapo_megatron.checkpoint.mapping import (
     mapping_for,
     units_by_mcore_name,
 )
-from sapo_megatron.checkpoint.mcore_io import McoreCheckpoint, McoreCheckpointWriter
+from sapo_megatron.checkpoint.mcore_io import McoreCheckpoint, McoreCheckpointWriter, write_part
 from sapo_megatron.checkpoint.pieces import (
     Layout,
     Piece,
@@ -60,15 +60,10 @@ from sapo_megatron.checkpoint.pieces import (
     place,
     plan_pieces,
 )
-from sapo_megatron.checkpoint.transforms import to_mcore
+from sapo_megatron.checkpoint.transforms import to_hf, to_mcore
 from sapo_megatron.collectives import group_device
 from sapo_megatron.mcore.te_names import local_norm_name
-from sapo_megatron.step.sharding import (
-    gather_full_tensor,
-    global_name,
-    shard_full_tensor,
-    unwrap,
-)
+from sapo_megatron.step.sharding import global_name, shard_full_tensor, unwrap
 
 _TIED_SOURCE = "embedding.word_embeddings.weight"
 
@@ -146,14 +141,6 @@ def load_hf_into_model(model, hf_dir: str | os.PathLike) -> dict:
     return reader.config
 
 
-@dataclasses.dataclass
-class _GatherPlan:
-    order: list[str]
-    owner: dict[str, int]
-    dtype: dict[str, torch.dtype]
-    local: dict[str, tuple]
-
-
 def _held_tensors(model) -> dict[str, tuple]:
     """This rank's tensors by canonical name: ``{name: (module, local_name, tensor)}`` (a tied
     output layer is the embedding and is left out)."""
@@ -166,53 +153,6 @@ def _held_tensors(model) -> dict[str, tuple]:
             if not (tied and name == "output_layer.weight"):
                 local[name] = (inner, local_name, tensor)
     return local
-
-
-def _plan_gather(model) -> _GatherPlan:
-    local = _held_tensors(model)
-    held: list = [None] * dist.get_world_size()
-    dist.all_gather_object(held, {n: str(t.dtype).removeprefix("torch.") for n, (_, _, t) in local.items()})
-    owner, dtype = {}, {}
-    for rank, names in enumerate(held):
-        for name, dt in names.items():
-            owner.setdefault(name, rank)
-            dtype[name] = getattr(torch, dt)
-    order = sorted(owner, key=lambda n: (group_order(group_of(n)), n))
-    return _GatherPlan(order, owner, dtype, local)
-
-
-def _iter_full(plan: _GatherPlan) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """Full tensors in ``plan.order`` on rank 0 (None elsewhere); collective."""
-    rank = dist.get_rank()
-    for name in plan.order:
-        full = None
-        if name in plan.local:
-            inner, local_name, tensor = plan.local[name]
-            full = gather_full_tensor(tensor.detach(), tensor, local_name, inner.config).cpu()
-        src = plan.owner[name]
-        # Point-to-point tensors on the default group's device (CUDA under NCCL).
-        device = group_device()
-        if src != 0 and rank == src:
-            header = torch.zeros(8, dtype=torch.int64, device=device)
-            header[0] = full.dim()
-            header[1 : 1 + full.dim()] = torch.tensor(full.shape, device=device)
-            dist.send(header, dst=0)
-            dist.send(full.to(device).contiguous(), dst=0)
-        elif src != 0 and rank == 0:
-            header = torch.empty(8, dtype=torch.int64, device=device)
-            dist.recv(header, src=src)
-            shape = header[1 : 1 + int(header[0])].tolist()
-            full = torch.empty(shape, dtype=plan.dtype[name], device=device)
-            dist.recv(full, src=src)
-            full = full.cpu()
-        yield name, (full if rank == 0 else None)
-
-
-def _check_names(plan: _GatherPlan, expected: set[str], what: str) -> None:
-    # Runs on every rank with the same inputs, so all ranks raise together (no hang).
-    missing, extra = sorted(expected - set(plan.order)), sorted(set(plan.order) - expected)
-    if missing or extra:
-        raise ValueError(f"{what}: model lacks {missing[:3]} and has unmapped {extra[:3]}")
 
 
 # --------------------------------------------------------------------------- export plan
@@ -579,32 +519,93 @@ class _Clock:
             self.last = now
 
 
+def _group_writers(groups: dict) -> dict:
+    """One writer per group, spread over the ranks that hold it: the ``j``-th group a set of
+    ranks holds goes to the ``j % n``-th of them (TP ranks, the ranks of a pipeline stage)."""
+    seen: dict[tuple, int] = defaultdict(int)
+    writers = {}
+    for group, entries in groups.items():
+        holders = tuple(sorted({r for e in entries for r in e.holders}))
+        writers[group] = holders[seen[holders] % len(holders)]
+        seen[holders] += 1
+    return writers
+
+
+def _rounds(writers: dict) -> list[list]:
+    """Groups in rounds in which every rank writes at most one (all in parallel): round ``r``
+    holds each rank's ``r``-th group, in group order. The same on every rank."""
+    queues: dict[int, list] = defaultdict(list)
+    for group, rank in writers.items():
+        queues[rank].append(group)
+    depth = max(map(len, queues.values()), default=0)
+    return [[g for g in writers if g in {q[r] for q in queues.values() if r < len(q)}] for r in range(depth)]
+
+
+def _landing(entry: ExportEntry, cfg) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The Megatron tensor of ``entry`` on its writer (host, empty) and where its HF tensors
+    land: for ``copy`` and ``gate_up``, views of it (the gate and up halves are contiguous rows),
+    so the pieces arrive in place; for ``qkv``, separate q/k/v buffers and no tensor yet
+    (interleaved by query group once they are in: allocating the fused tensor only then, after
+    the sends, keeps the peak lower than landing into its strided views)."""
+    if entry.unit.kind == "qkv":
+        return None, {h: torch.empty(shape, dtype=dt) for h, dt, shape in entry.hf}
+    full = torch.empty(entry.shape, dtype=entry.dtype)
+    return full, dict(zip(entry.unit.hf, to_hf(entry.unit.kind, full, cfg, views=True)))
+
+
+def _write_round(plan: ExportPlan, ckpt_dir, jobs: list[tuple[int, list[ExportEntry]]], rank: int) -> None:
+    """One round of :func:`save_from_model`: every ``(writer, group entries)`` assembled on its
+    writer and written there (each rank writes at most one); collective."""
+    entries = [e for _, group in jobs for e in group]
+    mine = [e for writer, group in jobs if writer == rank for e in group]
+    fused, dests = {}, {}
+    for entry in mine:
+        fused[entry.name], landing = _landing(entry, plan.cfg)
+        dests.update(landing)
+    plan.exchange(entries, [writer for writer, group in jobs for _ in group], dests)()
+    if not mine:
+        return
+    tensors = {}
+    for entry in mine:
+        hf = [dests.pop(h) for h in entry.unit.hf]
+        tensors[entry.name] = to_mcore(entry.unit.kind, hf, plan.cfg) if fused[entry.name] is None else fused[entry.name]
+    write_part(ckpt_dir, group_of(mine[0].name), tensors)
+
+
 def save_from_model(model, ckpt_dir: str | os.PathLike, hf_config: dict) -> None:
-    """Write the live model as a sapo_megatron checkpoint (rank 0 writes; collective)."""
-    mapping = mapping_for(hf_config)
-    cfg = mapping.config_from_hf(hf_config)
-    expected = {u.mcore for us in all_units(mapping, cfg).values() for u in us}
-    plan = _plan_gather(model)
-    _check_names(plan, expected, f"save as {mapping.architecture}")
-    writer = None
-    if dist.get_rank() == 0:
-        writer = McoreCheckpointWriter(
-            ckpt_dir,
-            architecture=mapping.architecture,
-            hf_config=hf_config,
-            model_config=dataclasses.asdict(cfg),
-        )
-    group, tensors = None, {}
-    for name, full in _iter_full(plan):
-        if writer is None:
-            continue
-        if tensors and group_of(name) != group:
-            writer.write_group(group, tensors)
-            tensors = {}
-        group = group_of(name)
-        tensors[name] = full
+    """Write the live model as a sapo_megatron checkpoint; collective.
+
+    The export plan of :func:`export_hf` with the model's dtypes, one writer per group (a layer,
+    the embedding, the final norm and head): the holders send their pieces of each HF tensor
+    to it (:meth:`ExportPlan.exchange`), straight into the Megatron tensors where the format
+    allows (:func:`_landing`), and it writes the group as its own part
+    (:func:`~sapo_megatron.checkpoint.mcore_io.write_part`). Writers of different ranks work in
+    the same round, so a rank holds at most one group at a time and nothing passes through one
+    process; rank 0 merges the parts' metadata at the end.
+    """
+    plan = export_plan(model, hf_config, dtype=None)
+    groups: dict = defaultdict(list)
+    for entry in plan.entries:  # already in group order
+        groups[group_of(entry.name)].append(entry)
+    writers = _group_writers(groups)
+    rank = dist.get_rank()
+    writer, error = None, None
+    if rank == 0:
+        try:
+            writer = McoreCheckpointWriter(ckpt_dir, architecture=mapping_for(hf_config).architecture,
+                                           hf_config=hf_config, model_config=dataclasses.asdict(plan.cfg))
+        except ValueError as err:
+            error = str(err)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)  # every rank raises together, none waits in the exchange
+    if box[0]:
+        raise ValueError(box[0])
+    dist.barrier()  # the directory exists before anyone writes a part
+    for groups_now in _rounds(writers):
+        _write_round(plan, ckpt_dir, [(writers[g], groups[g]) for g in groups_now], rank)
+    dist.barrier()  # every part is written
     if writer is not None:
-        if tensors:
-            writer.write_group(group, tensors)
+        for group in groups:
+            writer.adopt(group)
         writer.close()
     dist.barrier()

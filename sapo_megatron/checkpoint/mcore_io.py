@@ -37,6 +37,21 @@ def _part_name(group) -> str:
     return group if isinstance(group, str) else f"layer_{int(group):05d}"
 
 
+def write_part(ckpt_dir: str | os.PathLike, group, tensors: dict[str, torch.Tensor]) -> int:
+    """Write one group's full tensors as ``parts/<group>`` of the checkpoint in ``ckpt_dir``;
+    returns their bytes. Any process may write any part (the parallel ``save_from_model`` has
+    one writer per group); the process holding the :class:`McoreCheckpointWriter` adopts it."""
+    import torch.distributed.checkpoint as dcp
+
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with warnings.catch_warnings():
+        # no_dist is deliberate: only this process writes this part (DCP warns about it).
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(Path(ckpt_dir) / "parts" / _part_name(group))),
+                 no_dist=True)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class McoreCheckpointWriter:
     def __init__(self, out_dir: str | os.PathLike, *, architecture: str, hf_config: dict, model_config: dict):
         self.dir = Path(out_dir)
@@ -54,16 +69,12 @@ class McoreCheckpointWriter:
         self.total_bytes = 0
 
     def write_group(self, group, tensors: dict[str, torch.Tensor]) -> None:
-        import torch.distributed.checkpoint as dcp
+        self.total_bytes += write_part(self.dir, group, tensors)
+        self.adopt(group)
 
-        part = f"parts/{_part_name(group)}"
-        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-        with warnings.catch_warnings():
-            # no_dist is deliberate: only this process writes (DCP warns about it).
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(self.dir / part)), no_dist=True)
-        self._parts.append(part)
-        self.total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+    def adopt(self, group) -> None:
+        """Take in a part that another process wrote with :func:`write_part` (before :meth:`close`)."""
+        self._parts.append(f"parts/{_part_name(group)}")
 
     def close(self) -> None:
         """Merge the parts' metadata into ``C/.metadata`` and write ``sapo_checkpoint.json``."""

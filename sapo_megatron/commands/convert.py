@@ -15,8 +15,9 @@ EPILOG = """examples:
   sapo-megatron convert hf-to-mcore --hf-dir Qwen3-30B-A3B/ --out ckpt/
   sapo-megatron convert mcore-to-hf --ckpt ckpt/ --out hf_out/ --dtype bfloat16
 
-One layer is in memory at a time. The HF config.json travels inside the Megatron checkpoint,
-so mcore-to-hf needs nothing else. Supported architectures: docs/checkpoint.md."""
+One layer is in memory at a time, also when mcore-to-hf reads a training checkpoint. The HF
+config.json travels inside the Megatron checkpoint, so mcore-to-hf needs nothing else.
+Supported architectures: docs/checkpoint.md."""
 
 
 def _hf_to_mcore_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,8 @@ def _hf_to_mcore(args: argparse.Namespace) -> dict:
 
 
 def _mcore_to_hf_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="sapo_megatron checkpoint (hf-to-mcore output)")
+    p.add_argument("--ckpt", required=True, help="sapo_megatron checkpoint (hf-to-mcore output), or a training "
+                   "checkpoint (iter_N/, its checkpoints/ parent or the run dir)")
     p.add_argument("--out", required=True, help="output HF safetensors directory")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast on export (default: keep)")
     p.add_argument("--max-shard-gb", type=float, default=4.0, help="largest safetensors shard (default 4)")

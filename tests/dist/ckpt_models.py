@@ -25,29 +25,31 @@ _COMMON = dict(
 )
 
 
-def make_hf_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+def make_hf_model(arch: str, out_dir: Path, seed: int = 0, **sizes) -> Path:
+    """``sizes`` override the common sizes (e.g. ``num_hidden_layers=8``)."""
     import transformers as tf
 
     torch.manual_seed(seed)
+    common = {**_COMMON, **sizes}
     if arch == "qwen3_moe":
         cfg = tf.Qwen3MoeConfig(
-            **_COMMON, head_dim=12, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+            **common, head_dim=12, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
             num_experts_per_tok=2, mlp_only_layers=[0], norm_topk_prob=True, rope_theta=1e6,
             tie_word_embeddings=False,
         )
         model = tf.Qwen3MoeForCausalLM(cfg)
     elif arch == "qwen3":
-        cfg = tf.Qwen3Config(**_COMMON, head_dim=12, intermediate_size=48, tie_word_embeddings=True)
+        cfg = tf.Qwen3Config(**common, head_dim=12, intermediate_size=48, tie_word_embeddings=True)
         model = tf.Qwen3ForCausalLM(cfg)
     elif arch == "mixtral":
         cfg = tf.MixtralConfig(
-            **_COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+            **common, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
             sliding_window=None, rope_theta=1e6, tie_word_embeddings=False,
         )
         model = tf.MixtralForCausalLM(cfg)
     elif arch == "dots1":
         cfg = tf.Dots1Config(
-            **_COMMON, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+            **common, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
             topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0, tie_word_embeddings=False,
         )
