@@ -228,7 +228,8 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
                   head_dim=model.kv_channels, ffn=model.intermediate_size, moe_ffn=model.moe_intermediate_size,
                   experts=model.num_experts, topk=model.num_experts_per_tok, vocab_padded=model.vocab_size,
                   qk_layernorm=model.qk_layernorm, tp=tp, sequence_parallel=bool(parallel.sequence_parallel),
-                  cp=cp, etp=etp, act_bytes=param_bytes, router_fp32=True)
+                  cp=cp, etp=etp, act_bytes=param_bytes,
+                  swiglu_fused=bool(megatron.get("bias_activation_fusion", False)))
     recompute = Recompute(megatron.get("recompute_granularity"), megatron.get("recompute_method"),
                           int(megatron.get("recompute_num_layers") or 1))
     layers_by_stage = _stage_layers(model, parallel, megatron)
@@ -245,11 +246,13 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
         device = {k: v[0] for k, v in state.items()}
         host = {k: v[1] for k, v in state.items() if v[1]}
         in_flight = min(pp - p, mb["microbatches_per_step"])
-        stored, transient = stage_activation_bytes(shape, tokens, pattern, recompute, flash=attention == "flash")
+        stored, transient = stage_activation_bytes(shape, tokens, pattern, recompute, keys=mb["row_tokens"] // cp,
+                                                   flash=attention == "flash")
         device["activations_stored"] = stored * in_flight
         loss_time = 0.0
         if p == pp - 1:
-            loss_time = sum(logits_bytes(shape, tokens, batch=rows, logprob_chunk_size=cfg.loss.logprob_chunk_size).values())
+            loss_time = sum(logits_bytes(shape, tokens, logprob_chunk_size=cfg.loss.logprob_chunk_size,
+                                         local=attention != "flash").values())
         # Backward meets the loss's tensors first, then one recomputed block: never both at once.
         device["logits_and_logprobs"] = loss_time
         device["recompute_block"] = transient if transient > loss_time else 0.0

@@ -11,22 +11,25 @@ Attention (per token; ``e`` bytes per activation element, ``a``/``g`` query/KV h
 ``d``, all head counts divided by TP; ``hs = h / TP`` under SP, else ``h``):
 - RMSNorm input ``e*hs``; QKV linear input (the norm output; under SP Megatron saves the
   sequence shard and all-gathers it again in backward) ``e*hs``;
-- q/k norm inputs ``e*(a+g)*d`` when ``qk_layernorm``;
-- flash attention (TE, GPU): q, k, v and the output ``e*(2a+2g)*d`` plus the fp32 log-sum-exp
-  ``4a``. The out-projection saves the same output tensor (not counted twice).
-- unfused attention (the local spec, CPU): q and k, v expanded to ``a`` heads (GQA is a
-  ``repeat_interleave``) ``e*3a*d``, the softmax output ``e*a*S`` per token (``S`` keys: the
-  ``S^2`` term; selective recompute of ``core_attn`` drops it), the output ``e*a*d``.
+- the QKV output ``e*(a+2g)*d``: q and k (inputs of the q/k norms) and v are views of it, and
+  the attention keeps v, so the whole tensor stays;
+- flash attention (TE, GPU): the rotated q and k ``e*(a+g)*d``, the output ``e*a*d`` (the
+  out-projection saves the same tensor) and the fp32 log-sum-exp ``4a``;
+- unfused attention (the local spec, CPU): the rotated q, k and v expanded to ``a`` heads (GQA
+  is a ``repeat_interleave``) and the output, ``e*4a*d``, and the softmax output ``e*a*S`` per
+  token (``S`` keys per query: the ``S^2`` term; selective recompute of ``core_attn`` drops it).
 - No dropout masks: our configs run with dropout 0 (torch skips dropout at p = 0).
 
-MoE MLP (the top-k expansion): the norm input ``e*hs`` and the router's input ``e*hs`` (its
-fp32 cast ``4*hs`` too when ``moe_router_dtype=fp32``) and fp32 logits ``4*E``, then per routed
+MoE MLP (the top-k expansion): the norm input ``e*hs``, the router's input ``e*hs`` and fp32
+logits ``4*E`` (``router_gating_linear`` keeps no fp32 copy of its input), then per routed
 copy of a token -- ``k`` of them per token, spread evenly over the EP ranks, so a rank's experts
 see ``k * tokens / TP`` copies under SP with ETP = 1 -- the fc1 input ``e*h``, the fc1 output
-``e*2f`` (SwiGLU's gate and up), the SwiGLU output ``e*f`` and the fc2 output ``e*h`` (saved by
-the multiplication with the routing probabilities): ``e*k*(2h + 3f)`` per token. ETP > 1 divides
-``f`` by ETP. Uneven routing puts more on some ranks: the estimate is the balanced mean.
-Dense MLP layers: input ``e*hs``, fc1 output ``e*2F/TP``, SwiGLU output ``e*F/TP``.
+``e*2f`` (SwiGLU's gate and up), SwiGLU's ``silu(gate)`` ``e*f`` (unfused: kept by the product)
+and its output ``e*f`` (the fc2 input), and the fc2 output ``e*h`` (saved by the multiplication
+with the routing probabilities): ``e*k*(2h + 4f)`` per token, ``e*k*(2h + 3f)`` with
+``bias_activation_fusion``. ETP > 1 divides ``f`` by ETP. Uneven routing puts more on some
+ranks: the estimate is the balanced mean. Dense MLP layers: input ``e*hs``, fc1 output
+``e*2F/TP``, the SwiGLU terms ``e*2F/TP`` (``e*F/TP`` fused).
 
 Recompute:
 - none: every layer keeps all of the above.
@@ -48,8 +51,9 @@ logits) belong to one microbatch.
 
 Logits (last stage): the output layer's ``[T, V/TP]`` logits in the activation dtype, saved by
 the log-prob function (``sapo_megatron.logprobs``), their gradient of the same size, and the
-float32 workspace of one chunk of ``logprob_chunk_size`` rows (``None``: about 64 MB). Padded
-microbatches (``B > 1``) also make one transposed copy in the forward.
+float32 workspace of one chunk of ``logprob_chunk_size`` rows (``None``: about 64 MB), all alive
+in the loss's backward. (Padded microbatches, ``B > 1``, briefly hold a second, transposed copy
+of the logits in the forward, before the gradient and workspace exist: never the peak.)
 """
 
 from __future__ import annotations
@@ -92,40 +96,56 @@ class Shape:
     cp: int
     etp: int
     act_bytes: int
-    router_fp32: bool
+    swiglu_fused: bool = False  # bias_activation_fusion
+
+
+def _norm(s: Shape, elements: float, local: bool) -> float:
+    """A norm's saved bytes per token: TE keeps its input (and per-row statistics); the local
+    spec's ``torch.nn.RMSNorm`` decomposes into a float32 copy of the input and the float32
+    normalised tensor (kept for the weight's gradient), whatever the activation dtype."""
+    return elements * (8 if local else s.act_bytes)
 
 
 def _attention(s: Shape, tokens: int, keys: int, flash: bool, selective: bool) -> float:
-    e, tp = s.act_bytes, s.tp
+    e, tp, local = s.act_bytes, s.tp, not flash
     hs = s.hidden / tp if s.sequence_parallel else s.hidden
     a, g, d = s.heads / tp, max(s.kv_heads / tp, 1), s.head_dim
-    per = 2 * e * hs
-    if s.qk_layernorm:
-        per += e * (a + g) * d
+    per = _norm(s, hs, local) + e * hs + e * (a + 2 * g) * d  # input norm, QKV input, QKV output
+    if s.qk_layernorm and local:
+        per += _norm(s, (a + g) * d, local)
     if flash:
-        per += e * (2 * a + 2 * g) * d + 4 * a
+        per += e * (2 * a + g) * d + 4 * a
     else:
-        per += e * 4 * a * d  # q, expanded k and v, output
+        # rotated q and k (expanded to a heads under GQA, v too; v is a view of the QKV output
+        # otherwise), the output; the softmax output in fp32 and its cast back to e.
+        per += e * ((4 if g < a else 3) * a * d)
         if not selective:
-            per += e * a * keys
+            per += (e + (4 if e < 4 else 0)) * a * keys
     return per * tokens
 
 
-def _mlp(s: Shape, tokens: int, moe: bool) -> float:
+def _mlp(s: Shape, tokens: int, moe: bool, local: bool) -> float:
     e, tp = s.act_bytes, s.tp
     hs = s.hidden / tp if s.sequence_parallel else s.hidden
+    # fc1 output (2f), then unfused SwiGLU: silu(gate), up + offset, their product (the fc2
+    # input of a dense MLP); routed experts also keep the product scaled by the routing
+    # probability (the fc2 input). Fused (bias_activation_fusion): fc1 output and fc2 input.
+    dense_f, expert_f = (3, 3) if s.swiglu_fused else (5, 6)
     if not moe:
-        return tokens * e * (hs + 3 * s.ffn / tp)
-    per = 2 * e * hs + 4 * s.experts + (4 * hs if s.router_fp32 else 0)
+        return tokens * (_norm(s, hs, local) + e * hs + e * dense_f * s.ffn / tp)
+    # The router keeps its (params_dtype) input and fp32 logits (router_gating_linear saves
+    # no fp32 copy).
+    per = _norm(s, hs, local) + e * hs + 4 * s.experts
     # Routed copies: under SP each rank routes its own token shard; without SP every TP rank
     # routes the same tokens, so its experts see them TP times over (ETP = 1) -- no division.
     copies = s.topk * (tokens / tp if s.sequence_parallel else tokens)
-    return tokens * per + copies * e * (2 * s.hidden + 3 * s.moe_ffn / s.etp)
+    return tokens * per + copies * e * (s.hidden + expert_f * s.moe_ffn / s.etp)
 
 
-def layer_bytes(s: Shape, tokens: int, moe: bool, *, flash: bool, selective: bool = False) -> float:
-    """Bytes one transformer layer saves for backward, for ``tokens`` tokens on this rank."""
-    return _attention(s, tokens, tokens, flash, selective) + _mlp(s, tokens, moe)
+def layer_bytes(s: Shape, tokens: int, moe: bool, *, keys: int, flash: bool, selective: bool = False) -> float:
+    """Bytes one transformer layer saves for backward, for ``tokens`` tokens on this rank whose
+    queries each see ``keys`` keys (a padded row's length, or a packed row's on the local spec)."""
+    return _attention(s, tokens, keys, flash, selective) + _mlp(s, tokens, moe, not flash)
 
 
 def layer_input_bytes(s: Shape, tokens: int) -> float:
@@ -141,11 +161,11 @@ class Recompute:
 
 
 def stage_activation_bytes(s: Shape, tokens: int, moe_pattern: list[int], recompute: Recompute,
-                           *, flash: bool) -> tuple[float, float]:
+                           *, keys: int, flash: bool) -> tuple[float, float]:
     """(stored, transient) bytes of one microbatch on a stage whose layers are ``moe_pattern``:
     what stays saved until its backward, and what one recomputed block adds in backward."""
     selective = recompute.granularity == "selective"
-    full = [layer_bytes(s, tokens, bool(m), flash=flash, selective=selective) for m in moe_pattern]
+    full = [layer_bytes(s, tokens, bool(m), keys=keys, flash=flash, selective=selective) for m in moe_pattern]
     if recompute.granularity != "full":
         return sum(full), 0.0
     n = max(recompute.num_layers, 1)
@@ -157,14 +177,19 @@ def stage_activation_bytes(s: Shape, tokens: int, moe_pattern: list[int], recomp
     return len(blocks) * inp, max((sum(b) for b in blocks), default=0.0)
 
 
-def logits_bytes(s: Shape, tokens: int, *, batch: int, logprob_chunk_size: int | None) -> dict[str, float]:
-    """The last stage's loss-time tensors for one microbatch: logits, their gradient and the
-    float32 log-prob workspace (``sapo_megatron.logprobs``)."""
+def logits_bytes(s: Shape, tokens: int, *, logprob_chunk_size: int | None, local: bool) -> dict[str, float]:
+    """The last stage's loss-time tensors for one microbatch: logits, their gradient, the
+    float32 log-prob workspace (``sapo_megatron.logprobs``: one buffer of a chunk of rows in the
+    forward; in the backward one for float32 logits, two of half a chunk each otherwise -- but
+    never fewer rows than the microbatch has), and the final norm + output layer inputs."""
     vocab_local = s.vocab_padded / s.tp
     logits = tokens * vocab_local * s.act_bytes
     rows = logprob_chunk_size or max(1, DEFAULT_LOGPROB_CHUNK_BYTES // int(4 * vocab_local))
-    workspace = min(rows, tokens) * vocab_local * 4
-    return {"logits": logits * (2 if batch > 1 else 1), "logits_grad": logits, "logprob_workspace": workspace}
+    forward = min(rows, tokens)
+    backward = min(rows, tokens) if s.act_bytes == 4 else 2 * min(max(1, rows // 2), tokens)
+    hs = s.hidden / s.tp if s.sequence_parallel else s.hidden
+    return {"logits": logits, "logits_grad": logits, "logprob_workspace": max(forward, backward) * vocab_local * 4,
+            "final_norm_and_head_input": tokens * (_norm(s, hs, local) + s.act_bytes * hs)}
 
 
 def routes_bytes(moe_layers: int, tokens: int, topk: int, *, replay: bool) -> float:
