@@ -136,6 +136,13 @@ class PlanReport:
             "notes": self.notes,
         }
 
+    def summary_line(self) -> str:
+        """The figures a config's ``# plan:`` comment states (tests/test_plan.py compares them)."""
+        top = max(self.stages, key=lambda st: st.peak_bytes)
+        return (f"params_per_rank {self.params_per_rank / 1e9:.2f}B, weights {top.device['weights'] / GB:.1f} GB, "
+                f"gradients {top.device['gradients'] / GB:.1f} GB, peak {self.peak_bytes_per_rank / GB:.1f} GB of "
+                f"{self.gpu_memory_bytes / GB:.0f} GB, headroom {self.headroom:.1%}")
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
