@@ -110,22 +110,33 @@ def _build_counts(model_dict: dict, parallel_dict: dict, world_size: int) -> lis
     return out
 
 
+_CACHE: dict[str, list[ShardCounts]] = {}
+
+
 def shard_counts(model_cfg, parallel_cfg, world_size: int, *, timeout_s: float = 300) -> list[ShardCounts]:
     """Per pipeline-stage kind (first, middle, last) parameter counts of one rank, from a meta
-    build in a subprocess. ``model_cfg`` / ``parallel_cfg``: :class:`ModelConfig` /
-    :class:`ParallelConfig`."""
+    build in a subprocess (remembered per model, layout and world size for this process).
+    ``model_cfg`` / ``parallel_cfg``: :class:`ModelConfig` / :class:`ParallelConfig`."""
     request = {"model": dataclasses.asdict(model_cfg), "parallel": dataclasses.asdict(parallel_cfg),
                "world_size": world_size}
+    key = json.dumps(request, sort_keys=True, default=str)
+    if key not in _CACHE:
+        _CACHE[key] = _build_in_subprocess(request, timeout_s)
+    return list(_CACHE[key])
+
+
+def _build_in_subprocess(request: dict, timeout_s: float) -> list[ShardCounts]:
+    world_size, parallel = request["world_size"], request["parallel"]
     env = dict(os.environ)
     # Import this checkout's package in the child, whatever the installed one is.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("PYTHONWARNINGS", "ignore")
-    proc = subprocess.run([sys.executable, "-m", "sapo_megatron.plan.shard"], input=json.dumps(request),
+    proc = subprocess.run([sys.executable, "-m", "sapo_megatron.plan.shard"], input=json.dumps(request, default=str),
                           capture_output=True, text=True, env=env, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"the meta-device build of one rank's shard failed (world {world_size}, "
-                           f"parallel {dataclasses.asdict(parallel_cfg)}):\n{proc.stderr[-4000:]}")
+                           f"parallel {parallel}):\n{proc.stderr[-4000:]}")
     last = proc.stdout.strip().splitlines()[-1]
     return [ShardCounts(**row) for row in json.loads(last)]
 
