@@ -9,27 +9,38 @@ here from what each autograd node of Megatron-Core's layers saves for backward:
 
 Attention (per token; ``e`` bytes per activation element, ``a``/``g`` query/KV heads of width
 ``d``, all head counts divided by TP; ``hs = h / TP`` under SP, else ``h``):
-- RMSNorm input ``e*hs``; QKV linear input (the norm output; under SP Megatron saves the
-  sequence shard and all-gathers it again in backward) ``e*hs``;
-- the QKV output ``e*(a+2g)*d``: q and k (inputs of the q/k norms) and v are views of it, and
-  the attention keeps v, so the whole tensor stays;
+- the input norm: TE keeps its input ``e*hs``; the local spec's ``torch.nn.RMSNorm``
+  decomposes into a float32 copy of the input and the float32 normalised tensor, ``8*hs``
+  whatever ``e`` (the same for every norm below);
+- the QKV linear's input (the norm output; under SP Megatron saves the sequence shard and
+  all-gathers it again in backward) ``e*hs``;
+- the QKV output ``e*(a+2g)*d``: q, k and v are views of it and the attention keeps v, so the
+  whole tensor stays; the local spec's q/k norms add ``8*(a+g)*d`` (TE's keep views of it);
 - flash attention (TE, GPU): the rotated q and k ``e*(a+g)*d``, the output ``e*a*d`` (the
   out-projection saves the same tensor) and the fp32 log-sum-exp ``4a``;
-- unfused attention (the local spec, CPU): the rotated q, k and v expanded to ``a`` heads (GQA
-  is a ``repeat_interleave``) and the output, ``e*4a*d``, and the softmax output ``e*a*S`` per
-  token (``S`` keys per query: the ``S^2`` term; selective recompute of ``core_attn`` drops it).
+- unfused attention (the local spec, CPU): the rotated q, k and v expanded to ``a`` heads under
+  GQA (a ``repeat_interleave``; v stays a view without GQA) and the output, ``e*4a*d`` (``e*3a*d``
+  without GQA), and the softmax output per token ``a*S`` (``S`` keys per query: the ``S^2`` term)
+  twice when the softmax runs in fp32 for bf16 (``4 + e`` bytes: the fp32 output the softmax
+  keeps, the cast the next matmul keeps). Selective recompute of ``core_attn`` drops it.
 - No dropout masks: our configs run with dropout 0 (torch skips dropout at p = 0).
+Megatron-LM's anchor counts the same kinds of tensors for a dense GPT with LayerNorm, no GQA,
+no q/k norms and dropout; ours has GQA, q/k norms and SwiGLU and no dropout.
 
-MoE MLP (the top-k expansion): the norm input ``e*hs``, the router's input ``e*hs`` and fp32
-logits ``4*E`` (``router_gating_linear`` keeps no fp32 copy of its input), then per routed
-copy of a token -- ``k`` of them per token, spread evenly over the EP ranks, so a rank's experts
-see ``k * tokens / TP`` copies under SP with ETP = 1 -- the fc1 input ``e*h``, the fc1 output
-``e*2f`` (SwiGLU's gate and up), SwiGLU's ``silu(gate)`` ``e*f`` (unfused: kept by the product)
-and its output ``e*f`` (the fc2 input), and the fc2 output ``e*h`` (saved by the multiplication
-with the routing probabilities): ``e*k*(2h + 4f)`` per token, ``e*k*(2h + 3f)`` with
-``bias_activation_fusion``. ETP > 1 divides ``f`` by ETP. Uneven routing puts more on some
-ranks: the estimate is the balanced mean. Dense MLP layers: input ``e*hs``, fc1 output
-``e*2F/TP``, the SwiGLU terms ``e*2F/TP`` (``e*F/TP`` fused).
+MLP. The norm as above and the router's input ``e*hs`` and fp32 logits ``4*E``
+(``router_gating_linear`` keeps no fp32 copy of its input). Then, the top-k expansion: per
+routed copy of a token -- ``k`` of them per token, spread evenly over the EP ranks, so a rank's
+experts see ``k * tokens / TP`` copies under SP with ETP = 1 (``k * tokens`` without SP, where
+every TP rank routes the same tokens) -- the fc1 input ``e*h``, the fc1 output ``e*2f`` (gate and
+up), then unfused SwiGLU keeps ``silu(gate)``, ``up + glu_linear_offset`` and their product, and
+the experts keep the product scaled by the routing probability (the fc2 input; the fc2 output is
+not kept): ``e*(h + 6f)`` per copy, ``e*(h + 3f)`` with ``bias_activation_fusion`` (the fused
+kernel keeps the fc1 output and the fc2 input). ETP > 1 divides ``f`` by ETP. Uneven routing
+puts more on some ranks: the estimate is the balanced mean. Dense MLP layers: ``e*5F/TP`` (no
+probability scaling), ``e*3F/TP`` fused.
+
+Measured check: tests/test_plan.py runs the real step on CPU (the local spec) under a
+live-tensor tracker and agrees within a few percent in fp32 and bf16.
 
 Recompute:
 - none: every layer keeps all of the above.
@@ -51,8 +62,8 @@ logits) belong to one microbatch.
 
 Logits (last stage): the output layer's ``[T, V/TP]`` logits in the activation dtype, saved by
 the log-prob function (``sapo_megatron.logprobs``), their gradient of the same size, and the
-float32 workspace of one chunk of ``logprob_chunk_size`` rows (``None``: about 64 MB), all alive
-in the loss's backward. (Padded microbatches, ``B > 1``, briefly hold a second, transposed copy
+float32 workspace of about one chunk of ``logprob_chunk_size`` rows (``None``: about 64 MB), all
+alive in the loss's backward, plus the final norm's and the output layer's inputs. (Padded microbatches, ``B > 1``, briefly hold a second, transposed copy
 of the logits in the forward, before the gradient and workspace exist: never the peak.)
 """
 
