@@ -77,6 +77,14 @@ def test_main_params_stay_on_the_gpu_unless_precision_aware():
     assert local["main_params"] == (4 * 1400, 0) and local["adam_moments"] == (8 * 1400, 0)
 
 
+def test_gpu_memory_from_the_config_comments():
+    from sapo_megatron.plan import stated_gpu_memory
+
+    assert stated_gpu_memory((ROOT / "configs/qwen3_30b_a3b_sapo.yaml").read_text()) == 80 * GB
+    assert stated_gpu_memory("# one node of H200 141 GB GPUs") == 141 * GB
+    assert stated_gpu_memory((ROOT / "configs/tiny_cpu.yaml").read_text()) is None
+
+
 def test_launchers_give_world_size_overrides_and_sglang():
     by_path = {launch.path: launch for launch in shipped_launchers()}
     single = by_path["examples/run_qwen3_30b_a3b_sapo.sh"]

@@ -21,7 +21,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML file (configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for train")
-    ap.add_argument("--gpu-memory-gb", type=float, help="GPU memory in GB (default 80: H100 80 GB)")
+    ap.add_argument("--gpu-memory-gb", type=float, help="GPU memory in GB (default: what the config's comments state, e.g. 'H100 80 GB'; else 80)")
     ap.add_argument("--world-size", type=int, help="ranks of the trainer (default: the config's launcher)")
     ap.add_argument("--launcher", help="launcher script whose layout to plan (default: the config's first)")
     ap.add_argument("--prompt-tokens", type=int, help="prompt length per sample (default 512)")

@@ -298,7 +298,8 @@ def _placeholder_env(text: str) -> dict[str, str]:
 def plan_file(path: str, overrides: list[str] = (), *, world_size: int | None = None,
               launch: Launch | None = None, **kwargs) -> PlanReport:
     """Load ``path`` (+ the launcher's overrides, then ``overrides``) and plan it on the world
-    size its shipped launcher runs (``world_size`` / ``launch`` override that)."""
+    size its shipped launcher runs (``world_size`` / ``launch`` override that), against the GPU
+    memory its comments state (``gpu_memory_bytes`` overrides; else 80 GB)."""
     from sapo_megatron.config import load_config
 
     launch = launch or launcher_for(path)
@@ -313,7 +314,15 @@ def plan_file(path: str, overrides: list[str] = (), *, world_size: int | None = 
         os.environ.update(saved)
     if world_size is None:
         world_size = launch.world_size if launch else _minimal_world(cfg.parallel)
+    if kwargs.get("gpu_memory_bytes") is None:
+        kwargs["gpu_memory_bytes"] = stated_gpu_memory(text) or DEFAULT_GPU_MEMORY_BYTES
     return plan_config(cfg, world_size=world_size, launch=launch, name=str(path), **kwargs)
+
+
+def stated_gpu_memory(text: str) -> float | None:
+    """The GPU memory a config's comments state with its hardware ("H100 80 GB"), in bytes."""
+    m = re.search(r"\b(?:A100|H100|H200|H20|B200|GB200|MI300X?)\b[^\n\d]{0,12}(\d+)\s*GB", text)
+    return float(m.group(1)) * GB if m else None
 
 
 def _minimal_world(parallel) -> int:
