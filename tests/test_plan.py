@@ -77,6 +77,17 @@ def test_main_params_stay_on_the_gpu_unless_precision_aware():
     assert local["main_params"] == (4 * 1400, 0) and local["adam_moments"] == (8 * 1400, 0)
 
 
+def test_uneven_pipeline_stages_follow_megatrons_fields():
+    from sapo_megatron.models import ParallelConfig, preset
+    from sapo_megatron.plan import _stage_layers
+
+    model = preset("qwen3-235b-a22b")
+    stages = _stage_layers(model, ParallelConfig(pipeline_model_parallel_size=4),
+                           {"num_layers_in_first_pipeline_stage": 23, "num_layers_in_last_pipeline_stage": 23})
+    assert [len(s) for s in stages] == [23, 24, 24, 23]
+    assert [len(s) for s in _stage_layers(model, ParallelConfig(pipeline_model_parallel_size=2), {})] == [47, 47]
+
+
 def test_gpu_memory_from_the_config_comments():
     from sapo_megatron.plan import stated_gpu_memory
 
@@ -242,20 +253,9 @@ TINY_LAYOUTS = {
 
 
 def _shipped(config: str):
-    from sapo_megatron.plan import plan_file  # noqa: F401  (same loading path as the planner)
-    from sapo_megatron.plan import _placeholder_env
-    import os
+    from sapo_megatron.plan import load_for_planning
 
-    from sapo_megatron.config import load_config
-
-    text = (ROOT / config).read_text()
-    saved = dict(os.environ)
-    os.environ.update(_placeholder_env(text))
-    try:
-        return load_config(str(ROOT / config), ["rollout.sglang.urls=[http://unset:1]"])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return load_for_planning(str(ROOT / config))
 
 
 @pytest.mark.dist

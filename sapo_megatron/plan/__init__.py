@@ -295,23 +295,30 @@ def _placeholder_env(text: str) -> dict[str, str]:
     return {name: f"/unset/{name}" for name in re.findall(r"\$\{oc\.env:(\w+)", text) if name not in os.environ}
 
 
-def plan_file(path: str, overrides: list[str] = (), *, world_size: int | None = None,
-              launch: Launch | None = None, **kwargs) -> PlanReport:
-    """Load ``path`` (+ the launcher's overrides, then ``overrides``) and plan it on the world
-    size its shipped launcher runs (``world_size`` / ``launch`` override that), against the GPU
-    memory its comments state (``gpu_memory_bytes`` overrides; else 80 GB)."""
+def load_for_planning(path: str, overrides: list[str] = ()):
+    """``load_config(path, overrides)`` without the run's environment: ``${oc.env:...}`` paths the
+    planner never reads get placeholders, and an SGLang config gets a placeholder server URL."""
     from sapo_megatron.config import load_config
 
-    launch = launch or launcher_for(path)
     text = Path(path).read_text()
     placeholders = ["rollout.sglang.urls=[http://unset:1]"] if "engine: sglang" in text else []
     saved = dict(os.environ)
     os.environ.update(_placeholder_env(text))
     try:
-        cfg = load_config(path, [*placeholders, *(launch.overrides if launch else ()), *overrides])
+        return load_config(path, [*placeholders, *overrides])
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def plan_file(path: str, overrides: list[str] = (), *, world_size: int | None = None,
+              launch: Launch | None = None, **kwargs) -> PlanReport:
+    """Load ``path`` (+ the launcher's overrides, then ``overrides``) and plan it on the world
+    size its shipped launcher runs (``world_size`` / ``launch`` override that), against the GPU
+    memory its comments state (``gpu_memory_bytes`` overrides; else 80 GB)."""
+    launch = launch or launcher_for(path)
+    cfg = load_for_planning(path, [*(launch.overrides if launch else ()), *overrides])
+    text = Path(path).read_text()
     if world_size is None:
         world_size = launch.world_size if launch else _minimal_world(cfg.parallel)
     if kwargs.get("gpu_memory_bytes") is None:
