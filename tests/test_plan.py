@@ -169,7 +169,7 @@ def test_prediction_matches_measured_peak(layout, tmp_path):
     out = tmp_path / "measured.json"
     torchrun(MEASURE_WORKER, "--out", out, "--prompt-tokens", PROMPT, *overrides, nproc=nproc)
     measured = json.loads(out.read_text())
-    report = plan_config(load_config(None, overrides), world_size=nproc, prompt_tokens=PROMPT, attention="unfused")
+    report = plan_config(load_config(None, overrides), world_size=nproc, prompt_tokens=PROMPT, spec="local")
     stage = report.stages[0]
     static = sum(stage.device[k] for k in ("weights", "gradients", "main_params", "adam_moments"))
     peak = max(r["peak"] for r in measured)

@@ -25,8 +25,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--world-size", type=int, help="ranks of the trainer (default: the config's launcher)")
     ap.add_argument("--launcher", help="launcher script whose layout to plan (default: the config's first)")
     ap.add_argument("--prompt-tokens", type=int, help="prompt length per sample (default 512)")
-    ap.add_argument("--attention", choices=["flash", "unfused"], default="flash",
-                    help="flash: TE's fused attention (GPU); unfused: the local spec (CPU)")
+    ap.add_argument("--spec", choices=["te", "local"], default="te",
+                    help="te: Transformer Engine's layers (GPU clusters); local: Megatron's local spec "
+                         "(CPU, or a GPU without TE: unfused attention, torch norms)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return ap
 
@@ -37,7 +38,7 @@ def main(argv: list[str], prog: str = "sapo-megatron plan") -> int:
     from sapo_megatron.plan import DEFAULT_PROMPT_TOKENS, GB, plan_file
     from sapo_megatron.plan.launch import parse_launcher
 
-    kwargs = {"attention": args.attention, "prompt_tokens": args.prompt_tokens or DEFAULT_PROMPT_TOKENS}
+    kwargs = {"spec": args.spec, "prompt_tokens": args.prompt_tokens or DEFAULT_PROMPT_TOKENS}
     if args.gpu_memory_gb is not None:
         kwargs["gpu_memory_bytes"] = args.gpu_memory_gb * GB
     launch = parse_launcher(args.launcher) if args.launcher else None

@@ -208,14 +208,20 @@ def _sglang_plan(launch: Launch, cfg, model, gpu_memory_bytes: float, prompt_tok
 
 
 def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_MEMORY_BYTES,
-                prompt_tokens: int = DEFAULT_PROMPT_TOKENS, attention: str = "flash",
+                prompt_tokens: int = DEFAULT_PROMPT_TOKENS, spec: str = "te",
                 launch: Launch | None = None, name: str = "<config>",
                 counts: list[ShardCounts] | None = None) -> PlanReport:
     """The memory plan of a loaded ``TrainConfig`` on ``world_size`` ranks.
 
-    ``attention``: ``"flash"`` (Transformer Engine's fused kernels, the GPU path) or
-    ``"unfused"`` (the local spec, as on CPU). ``counts``: per-stage parameter counts, when the
-    caller already has them (else they come from a meta build in a subprocess).
+    ``spec``: ``"te"`` (Transformer Engine's layers: fused attention, TE norms; the GPU clusters)
+    or ``"local"`` (Megatron's local spec, as on CPU or a GPU without TE). ``counts``: per-stage
+    parameter counts, when the caller already has them (else a meta build in a subprocess).
+
+    A 2-layer slice at Qwen3-30B-A3B widths on one GPU, padded 1 x 4096 tokens::
+
+        cfg = load_config(None, ["model.preset=qwen3-30b-a3b", "model.num_hidden_layers=2",
+                                 "train.micro_batch_size=1", "rollout.max_new_tokens=4000"])
+        plan_config(cfg, world_size=1, prompt_tokens=96, spec="local").peak_bytes_per_rank
     """
     model = cfg.model.resolve()
     parallel = cfg.parallel
@@ -254,12 +260,12 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
         host = {k: v[1] for k, v in state.items() if v[1]}
         in_flight = min(pp - p, mb["microbatches_per_step"])
         stored, transient = stage_activation_bytes(shape, tokens, pattern, recompute, keys=mb["row_tokens"] // cp,
-                                                   flash=attention == "flash")
+                                                   flash=spec == "te")
         device["activations_stored"] = stored * in_flight
         loss_time = 0.0
         if p == pp - 1:
             loss_time = sum(logits_bytes(shape, tokens, logprob_chunk_size=cfg.loss.logprob_chunk_size,
-                                         local=attention != "flash").values())
+                                         local=spec != "te").values())
         # Backward meets the loss's tensors first, then one recomputed block: never both at once.
         device["logits_and_logprobs"] = loss_time
         device["recompute_block"] = transient if transient > loss_time else 0.0
@@ -276,7 +282,7 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
         sglang = _sglang_plan(launch, cfg, model, gpu_memory_bytes, prompt_tokens, _total_params(model))
     layout = {"tp": tp, "pp": pp, "cp": cp, "ep": ep, "etp": etp, "dp": world_size // (tp * pp * cp),
               "expert_dp": expert_dp, "sequence_parallel": bool(parallel.sequence_parallel),
-              "recompute": dataclasses.asdict(recompute), "attention": attention,
+              "recompute": dataclasses.asdict(recompute), "spec": spec,
               "optimizer": dataclasses.asdict(opt), "grad_reduce_in_fp32": GRAD_REDUCE_IN_FP32,
               "launcher": launch.path if launch else None}
     return PlanReport(name, world_size, layout, mb, stages, float(gpu_memory_bytes), sglang, notes)

@@ -29,7 +29,7 @@ def format_report(report) -> str:
         f"microbatch: {mb['layout']}, {mb['rows']} x {mb['row_tokens']} tokens ({mb['sample_tokens']} per sample: "
         f"prompt {mb['prompt_tokens']} + max_new_tokens), {mb['tokens_per_rank']} per rank, "
         f"{mb['microbatches_per_step']} microbatches per step; recompute {lay['recompute']['granularity'] or 'none'}; "
-        f"attention {lay['attention']}",
+        f"layer spec {lay['spec']}",
         "",
     ]
     head = f"{'GB per rank':38s}" + "".join(f"{'stage ' + str(s.stage) + ' (' + str(s.layers) + 'L)':>16s}"
