@@ -52,7 +52,8 @@ DEFAULT_PROMPT_TOKENS = 512
 # step/setup.py builds Megatron's DDP with grad_reduce_in_fp32=True (tests check they agree).
 GRAD_REDUCE_IN_FP32 = True
 
-__all__ = ["PlanReport", "StagePlan", "plan_config", "plan_file", "packed_row_tokens", "GB", "HEADROOM"]
+__all__ = ["GB", "HEADROOM", "PlanReport", "StagePlan", "load_for_planning", "packed_row_tokens", "plan_config", "plan_file",
+           "stated_gpu_memory"]
 
 
 @dataclass
