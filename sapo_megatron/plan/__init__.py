@@ -272,7 +272,9 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
         device["recompute_block"] = transient if transient > loss_time else 0.0
         if device["recompute_block"]:
             device["logits_and_logprobs"] = 0.0
-        device["routes"] = routes_bytes(sum(pattern), tokens, model.num_experts_per_tok, replay=replay) * in_flight
+        # Replay targets are this rank's SP shard of the tokens (routing/replay.py slices them).
+        route_tokens = tokens // tp if parallel.sequence_parallel else tokens
+        device["routes"] = routes_bytes(sum(pattern), route_tokens, model.num_experts_per_tok, replay=replay) * in_flight
         stages.append(StagePlan(p, len(pattern), c.dense, c.expert, device, host))
     notes = []
     if opt.offload and not opt.precision_aware and param_bytes == 2:
