@@ -5,6 +5,7 @@
     sapo-megatron compare-logits --hf-dir Qwen3-30B-A3B/ --ckpt ckpt/ --tol 1e-4
     sapo-megatron plot runs/a/metrics.jsonl --out runs/a/plots
     sapo-megatron config show|validate --config configs/tiny_cpu.yaml [--world-size N]
+    sapo-megatron plan --config configs/qwen3_30b_a3b_sapo.yaml [--json] [--gpu-memory-gb 80]
     sapo-megatron sweep --out runs/ablations [--dry-run]
     sapo-megatron demo [--nproc 2] [--tp 2] [--updates 4]                    # one-batch smoke run
 
@@ -44,6 +45,8 @@ COMMANDS: dict[str, Command] = {
     "plot": Command("draw training curves from metrics.jsonl files", "sapo_megatron.commands.plot:main"),
     "config": Command("show | validate a run configuration without building anything",
                       "sapo_megatron.commands.config:main"),
+    "plan": Command("predict per-rank GPU memory of a config at its real size (on a CPU)",
+                    "sapo_megatron.commands.plan:main"),
     "sweep": Command("run the loss / tau / routing-replay ablation grid on the CPU demo",
                      "sapo_megatron.commands.sweep:main"),
     "demo": Command("one-batch SAPO smoke run of a tiny MoE (starts torchrun)", "sapo_megatron.cli:demo"),
