@@ -82,10 +82,10 @@ def test_uneven_pipeline_stages_follow_megatrons_fields():
     from sapo_megatron.plan import _stage_layers
 
     model = preset("qwen3-235b-a22b")
-    stages = _stage_layers(model, ParallelConfig(pipeline_model_parallel_size=4),
-                           {"num_layers_in_first_pipeline_stage": 23, "num_layers_in_last_pipeline_stage": 23})
-    assert [len(s) for s in stages] == [23, 24, 24, 23]
-    assert [len(s) for s in _stage_layers(model, ParallelConfig(pipeline_model_parallel_size=2), {})] == [47, 47]
+    uneven = ParallelConfig(pipeline_model_parallel_size=4, num_layers_in_first_pipeline_stage=23,
+                            num_layers_in_last_pipeline_stage=23)
+    assert [len(s) for s in _stage_layers(model, uneven)] == [23, 24, 24, 23]
+    assert [len(s) for s in _stage_layers(model, ParallelConfig(pipeline_model_parallel_size=2))] == [47, 47]
 
 
 def test_gpu_memory_from_the_config_comments():
@@ -284,3 +284,25 @@ def test_shipped_optimizer_flags_pass_megatron_validation(config):
     from megatron.core.optimizer import OptimizerConfig
 
     OptimizerConfig(optimizer="adam", bf16=True, **_shipped(config).optim.megatron)
+
+
+# The GPU smoke's memory stage on an H200 (docs/performance.md, 2026-12-04): 2 layers of
+# Qwen3-30B-A3B at real widths, bf16, distributed optimizer at DP=1, no recompute, local spec
+# (no TE on that machine), one padded 4096-token sample, torch.cuda.max_memory_allocated over two
+# training steps. A recorded measurement: the planner must stay within 15% of it.
+GPU_SLICE_PEAK_BYTES = 47_600_334_336
+
+
+@pytest.mark.slow
+def test_prediction_matches_the_gpu_measured_slice():
+    from sapo_megatron.config import load_config
+    from sapo_megatron.plan import plan_config
+
+    cfg = load_config(None, ["model.preset=qwen3-30b-a3b", "model.num_hidden_layers=2", "train.micro_batch_size=1",
+                             "rollout.max_new_tokens=4000", "optim.megatron.use_distributed_optimizer=true",
+                             "train.layout=padded"])
+    report = plan_config(cfg, world_size=1, prompt_tokens=96, spec="local")
+    assert report.params_per_rank == 1_868_573_184, "the smoke's parameter count"
+    err = report.peak_bytes_per_rank / GPU_SLICE_PEAK_BYTES - 1
+    print(f"planner {report.peak_bytes_per_rank / 1e9:.2f} GB vs H200 {GPU_SLICE_PEAK_BYTES / 1e9:.2f} GB: {err:+.1%}")
+    assert abs(err) <= 0.15

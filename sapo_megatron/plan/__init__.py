@@ -153,14 +153,15 @@ class PlanReport:
         return format_report(self)
 
 
-def _stage_layers(model, parallel, megatron: dict) -> list[list[int]]:
-    """MoE pattern (1 = MoE layer) of each pipeline stage's layers, uneven stages included."""
+def _stage_layers(model, parallel) -> list[list[int]]:
+    """MoE pattern (1 = MoE layer) of each pipeline stage's layers, uneven stages included
+    (``parallel.num_layers_in_first/last_pipeline_stage``, as the trainer builds them)."""
     from sapo_megatron.routing.align import stage_layer_range
 
     pattern = model.moe_layer_pattern()
     pp, vpp = parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size
-    first = megatron.get("num_layers_in_first_pipeline_stage")
-    last = megatron.get("num_layers_in_last_pipeline_stage")
+    first = parallel.num_layers_in_first_pipeline_stage
+    last = parallel.num_layers_in_last_pipeline_stage
     return [[pattern[i] for v in range(vpp or 1)
              for i in stage_layer_range(model.num_hidden_layers, pp_size=pp, pp_rank=p, vpp_size=vpp,
                                         vp_stage=v if vpp else None, num_layers_in_first_stage=first,
@@ -246,7 +247,7 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
                   swiglu_fused=bool(megatron.get("bias_activation_fusion", False)))
     recompute = Recompute(megatron.get("recompute_granularity"), megatron.get("recompute_method"),
                           int(megatron.get("recompute_num_layers") or 1))
-    layers_by_stage = _stage_layers(model, parallel, megatron)
+    layers_by_stage = _stage_layers(model, parallel)
     replay = cfg.routing.mode in ("R2", "R3")
     stages = []
     by_stage = {c.stage: c for c in counts}

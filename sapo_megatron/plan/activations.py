@@ -75,17 +75,14 @@ from dataclasses import dataclass
 DEFAULT_LOGPROB_CHUNK_BYTES = 64 * 2**20
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def packed_row_tokens(sample_lengths: list[int], *, tp: int, sequence_parallel: bool, cp: int) -> int:
-    """Tokens of one packed row: the sum of its samples' lengths, each sample padded to a
-    multiple of ``2 * CP`` (context parallelism), the row to a multiple of TP under SP and of
-    ``2 * CP`` (what ``step/batch.py``'s packed collation needs)."""
-    sample_multiple = 2 * cp if cp > 1 else 1
-    row_multiple = (tp if sequence_parallel else 1) * sample_multiple
-    return _round_up(sum(_round_up(n, sample_multiple) for n in sample_lengths), row_multiple)
+    """Tokens of one packed row, by the trainer's own rule (``step.batch.packed_row_length``): the
+    sum of its samples' lengths, each padded to ``2 * CP`` under context parallelism, the row to
+    TP under SP (``2 * CP * TP`` with both)."""
+    from sapo_megatron.step.batch import packed_row_length, sequence_multiples
+
+    multiple, sample_multiple = sequence_multiples(tp_size=tp, sequence_parallel=sequence_parallel, cp_size=cp)
+    return packed_row_length(sample_lengths, multiple, sample_multiple=sample_multiple)
 
 
 @dataclass(frozen=True)
