@@ -115,3 +115,18 @@ def test_dry_run_in_a_bare_environment(tmp_path):
         assert name in installed, installed
     fields = _summary(proc.stdout)
     assert fields["rl_steps"] == "3" and fields["grad_ok"] == "True" and fields["resume"] == "True"
+
+
+def test_stage_budgets_fit_inside_the_limits():
+    """The stages' budgets add up to less than the driver's limit less the summary's reserve,
+    and the shell's outer timeout is longer than the driver's limit: the summary always prints."""
+    import re
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "tools" / "gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert sum(smoke.STAGE_BUDGET_S.values()) < smoke.DEFAULT_LIMIT_S - smoke.SUMMARY_RESERVE_S
+    outer = int(re.search(r"SAPO_SMOKE_TIMEOUT:-(\d+)", SCRIPT.read_text()).group(1))
+    assert outer > smoke.DEFAULT_LIMIT_S
+    deadline = smoke.Deadline(100.0)
+    assert deadline.cap(1000.0) <= 100.0 - smoke.SUMMARY_RESERVE_S and deadline.cap(10.0) == 10.0
