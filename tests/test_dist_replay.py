@@ -83,7 +83,12 @@ LAYOUTS = {
     "tp2_sp_2mb": (2, ["--tp", "2", "--microbatches", "2"]),
     "pp2_4mb": (2, ["--pp", "2", "--microbatches", "4"]),
     "ep2": (2, ["--ep", "2"]),
-    "recompute": (1, ["--recompute", "--microbatches", "2"]),
+    "recompute": (1, ["--recompute", "full", "--microbatches", "2"]),
+    # Recompute settings whose routers do not all run twice (issue 19, finding 3: these crashed
+    # at the end of every step before the replay saw checkpoints at run time).
+    "recompute_block1": (1, ["--recompute", "block1", "--microbatches", "2"]),
+    "recompute_moe": (1, ["--recompute", "moe", "--microbatches", "2"]),
+    "recompute_core_attn": (1, ["--recompute", "core_attn", "--microbatches", "2"]),
 }
 
 

@@ -17,7 +17,8 @@ in flight under PP 1F1B and with activation recomputation. So:
   is set) is a recomputation: it pops a second FIFO filled by the forward calls, so the
   backward replays exactly the routes its forward used, in schedule order;
 - :meth:`RoutingReplay.finish` asserts that every pushed route was consumed exactly once by a
-  forward (and once by a recompute when recomputation is on);
+  forward (and once by a recompute where the router sits inside an activation checkpoint: seen
+  at run time, since full/block/selective recompute each recompute different routers);
 - nothing in the hooks makes the host wait for the GPU (upstream's replay has no counts to
   keep, ours must not pay for them): routes cross to the device in non-blocking copies, once
   per microbatch; agreement counts are summed on the device and read once per step
@@ -125,7 +126,11 @@ class LayerReplay:
                 f"pushed for it (was the microbatch built without routes?)"
             )
         target = queue.pop(0)
-        if not recompute and self.controller.recompute and self.controller.with_backward:
+        if not recompute and self.controller.with_backward and not torch.is_grad_enabled():
+            # A training forward without autograd is the first pass of an activation checkpoint
+            # (Megatron's and TE's checkpoints are reentrant: they run the forward under no_grad
+            # and again in backward). Only such a router runs twice, whatever the recompute
+            # settings (full or block, selective "moe"; not "core_attn" or "moe_act").
             self.recompute_queue.append(target)
         return target
 
@@ -147,7 +152,6 @@ class RoutingReplay:
     layers: list[LayerReplay] = field(default_factory=list)
     moe_columns: list[int] = field(default_factory=list)  # column in the MoE-only route axis
     num_moe_layers: int = 0
-    recompute: bool = False
     sequence_parallel: bool = False
     action: str | None = None
     pushed: int = 0
@@ -256,7 +260,6 @@ def attach_routing_replay(model, moe_layer_pattern: list[int]) -> RoutingReplay:
     moe_globals = [i for i, is_moe in enumerate(moe_layer_pattern) if is_moe]
     controller = RoutingReplay(
         num_moe_layers=len(moe_globals),
-        recompute=config.recompute_granularity is not None,
         sequence_parallel=bool(config.sequence_parallel),
         route_dtype=storage_dtype(config.num_moe_experts or 1),
         topk=config.moe_router_topk,

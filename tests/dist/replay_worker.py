@@ -159,13 +159,24 @@ def _samples(records) -> list[Sample]:
     return out
 
 
+# Which routers run twice differs: every one (full, uniform), the first layer's only (full,
+# block of 1), every MoE layer's (selective "moe"), none (selective "core_attn"; "moe_act" too,
+# but upstream allows it only with grouped-GEMM experts, i.e. Transformer Engine).
+RECOMPUTE = {
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    "block1": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
+    "moe": {"recompute_granularity": "selective", "recompute_modules": ["moe"]},
+    "core_attn": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+}
+
+
 def main() -> None:
     global MODEL
     ap = argparse.ArgumentParser()
     ap.add_argument("--generate", action="store_true")
     add_layout_args(ap)
     ap.add_argument("--microbatches", type=int, default=1)
-    ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--recompute", choices=sorted(RECOMPUTE), help="activation recomputation settings")
     ap.add_argument("--weights", required=True)
     ap.add_argument("--samples", required=True)
     ap.add_argument("--out")
@@ -180,8 +191,7 @@ def main() -> None:
 
     model_cfg = MODEL
     if args.recompute:
-        model_cfg = dataclasses.replace(MODEL, megatron={
-            "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1})
+        model_cfg = dataclasses.replace(MODEL, megatron=RECOMPUTE[args.recompute])
     parallel = init_layout(args, seed=11)
     chunks = build_model_chunks(model_cfg, parallel)
     load_full_state_dict(chunks[0], torch.load(args.weights))
