@@ -208,10 +208,15 @@ def test_cross_section_refusals():
         "loss.kl_coef=0.1 needs a reference model": ["loss.kl_coef=0.1"],
         "loss.temperature (0.7) differs from rollout.temperature (1.0)": ["loss.temperature=0.7"],
         "rollout.samples_per_prompt must be >= 2": ["rollout.samples_per_prompt=1"],
+        # Upstream drops over-capacity tokens after the replayed top-k (issue 19, finding 5).
+        "routing.mode=R2 with model.megatron.moe_expert_capacity_factor=1.0: the capacity drops tokens":
+            ["routing.mode=R2", "model.megatron.moe_expert_capacity_factor=1.0"],
     }
     for expected, overrides in cases.items():
         with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
             load_config(None, overrides)
+    # Without replay a capacity factor is the user's choice.
+    load_config(None, ["routing.mode=none", "model.megatron.moe_expert_capacity_factor=1.0"])
     # R3 with the SGLang engine is the production setting.
     cfg = load_config(None, ["routing.mode=R3", "rollout.engine=sglang", "rollout.sglang.urls=[http://h:30000]"])
     assert cfg.routing.mode == "R3"

@@ -44,6 +44,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.routing.mode != "none" and not any(model.moe_layer_pattern()):
         problems.append(f"routing.mode={cfg.routing.mode} replays MoE routes, but the model has no "
                         f"MoE layers (model.num_experts={model.num_experts}); use routing.mode=none")
+    capacity = model.megatron.get("moe_expert_capacity_factor")
+    if cfg.routing.mode != "none" and capacity is not None:
+        # Megatron drops tokens over an expert's capacity after the router's top-k, i.e. after our
+        # replay hook: replayed tokens would be dropped silently while agreement reads 100%.
+        problems.append(f"routing.mode={cfg.routing.mode} with model.megatron.moe_expert_capacity_factor={capacity}: "
+                        f"the capacity drops tokens after the replayed top-k, so the trainer would not compute "
+                        f"what the engine routed; set moe_expert_capacity_factor=null (dropless) or routing.mode=none")
     if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang.urls:
         problems.append("rollout.engine=sglang needs rollout.sglang.urls (the servers' "
                         "http://host:port addresses)")
