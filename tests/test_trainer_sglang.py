@@ -75,3 +75,41 @@ def test_trainer_runs_r3_against_sglang_and_syncs_weights(mock, tmp_path):
     assert json.loads((last / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
     changed = [n for n in original if not (exported[n] == original[n]).all()]
     assert changed, "the servers were sent the initial weights, not the trained ones"
+
+
+_calls = [0]
+
+
+def _rank_dependent_reward(prompt_text, response_text, answer, meta) -> float:
+    """DP rank 0's groups always differ in reward (kept by zero_variance), rank 1's never do."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        return 0.5
+    _calls[0] += 1
+    return float(_calls[0] % 2)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_dynamic_sampling_with_one_dp_rank_full_does_not_hang(mock, tmp_path):
+    """Issue 19, finding 1: at DP=2 with dynamic sampling, the rank whose quota fills first used to
+    skip ``engine.generate`` while the other generated another round; the SGLang replicas'
+    world-wide stale-server re-sync then waited for it forever (a torchrun timeout here)."""
+    hf = make_hf_model("qwen3_moe", tmp_path / "hf")
+    out, weights = tmp_path / "run", tmp_path / "weights"
+    config = tmp_path / "sglang.yaml"
+    text = CONFIG.format(out=out, hf=hf, url=mock.url, weights=weights)
+    text = text.replace("parallel: {tensor_model_parallel_size: 2}", "parallel: {tensor_model_parallel_size: 1}")
+    text = text.replace("task: {name: arithmetic}",
+                        "task: {name: arithmetic, reward_fn: 'tests.test_trainer_sglang:_rank_dependent_reward'}")
+    config.write_text(text)
+    torchrun("sapo_megatron.cli", "train", "--config", config, "run.steps=1", "run.save_every=0",
+             "rollout.dynamic_sampling.filter=zero_variance", "rollout.dynamic_sampling.max_rounds=3",
+             nproc=2, module=True, timeout=300)
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Rank 0 filled its quota in round 0; rank 1 never could, so all 3 rounds ran and its 2 groups
+    # were topped up with filtered ones; rank 0 called the engine with no prompts in rounds 1-2.
+    assert row["rollout/sampling_rounds"] == 3.0 and row["rollout/topped_up_groups"] == 2.0
+    generates = [r for r in mock.requests if r["path"] == "/generate"]
+    assert len(generates) == (1 + 3) * 2 * 4, "rank 0: one round of 2 groups x 4; rank 1: three rounds"

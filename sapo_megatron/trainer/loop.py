@@ -293,13 +293,16 @@ class Trainer:
         """One round of prompts (every rank draws the global batch; this DP rank's share)."""
         cfg = self.cfg.rollout
         prompts = self.stream.next_batch(cfg.prompts_per_step)[self.dp_rank :: self.dp_size]
-        if not generate:
-            return None
-        flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+        flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)] if generate else []
         # Seeded by (seed, step, round): a resumed run samples exactly what the original did.
         params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
                                      run_seed=self.cfg.run.seed, step=self.step, round_index=round_)
+        # A rank with nothing to generate still calls the engine, with no prompts: an engine's
+        # collectives (the SGLang replicas' stale-server re-sync spans the world) must see every
+        # rank, or a dynamic-sampling round whose quota is full on one DP rank hangs the others.
         results = self.engine.generate([p.ids for p in flat], params, return_routes=self._want_routes)
+        if not generate:
+            return None
         return flat, results, self._score(flat, results, count_exact=round_ == 0)
 
     def _score(self, flat, results, *, count_exact: bool) -> torch.Tensor:
