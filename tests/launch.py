@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,17 @@ def run(cmd, *, timeout: float = 600, env: dict[str, str] | None = None,
         check: bool = True) -> subprocess.CompletedProcess:
     """Run ``cmd`` (a list) from the repository root in a clean environment, output captured."""
     cmd = [str(c) for c in cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or clean_env(), timeout=timeout, cwd=ROOT)
+    # Its own process group: on a time-out the whole tree goes (torchrun's workers, a dist
+    # checkpoint's manager), not just the launcher, so a hung run does not outlive its test.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or clean_env(),
+                          cwd=ROOT, start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     return _check(cmd, proc) if check else proc
 
 

@@ -174,3 +174,18 @@ def test_slurm_scripts_refuse_another_working_directory(tmp_path):
                                                            "SLURM_SUBMIT_DIR": str(tmp_path)},
                                 capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode != 0 and "submit from the repository root" in result.stderr, script.name
+
+
+def test_a_timed_out_run_takes_its_whole_process_tree():
+    """A hung torchrun must not outlive its test: its workers are killed with the launcher."""
+    import subprocess
+    import time
+
+    from tests.launch import run
+
+    marker = f"sapo-launch-test-{time.time_ns()}"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run(["bash", "-c", f"exec -a {marker} sleep 300 & wait"], timeout=2)
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
