@@ -49,7 +49,7 @@ def test_trainer_rows_hold_the_sum_of_lengths_not_longest_times_count():
 
 def test_one_step_shape_is_the_longest_row_not_longest_times_count(single_rank_parallel):
     """Where Megatron needs one shape per step (PP, allgather EP), rows take the step's longest
-    packed row (a max over the DP group)."""
+    packed row, not the longest sample times the samples per row."""
     samples = synthetic_samples(8, vocab_size=40, seed=8, min_length=5, max_length=60)
     batcher = StepBatcher(_train_cfg(), pad_multiple=4, dp_group=None, one_shape=True)
     (minibatch,) = batcher.split(samples)
@@ -60,6 +60,20 @@ def test_one_step_shape_is_the_longest_row_not_longest_times_count(single_rank_p
     assert {mb.tokens.shape for mb in mbs} == {(1, max(rows))}
     longest = max(s.tokens.numel() for s in samples)
     assert max(rows) < longest * 4
+
+
+def test_pipeline_rows_take_this_ranks_longest_allgather_ep_the_dp_groups(monkeypatch):
+    """One pipeline needs one shape; another DP rank's pipeline is independent, so only the
+    allgather dispatcher (equal token counts over DP) pads every rank to the DP group's longest."""
+    from sapo_megatron.trainer import batching
+
+    samples = synthetic_samples(8, vocab_size=40, seed=8, min_length=5, max_length=60)
+    asked = []
+    monkeypatch.setattr(batching, "global_max", lambda value, group: asked.append(group) or 1000)
+    (local,) = StepBatcher(_train_cfg(), pad_multiple=4, dp_group="dp", one_shape=True).split(samples)
+    assert asked == [] and max(local.min_lengths) < 1000
+    (over_dp,) = StepBatcher(_train_cfg(), pad_multiple=4, dp_group="dp", one_shape_over_dp=True).split(samples)
+    assert asked == ["dp"] and over_dp.min_lengths == [1000] * len(over_dp.sizes)
 
 
 @pytest.fixture(scope="module")

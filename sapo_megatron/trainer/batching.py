@@ -15,10 +15,11 @@ Either way the step's gradient is the same (step-global weights, ``assign_step_w
 Collated lengths (:func:`collate_microbatch`): a packed row holds the sum of its samples'
 lengths and a padded row its longest sample, rounded up to what TP/SP and CP need
 (:func:`sapo_megatron.step.batch.sequence_multiples`). Where Megatron needs one shape for every
-microbatch (fixed-count microbatches under pipeline parallelism, which exchanges activations of
-a fixed shape, or Megatron's allgather token dispatcher under expert parallelism, which gathers
-equal token counts over DP ranks), every row of the step is padded to the step's longest row
-over the DP group; a token-budget plan gives its own equal-shape lengths.
+microbatch, every row of the step is padded to the step's longest row: this rank's under
+pipeline parallelism (one pipeline exchanges activations of one fixed shape; other DP ranks'
+pipelines are independent), over the DP group under Megatron's allgather token dispatcher with
+expert parallelism (it gathers equal token counts over DP ranks); a token-budget plan gives its
+own equal-shape lengths.
 """
 
 from __future__ import annotations
@@ -70,16 +71,18 @@ def collate_microbatch(group: list, *, layout: str, pad_multiple: int = 1, sampl
 
 class StepBatcher:
     def __init__(self, train_cfg, *, pad_multiple: int, dp_group, equal_shapes: bool = False,
-                 sample_multiple: int = 1, one_shape: bool = False):
+                 sample_multiple: int = 1, one_shape: bool = False, one_shape_over_dp: bool = False):
         """``pad_multiple`` / ``sample_multiple``: ``step.batch.sequence_multiples``;
         ``equal_shapes``: a token-budget plan's microbatch ``i`` has one shape on every DP rank;
-        ``one_shape``: fixed-count microbatches all take the step's longest row (module docstring)."""
+        ``one_shape``: fixed-count microbatches all take this rank's longest row of the step,
+        ``one_shape_over_dp``: the longest over the DP group (module docstring)."""
         self.cfg = train_cfg
         self.pad_multiple = pad_multiple
         self.sample_multiple = sample_multiple
         self.dp_group = dp_group
         self.equal_shapes = equal_shapes
-        self.one_shape = one_shape
+        self.one_shape = one_shape or one_shape_over_dp
+        self.one_shape_over_dp = one_shape_over_dp
         self.moved = 0
 
     def with_updates(self, updates: int) -> "StepBatcher":
@@ -100,7 +103,8 @@ class StepBatcher:
             out = [Minibatch(s, [len(s[i : i + size]) for i in range(0, len(s), size)], None) for s in slices]
             if self.one_shape:
                 longest = max(self.row_length(g) for m in out for g in m.groups())
-                longest = int(global_max(longest, group=self.dp_group))
+                if self.one_shape_over_dp:
+                    longest = int(global_max(longest, group=self.dp_group))
                 out = [dataclasses.replace(m, min_lengths=[longest] * len(m.sizes)) for m in out]
             return out
         out, self.moved = [], 0

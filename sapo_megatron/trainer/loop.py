@@ -215,7 +215,8 @@ class Trainer:
         self.batcher = StepBatcher(cfg.train, pad_multiple=pad_multiple, sample_multiple=sample_multiple,
                                    dp_group=parallel_state.get_data_parallel_group(),
                                    equal_shapes=budget and equal_shapes,
-                                   one_shape=not budget and (pipeline or equal_shapes))
+                                   one_shape=not budget and pipeline,
+                                   one_shape_over_dp=not budget and equal_shapes)
         # Bounded staleness with an engine that generates in the background (SGLang): the next
         # step's batch is generated while this step trains. (The embedded engine lags instead.)
         self._async = cfg.rollout.max_staleness > 0 and hasattr(self.engine, "submit")
