@@ -248,8 +248,10 @@ def gpu_fusions(*, on_cpu: bool, transformer_engine: bool) -> dict[str, bool]:
       ``fused_weight_gradient_mlp_cuda`` for the same.
     - ``apply_rope_fusion``: TE's fused RoPE (also for THD, where the unfused path loops over
       sequences in Python with a ``cu_seqlens.tolist()`` in every layer).
-    - ``masked_softmax_fusion``: the local spec's softmax kernel (``scaled_masked_softmax_cuda``,
-      Megatron's / Apex's extension); TE's attention has its own fused softmax.
+    - ``masked_softmax_fusion`` stays off: the local spec's attention is built with a causal
+      mask type, for which Megatron's fused kernel applies its own upper-triangular mask and
+      ignores ours, so a packed row's samples would attend to each other; TE's attention has its
+      own fused softmax and ignores the flag.
     - ``bias_dropout_fusion`` stays off: these models have no linear biases and no dropout, so
       the fused kernel would be one residual add, compiled by ``torch.compile`` in every process.
     - ``persist_layer_norm``: Apex's persistent LayerNorm; RMSNorm does not use it.
@@ -258,7 +260,7 @@ def gpu_fusions(*, on_cpu: bool, transformer_engine: bool) -> dict[str, bool]:
     return dict(
         gradient_accumulation_fusion=gpu and (transformer_engine or _importable("fused_weight_gradient_mlp_cuda")),
         apply_rope_fusion=gpu and transformer_engine,
-        masked_softmax_fusion=gpu and _importable("scaled_masked_softmax_cuda"),
+        masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         persist_layer_norm=False,
     )

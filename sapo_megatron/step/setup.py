@@ -33,9 +33,10 @@ def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, 
     if not wrap_ddp:
         return chunks
     # On GPUs the gradient reduce-scatter runs while backward goes on, and with the sharded
-    # optimizer the parameter all-gather while the next forward runs (its forward pre-hooks wait
-    # bucket by bucket). Anything that reads the weights outside a forward must call
-    # :func:`sync_params` first. On CPU (gloo) both stay synchronous unless asked.
+    # optimizer the parameter all-gather while the next forward runs (its forward pre-hooks
+    # dispatch and wait bucket by bucket): between a step's updates. Anything that reads the
+    # weights outside a forward must call :func:`sync_params` first. On CPU (gloo) both stay
+    # synchronous unless asked.
     overlap = torch.cuda.is_available() if overlap is None else overlap
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -57,7 +58,7 @@ def sync_params(model_chunks) -> None:
     """Finish the sharded optimizer's parameter all-gather now.
 
     With ``overlap_param_gather`` the updated weights reach the model only when the next
-    forward's pre-hooks wait for them (Megatron dispatches the gather at ``zero_grad``). A weight
+    forward's pre-hooks gather them. A weight
     sync, a checkpoint or an engine copy reads them without a forward: call this first (a no-op
     without the overlap). Collective over the data-parallel group.
     """
