@@ -44,6 +44,7 @@ from sapo_megatron.plan.activations import (
 from sapo_megatron.plan.launch import Launch, launcher_for
 from sapo_megatron.plan.memory import OptimizerLayout, dtype_bytes, model_state_bytes
 from sapo_megatron.plan.shard import ShardCounts, shard_counts
+from sapo_megatron.routing.compact import storage_dtype
 
 GB = 1e9
 DEFAULT_GPU_MEMORY_BYTES = 80 * GB  # H100 80 GB: the shipped configs' hardware
@@ -249,6 +250,7 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
                           int(megatron.get("recompute_num_layers") or 1))
     layers_by_stage = _stage_layers(model, parallel)
     replay = cfg.routing.mode in ("R2", "R3")
+    route_bytes = storage_dtype(model.num_experts or 1).itemsize
     stages = []
     by_stage = {c.stage: c for c in counts}
     for p, chunks in enumerate(layers_by_stage):
@@ -275,7 +277,8 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
             device["logits_and_logprobs"] = 0.0
         # Replay targets are this rank's SP shard of the tokens (routing/replay.py slices them).
         route_tokens = tokens // tp if parallel.sequence_parallel else tokens
-        device["routes"] = routes_bytes(sum(pattern), route_tokens, model.num_experts_per_tok, replay=replay) * in_flight
+        device["routes"] = routes_bytes(sum(pattern), route_tokens, model.num_experts_per_tok, replay=replay,
+                                        route_bytes=route_bytes) * in_flight
         stages.append(StagePlan(p, len(pattern), c.dense, c.expert, device, host))
     notes = []
     if opt.offload and not opt.precision_aware and param_bytes == 2:

@@ -200,7 +200,12 @@ def logits_bytes(s: Shape, tokens: int, *, logprob_chunk_size: int | None, local
             "final_norm_and_head_input": tokens * (_norm(s, hs, local) + s.act_bytes * hs)}
 
 
-def routes_bytes(moe_layers: int, tokens: int, topk: int, *, replay: bool) -> float:
-    """Device copies of replayed routes (int64 expert ids per layer and token, kept for the
-    recompute's backward replay); 0 without routing replay."""
-    return moe_layers * tokens * topk * 8 if replay else 0.0
+def routes_bytes(moe_layers: int, tokens: int, topk: int, *, replay: bool, route_bytes: int = 1) -> float:
+    """A microbatch's replayed routes on the device, as ``routing/replay.py`` keeps them: compact
+    expert ids (``route_bytes``: ``routing.compact.storage_dtype``, 1 up to 256 experts) per MoE
+    layer and token, the replay and padding masks, and one layer's ids widened to int64 while its
+    router runs; 0 without routing replay. (R2's recorded routes stay on the device through the
+    old-log-prob pass, which stores no activations: not at the training step's peak.)"""
+    if not replay:
+        return 0.0
+    return moe_layers * tokens * topk * route_bytes + 2 * tokens + tokens * topk * 8

@@ -1,7 +1,8 @@
 """Exact parameter counts of one rank's shard, from building it on the meta device.
 
 A rank's share of the model is whatever Megatron-Core builds on it, so we let Megatron build
-it: one rank of each kind (first, middle and last pipeline stage) is built with the config's
+it: one rank of each stage kind (first, last, and each distinct middle stage: ``stage_kinds``)
+is built with the config's
 real sizes on the ``meta`` device, under torch's fake process group
 (``torch.testing._internal.distributed.fake_pg``) of the config's world size, and its
 parameters are counted. No memory is allocated and no collective runs; a 235B shard builds in
@@ -46,11 +47,29 @@ class ShardCounts:
 
 
 def stage_ranks(world_size: int, pp_size: int) -> dict[int, int]:
-    """One global rank per pipeline stage kind: first, a middle one, last (Megatron's default
-    ``tp-cp-ep-dp-pp`` order puts the pipeline rank outermost: rank // (world / PP))."""
+    """A global rank of every pipeline stage (Megatron's default ``tp-cp-ep-dp-pp`` order puts
+    the pipeline rank outermost: rank // (world / PP))."""
     per_stage = world_size // pp_size
-    stages = sorted({0, pp_size // 2, pp_size - 1})
-    return {stage: stage * per_stage for stage in stages}
+    return {stage: stage * per_stage for stage in range(pp_size)}
+
+
+def stage_kinds(model_cfg, parallel) -> dict[int, int]:
+    """Each stage mapped to the first stage built alike (same position class, same layers'
+    dense/MoE pattern): only those are built; the others share their counts. Every stage is
+    planned, since its activations in flight differ (1F1B: stage p holds PP - p microbatches)."""
+    from sapo_megatron.routing.align import stage_layer_range
+
+    pp, vpp = parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size
+    pattern = model_cfg.moe_layer_pattern()
+    first, seen = {}, {}
+    for p in range(pp):
+        layers = tuple(pattern[i] for v in range(vpp or 1) for i in stage_layer_range(
+            model_cfg.num_hidden_layers, pp_size=pp, pp_rank=p, vpp_size=vpp, vp_stage=v if vpp else None,
+            num_layers_in_first_stage=parallel.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_stage=parallel.num_layers_in_last_pipeline_stage))
+        kind = (p == 0, p == pp - 1, layers)
+        first[p] = seen.setdefault(kind, p)
+    return first
 
 
 def _count(model) -> tuple[int, int]:
@@ -79,7 +98,12 @@ def _build_counts(model_dict: dict, parallel_dict: dict, world_size: int) -> lis
     model_cfg = ModelConfig(**model_dict)
     parallel = ParallelConfig(**{**parallel_dict, "sequence_parallel": False})
     out = []
+    kinds = stage_kinds(model_cfg, parallel)
     for stage, rank in stage_ranks(world_size, parallel.pipeline_model_parallel_size).items():
+        if kinds[stage] != stage:  # built alike an earlier stage: its counts
+            built = next(c for c in out if c["stage"] == kinds[stage])
+            out.append({**built, "stage": stage})
+            continue
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
         try:
             parallel_state.initialize_model_parallel(
@@ -114,8 +138,8 @@ _CACHE: dict[str, list[ShardCounts]] = {}
 
 
 def shard_counts(model_cfg, parallel_cfg, world_size: int, *, timeout_s: float = 300) -> list[ShardCounts]:
-    """Per pipeline-stage kind (first, middle, last) parameter counts of one rank, from a meta
-    build in a subprocess (remembered per model, layout and world size for this process).
+    """Every pipeline stage's parameter counts of one rank, from a meta build of each stage kind
+    (:func:`stage_kinds`) in a subprocess (remembered per model, layout and world size for this process).
     ``model_cfg`` / ``parallel_cfg``: :class:`ModelConfig` / :class:`ParallelConfig`."""
     request = {"model": dataclasses.asdict(model_cfg), "parallel": dataclasses.asdict(parallel_cfg),
                "world_size": world_size}
