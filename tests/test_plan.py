@@ -306,3 +306,14 @@ def test_prediction_matches_the_gpu_measured_slice():
     err = report.peak_bytes_per_rank / GPU_SLICE_PEAK_BYTES - 1
     print(f"planner {report.peak_bytes_per_rank / 1e9:.2f} GB vs H200 {GPU_SLICE_PEAK_BYTES / 1e9:.2f} GB: {err:+.1%}")
     assert abs(err) <= 0.15
+
+
+def test_plan_refuses_a_launcher_it_cannot_read(tmp_path, capsys):
+    from sapo_megatron.commands.plan import main
+
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/bash\necho hello\n")
+    assert main(["--config", str(ROOT / "configs/tiny_cpu.yaml"), "--launcher", str(script)]) == 2
+    assert "launches no training config" in capsys.readouterr().err
+    assert main(["--config", str(ROOT / "configs/tiny_cpu.yaml"), "--launcher", str(tmp_path / "missing.sh")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EPILOG = """examples:
   sapo-megatron plan --config configs/qwen3_30b_a3b_sapo.yaml
@@ -41,7 +42,15 @@ def main(argv: list[str], prog: str = "sapo-megatron plan") -> int:
     kwargs = {"spec": args.spec, "prompt_tokens": args.prompt_tokens or DEFAULT_PROMPT_TOKENS}
     if args.gpu_memory_gb is not None:
         kwargs["gpu_memory_bytes"] = args.gpu_memory_gb * GB
+    if args.launcher and not Path(args.launcher).is_file():
+        print(f"{prog}: --launcher {args.launcher}: no such file", file=sys.stderr)
+        return 2
     launch = parse_launcher(args.launcher) if args.launcher else None
+    if args.launcher and launch is None:
+        print(f"{prog}: --launcher {args.launcher} launches no training config the planner can read "
+              f"(expected a script that passes --config to the trainer, as examples/ and examples/slurm/ do)",
+              file=sys.stderr)
+        return 2
     try:
         report = plan_file(args.config, args.overrides, world_size=args.world_size, launch=launch, **kwargs)
     except (ConfigError, ValueError, RuntimeError) as err:

@@ -45,6 +45,7 @@ from sapo_megatron.plan.launch import Launch, launcher_for
 from sapo_megatron.plan.memory import OptimizerLayout, dtype_bytes, model_state_bytes
 from sapo_megatron.plan.shard import ShardCounts, shard_counts
 from sapo_megatron.routing.compact import storage_dtype
+from sapo_megatron.step.batch import round_up, sequence_multiples
 
 GB = 1e9
 DEFAULT_GPU_MEMORY_BYTES = 80 * GB  # H100 80 GB: the shipped configs' hardware
@@ -185,8 +186,8 @@ def _microbatch(cfg, parallel, prompt_tokens: int, dp: int) -> dict:
         row_tokens = packed_row_tokens([sample] * train.micro_batch_size, tp=tp, sequence_parallel=sp, cp=cp)
         num_microbatches = max(1, samples_per_update // dp // train.micro_batch_size)
     else:
-        multiple = (tp if sp else 1) * (2 * cp if cp > 1 else 1)
-        rows, row_tokens = train.micro_batch_size, -(-sample // multiple) * multiple
+        multiple, _ = sequence_multiples(tp_size=tp, sequence_parallel=sp, cp_size=cp)
+        rows, row_tokens = train.micro_batch_size, round_up(sample, multiple)
         num_microbatches = max(1, samples_per_update // dp // train.micro_batch_size)
     return {"layout": "token_budget" if train.max_tokens_per_microbatch else train.layout,
             "sample_tokens": sample, "prompt_tokens": prompt_tokens, "rows": rows, "row_tokens": row_tokens,

@@ -117,7 +117,7 @@ def target_counts(sample_index: torch.Tensor) -> torch.Tensor:
     return (sample_index != PAST_END).sum(1)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -146,7 +146,7 @@ def packed_row_length(lengths, multiple: int = 1, *, sample_multiple: int = 1) -
         raise ValueError(f"multiples must be >= 1, got multiple={multiple} sample_multiple={sample_multiple}")
     # The row's tail joins the last sample's segment, which must stay a multiple of
     # sample_multiple (sequence_multiples' row multiple always is one; lcm covers other callers).
-    return _round_up(sum(_round_up(int(n), sample_multiple) for n in lengths), math.lcm(multiple, sample_multiple))
+    return round_up(sum(round_up(int(n), sample_multiple) for n in lengths), math.lcm(multiple, sample_multiple))
 
 
 def _sample_index(starts: list[int], num_targets: list[int]) -> torch.Tensor:
@@ -187,7 +187,7 @@ def collate_padded(
     if not samples:
         raise ValueError("collate_padded needs at least one sample")
     names = _present_fields(samples)
-    seq = _round_up(max(min_length, *(s.tokens.numel() for s in samples)), pad_multiple)
+    seq = round_up(max(min_length, *(s.tokens.numel() for s in samples)), pad_multiple)
     batch = len(samples)
     tokens = torch.full((batch, seq), pad_id, dtype=torch.long)
     labels = torch.full((batch, seq), pad_id, dtype=torch.long)
@@ -244,9 +244,9 @@ def collate_packed(
         raise ValueError(f"sample_multiple must be >= 1, got {sample_multiple}")
     names = _present_fields(samples)
     lengths = [s.tokens.numel() for s in samples]
-    spans = [_round_up(n, sample_multiple) for n in lengths]
+    spans = [round_up(n, sample_multiple) for n in lengths]
     # packed_row_length(lengths, pad_multiple, sample_multiple=...) unless min_length is longer.
-    total = _round_up(max(min_length, sum(spans)), math.lcm(pad_multiple, sample_multiple))
+    total = round_up(max(min_length, sum(spans)), math.lcm(pad_multiple, sample_multiple))
     tokens = torch.full((1, total), pad_id, dtype=torch.long)
     labels = torch.full((1, total), pad_id, dtype=torch.long)
     position_ids = torch.zeros(1, total, dtype=torch.long)

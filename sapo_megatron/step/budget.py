@@ -30,13 +30,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from sapo_megatron.step.batch import packed_row_length
+from sapo_megatron.step.batch import packed_row_length, round_up
 
 LAYOUTS = ("padded", "packed")
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def microbatch_cost(lengths: Sequence[int], layout: str, pad_multiple: int = 1, sample_multiple: int = 1) -> int:
