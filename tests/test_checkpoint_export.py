@@ -120,3 +120,13 @@ def test_exports_hold_one_layer_not_the_model(models, exported, tmp_path, layout
         everything = ckpt.load(ckpt.names())
     assert whole.peak >= model, (whole.peak, model)
     del everything
+
+
+def test_a_failing_writer_makes_every_rank_raise(tmp_path):
+    """save_from_model's steps run through ``_together``: a write failing on one rank (a full
+    disk) raises there and on every other rank, and no rank waits in a later collective."""
+    out = tmp_path / "outcome"
+    torchrun(Path(__file__).parent / "dist" / "together_worker.py", "--out", out, nproc=2, timeout=120)
+    assert (tmp_path / "outcome.rank1").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (tmp_path / "outcome.rank0").read_text() == (
+        "RuntimeError: save_from_model: rank 1 failed (OSError: [Errno 28] No space left on device)")

@@ -29,6 +29,7 @@ import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -589,23 +590,39 @@ def save_from_model(model, ckpt_dir: str | os.PathLike, hf_config: dict) -> None
         groups[group_of(entry.name)].append(entry)
     writers = _group_writers(groups)
     rank = dist.get_rank()
-    writer, error = None, None
-    if rank == 0:
-        try:
+    writer = None
+
+    def open_writer():
+        nonlocal writer
+        if rank == 0:
             writer = McoreCheckpointWriter(ckpt_dir, architecture=mapping_for(hf_config).architecture,
                                            hf_config=hf_config, model_config=dataclasses.asdict(plan.cfg))
-        except ValueError as err:
-            error = str(err)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)  # every rank raises together, none waits in the exchange
-    if box[0]:
-        raise ValueError(box[0])
-    dist.barrier()  # the directory exists before anyone writes a part
+
+    def close_writer():
+        if writer is not None:
+            for group in groups:
+                writer.adopt(group)
+            writer.close()
+
+    _together(open_writer)  # the directory exists before anyone writes a part
     for groups_now in _rounds(writers):
-        _write_round(plan, ckpt_dir, [(writers[g], groups[g]) for g in groups_now], rank)
-    dist.barrier()  # every part is written
-    if writer is not None:
-        for group in groups:
-            writer.adopt(group)
-        writer.close()
-    dist.barrier()
+        _together(partial(_write_round, plan, ckpt_dir, [(writers[g], groups[g]) for g in groups_now], rank))
+    _together(close_writer)  # after every part is written
+
+
+def _together(step) -> None:
+    """Run ``step`` on every rank; if it failed on any, every rank raises (the failing rank its
+    own error, the others one naming it), so that a full disk on one writer leaves no rank
+    waiting in the next collective; collective."""
+    error = None
+    try:
+        step()
+    except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised
+        error = err
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = next(((r, m) for r, m in enumerate(messages) if m is not None), None)
+    if failed is not None:
+        raise RuntimeError(f"save_from_model: rank {failed[0]} failed ({failed[1]})")
