@@ -11,13 +11,12 @@ spend its minutes on a missing import.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.launch import ROOT, run_python
+from tests.launch import ROOT, clean_env, run_python
 
 SCRIPT = ROOT / "tools" / "gpu_smoke.sh"
 
@@ -105,8 +104,10 @@ def test_dry_run_in_a_bare_environment(tmp_path):
     assert subprocess.run(probe, capture_output=True).returncode != 0, "the venv must start without megatron-core"
     wheels = tmp_path / "wheels"
     subprocess.run(["bash", str(SCRIPT), "prepare", str(wheels)], check=True, timeout=900, capture_output=True)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHON=str(python), SAPO_SMOKE_SITE=str(tmp_path / "site"), OMP_NUM_THREADS="1")
+    # No torchrun variables (this pytest process may hold a process group's port) and nothing of
+    # this environment on the path: the script puts the checkout and its install site there.
+    env = clean_env(PYTHON=str(python), SAPO_SMOKE_SITE=str(tmp_path / "site"))
+    env.pop("PYTHONPATH")
     proc = subprocess.run(["bash", str(SCRIPT), str(wheels), "--device", "cpu", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
