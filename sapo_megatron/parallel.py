@@ -42,6 +42,18 @@ def init_distributed(backend: str | None = None) -> None:
     dist.init_process_group(backend=backend)
 
 
+def model_parallel_sizes(parallel: ParallelConfig) -> dict[str, int | None]:
+    """``parallel``'s sizes as Megatron's ``parallel_state.initialize_model_parallel`` takes them."""
+    return dict(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
+
+
 def initialize_model_parallel(parallel: ParallelConfig, *, seed: int = 1234) -> None:
     """Create Megatron-Core's TP/PP/EP/CP/DP groups for ``parallel`` and seed the RNGs."""
     from megatron.core import parallel_state, tensor_parallel
@@ -56,14 +68,7 @@ def initialize_model_parallel(parallel: ParallelConfig, *, seed: int = 1234) -> 
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
-    )
+    parallel_state.initialize_model_parallel(**model_parallel_sizes(parallel))
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 

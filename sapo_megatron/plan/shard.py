@@ -91,6 +91,7 @@ def _build_counts(model_dict: dict, parallel_dict: dict, world_size: int) -> lis
     from sapo_megatron.mcore import activate_cpu_compat
     from sapo_megatron.models import ModelConfig, ParallelConfig, to_transformer_config
     from sapo_megatron.models.builder import build_gpt_model
+    from sapo_megatron.parallel import model_parallel_sizes
 
     from megatron.core import parallel_state
 
@@ -106,15 +107,7 @@ def _build_counts(model_dict: dict, parallel_dict: dict, world_size: int) -> lis
             continue
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
         try:
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-                pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-                virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-                context_parallel_size=parallel.context_parallel_size,
-                expert_model_parallel_size=parallel.expert_model_parallel_size,
-                expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
-                create_gloo_process_groups=False,
-            )
+            parallel_state.initialize_model_parallel(**model_parallel_sizes(parallel), create_gloo_process_groups=False)
             assert parallel_state.get_pipeline_model_parallel_rank() == stage, "rank order changed"
             config = to_transformer_config(model_cfg, parallel, on_cpu=True)
             config.use_cpu_initialization = True
