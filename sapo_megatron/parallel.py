@@ -73,6 +73,38 @@ def initialize_model_parallel(parallel: ParallelConfig, *, seed: int = 1234) -> 
     torch.manual_seed(seed)
 
 
+def replicas() -> list[list[int]]:
+    """The global ranks of every data-parallel replica, by DP rank (a world object all-gather)."""
+    from megatron.core import parallel_state
+
+    dp_ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(dp_ranks, parallel_state.get_data_parallel_rank())
+    out: list[list[int]] = [[] for _ in range(max(dp_ranks) + 1)]
+    for rank, dp_rank in enumerate(dp_ranks):
+        out[dp_rank].append(rank)
+    return out
+
+
+def expert_exchange_spans_replicas() -> bool:
+    """Whether a MoE layer's token exchange runs over ranks of more than one DP replica.
+
+    Megatron-Core's token dispatchers exchange tokens over the expert tensor x expert model
+    group (the allgather dispatcher all-gathers over it, the all-to-all one exchanges over
+    its EP part) in every MoE layer's forward. When that group holds ranks of several replicas
+    (EP=2 with TP=1 on two ranks: each rank is a replica), no replica can run a forward without
+    the others. The same answer on every rank (world object all-gathers).
+    """
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or parallel_state.get_expert_model_parallel_world_size() == 1:
+        return False
+    replica_of = {rank: i for i, ranks in enumerate(replicas()) for rank in ranks}
+    groups: list = [None] * dist.get_world_size()
+    mine = dist.get_process_group_ranks(parallel_state.get_expert_tensor_and_model_parallel_group())
+    dist.all_gather_object(groups, mine)
+    return any(len({replica_of[rank] for rank in group}) > 1 for group in groups)
+
+
 def destroy() -> None:
     from megatron.core import parallel_state
 
