@@ -4,6 +4,13 @@ Works under ``torchrun`` (reads RANK / WORLD_SIZE / MASTER_ADDR from the environ
 single process (world of one, a loopback rendezvous). On CPU the backend is gloo and the CPU
 compatibility layer is activated here, so every entry point that initialises parallelism gets
 it without having to remember.
+
+Replicas. A data-parallel replica is the set of ranks that hold one copy of the model and the
+same data: TP x PP x CP (:func:`replicas`). Megatron-Core has no group for it (its
+"model-parallel" group is TP x PP, one CP rank's share), so :func:`replica_group` builds one under
+CP: the SGLang engine's leader broadcasts a replica's samples over it. An expert-parallel group
+that holds ranks of several replicas ties their forwards together
+(:func:`expert_exchange_spans_replicas`): the embedded rollout engine then steps them in lockstep.
 """
 
 from __future__ import annotations
@@ -85,6 +92,27 @@ def replicas() -> list[list[int]]:
     return out
 
 
+_REPLICA_GROUP: dict = {}
+
+
+def replica_group():
+    """This rank's replica (TP x PP x CP) as a process group.
+
+    Without CP it is Megatron's model-parallel group. Under CP it is built here, one group per
+    replica, on the first call after ``initialize_model_parallel``: that call is collective
+    over the world (``new_group``), later ones are not.
+    """
+    from megatron.core import parallel_state
+
+    model_parallel = parallel_state.get_model_parallel_group()
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return model_parallel
+    if _REPLICA_GROUP.get("built_for") is not model_parallel:
+        groups = [dist.new_group(ranks) for ranks in replicas()]
+        _REPLICA_GROUP.update(built_for=model_parallel, group=groups[parallel_state.get_data_parallel_rank()])
+    return _REPLICA_GROUP["group"]
+
+
 def expert_exchange_spans_replicas() -> bool:
     """Whether a MoE layer's token exchange runs over ranks of more than one DP replica.
 
@@ -108,6 +136,7 @@ def expert_exchange_spans_replicas() -> bool:
 def destroy() -> None:
     from megatron.core import parallel_state
 
+    _REPLICA_GROUP.clear()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
