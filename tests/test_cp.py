@@ -158,7 +158,8 @@ def test_each_cp_and_sp_rank_replays_its_own_tokens_rows(cp, tp):
     seen = torch.zeros(full.tokens.shape, dtype=torch.long)
     for cp_rank, tp_rank in itertools.product(range(cp), range(tp)):
         local = cp_shard(full, cp_rank, cp)
-        routes_SBMK, replay_SB = (sp_slice(t, tp_rank, tp) for t in (local.routes.routes_SBMK, local.routes.replay_mask_SB))
+        routes = local.routes
+        routes_SBMK, replay_SB = (sp_slice(t, tp_rank, tp) for t in (routes.routes_SBMK, routes.replay_mask_SB))
         positions_SB = sp_slice(local.position_ids.T, tp_rank, tp)
         for (s, b), p in zip(itertools.product(*map(range, positions_SB.shape)), positions_SB.reshape(-1).tolist()):
             rows = samples[b].routes.shape[0]

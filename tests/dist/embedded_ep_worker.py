@@ -37,7 +37,13 @@ from sapo_megatron.rollout.embedded import EmbeddedEngine  # noqa: E402
 from sapo_megatron.routing import attach_routing_replay  # noqa: E402
 from sapo_megatron.step import build_model_chunks  # noqa: E402
 from sapo_megatron.step.sharding import unwrap  # noqa: E402
-from tests.helpers import add_layout_args, gather_full, init_layout, load_full_state_dict, merge_over_ranks  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    add_layout_args,
+    gather_full,
+    init_layout,
+    load_full_state_dict,
+    merge_over_ranks,
+)
 
 MODEL = ModelConfig(vocab_size=24, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
