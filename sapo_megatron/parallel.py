@@ -124,7 +124,9 @@ def expert_exchange_spans_replicas() -> bool:
     """
     from megatron.core import parallel_state
 
-    if not dist.is_initialized() or parallel_state.get_expert_model_parallel_world_size() == 1:
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return False  # no groups (a single process without Megatron's): nothing is exchanged
+    if parallel_state.get_expert_model_parallel_world_size() == 1:
         return False
     replica_of = {rank: i for i, ranks in enumerate(replicas()) for rank in ranks}
     groups: list = [None] * dist.get_world_size()
