@@ -15,8 +15,9 @@ each decode step they agree, over the data-parallel group, on the batch rows and
 sequence (a max all-reduce); every replica forwards that shape, filling its batch with 2-token
 pad sequences whose outputs are dropped, and all stop when no replica has a sequence left (a
 replica without prompts still joins). Sampling sees only the real rows, so each replica draws
-exactly what it would alone. Without such EP (the usual case) nothing is exchanged and each
-replica stops on its own.
+the tokens it would draw alone (``rollout.embedded.router_noise_std`` aside: that noise is drawn
+over the whole batch, filler rows included). Without such EP (the usual case) nothing is
+exchanged and each replica stops on its own.
 
 Generation is token by token: each step re-runs the model on the whole right-padded batch
 (no KV cache: the CPU demo's sequences are a few dozen tokens, and a full forward keeps the
