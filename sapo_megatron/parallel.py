@@ -4,6 +4,13 @@ Works under ``torchrun`` (reads RANK / WORLD_SIZE / MASTER_ADDR from the environ
 single process (world of one, a loopback rendezvous). On CPU the backend is gloo and the CPU
 compatibility layer is activated here, so every entry point that initialises parallelism gets
 it without having to remember.
+
+Replicas. A data-parallel replica is the set of ranks that hold one copy of the model and the
+same data: TP x PP x CP (:func:`replicas`). Megatron-Core has no group for it (its
+"model-parallel" group is TP x PP, one CP rank's share), so :func:`replica_group` builds one under
+CP: the SGLang engine's leader broadcasts a replica's samples over it. An expert-parallel group
+that holds ranks of several replicas ties their forwards together
+(:func:`expert_exchange_spans_replicas`): the embedded rollout engine then steps them in lockstep.
 """
 
 from __future__ import annotations
@@ -73,9 +80,65 @@ def initialize_model_parallel(parallel: ParallelConfig, *, seed: int = 1234) -> 
     torch.manual_seed(seed)
 
 
+def replicas() -> list[list[int]]:
+    """The global ranks of every data-parallel replica, by DP rank (a world object all-gather)."""
+    from megatron.core import parallel_state
+
+    dp_ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(dp_ranks, parallel_state.get_data_parallel_rank())
+    out: list[list[int]] = [[] for _ in range(max(dp_ranks) + 1)]
+    for rank, dp_rank in enumerate(dp_ranks):
+        out[dp_rank].append(rank)
+    return out
+
+
+_REPLICA_GROUP: dict = {}
+
+
+def replica_group():
+    """This rank's replica (TP x PP x CP) as a process group.
+
+    Without CP it is Megatron's model-parallel group. Under CP it is built here, one group per
+    replica, on the first call after ``initialize_model_parallel``: that call is collective
+    over the world (``new_group``), later ones are not.
+    """
+    from megatron.core import parallel_state
+
+    model_parallel = parallel_state.get_model_parallel_group()
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return model_parallel
+    if _REPLICA_GROUP.get("built_for") is not model_parallel:
+        groups = [dist.new_group(ranks) for ranks in replicas()]
+        _REPLICA_GROUP.update(built_for=model_parallel, group=groups[parallel_state.get_data_parallel_rank()])
+    return _REPLICA_GROUP["group"]
+
+
+def expert_exchange_spans_replicas() -> bool:
+    """Whether a MoE layer's token exchange runs over ranks of more than one DP replica.
+
+    Megatron-Core's token dispatchers exchange tokens over the expert tensor x expert model
+    group (the allgather dispatcher all-gathers over it, the all-to-all one exchanges over
+    its EP part) in every MoE layer's forward. When that group holds ranks of several replicas
+    (EP=2 with TP=1 on two ranks: each rank is a replica), no replica can run a forward without
+    the others. The same answer on every rank (world object all-gathers).
+    """
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return False  # no groups (a single process without Megatron's): nothing is exchanged
+    if parallel_state.get_expert_model_parallel_world_size() == 1:
+        return False
+    replica_of = {rank: i for i, ranks in enumerate(replicas()) for rank in ranks}
+    groups: list = [None] * dist.get_world_size()
+    mine = dist.get_process_group_ranks(parallel_state.get_expert_tensor_and_model_parallel_group())
+    dist.all_gather_object(groups, mine)
+    return any(len({replica_of[rank] for rank in group}) > 1 for group in groups)
+
+
 def destroy() -> None:
     from megatron.core import parallel_state
 
+    _REPLICA_GROUP.clear()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -5,12 +5,15 @@ rank (a stand-in group gives it the rank), THD packing padded to 2 x CP, the re-
 per-sample view, the route slice, the refusal of CP without Transformer Engine. Under torchrun
 (4 gloo ranks, CP=2 x DP=2, ``tests/dist/cp_worker.py``): Megatron's slicing on real CP groups,
 the token count over DP x CP, losses and gradients of sapo / gspo / sapo_seq against the full
-sequence, and the log-prob pass.
+sequence, and the log-prob pass. SGLang rollouts under CP (4 gloo ranks, TP=2 x CP=2 and CP=2 x
+DP=2, ``tests/dist/cp_rollout_worker.py``, the mock server): one leader per TP x PP x CP replica,
+the same samples on all its ranks, and the routes each rank's routers replay, TP rank 1 included.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -20,7 +23,7 @@ import torch.distributed as dist
 from sapo_megatron.config import ConfigError, load_config
 from sapo_megatron.config.validate import context_parallel_problems
 from sapo_megatron.losses.policy import sequence_log_ratio, sequence_sums_reduced_by
-from sapo_megatron.routing.align import cp_slice_thd, thd_cp_indices
+from sapo_megatron.routing.align import cp_slice_thd, sp_slice, thd_cp_indices
 from sapo_megatron.routing.microbatch import attach_routes
 from sapo_megatron.step.batch import (
     ON_OTHER_CP_RANK,
@@ -37,6 +40,7 @@ from tests.launch import torchrun
 from tests.megatron_cp import megatron_cp_slice
 
 WORKER = "tests/dist/cp_worker.py"
+ROLLOUT_WORKER = "tests/dist/cp_rollout_worker.py"
 
 
 def _samples(n=5, seed=0):
@@ -143,6 +147,29 @@ def test_thd_packing_pads_each_sample_to_2cp_and_names_true_and_padded_bounds():
     assert torch.equal(local.tokens[0], mb.tokens[0, thd_cp_indices(params.cu_seqlens_q_padded, 1, 2)])
 
 
+@pytest.mark.parametrize("tp", [1, 2, 3])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_each_cp_and_sp_rank_replays_its_own_tokens_rows(cp, tp):
+    """Routes attached for the whole sequence (as the trainer attaches them under CP, on every TP
+    rank), then the CP slice, then replay's SP shard: the token at original position ``p`` of
+    sample ``b`` gets row ``p`` of that sample's routes, on exactly one (CP, TP) rank."""
+    samples = _samples(seed=5)
+    full = attach_routes(collate_padded(samples, pad_multiple=2 * cp * tp), samples, tp_rank=0, tp_size=1)
+    seen = torch.zeros(full.tokens.shape, dtype=torch.long)
+    for cp_rank, tp_rank in itertools.product(range(cp), range(tp)):
+        local = cp_shard(full, cp_rank, cp)
+        routes = local.routes
+        routes_SBMK, replay_SB = (sp_slice(t, tp_rank, tp) for t in (routes.routes_SBMK, routes.replay_mask_SB))
+        positions_SB = sp_slice(local.position_ids.T, tp_rank, tp)
+        for (s, b), p in zip(itertools.product(*map(range, positions_SB.shape)), positions_SB.reshape(-1).tolist()):
+            rows = samples[b].routes.shape[0]
+            assert bool(replay_SB[s, b]) == (p < rows), (cp_rank, tp_rank, s, b)
+            if p < rows:
+                assert torch.equal(routes_SBMK[s, b], samples[b].routes[p])
+            seen[b, p] += 1
+    assert (seen == 1).all()
+
+
 def test_packed_cp_needs_padded_thd_bounds():
     samples = _samples(seed=3)
     with pytest.raises(ValueError, match="cu_seqlens_q_padded"):
@@ -206,3 +233,51 @@ def test_cp_data_path_on_gloo_ranks(tmp_path):
     # loss, the two DP ranks hold different samples (Megatron's rank order tp-cp-ep-dp-pp).
     assert len({c["step_num_tokens"] for c in ranks}) == 1
     assert len({c["loss_sapo"] for c in ranks}) == 2
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2_cp2", "cp2_dp2"])
+def test_cp_ranks_of_a_replica_share_one_leaders_samples_and_slice_its_routes(layout, tmp_path, monkeypatch):
+    from tests import sglang_mock
+    from tests.dist.cp_rollout_worker import MOE_LAYERS, PROMPTS
+
+    # SGLang without --enable-deterministic-inference ignores sampling_seed: two requests for the
+    # same prompt and seed get other tokens. A nonce per request makes the mock do the same, so
+    # two leaders in one replica would hand its CP ranks different samples.
+    nonce, original = itertools.count(), sglang_mock.fake_generate
+
+    def sample_anew(request, b, weight_version="default"):
+        sampling = {**request.get("sampling_params", {}), "sampling_seed": next(nonce)}
+        return original({**request, "sampling_params": sampling}, b, weight_version)
+
+    monkeypatch.setattr(sglang_mock, "fake_generate", sample_anew)
+    out = tmp_path / "cp_rollout.json"
+    args = {"tp2_cp2": ["--tp", "2", "--cp", "2"], "cp2_dp2": ["--cp", "2"]}[layout]
+    with sglang_mock.MockSGLang(sglang_mock.Behaviour(num_hidden_layers=3, dense_layers=(0,), topk=2,
+                                                      num_experts=4, vocab_size=16)) as server:
+        torchrun(ROLLOUT_WORKER, *args, "--url", server.url, "--out", out, nproc=4, timeout=300)
+        generates = server.bodies("/generate")
+    ranks = json.loads(out.read_text())
+    replicas = {}
+    for r in ranks:
+        replicas.setdefault(r["dp_rank"], []).append(r)
+    assert len(replicas) == (1 if layout == "tp2_cp2" else 2)
+    for dp_rank, members in replicas.items():
+        # One group per replica (TP x PP x CP), one leader in it, every member holding its samples.
+        assert all(sorted(m["group"]) == sorted(x["rank"] for x in members) for m in members), members
+        assert sum(m["leader"] for m in members) == 1
+        assert len({m["cp_rank"] for m in members}) == 2
+        assert all(m["tokens"] == members[0]["tokens"] and m["routes"] == members[0]["routes"] for m in members)
+        prompts = [p for p in PROMPTS[dp_rank] for _ in range(2)]
+        assert [t[: len(p)] for t, p in zip(members[0]["tokens"], prompts, strict=True)] == prompts
+        # Each routed row is replayed on exactly one rank of its replica, in each MoE layer: the
+        # CP and SP shards partition the tokens (the worker checked each row against the truth).
+        routed = sum(len(rows) for rows in members[0]["routes"])
+        assert sum(m["replayed_rows"] for m in members) == len(MOE_LAYERS) * routed
+    # One request per sample per replica: a second leader would have doubled them. Not vacuous:
+    # the nonce makes two requests for one prompt differ (the two samples of a prompt; both
+    # stopping at once on their first token, 1 in 256 per pair, is the only way they agree).
+    assert len(generates) == sum(2 * len(PROMPTS[d]) for d in replicas)
+    tokens = ranks[0]["tokens"]
+    assert any(tokens[i] != tokens[i + 1] for i in range(0, len(tokens), 2))

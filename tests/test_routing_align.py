@@ -196,6 +196,9 @@ def test_slice_errors():
     x = torch.zeros(10, 1)
     with pytest.raises(ValueError, match="10 tokens: the length must be a multiple of the TP size"):
         sp_slice(x, 0, 4)
+    # The trainer once asked for TP rank 1 of a whole sequence (tp_size 1) under CP.
+    with pytest.raises(ValueError, match=r"shard 1 does not exist: tp_rank must be in \[0, tp_size=1\)"):
+        sp_slice(x, 1, 1)
     with pytest.raises(ValueError, match="multiple of 2 x CP = 4"):
         cp_slice(x, 0, 2)
     with pytest.raises(ValueError, match="segment 0 spans 6 tokens, not a multiple of 2 x CP = 4"):

@@ -6,6 +6,19 @@ weights, bf16, router noise): then it samples from an :class:`~.engine_copy.Engi
 the same layout, updated by ``update_weights``. Each data-parallel rank generates for its own
 prompts; the ranks of one model-parallel group run the same forwards together.
 
+Lockstep across replicas. When expert parallelism spans data-parallel replicas (EP=2, TP=1: each
+rank is a replica), every MoE layer's token exchange needs a forward from every replica of the
+expert group, and Megatron's allgather dispatcher (the CPU one) needs the same number of tokens
+from each. A replica that stopped when its own sequences finished would leave the others
+waiting in that exchange, or feed it a batch of another shape. So the replicas step together:
+each decode step they agree, over the data-parallel group, on the batch rows and the longest
+sequence (a max all-reduce); every replica forwards that shape, filling its batch with 2-token
+pad sequences whose outputs are dropped, and all stop when no replica has a sequence left (a
+replica without prompts still joins). Sampling sees only the real rows, so each replica draws
+the tokens it would draw alone (``rollout.embedded.router_noise_std`` aside: that noise is drawn
+over the whole batch, filler rows included). Without such EP (the usual case) nothing is
+exchanged and each replica stops on its own.
+
 Generation is token by token: each step re-runs the model on the whole right-padded batch
 (no KV cache: the CPU demo's sequences are a few dozen tokens, and a full forward keeps the
 Megatron model untouched). The next-token logits of each sequence are gathered over the
@@ -27,6 +40,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from sapo_megatron.collectives import all_reduce_values
 from sapo_megatron.step.batch import Sample, collate_padded
 from sapo_megatron.step.run import (
     broadcast_from_last_stage,
@@ -81,19 +95,22 @@ class EmbeddedEngine:
         self.seed = seed
         self.route_dtype = storage_dtype(num_experts) if num_experts else None
         self.calls = 0
+        self.lockstep_group = _lockstep_group()  # collective: every rank builds its engine
 
     @torch.no_grad()
-    def _next_logits(self, sequences: list[torch.Tensor]):
+    def _next_logits(self, sequences: list[torch.Tensor], min_length: int = 0):
         """The batch's microbatch and each sequence's next-token logits ``[B, V]`` (every rank)."""
         from megatron.core import parallel_state
 
-        mb = collate_padded([_bare_sample(s) for s in sequences], pad_multiple=self.pad_multiple, pad_id=self.pad_id)
+        mb = collate_padded([_bare_sample(s) for s in sequences], pad_multiple=self.pad_multiple, pad_id=self.pad_id,
+                            min_length=min_length)
         outputs = run_schedule(self.model_chunks, [mb], _forward_step, forward_only=True)
         logits = outputs[0]["logits"] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
         return mb, broadcast_from_last_stage(logits)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool) -> list[RolloutResult]:
-        """Generate for this data-parallel rank's ``prompts`` (a collective over its model-parallel group)."""
+        """Generate for this data-parallel rank's ``prompts`` (a collective over its model-parallel
+        group; over every rank when the replicas step together, even for no ``prompts``)."""
         short = [i for i, p in enumerate(prompts) if len(p) < 2]
         if short:
             raise ValueError(f"the embedded engine needs prompts of at least 2 tokens; prompts {short} are shorter")
@@ -113,21 +130,31 @@ class EmbeddedEngine:
         done = [False] * len(prompts)
         finish = ["length"] * len(prompts)
         stop = set(params.stop_token_ids)
-        for _ in range(params.max_new_tokens):
-            active = [i for i, d in enumerate(done) if not d]
-            if not active:
-                break
+        step = 0
+        while True:
+            active = [i for i, d in enumerate(done) if not d] if step < params.max_new_tokens else []
             batch = [sequences[i] for i in active]
+            min_length = 0
+            if self.lockstep_group is not None:  # one shape on every replica (module docstring)
+                width, min_length = (int(v) for v in all_reduce_values(
+                    [len(batch), max((s.numel() for s in batch), default=0)], op="max", group=self.lockstep_group))
+                batch += [torch.full((2,), self.pad_id, dtype=torch.long)] * (width - len(batch))
+            if not batch:
+                break
+            step += 1
             if return_routes:
                 with routing_action(self.model_chunks, "record", with_backward=False):
-                    mb, logits = self._next_logits(batch)
+                    mb, logits = self._next_logits(batch, min_length)
                     recorded = recorded_sample_routes(self.model_chunks, [mb], include_last=True)
                 for j, i in enumerate(active):
                     n = sequences[i].numel()
                     rows[i].append(recorded[j][fed[i] : n].to(self.route_dtype))
                     fed[i] = n
             else:
-                mb, logits = self._next_logits(batch)
+                mb, logits = self._next_logits(batch, min_length)
+            if not active:
+                continue
+            logits = logits[: len(active)]  # the filler rows' logits are dropped
             logp = torch.log_softmax(logits.double() / params.temperature, dim=-1)
             probs = _top_p_filter(logp.exp(), params.top_p)
             tokens = torch.multinomial(probs, 1, generator=gen)[:, 0]
@@ -182,6 +209,15 @@ def _bare_sample(tokens: torch.Tensor) -> Sample:
     n = tokens.numel()
     zeros = torch.zeros(n - 1)
     return Sample(tokens=tokens, loss_mask=torch.zeros(n - 1, dtype=torch.bool), old_log_probs=zeros, advantages=zeros)
+
+
+def _lockstep_group():
+    """The data-parallel group when the replicas must step together (module docstring), else None."""
+    from megatron.core import parallel_state
+
+    from sapo_megatron.parallel import expert_exchange_spans_replicas
+
+    return parallel_state.get_data_parallel_group() if expert_exchange_spans_replicas() else None
 
 
 def _dp_rank() -> int:

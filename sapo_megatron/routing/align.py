@@ -60,7 +60,9 @@ def _check_samples(per_sample_routes: Sequence[torch.Tensor], topk: int) -> tupl
 
 
 def _shard_bounds(seq_length: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
-    if not 0 <= tp_rank < tp_size or seq_length % tp_size:
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"sequence-parallel shard {tp_rank} does not exist: tp_rank must be in [0, tp_size={tp_size})")
+    if seq_length % tp_size:
         raise ValueError(
             f"cannot take sequence-parallel shard {tp_rank} of {tp_size} from a sequence of "
             f"{seq_length} tokens: the length must be a multiple of the TP size (pad_multiple)"

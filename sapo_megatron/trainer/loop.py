@@ -279,10 +279,11 @@ class Trainer:
             from megatron.core import parallel_state
 
             # Under CP the forward step takes the CP slice first, then replay the SP shard of
-            # what is left: attach routes for the whole sequence.
+            # what is left: attach routes for the whole sequence (shard 0 of 1, on every TP rank).
             sp = self.cfg.parallel.sequence_parallel and cp == 1
-            mb = attach_routes(mb, group, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                               tp_size=self.cfg.parallel.tensor_model_parallel_size if sp else 1)
+            tp_rank, tp_size = ((parallel_state.get_tensor_model_parallel_rank(),
+                                 self.cfg.parallel.tensor_model_parallel_size) if sp else (0, 1))
+            mb = attach_routes(mb, group, tp_rank=tp_rank, tp_size=tp_size)
         return mb
 
     def _microbatches(self, minibatch):

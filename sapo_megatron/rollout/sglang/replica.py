@@ -1,9 +1,12 @@
-"""The SGLang engine as the trainer's ranks see it: one client per model-parallel group, one
+"""The SGLang engine as the trainer's ranks see it: one client per data-parallel replica, one
 weight sync over all ranks, and the never-stale checks between them.
 
-Under torchrun, the first rank of each model-parallel group (one data-parallel replica) sends
-that replica's requests and broadcasts the results to its group; rank 0 (itself a leader) also
-drives the weight sync, which is collective over every rank (:mod:`.weight_sync`).
+Under torchrun, the first rank of each data-parallel replica (its TP x PP x CP ranks:
+:func:`sapo_megatron.parallel.replica_group`) sends that replica's requests and broadcasts the
+results to the whole replica; rank 0 (itself a leader) also drives the weight sync, which is
+collective over every rank (:mod:`.weight_sync`). Not Megatron's model-parallel group, which is
+TP x PP only: under CP each CP rank would lead, and since SGLang ignores ``sampling_seed``
+without deterministic inference, the CP ranks of one sequence would hold different samples.
 
 Never stale: the policy version is the number of RL steps completed; the trainer pushes version
 ``v`` (``begin`` at start, then after each step) and every leader then expects
@@ -29,9 +32,9 @@ from sapo_megatron.rollout.base import RolloutResult, SamplingParams
 
 class ReplicaSGLang:
     def __init__(self, make_engine: Callable[[], object], make_sync: Callable[[object], object]):
-        from megatron.core import parallel_state
+        from sapo_megatron.parallel import replica_group
 
-        self.group = parallel_state.get_model_parallel_group()
+        self.group = replica_group()  # collective under CP: every rank builds its engine
         self.leader = dist.get_process_group_ranks(self.group)[0]
         self.is_leader = dist.get_rank() == self.leader
         self.engine = make_engine() if dist.get_rank() in (self.leader, 0) else None
