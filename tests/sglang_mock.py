@@ -6,8 +6,11 @@ request alone, so a test can compute what the client must return. Like SGLang 0.
 ``weight_version`` in every response and in ``/model_info`` (``/get_weight_version`` too, as
 older releases), moves it with successful weight updates, refuses a float ``max_new_tokens``,
 ignores unknown top-level fields, answers ``/flush_cache`` with 400 while requests run and
-missing required fields with 422, and applies its key levels (``/health`` open, admin key for
-the weight endpoints). With ``Behaviour(receiver=True)`` it joins the distributed weight-update
+missing required fields with 422, applies its key levels (``/health`` open, admin key for
+the weight endpoints) and closes a keep-alive connection left idle for
+``Behaviour.keepalive_timeout_s`` (uvicorn's ``timeout_keep_alive``, which SGLang sets from
+``SGLANG_TIMEOUT_KEEP_ALIVE``, default 5 s; the mock kept idle connections open forever until
+the real server showed otherwise). With ``Behaviour(receiver=True)`` it joins the distributed weight-update
 group as SGLang does (tests/dist/sglang_receiver.py). Behaviours that tests switch
 on: no routed experts (a server started without ``--enable-return-routed-experts``), aborts,
 delays (to trigger client timeouts), dropped connections and a restart on the same port, the
@@ -65,6 +68,8 @@ class Behaviour:
     keep_weights: bool = True  # the receiver keeps what it received (mock.receiver.weights)
     retracted_prompts: set = field(default_factory=set)  # tuple(input_ids): num_retractions = 1
     wrong_version_prompts: set = field(default_factory=set)  # tuple(input_ids): served by other weights
+    # A keep-alive connection idle this long is closed by the server (SGLANG_TIMEOUT_KEEP_ALIVE).
+    keepalive_timeout_s: float = 5.0
 
 
 # Fields SGLang's GenerateReqInput accepts (a subset); since 0.5.22 unknown TOP-LEVEL fields are
@@ -177,6 +182,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
+
+    def setup(self) -> None:
+        # The socket timeout ends the wait for the next request line of an idle keep-alive
+        # connection (the handler then closes it), as uvicorn's keep-alive timer does.
+        self.timeout = self.server.mock.behaviour.keepalive_timeout_s
+        super().setup()
 
     def _leave_meter(self) -> None:
         """A /generate request stops counting as in flight once its answer is decided, before
@@ -389,6 +400,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # uvicorn listens with a backlog of 2048; socketserver's default of 5 resets connections
+    # when a 16-request rollout connects at once (a mock-only failure).
+    request_queue_size = 2048
     mock: "MockSGLang"
 
 

@@ -246,6 +246,8 @@ def test_config_refuses_bad_values():
         SGLangConfig(urls=["http://h:1"], admin_api_key_env="sk-123")
     with pytest.raises(ValueError, match="rollout.sglang.distributed.bucket_mb must be > 0"):
         SGLangConfig(urls=["http://h:1"], distributed={"bucket_mb": 0})
+    with pytest.raises(ValueError, match="rollout.sglang.keepalive_idle_s must be > 0 seconds, below"):
+        SGLangConfig(urls=["http://h:1"], keepalive_idle_s=0)
 
 
 def test_sampling_params_go_out_as_integers_and_unknown_top_level_fields_pass(servers, engines):
@@ -284,6 +286,54 @@ def test_keep_alive_reuses_connections_within_the_concurrency_bound(servers, eng
     a.restart()  # the pooled connections to a are now dead: reopened without a failed request
     results = engine.generate(PROMPTS, PARAMS, return_routes=False)
     assert all(r.meta["attempts"] == 1 for r in results)
+
+
+PROMPTS16 = [[i + 1, i + 2] for i in range(16)]
+
+
+def _pool_of_idle_connections(servers, engines, *, keepalive_idle_s=4.0):
+    """A 16-request rollout leaves up to 16 pooled connections; the server (like uvicorn with
+    SGLANG_TIMEOUT_KEEP_ALIVE, scaled down to 0.4 s) then closes them all while they sit idle."""
+    (server,) = servers(1, delay_s=0.3, keepalive_timeout_s=0.4)
+    engine = engines([server.url], concurrency=16, keepalive_idle_s=keepalive_idle_s)
+    engine.generate(PROMPTS16, PARAMS, return_routes=False)
+    pooled = engine.transport.connections_opened
+    # 16 overlapping requests, one connection each (a few may finish before others start on a
+    # loaded machine); 8 dead ones are enough to exhaust 4 attempts of 2 connections each.
+    assert pooled >= 8
+    time.sleep(0.8)  # idle past the server's keep-alive: it has closed every one of them
+    return server, engine, pooled
+
+
+def _push(engine, tmp_path, version):
+    return engine.on_all_servers("/update_weights_from_disk",
+                                 lambda u: {"model_path": str(tmp_path), "weight_version": str(version)}, "push")
+
+
+def test_a_failed_reused_connection_drops_the_whole_pool_and_retries_once_on_a_fresh_one(
+        servers, engines, tmp_path):
+    """The defect seen against SGLang 0.5.23: after a rollout, the push after an idle gap took one
+    dead pooled connection after another ("failed after 4 attempts; last error: BrokenPipeError").
+    Without the idle threshold (switched off here) the first failure must drop every idle
+    connection of the server (they are from the same era) and go once more on a NEW one."""
+    server, engine, pooled = _pool_of_idle_connections(servers, engines)
+    t = engine.transport
+    t.keepalive_idle_s = float("inf")  # reuse whatever is pooled: the server's close must be survived
+    _push(engine, tmp_path, 1)
+    assert server.weight_version == "1"
+    assert t.reuse_failures == 1 and t.retried == 0  # one dead connection tried, no retry counted
+    assert t.connections_opened == pooled + 1  # the others were dropped unused, one fresh opened
+    results = engine.generate(PROMPTS16[:4], PARAMS, return_routes=False)
+    assert all(r.meta["attempts"] == 1 for r in results)
+
+
+def test_connections_idle_past_keepalive_idle_s_are_closed_instead_of_reused(servers, engines, tmp_path):
+    server, engine, pooled = _pool_of_idle_connections(servers, engines, keepalive_idle_s=0.2)
+    t = engine.transport
+    _push(engine, tmp_path, 1)
+    results = engine.generate(PROMPTS16, PARAMS, return_routes=False)
+    assert server.weight_version == "1" and all(r.meta["attempts"] == 1 for r in results)
+    assert t.reuse_failures == 0 and t.retried == 0  # no dead connection was ever sent a request
 
 
 def test_admin_key_is_used_for_weight_endpoints_only(servers, engines, monkeypatch):

@@ -69,7 +69,8 @@ class SGLangEngine:
         self.require_routes = require_routes
         self.transport = Transport(concurrency=config.concurrency, retries=config.retries,
                                    backoff_s=config.backoff_s, api_key_env=config.api_key_env,
-                                   admin_api_key_env=config.admin_api_key_env)
+                                   admin_api_key_env=config.admin_api_key_env,
+                                   keepalive_idle_s=config.keepalive_idle_s)
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="sglang")
         self._next_server = itertools.count()
         self._lock = threading.Lock()
