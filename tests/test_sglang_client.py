@@ -336,6 +336,22 @@ def test_connections_idle_past_keepalive_idle_s_are_closed_instead_of_reused(ser
     assert t.reuse_failures == 0 and t.retried == 0  # no dead connection was ever sent a request
 
 
+def test_probing_a_dead_server_costs_one_refused_connect(servers, engines, monkeypatch):
+    """Reachability probes (/server_info, /model_info) are one attempt, no backoff: a dead server
+    used to cost retries x backoff (about 14 s per distributed sync with the defaults)."""
+    live, dead = servers(2)
+    dead.stop()
+    engine = engines([live.url, dead.url], retries=3, backoff_s=1.0)
+    sleeps = []
+    monkeypatch.setattr(engine.transport, "backoff", sleeps.append)
+    with pytest.raises(RuntimeError, match=f"SGLang server {dead.url} is not reachable"):
+        engine.server_info(dead.url, refresh=True)
+    assert engine.weight_version(dead.url) is None
+    assert sleeps == [] and engine.transport.connections_opened == 2  # one refused connect each
+    up, down = engine.reachable([live.url, dead.url])
+    assert up == [live.url] and list(down) == [dead.url] and "ConnectionRefusedError" in down[dead.url]
+
+
 def test_admin_key_is_used_for_weight_endpoints_only(servers, engines, monkeypatch):
     monkeypatch.setenv(FAST["api_key_env"], "user-key")
     monkeypatch.setenv("SAPO_TEST_ADMIN_KEY", "admin-key")

@@ -88,16 +88,14 @@ class SGLangEngine:
 
     # ------------------------------------------------------------------ server checks
     def server_info(self, url: str, *, refresh: bool = False) -> ServerInfo:
-        """``/server_info`` (``/get_server_info`` on older releases), parsed and cached."""
+        """``/server_info`` (``/get_server_info`` on older releases), parsed and cached. A probe:
+        one attempt (a server that is down raises RuntimeError at once, without retries)."""
         if url in self._infos and not refresh:
             return self._infos[url]
         raw = None
         for path in ("/server_info", "/get_server_info"):
-            def call(u: str, path=path):
-                return self.transport.call_json(u, path, None, timeout=self.config.timeout_s, method="GET")
-
             try:
-                raw, _, _ = self.transport.with_retries(call, [url], f"{path} of {url}")
+                raw = self.transport.probe(url, path, timeout=self.config.timeout_s)
                 break
             except ServerConfigError as err:
                 if err.status != 404:
@@ -106,6 +104,19 @@ class SGLangEngine:
                 raise RuntimeError(f"SGLang server {url} is not reachable: {err}") from None
         self._infos[url] = ServerInfo.from_json(url, raw if isinstance(raw, dict) else {})
         return self._infos[url]
+
+    def reachable(self, urls) -> tuple[list[str], dict[str, str]]:
+        """The servers of ``urls`` that answer a probe now, and for the others why not."""
+        up, down = [], {}
+        for url in urls:
+            try:
+                self.server_info(url, refresh=True)
+                up.append(url)
+            except ServerConfigError:
+                raise  # up, but a wrong key or URL: fatal, not "down"
+            except RuntimeError as err:
+                down[url] = str(err)
+        return up, down
 
     def check_servers(self, *, seeded: bool = False, distributed: bool = False) -> list[ServerInfo]:
         """Fail fast on a server that is down, too old for R3, or in a layout the sync refuses."""
@@ -132,7 +143,7 @@ class SGLangEngine:
         """What the server serves now; None when it cannot be asked (down)."""
         for path in ("/model_info", "/get_weight_version"):
             try:
-                answer = self.transport.call_json(url, path, None, timeout=self.config.timeout_s, method="GET")
+                answer = self.transport.probe(url, path, timeout=self.config.timeout_s)
             except ServerConfigError as err:
                 if err.status == 404:
                     continue

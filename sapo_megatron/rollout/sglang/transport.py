@@ -9,6 +9,8 @@ Standard library only (``http.client``). Design choices:
   anyway (not by a timeout), every idle connection of that server goes too (they are from the
   same era: after a 16-request rollout, 16 of them) and the attempt is repeated once on a NEW
   connection, not counted as a retry.
+- Probes (``/server_info``, ``/model_info``: is the server up, what does it serve) are one
+  attempt with a short connect timeout: a dead server costs one refused connect per probe.
 - Failure classes: :class:`Retryable` (timeouts, refused/dropped connections, HTTP 5xx/408/429,
   unreadable bodies), :class:`Rejected` (another 4xx: the server refused this request; never
   retried) and :class:`ServerConfigError` (401/403/404: a wrong key or URL, fatal for the call).
@@ -34,6 +36,9 @@ from urllib.parse import urlsplit
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+# Connect timeout of a reachability probe: a server on the cluster accepts within milliseconds,
+# so a probe of a dead host costs at most this (a refused connect costs nothing).
+PROBE_CONNECT_S = 2.0
 ERROR_BODY_CHARS = 300  # enough for SGLang's error messages, bounded for logs
 _FATAL_STATUS = {401: "wrong or missing API key", 403: "API key refused", 404: "not an SGLang endpoint"}
 
@@ -166,8 +171,10 @@ class Transport:
             self._drain(pool)
 
     def request(self, url: str, path: str, payload: dict | None, *, timeout: float,
-                method: str = "POST", admin: bool = False) -> tuple[int, bytes]:
-        """One HTTP exchange; transport failures become :class:`Retryable`."""
+                method: str = "POST", admin: bool = False, connect_timeout: float | None = None
+                ) -> tuple[int, bytes]:
+        """One HTTP exchange; transport failures become :class:`Retryable`. ``connect_timeout``
+        bounds the connect of a new connection (``timeout`` then bounds each read/write)."""
         parts = urlsplit(url)
         body = None if payload is None else json.dumps(payload).encode()
         key, _ = self._key(admin)
@@ -177,6 +184,11 @@ class Transport:
         for fresh_try in range(2):
             conn, reused = self._connection(parts, timeout, fresh=fresh_try > 0)
             try:
+                if not reused and connect_timeout is not None:
+                    conn.timeout = min(connect_timeout, timeout)
+                    conn.connect()
+                    conn.sock.settimeout(timeout)
+                    conn.timeout = timeout
                 conn.request(method, parts.path + path, body=body, headers=headers)
                 response = conn.getresponse()
                 raw = response.read()
@@ -196,9 +208,10 @@ class Transport:
         raise AssertionError("unreachable")
 
     def call_json(self, url: str, path: str, payload: dict | None, *, timeout: float,
-                  method: str = "POST", admin: bool = False) -> Any:
+                  method: str = "POST", admin: bool = False, connect_timeout: float | None = None) -> Any:
         """One exchange expecting JSON; classifies HTTP errors (see the module docstring)."""
-        status, raw = self.request(url, path, payload, timeout=timeout, method=method, admin=admin)
+        status, raw = self.request(url, path, payload, timeout=timeout, method=method, admin=admin,
+                                   connect_timeout=connect_timeout)
         message = self.mask(server_message(raw))
         if status in _FATAL_STATUS:
             _, env = self._key(admin)
@@ -217,6 +230,11 @@ class Transport:
         if answer is None:
             raise Retryable(f"{url}{path} returned a body that is not JSON: {message}")
         return answer
+
+    def probe(self, url: str, path: str, *, timeout: float) -> Any:
+        """``GET path``, once: a reachability check. A server that is down costs one refused (or
+        ``PROBE_CONNECT_S``-bounded) connect, no retries and no backoff."""
+        return self.call_json(url, path, None, timeout=timeout, method="GET", connect_timeout=PROBE_CONNECT_S)
 
     # ------------------------------------------------------------------ retries
     def backoff(self, attempt: int) -> None:
