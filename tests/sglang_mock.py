@@ -13,7 +13,8 @@ the weight endpoints) and closes a keep-alive connection left idle for
 the real server showed otherwise). With ``Behaviour(receiver=True)`` it joins the distributed weight-update
 group as SGLang does (tests/dist/sglang_receiver.py). Behaviours that tests switch
 on: no routed experts (a server started without ``--enable-return-routed-experts``), aborts,
-delays (to trigger client timeouts), dropped connections and a restart on the same port, the
+delays (to trigger client timeouts), dropped connections and a restart on the same port (a
+stopped server closes its open connections too, as a killed one does), the
 stop-edge extra route row, a required API key, failing weight updates. Every request is
 recorded (``server.requests``) with its path, JSON body and whether it was authorised.
 
@@ -188,6 +189,13 @@ class _Handler(BaseHTTPRequestHandler):
         # connection (the handler then closes it), as uvicorn's keep-alive timer does.
         self.timeout = self.server.mock.behaviour.keepalive_timeout_s
         super().setup()
+        with self.server.mock.lock:
+            self.server.mock.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.mock.lock:
+            self.server.mock.connections.discard(self.connection)
+        super().finish()
 
     def _leave_meter(self) -> None:
         """A /generate request stops counting as in flight once its answer is decided, before
@@ -442,6 +450,7 @@ class MockSGLang:
         self.served_versions: list[str] = []  # weight_version of every /generate answer
         self.flushes = 0
         self.update_lock = threading.Lock()
+        self.connections: set = set()  # open client connections, closed by stop() as by a dying server
         self.receiver = None
         if self.behaviour.receiver:
             from tests.dist.sglang_receiver import Receiver
@@ -471,6 +480,13 @@ class MockSGLang:
         self.stopping.set()  # wakes delayed handlers, which drop their connections
         self._server.shutdown()
         self._server.server_close()
+        with self.lock:  # a stopped server's keep-alive connections die with it
+            for conn in self.connections:
+                try:
+                    conn.shutdown(2)
+                except OSError:
+                    pass
+            self.connections.clear()
         self._thread.join(timeout=5)
         self._server = None
 

@@ -289,14 +289,23 @@ class SGLangEngine:
 
         return {url: self._pool.submit(post, url) for url in (self.config.urls if urls is None else urls)}
 
-    def collect(self, futures: dict[str, Future], path: str, what: str, errors: list[str] | None = None) -> dict:
-        """Wait for :meth:`submit_all`'s requests and require ``success`` from each."""
+    def collect(self, futures: dict[str, Future], path: str, what: str, errors: list[str] | None = None,
+                *, lost: dict[str, str] | None = None) -> dict:
+        """Wait for :meth:`submit_all`'s requests and require ``success`` from each. With
+        ``lost``, a server that could not be reached (a :class:`Retryable` failure) is recorded
+        there (url -> why) instead of failing the call: it went down."""
         errors = list(errors or [])
         answers = {}
         for url, future in futures.items():
             try:
                 answer = future.result()
-            except (Retryable, Rejected) as err:
+            except Retryable as err:
+                if lost is None:
+                    errors.append(str(err))
+                else:
+                    lost[url] = str(err)
+                continue
+            except Rejected as err:
                 errors.append(str(err))
                 continue
             if not (isinstance(answer, dict) and answer.get("success")):
