@@ -57,6 +57,12 @@ def test_trainer_runs_r3_against_sglang_and_syncs_weights(mock, tmp_path):
     assert [r["step"] for r in rows] == [0, 1]
     assert all(0.5 < r["routing/coverage"] < 1.0 for r in rows), "R3 replayed the server's routes"
     assert all(r["abort_frac"] == 0.0 for r in rows)
+    # The gap R3 removes, from an extra forward pass with live routing (as with the embedded
+    # engine; the rollout log-probs are the server's), and routing agreement without replay.
+    for r in rows:
+        assert math.isfinite(r["train_rollout_logprob_abs_diff_live"]) and "routing/live_agreement_mean" in r
+        # The mock's routes are random: live routing gives other log-probs than the replay pass.
+        assert r["train_rollout_logprob_abs_diff_live"] != r["train_rollout_logprob_abs_diff"]
 
     generates = [r for r in mock.requests if r["path"] == "/generate"]
     # One request per sample from the one rank of the TP group that talks to the server.

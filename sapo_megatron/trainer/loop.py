@@ -184,8 +184,10 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.mode = cfg.routing.mode
         # Routing agreement without replay (routing/agreement.py) needs the engine's routes in
-        # every mode; the embedded engine records them for free (SGLang only when R3 asks).
-        self._measure_routes = bool(self.model_cfg.num_experts) and cfg.rollout.engine == "embedded"
+        # every mode; the embedded engine records them for free, SGLang sends them when R3 asks
+        # (then one extra forward pass also gives the log-prob gap without R3).
+        self._measure_routes = bool(self.model_cfg.num_experts) and (
+            cfg.rollout.engine == "embedded" or self.mode == "R3")
         self._want_routes = self.mode == "R3" or self._measure_routes
         spec = route_spec(self.model_cfg)  # None for a dense model
         self._route_layout = None if spec is None else (len(spec.moe_layers), spec.topk, storage_dtype(spec.num_experts))
