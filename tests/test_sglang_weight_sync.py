@@ -116,8 +116,8 @@ def test_disk_sync_leaves_a_down_server_stale_and_resyncs_it_when_it_returns(sin
     """``weight_sync: disk`` with one of two servers down at push time: the push reaches the other,
     the down one is left out and marked stale, the trainer's re-sync skips it while it is down
     and reloads it once it answers again, before it serves. With every server down the push
-    fails, naming them. (One process, a world of one; the export itself is stubbed: this is the
-    rank-0 HTTP side.)"""
+    fails, naming them. A server restarted unseen is found before the next push. (One process,
+    a world of one; the export itself is stubbed: this is the rank-0 HTTP side.)"""
     from tests.sglang_mock import Behaviour, MockSGLang
 
     from sapo_megatron.rollout.base import SamplingParams
@@ -154,10 +154,19 @@ def test_disk_sync_leaves_a_down_server_stale_and_resyncs_it_when_it_returns(sin
         assert {r.meta["server"] for r in results} == {live.url, dead.url}
         assert dead.served_versions == ["0"]  # re-synced before it served
         assert replica.step_metrics()["sglang/resynced_servers"] == 1
+        # A restart the checks did not see (down while they ran): the next push asks the versions
+        # first, and tells the sync to rebuild what it keeps per server (the distributed group).
+        pushes = []
+        push = replica.sync.push
+        monkeypatch.setattr(replica.sync, "push", lambda *a, **k: pushes.append(k) or push(*a, **k))
+        dead.restart()
+        replica.update_weights(["model"], 1)
+        assert pushes == [{"rebuild": True}] and live.weight_version == dead.weight_version == "1"
+        assert replica.step_metrics()["sglang/resynced_servers"] == 1 and engine.stale == set()
         live.stop()
         dead.stop()
         with pytest.raises(RuntimeError, match=f"no SGLang server is reachable.*{live.url}.*{dead.url}.*refused"):
-            replica.update_weights(["model"], 1)
+            replica.update_weights(["model"], 2)
     finally:
         replica.close()
         live.stop()

@@ -66,7 +66,8 @@ class DiskSync(WeightSync):
             logger.warning("%s: SGLang server %s went down during the update (stays stale): %s", what, url, why)
         return [url for url in up if url in answers], {**down, **lost}
 
-    def push(self, model, version: int) -> list[str]:
+    def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
+        # No per-server state: every reachable server loads the new directory, stale ones too.
         path = self.write(model, version)
         error, synced = None, []
         if dist.get_rank() == 0:
