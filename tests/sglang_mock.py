@@ -7,7 +7,7 @@ request alone, so a test can compute what the client must return. Like SGLang 0.
 ``/model_info`` (``/get_weight_version`` answers 404, as from 0.5.8), moves it with successful
 weight updates, refuses a flushing weight update while requests are paused in place, refuses a
 float ``max_new_tokens``, ignores unknown top-level fields, answers ``/flush_cache`` with 400
-while requests run and missing required fields with 422, applies its key levels (``/health``
+while requests run and missing required fields with 400 (as 0.5.23 does), applies its key levels (``/health``
 open, admin key for the weight endpoints) and closes a keep-alive connection left idle for
 ``Behaviour.keepalive_timeout_s`` (uvicorn's ``timeout_keep_alive``, which SGLang sets from
 ``SGLANG_TIMEOUT_KEEP_ALIVE``, default 5 s). With ``Behaviour(receiver=True)`` it joins the
@@ -123,11 +123,16 @@ SAMPLING_FIELDS = {
 
 
 INT_SAMPLING_FIELDS = {"max_new_tokens", "min_new_tokens", "top_k", "n", "sampling_seed"}
+PAUSE_MODES = ("abort", "retract", "in_place")
+# 0.5.23's finish_reason for a request aborted by /pause_generation {"mode": "abort"} (HTTP 200).
+ABORTED_BY_PAUSE = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
 # Admin-optional endpoints of SGLang's HTTP server (auth_level ADMIN_OPTIONAL).
 ADMIN_PATHS = {"/flush_cache", "/update_weights_from_disk", "/init_weights_update_group",
                "/destroy_weights_update_group", "/update_weights_from_distributed", "/pause_generation",
                "/continue_generation", "/update_weights_from_tensor"}
-# Required fields of the request dataclasses (io_struct.py): FastAPI answers 422 without them.
+# Required fields of the request dataclasses (io_struct.py). 0.5.23 validates bodies itself and
+# answers 400 {"object": "error", "message": "N validation errors: ..."} without them (measured
+# against the real server; FastAPI's own 422 never reaches a client of these endpoints).
 REQUIRED = {
     "/update_weights_from_disk": ("model_path",),
     "/init_weights_update_group": ("master_address", "master_port", "rank_offset", "world_size"),
@@ -326,9 +331,15 @@ class _Handler(BaseHTTPRequestHandler):
         if handler is None:
             return self._send(404, {"detail": "Not Found"})
         missing = [f for f in REQUIRED.get(path, ()) if not isinstance(body, dict) or f not in body]
-        if missing:  # FastAPI's validation answer
-            return self._send(422, {"detail": [{"type": "missing", "loc": ["body", f], "msg": "Field required"}
-                                               for f in missing]})
+        if missing:  # SGLang 0.5.23's validation answer (msgspec-style), HTTP 400
+            lines = "".join(f"\n  {{'type': 'missing', 'loc': ('body', {f!r}), 'msg': 'Field required'}}" for f in missing)
+            return self._send(400, {"object": "error", "message": f"{len(missing)} validation errors:{lines}"})
+        if path == "/pause_generation" and (body or {}).get("mode", "abort") not in PAUSE_MODES:
+            return self._send(400, {"object": "error", "message": "1 validation errors:\n  {'type': 'literal_error', "
+                                    "'loc': ('body', 'mode'), 'msg': \"Input should be 'abort', 'retract' or "
+                                    "'in_place'\"}"})
+        if path == "/generate" and not any(k in (body or {}) for k in ("text", "input_ids", "input_embeds")):
+            return self._send(400, {"error": {"message": "Either text, input_ids or input_embeds should be provided."}})
         handler(body)
 
     def _generate(self, request: dict) -> None:
@@ -351,6 +362,8 @@ class _Handler(BaseHTTPRequestHandler):
                 message = f"__init__() got an unexpected keyword argument {sorted(unknown)[0]!r}"
                 return self._send(400, {"error": {"message": message}})
             for key in INT_SAMPLING_FIELDS & set(sp):
+                if isinstance(sp[key], float):  # 0.5.23's answer is a bare string here
+                    return self._send(400, {"error": f"invalid type: floating point `{sp[key]!r}`, expected i64"})
                 if not isinstance(sp[key], int) or isinstance(sp[key], bool):
                     message = f"sampling_params.{key}: Expected `int`, got `{type(sp[key]).__name__}`"
                     return self._send(400, {"error": {"message": message}})
@@ -377,8 +390,14 @@ class _Handler(BaseHTTPRequestHandler):
                 mock.served_versions.append(answer["meta_info"]["weight_version"])
                 if "weight_versions" in answer["meta_info"]:
                     mock.served_spans.append(answer["meta_info"]["weight_versions"])
-            if b.delay_per_token_s and mock.stopping.wait(b.delay_per_token_s * len(answer.get("output_ids", []))):
-                return self._drop()
+            if b.delay_per_token_s:
+                epoch = mock.abort_epoch
+                deadline = time.monotonic() + b.delay_per_token_s * len(answer.get("output_ids", []))
+                while time.monotonic() < deadline and mock.abort_epoch == epoch:
+                    if mock.stopping.wait(min(0.02, max(deadline - time.monotonic(), 0.0))):
+                        return self._drop()
+                if mock.abort_epoch != epoch:  # /pause_generation mode "abort" while it ran
+                    answer["meta_info"]["finish_reason"] = dict(ABORTED_BY_PAUSE)
             self._send(200, answer)
         finally:
             self._leave_meter()  # dropped connections and errors too
@@ -407,14 +426,17 @@ class _Handler(BaseHTTPRequestHandler):
         mock.flushes += 1
         self._send(200, "Cache flushed.\nPlease check backend logs for more details.", content_type="text/plain")
 
-    def _answer_weights(self, ok: bool, message: str, body: dict) -> None:
+    def _answer_weights(self, ok: bool, message: str, body: dict, **extra) -> None:
         mock = self.server.mock
         if ok and body.get("weight_version") is not None:
             mock.weight_version = str(body["weight_version"])  # as the tokenizer manager does
-        self._send(200 if ok else 400, {"success": ok, "message": message})
+        self._send(200 if ok else 400, {"success": ok, "message": message, **extra})
 
     def _pause(self, body) -> None:
-        self.server.mock.paused = (body or {}).get("mode", "abort")
+        mock = self.server.mock
+        mock.paused = (body or {}).get("mode", "abort")
+        if mock.paused == "abort":
+            mock.abort_epoch += 1  # running requests answer 200 with finish_reason abort
         self._send(200, {"message": "Generation paused successfully.", "status": "ok"})
 
     def _continue(self, _) -> None:
@@ -430,7 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
             # at once, then cannot flush the requests held in place; the version does not move.
             ok, message = False, ("Weights were updated, but the cache was not flushed because requests are still "
                                   "running or queued. Retract or finish them, then call /flush_cache.")
-        self._answer_weights(ok, message, body)
+        self._answer_weights(ok, message, body, num_paused_requests=0)  # 0.5.23 reports it here
 
     def _init_group(self, body: dict) -> None:
         mock = self.server.mock
@@ -512,6 +534,7 @@ class MockSGLang:
         self.down_s = 0.0
         self.restarted = threading.Event()
         self.stopping = threading.Event()
+        self.abort_epoch = 0  # bumped by /pause_generation {"mode": "abort"}
         self.port = 0
         self.weight_version = "default"  # a fresh server's version
         self.running_here = 0

@@ -46,14 +46,14 @@ class ServerPool:
         self.servers: dict[str, RealServer] = {}
 
     def get(self, name: str, *, args: tuple[str, ...] = (), env: dict | None = None,
-            admin_key: str | None = None) -> RealServer:
+            api_key: str | None = None, admin_key: str | None = None) -> RealServer:
         server = self.servers.get(name)
         if server is not None and (server.args, server.env) != (tuple(args), dict(env or {})):
             server.stop()
             server = None
         if server is None:
             server = RealServer(self.python, self.model, args=args, env=env, log_dir=self.log_dir,
-                                admin_key=admin_key)
+                                api_key=api_key, admin_key=admin_key)
             self.servers[name] = server
         if not server.alive():
             server.start()
@@ -62,7 +62,8 @@ class ServerPool:
     def keyed(self, name: str) -> RealServer:
         """A server with ``--api-key`` and ``--admin-api-key`` (the trainer reads them from the
         environment variables the test sets)."""
-        return self.get(name, args=("--api-key", API_KEY, "--admin-api-key", ADMIN_KEY), admin_key=ADMIN_KEY)
+        return self.get(name, args=("--api-key", API_KEY, "--admin-api-key", ADMIN_KEY), api_key=API_KEY,
+                        admin_key=ADMIN_KEY)
 
     def reset(self) -> None:
         for server in self.servers.values():

@@ -194,6 +194,15 @@ def http_json(url: str, path: str, payload: dict | None = None, *, timeout: floa
         return status, raw.decode("utf-8", "replace")
 
 
+# The endpoints of SGLang 0.5.23 our tools call that take only the admin key when the server has one
+# (``@auth_level(AuthLevel.ADMIN_OPTIONAL)`` in srt/entrypoints/http_server.py).
+ADMIN_PATHS = frozenset({
+    "/flush_cache", "/update_weights_from_disk", "/init_weights_update_group", "/destroy_weights_update_group",
+    "/update_weights_from_tensor", "/begin_weight_update", "/end_weight_update", "/update_weights_from_distributed",
+    "/update_weight_version", "/weights_checker", "/abort_request", "/pause_generation", "/continue_generation",
+})
+
+
 class RealServer:
     """``python -m sglang.launch_server`` for ``model_dir`` on 127.0.0.1.
 
@@ -203,11 +212,11 @@ class RealServer:
 
     def __init__(self, python: Path, model_dir: Path, *, port: int | None = None, args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None, log_dir: Path | None = None,
-                 admin_key: str | None = None) -> None:
+                 api_key: str | None = None, admin_key: str | None = None) -> None:
         self.python, self.model_dir = Path(python), Path(model_dir)
         self.port = port or free_port()
         self.args, self.env = tuple(args), dict(env or {})
-        self.admin_key = admin_key
+        self.api_key, self.admin_key = api_key, admin_key
         self.log_path = Path(log_dir or model_dir.parent) / f"sglang-{self.port}.log"
         self.proc: subprocess.Popen | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
@@ -291,8 +300,11 @@ class RealServer:
                 self.proc.wait(10)
             self.proc = None
 
-    def call(self, path: str, payload: dict | None = None, *, timeout: float = 120.0, admin: bool = True):
-        return http_json(self.url, path, payload, timeout=timeout, key=self.admin_key if admin else None)
+    def call(self, path: str, payload: dict | None = None, *, timeout: float = 120.0):
+        """One request with the key SGLang wants there: the admin key on its admin endpoints
+        (``auth_level(ADMIN_OPTIONAL)``, when the server has one), else the API key."""
+        admin = path in ADMIN_PATHS and self.admin_key
+        return http_json(self.url, path, payload, timeout=timeout, key=self.admin_key if admin else self.api_key)
 
     def reset(self) -> None:
         """Back to the launch state between tests, without a restart: any weight-update session

@@ -33,7 +33,7 @@ DIST_UPDATE = {"names": ["lm_head.weight"], "dtypes": ["bfloat16"], "shapes": [[
 def mock():
     server = MockSGLang(Behaviour(num_hidden_layers=LAYERS, topk=TOPK, num_experts=TINY_CONFIG["num_experts"],
                                   dense_layers=(), vocab_size=TINY_CONFIG["vocab_size"], api_key=API_KEY,
-                                  admin_api_key=ADMIN_KEY))
+                                  admin_api_key=ADMIN_KEY, delay_per_token_s=0.005))
     yield server
     server.stop()
 

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Train/inference mismatch against a REAL SGLang server, measured by our own trainer.
+
+    python tools/measure_mismatch.py --out /tmp/mm                       # tiny model, launched here
+    python tools/measure_mismatch.py --out /tmp/mm --dtype fp32 --cold-start-steps 40
+    python tools/measure_mismatch.py --out /tmp/mm --url http://gpu-node:30000 --hf-dir /models/X \\
+        --prompts train.jsonl --nproc 8 --tp 4                          # a cluster's server
+
+It runs ``sapo-megatron train`` under torchrun with routing replay R3 for ``--steps`` steps
+(after ``--cold-start-steps`` supervised steps on the prompts' reference answers, so the policy's
+entropy is realistic; a random model's near-uniform entropy gives only a lower bound) and
+summarises the per-step metrics with :func:`sapo_megatron.trainer.mismatch.summarise`: mean
+|train - rollout| log-prob per token with and without R3, the share of tokens whose SAPO gate
+weight is below 0.5 at ratio = exp(gap), and per-layer routing agreement without replay.
+
+Without ``--url`` it starts the real SGLang server on this machine's CPU (tests/real_sglang:
+its own venv, built once) serving a tiny random Qwen3-MoE in the chosen dtype, so it runs from a
+checkout on a laptop. Prints one JSON object; ``--markdown`` adds a table row for docs/sglang.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sapo_megatron.trainer.mismatch import summarise  # noqa: E402
+
+DTYPES = {"bf16": ("bfloat16", "bfloat16"), "fp32": ("float32", "float32")}  # (server --dtype, trainer)
+
+
+def _prompts(path: Path, n: int = 64) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = 3 + 7 * i, 11 + i
+            f.write(json.dumps({"question": f"what is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n")
+    return path
+
+
+def config(args, url: str, hf_dir: Path, prompts: Path, out: Path) -> dict:
+    return {
+        "run": {"output_dir": str(out), "steps": args.steps, "save_every": 0, "tensorboard": False, "seed": args.seed},
+        "model": {"preset": None, "hf_dir": str(hf_dir), "params_dtype": DTYPES[args.dtype][1]},
+        "parallel": {"tensor_model_parallel_size": args.tp},
+        "optim": {"lr": args.lr},
+        "rollout": {"engine": "sglang", "prompts_per_step": args.prompts_per_step, "samples_per_prompt": 4,
+                    "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
+                    "sglang": {"urls": [url], "weight_sync": "disk", "weight_dir": str(out / "weights"),
+                               "timeout_s": 300, "retries": 2, "backoff_s": 1.0}},
+        "train": {"micro_batch_size": 4, "updates_per_rollout": 1, "cold_start_steps": args.cold_start_steps,
+                  "cold_start_lr": args.cold_start_lr},
+        "routing": {"mode": "R3"},
+        "task": {"name": "math", "path": str(prompts), "format": "gsm8k",
+                 "options": {"tokenizer": str(hf_dir), "verifier": "regex"}},
+    }
+
+
+def train(cfg: dict, out: Path, nproc: int) -> list[dict]:
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "mismatch.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "sapo_megatron.cli", "train", "--config", str(path)], check=True, env=env, cwd=ROOT)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="run directory (metrics.jsonl, summary.json)")
+    p.add_argument("--url", help="an SGLang server already serving --hf-dir (default: start one here)")
+    p.add_argument("--hf-dir", type=Path, help="the served model (default: a tiny random Qwen3-MoE made here)")
+    p.add_argument("--prompts", type=Path, help="gsm8k-format jsonl (default: made-up sums)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="server and trainer precision")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--cold-start-steps", type=int, default=0)
+    p.add_argument("--cold-start-lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    prompts = args.prompts or _prompts(args.out / "prompts.jsonl")
+    server = None
+    try:
+        if args.url:
+            if args.hf_dir is None:
+                p.error("--url needs --hf-dir: the trainer starts from the weights the server serves")
+            url, hf_dir = args.url, args.hf_dir
+        else:
+            from tests.real_sglang.harness import RealServer, ensure_venv, make_tiny_model
+
+            hf_dir = args.hf_dir or make_tiny_model(args.out / f"tiny-{args.dtype}", dtype=DTYPES[args.dtype][1])
+            server = RealServer(ensure_venv(log=lambda m: print(m, file=sys.stderr)), hf_dir, log_dir=args.out,
+                                args=("--dtype", DTYPES[args.dtype][0]))
+            url = server.start().url
+        rows = train(config(args, url, hf_dir, prompts, args.out / "run"), args.out / "run", args.nproc)
+    finally:
+        if server is not None:
+            server.stop()
+    figures = {"dtype": args.dtype, "cold_start_steps": args.cold_start_steps, **summarise(rows)}
+    (args.out / "summary.json").write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures))
+    if args.markdown:
+        keys = ("logprob_abs_diff_r3", "logprob_abs_diff_live", "gate_low_frac_r3", "gate_low_frac_live",
+                "routing_agreement_live", "entropy")
+        print("| " + " | ".join([args.dtype, str(args.cold_start_steps)] +
+                                [f"{figures[k]:.4g}" if k in figures else "-" for k in keys]) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
