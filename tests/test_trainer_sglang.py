@@ -63,6 +63,9 @@ def test_trainer_runs_r3_against_sglang_and_syncs_weights(mock, tmp_path):
         assert math.isfinite(r["train_rollout_logprob_abs_diff_live"]) and "routing/live_agreement_mean" in r
         # The mock's routes are random: live routing gives other log-probs than the replay pass.
         assert r["train_rollout_logprob_abs_diff_live"] != r["train_rollout_logprob_abs_diff"]
+        # The mock's log-probs lie in [-5, 0), mostly above the tiny model's (about ln 1/64): r < 1,
+        # where the SAPO gate never falls below 0.5 (trainer/mismatch.py; tests/test_mismatch.py).
+        assert r["train_rollout_gate_low_frac"] == 0.0 and r["train_rollout_gate_low_frac_live"] == 0.0
 
     generates = [r for r in mock.requests if r["path"] == "/generate"]
     # One request per sample from the one rank of the TP group that talks to the server.

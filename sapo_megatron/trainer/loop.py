@@ -524,6 +524,8 @@ class Trainer:
                 self._mismatch_metrics = self._live_route_metrics(samples, microbatches, recorded if action == "record"
                                                                   else None)
                 self._mismatch_metrics["time/route_metrics_s"] = time.perf_counter() - t0
+            if samples[0].rollout_log_probs is not None:
+                self._mismatch_metrics.update(self._gap_metrics(old, samples, ""))
             samples = [dataclasses.replace(s, old_log_probs=o) for s, o in zip(samples, old)]
             if self.mode == "R2":
                 samples = [dataclasses.replace(s, routes=r) for s, r in zip(samples, recorded)]
@@ -541,12 +543,22 @@ class Trainer:
             with routing_action(self.chunks, "record", with_backward=False):
                 live_lp = collect_log_probs(self.chunks, microbatches, temperature=self.spec.temperature)
                 recorded = recorded_sample_routes(self.chunks, microbatches)
-            gap = [float(((lp - s.rollout_log_probs).abs() * s.loss_mask).sum()) for lp, s in zip(live_lp, samples)]
-            total, count = all_reduce_values([sum(gap), sum(int(s.loss_mask.sum()) for s in samples)],
-                                             group=self._dp_group())
-            out["train_rollout_logprob_abs_diff_live"] = total / max(count, 1.0)
+            out.update(self._gap_metrics(live_lp, samples, "_live"))
         out.update(live_agreement_metrics(self.chunks, [s.routes for s in samples], recorded,
                                           [s.loss_mask for s in samples]))
+        return out
+
+    def _gap_metrics(self, train_lps, samples, suffix: str) -> dict:
+        """Mean |train - rollout| log-prob and the share of tokens whose SAPO gradient weight is
+        below 0.5 at r = exp(gap) (trainer/mismatch.py), token-weighted over DP."""
+        from sapo_megatron.trainer.mismatch import gap_counts
+
+        counts = [gap_counts(lp, s.rollout_log_probs, s.loss_mask, s.advantages, self.spec.tau_pos, self.spec.tau_neg)
+                  for lp, s in zip(train_lps, samples)]
+        total, low, count = all_reduce_values([sum(c[i] for c in counts) for i in range(3)], group=self._dp_group())
+        out = {f"train_rollout_gate_low_frac{suffix}": low / max(count, 1.0)}
+        if suffix:  # the old-log-prob pass's own gap is the loss metric train_rollout_logprob_abs_diff
+            out[f"train_rollout_logprob_abs_diff{suffix}"] = total / max(count, 1.0)
         return out
 
     def _dp_group(self):
