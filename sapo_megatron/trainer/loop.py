@@ -53,9 +53,9 @@ from sapo_megatron.routing import (
 from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
 from sapo_megatron.trainer.batching import StepBatcher, batch_metrics, collate_microbatch
 from sapo_megatron.trainer.checkpoint import (
+    agreed_latest_checkpoint,
     finalize_async_saves,
     is_dist_checkpoint,
-    latest_checkpoint,
     load_checkpoint,
     load_model_weights,
     register_stateful,
@@ -239,7 +239,7 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------
     def _maybe_resume(self) -> None:
-        path = latest_checkpoint(self.out) if self.cfg.run.resume else None
+        path = agreed_latest_checkpoint(self.out) if self.cfg.run.resume else None  # rank 0's view, on all
         if path is None:
             return
         with self._phase(f"checkpoint load {path.name}", "checkpoint"):
