@@ -16,6 +16,11 @@ across data-parallel ranks (``assign_step_weights``).
 Routing (``routing.mode``): ``none`` routes live everywhere; ``R2`` records the routes of the
 old-log-prob pass and replays them in the updates; ``R3`` replays the rollout engine's routes in
 the old-log-prob pass and the updates. The reference model always routes live.
+
+Hangs. Each phase (a rollout round, the log-prob passes, the updates, a weight sync, a
+checkpoint, and the step around them) runs under its limit of ``run.timeouts``: a rank that
+overruns one names it and exits (``trainer/watchdog.py``; the collectives of each phase are listed
+in docs/design.md).
 """
 
 from __future__ import annotations
