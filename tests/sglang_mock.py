@@ -3,16 +3,31 @@
 ``MockSGLang`` is a ``ThreadingHTTPServer`` on 127.0.0.1 (port 0 = any free port). Generation is
 fake but deterministic: :func:`fake_generate` derives tokens, log-probs and routes from the
 request alone, so a test can compute what the client must return. Like SGLang 0.5.23 it reports
-``weight_version`` in every response and in ``/model_info`` (``/get_weight_version`` too, as
-older releases), moves it with successful weight updates, refuses a float ``max_new_tokens``,
-ignores unknown top-level fields, answers ``/flush_cache`` with 400 while requests run and
-missing required fields with 422, and applies its key levels (``/health`` open, admin key for
-the weight endpoints). With ``Behaviour(receiver=True)`` it joins the distributed weight-update
-group as SGLang does (tests/dist/sglang_receiver.py). Behaviours that tests switch
-on: no routed experts (a server started without ``--enable-return-routed-experts``), aborts,
-delays (to trigger client timeouts), dropped connections and a restart on the same port, the
-stop-edge extra route row, a required API key, failing weight updates. Every request is
-recorded (``server.requests``) with its path, JSON body and whether it was authorised.
+``weight_version`` in every response (with the ``weight_versions`` spans of 0.5.19+) and in
+``/model_info`` (``/get_weight_version`` answers 404, as from 0.5.8), moves it with successful
+weight updates, refuses a flushing weight update while requests are paused in place, refuses a
+float ``max_new_tokens``, ignores unknown top-level fields, answers ``/flush_cache`` with 400
+while requests run and missing required fields with 422, applies its key levels (``/health``
+open, admin key for the weight endpoints) and closes a keep-alive connection left idle for
+``Behaviour.keepalive_timeout_s`` (uvicorn's ``timeout_keep_alive``, which SGLang sets from
+``SGLANG_TIMEOUT_KEEP_ALIVE``, default 5 s). With ``Behaviour(receiver=True)`` it joins the
+distributed weight-update group as SGLang does (tests/dist/sglang_receiver.py). Behaviours that
+tests switch on: no routed experts (a server started without ``--enable-return-routed-experts``),
+aborts, delays (to trigger client timeouts), dropped connections and a restart on the same port
+(a stopped server closes its open connections too, as a killed one does), the stop-edge extra
+route row, a required API key, failing weight updates, a response generated across an update.
+Every request is recorded (``server.requests``) with its path, JSON body and whether it was
+authorised.
+
+``Behaviour.version`` shapes the answers as that release does (retraction counts named
+``total_retractions`` before 0.5.12, no spans before 0.5.19, ``/get_weight_version`` before
+0.5.8, no admin key in 0.5.7).
+
+Mock-vs-real differences fixed after running the real 0.5.23 server and reading each release's
+source (the mock used to agree with our client instead): idle keep-alive connections are closed
+after 5 s; the listen backlog is uvicorn's 2048 (socketserver's 5 reset connections); a stopped
+server's connections die with it; the spans; ``/get_weight_version`` 404; the retraction count's
+old name; no admin key in 0.5.7; a flushing update refused while requests are paused in place.
 
 Use as a context manager (or call ``stop()``): the server and every waiting handler end at
 teardown.
@@ -65,6 +80,11 @@ class Behaviour:
     keep_weights: bool = True  # the receiver keeps what it received (mock.receiver.weights)
     retracted_prompts: set = field(default_factory=set)  # tuple(input_ids): num_retractions = 1
     wrong_version_prompts: set = field(default_factory=set)  # tuple(input_ids): served by other weights
+    # tuple(input_ids) -> an earlier weight_version: the first half of the response was generated
+    # under it, as when an update lands mid-request (spans in meta_info.weight_versions, 0.5.19+)
+    mixed_version_prompts: dict = field(default_factory=dict)
+    # A keep-alive connection idle this long is closed by the server (SGLANG_TIMEOUT_KEEP_ALIVE).
+    keepalive_timeout_s: float = 5.0
 
 
 # Fields SGLang's GenerateReqInput accepts (a subset); since 0.5.22 unknown TOP-LEVEL fields are
@@ -116,6 +136,34 @@ REQUIRED = {
 }
 
 
+def release(version: str) -> tuple[int, int, int]:
+    """``"0.5.10.post1"`` -> ``(0, 5, 10)``: what the mock gates its answers on."""
+    return tuple(int(x) for x in version.split(".")[:3] if x.isdigit())  # type: ignore[return-value]
+
+
+# Protocol by release (FIELD-NOTES 2d, read from the wheels 0.5.7 ... 0.5.23).
+NUM_RETRACTIONS_SINCE = (0, 5, 12)  # total_retractions before
+WEIGHT_SPANS_SINCE = (0, 5, 19)  # meta_info.weight_versions; weight_version = the last tokens'
+GET_WEIGHT_VERSION_404_SINCE = (0, 5, 8)  # removed in 0.5.21; /model_info has it since 0.5.7
+ADMIN_KEY_SINCE = (0, 5, 8)
+
+
+def weight_version_spans(changes: list[tuple[str, int]], num_output_tokens: int) -> list[dict]:
+    """SGLang 0.5.23's spans (``srt/utils/weight_versions.py``: ``compute_weight_version_spans``
+    then ``add_weight_versions_to_meta_info``): ``changes`` = (version, output tokens generated
+    when it was replaced), the current version last."""
+    spans: list[dict] = []
+    for version, end in changes:
+        end = min(end, num_output_tokens)
+        if spans and end <= spans[-1]["end"]:
+            continue
+        if spans and version == spans[-1]["version"]:
+            spans[-1]["end"] = end
+            continue
+        spans.append({"version": version, "start": spans[-1]["end"] if spans else 0, "end": end})
+    return [s for s in spans if s["start"] < num_output_tokens or s["start"] == 0]
+
+
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
@@ -130,8 +178,10 @@ def fake_routes(num_tokens: int, b: Behaviour, seed: int) -> torch.Tensor:
     return routes
 
 
-def fake_generate(request: dict, b: Behaviour, weight_version: str = "default") -> dict:
-    """The /generate response SGLang would send for ``request`` (deterministic)."""
+def fake_generate(request: dict, b: Behaviour, weight_version: str = "default", earlier_version: str | None = None
+                  ) -> dict:
+    """The /generate response SGLang would send for ``request`` (deterministic), as release
+    ``b.version`` shapes it; ``earlier_version``: the weights were updated half-way through."""
     prompt = list(request["input_ids"])
     sp = request.get("sampling_params", {})
     rng = random.Random(_seed(prompt, sp.get("sampling_seed"), sp.get("temperature")))
@@ -149,13 +199,19 @@ def fake_generate(request: dict, b: Behaviour, weight_version: str = "default") 
                 finish = {"type": "stop", "matched": token}
                 break
     logprobs = [[-round(rng.uniform(0.01, 5.0), 4), t, None] for t in output]
+    retractions = "num_retractions" if release(b.version) >= NUM_RETRACTIONS_SINCE else "total_retractions"
     meta = {
         "id": hashlib.md5(repr(prompt).encode()).hexdigest(),
         "finish_reason": finish,
         "completion_tokens": len(output),
         "weight_version": weight_version,
-        "num_retractions": 1 if tuple(prompt) in b.retracted_prompts else 0,
+        retractions: 1 if tuple(prompt) in b.retracted_prompts else 0,
     }
+    if release(b.version) >= WEIGHT_SPANS_SINCE and finish["type"] != "abort":
+        # Every finished request carries its spans: one when a single version served it.
+        changes = [(earlier_version, len(output) // 2)] if earlier_version is not None else []
+        meta["weight_versions"] = weight_version_spans(changes + [(weight_version, len(output))], len(output))
+        meta["weight_version"] = meta["weight_versions"][-1]["version"]
     if finish["type"] != "abort":  # real aborts carry no prompt/cached token counts
         meta.update(prompt_tokens=len(prompt), cached_tokens=0)
     if request.get("return_logprob"):
@@ -177,6 +233,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
+
+    def setup(self) -> None:
+        # The socket timeout ends the wait for the next request line of an idle keep-alive
+        # connection (the handler then closes it), as uvicorn's keep-alive timer does.
+        self.timeout = self.server.mock.behaviour.keepalive_timeout_s
+        super().setup()
+        with self.server.mock.lock:
+            self.server.mock.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.mock.lock:
+            self.server.mock.connections.discard(self.connection)
+        super().finish()
 
     def _leave_meter(self) -> None:
         """A /generate request stops counting as in flight once its answer is decided, before
@@ -218,8 +287,10 @@ class _Handler(BaseHTTPRequestHandler):
         b = mock.behaviour
         path = self.path.split("?")[0]
         # SGLang's auth levels (utils/auth.py): /health* needs no key; admin endpoints take only
-        # the admin key when one is set, else the API key; the others take the API key.
-        key = b.admin_api_key or b.api_key if path in ADMIN_PATHS else b.api_key
+        # the admin key when one is set, else the API key; the others take the API key. 0.5.7
+        # has no admin key.
+        admin_key = b.admin_api_key if release(b.version) >= ADMIN_KEY_SINCE else None
+        key = admin_key or b.api_key if path in ADMIN_PATHS else b.api_key
         authorised = path.startswith("/health") or key is None or self.headers.get("Authorization") == f"Bearer {key}"
         with mock.lock:
             mock.requests.append(
@@ -238,18 +309,19 @@ class _Handler(BaseHTTPRequestHandler):
             "/get_server_info": self._server_info,
             "/server_info": self._server_info,
             "/model_info": lambda _: self._send(200, {"model_path": "mock/Qwen3-MoE", "weight_version": mock.weight_version}),
-            "/get_weight_version": lambda _: self._send(200, {"weight_version": mock.weight_version}),
+            "/get_weight_version": (lambda _: self._send(200, {"weight_version": mock.weight_version}))
+            if release(b.version) < GET_WEIGHT_VERSION_404_SINCE else None,
             "/health": lambda _: self._send(200, ""),
             "/flush_cache": self._flush_cache,
             "/update_weights_from_disk": self._update_from_disk,
             "/init_weights_update_group": self._init_group,
             "/destroy_weights_update_group": self._destroy_group,
             "/update_weights_from_distributed": self._update_from_distributed,
-            "/pause_generation": lambda _: self._send(200, {"message": "paused"}),
+            "/pause_generation": self._pause,
             # Test-only controls of a mock in another process (never SGLang endpoints).
             "/_test/restart": self._test_restart,
             "/_test/dump_weights": self._test_dump,
-            "/continue_generation": lambda _: self._send(200, {"message": "continued"}),
+            "/continue_generation": self._continue,
         }.get(path)
         if handler is None:
             return self._send(404, {"detail": "Not Found"})
@@ -300,9 +372,11 @@ class _Handler(BaseHTTPRequestHandler):
             version = mock.weight_version
             if prompt in b.wrong_version_prompts:
                 version = f"{version}-other"
+            answer = fake_generate(request, b, version, b.mixed_version_prompts.get(prompt))
             with mock.lock:
-                mock.served_versions.append(version)
-            answer = fake_generate(request, b, version)
+                mock.served_versions.append(answer["meta_info"]["weight_version"])
+                if "weight_versions" in answer["meta_info"]:
+                    mock.served_spans.append(answer["meta_info"]["weight_versions"])
             if b.delay_per_token_s and mock.stopping.wait(b.delay_per_token_s * len(answer.get("output_ids", []))):
                 return self._drop()
             self._send(200, answer)
@@ -339,10 +413,23 @@ class _Handler(BaseHTTPRequestHandler):
             mock.weight_version = str(body["weight_version"])  # as the tokenizer manager does
         self._send(200 if ok else 400, {"success": ok, "message": message})
 
+    def _pause(self, body) -> None:
+        self.server.mock.paused = (body or {}).get("mode", "abort")
+        self._send(200, {"message": "Generation paused successfully.", "status": "ok"})
+
+    def _continue(self, _) -> None:
+        self.server.mock.paused = None
+        self._send(200, {"message": "Generation continued successfully.", "status": "ok"})
+
     def _update_from_disk(self, body: dict) -> None:
-        b = self.server.mock.behaviour
+        mock, b = self.server.mock, self.server.mock.behaviour
         ok = b.weight_update_ok and os.path.isdir(body["model_path"])
         message = "Succeeded to update model weights." if ok else "Failed to load weights"
+        if ok and body.get("flush_cache", True) and mock.paused == "in_place" and mock.running_here > 0:
+            # 0.5.22+ (weight_updater.py flush_cache_after_weight_update): a paused server loads
+            # at once, then cannot flush the requests held in place; the version does not move.
+            ok, message = False, ("Weights were updated, but the cache was not flushed because requests are still "
+                                  "running or queued. Retract or finish them, then call /flush_cache.")
         self._answer_weights(ok, message, body)
 
     def _init_group(self, body: dict) -> None:
@@ -389,6 +476,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # uvicorn listens with a backlog of 2048; socketserver's default of 5 resets connections
+    # when a 16-request rollout connects at once (a mock-only failure).
+    request_queue_size = 2048
     mock: "MockSGLang"
 
 
@@ -426,8 +516,11 @@ class MockSGLang:
         self.weight_version = "default"  # a fresh server's version
         self.running_here = 0
         self.served_versions: list[str] = []  # weight_version of every /generate answer
+        self.served_spans: list[list[dict]] = []  # their weight_versions spans (0.5.19+)
+        self.paused: str | None = None  # the mode of the last /pause_generation until /continue_generation
         self.flushes = 0
         self.update_lock = threading.Lock()
+        self.connections: set = set()  # open client connections, closed by stop() as by a dying server
         self.receiver = None
         if self.behaviour.receiver:
             from tests.dist.sglang_receiver import Receiver
@@ -457,6 +550,13 @@ class MockSGLang:
         self.stopping.set()  # wakes delayed handlers, which drop their connections
         self._server.shutdown()
         self._server.server_close()
+        with self.lock:  # a stopped server's keep-alive connections die with it
+            for conn in self.connections:
+                try:
+                    conn.shutdown(2)
+                except OSError:
+                    pass
+            self.connections.clear()
         self._thread.join(timeout=5)
         self._server = None
 

@@ -246,6 +246,8 @@ def test_config_refuses_bad_values():
         SGLangConfig(urls=["http://h:1"], admin_api_key_env="sk-123")
     with pytest.raises(ValueError, match="rollout.sglang.distributed.bucket_mb must be > 0"):
         SGLangConfig(urls=["http://h:1"], distributed={"bucket_mb": 0})
+    with pytest.raises(ValueError, match="rollout.sglang.keepalive_idle_s must be > 0 seconds, below"):
+        SGLangConfig(urls=["http://h:1"], keepalive_idle_s=0)
 
 
 def test_sampling_params_go_out_as_integers_and_unknown_top_level_fields_pass(servers, engines):
@@ -284,6 +286,70 @@ def test_keep_alive_reuses_connections_within_the_concurrency_bound(servers, eng
     a.restart()  # the pooled connections to a are now dead: reopened without a failed request
     results = engine.generate(PROMPTS, PARAMS, return_routes=False)
     assert all(r.meta["attempts"] == 1 for r in results)
+
+
+PROMPTS16 = [[i + 1, i + 2] for i in range(16)]
+
+
+def _pool_of_idle_connections(servers, engines, *, keepalive_idle_s=4.0):
+    """A 16-request rollout leaves up to 16 pooled connections; the server (like uvicorn with
+    SGLANG_TIMEOUT_KEEP_ALIVE, scaled down to 0.4 s) then closes them all while they sit idle."""
+    (server,) = servers(1, delay_s=0.3, keepalive_timeout_s=0.4)
+    engine = engines([server.url], concurrency=16, keepalive_idle_s=keepalive_idle_s)
+    engine.generate(PROMPTS16, PARAMS, return_routes=False)
+    pooled = engine.transport.connections_opened
+    # 16 overlapping requests, one connection each (a few may finish before others start on a
+    # loaded machine); 8 dead ones are enough to exhaust 4 attempts of 2 connections each.
+    assert pooled >= 8
+    time.sleep(0.8)  # idle past the server's keep-alive: it has closed every one of them
+    return server, engine, pooled
+
+
+def _push(engine, tmp_path, version):
+    return engine.on_all_servers("/update_weights_from_disk",
+                                 lambda u: {"model_path": str(tmp_path), "weight_version": str(version)}, "push")
+
+
+def test_a_failed_reused_connection_drops_the_whole_pool_and_retries_once_on_a_fresh_one(
+        servers, engines, tmp_path):
+    """The defect seen against SGLang 0.5.23: after a rollout, the push after an idle gap took one
+    dead pooled connection after another ("failed after 4 attempts; last error: BrokenPipeError").
+    Without the idle threshold (switched off here) the first failure must drop every idle
+    connection of the server (they are from the same era) and go once more on a NEW one."""
+    server, engine, pooled = _pool_of_idle_connections(servers, engines)
+    t = engine.transport
+    t.keepalive_idle_s = float("inf")  # reuse whatever is pooled: the server's close must be survived
+    _push(engine, tmp_path, 1)
+    assert server.weight_version == "1"
+    assert t.reuse_failures == 1 and t.retried == 0  # one dead connection tried, no retry counted
+    assert t.connections_opened == pooled + 1  # the others were dropped unused, one fresh opened
+    results = engine.generate(PROMPTS16[:4], PARAMS, return_routes=False)
+    assert all(r.meta["attempts"] == 1 for r in results)
+
+
+def test_connections_idle_past_keepalive_idle_s_are_closed_instead_of_reused(servers, engines, tmp_path):
+    server, engine, pooled = _pool_of_idle_connections(servers, engines, keepalive_idle_s=0.2)
+    t = engine.transport
+    _push(engine, tmp_path, 1)
+    results = engine.generate(PROMPTS16, PARAMS, return_routes=False)
+    assert server.weight_version == "1" and all(r.meta["attempts"] == 1 for r in results)
+    assert t.reuse_failures == 0 and t.retried == 0  # no dead connection was ever sent a request
+
+
+def test_probing_a_dead_server_costs_one_refused_connect(servers, engines, monkeypatch):
+    """Reachability probes (/server_info, /model_info) are one attempt, no backoff: a dead server
+    used to cost retries x backoff (about 14 s per distributed sync with the defaults)."""
+    live, dead = servers(2)
+    dead.stop()
+    engine = engines([live.url, dead.url], retries=3, backoff_s=1.0)
+    sleeps = []
+    monkeypatch.setattr(engine.transport, "backoff", sleeps.append)
+    with pytest.raises(RuntimeError, match=f"SGLang server {dead.url} is not reachable"):
+        engine.server_info(dead.url, refresh=True)
+    assert engine.weight_version(dead.url) is None
+    assert sleeps == [] and engine.transport.connections_opened == 2  # one refused connect each
+    up, down = engine.reachable([live.url, dead.url])
+    assert up == [live.url] and list(down) == [dead.url] and "ConnectionRefusedError" in down[dead.url]
 
 
 def test_admin_key_is_used_for_weight_endpoints_only(servers, engines, monkeypatch):
@@ -401,3 +467,89 @@ def test_one_answer_with_a_wrong_version_is_retried_elsewhere(servers, engines):
     assert results[0].meta["server"] == b.url and results[0].meta["weight_version"] == "2"
     assert results[0].meta["attempts"] == 2 and engine.stale == {a.url}
     assert a.served_versions == ["2-other"]  # a did answer: its sample was discarded
+
+
+# --------------------------------------------------------------------------- protocol by release
+# (FIELD-NOTES 2d, read from each release's source; the mock answers as Behaviour.version does)
+
+def test_retractions_are_read_under_either_name(servers, engines):
+    """0.5.7-0.5.11 say ``total_retractions``, 0.5.12+ ``num_retractions`` (AReaL pins 0.5.10.post1)."""
+    for version in ("0.5.10.post1", "0.5.23"):
+        (server,) = servers(1, version=version, retracted_prompts={tuple(PROMPTS[0])})
+        body = fake_generate({"input_ids": PROMPTS[0]}, server.behaviour)
+        name = "total_retractions" if version.startswith("0.5.10") else "num_retractions"
+        assert body["meta_info"][name] == 1 and len({"total_retractions", "num_retractions"} & set(body["meta_info"])) == 1
+        engine = engines([server.url], drop_retracted=True)
+        dropped = engine.generate(PROMPTS[:2], PARAMS, return_routes=True)
+        assert dropped[0].finish_reason == "abort" and "retraction" in dropped[0].meta["error"], version
+        assert dropped[1].finish_reason != "abort"
+
+
+def test_a_response_generated_across_an_update_is_stale(servers, engines):
+    """From 0.5.19 ``meta_info.weight_version`` is the version of the LAST tokens; the spans in
+    ``weight_versions`` show a response begun under the previous weights. Never stale means the
+    OLDEST token's version must be the expected one."""
+    a, b = servers(2)
+    for s in (a, b):
+        s.weight_version = "2"
+    a.behaviour.mixed_version_prompts = {tuple(PROMPTS[0]): "1"}  # its first tokens came from version 1
+    engine = engines([a.url, b.url])
+    engine.expect(2)
+    results = engine.generate(PROMPTS[:2], PARAMS, return_routes=True)
+    spans = a.served_spans[0]
+    assert [s["version"] for s in spans] == ["1", "2"]  # guard: a did answer across an update
+    assert results[0].meta["server"] == b.url and results[0].meta["weight_versions"] == ["2"]
+    assert engine.stale == {a.url}
+    # A response entirely under one version carries one span (as 0.5.23 sends it).
+    assert results[1].meta["weight_versions"] == ["2"] and results[1].meta["weight_version"] == "2"
+
+
+def test_model_info_is_the_only_weight_version_probe(servers, engines):
+    """``/get_weight_version`` answers 404 from 0.5.8 and is gone in 0.5.21; ``/model_info`` has
+    the version since 0.5.7."""
+    (server,) = servers(1)
+    from sapo_megatron.rollout.sglang.transport import Transport
+
+    t = Transport(concurrency=1, retries=0, backoff_s=0, api_key_env="X_NONE", admin_api_key_env="X_NONE")
+    assert t.request(server.url, "/get_weight_version", None, timeout=5, method="GET")[0] == 404
+    engine = engines([server.url])
+    assert engine.weight_version(server.url) == "default"
+    assert server.paths()[-1] == "/model_info" and "/get_weight_version" not in server.paths()[1:]
+
+
+def test_no_flush_while_generation_is_paused_in_place(servers, engines, tmp_path):
+    """Requests paused in place stay in the running batch: SGLang's flush then asserts (<= 0.5.21)
+    or answers 400 although a weight update did change the weights (0.5.22+). The client refuses
+    such a flush before sending it."""
+    (server,) = servers(1)
+    engine = engines([server.url])
+    engine.pause_generation("in_place")
+    with pytest.raises(RuntimeError, match="paused in place.*continue_generation"):
+        engine.flush_cache()
+    with pytest.raises(RuntimeError, match="paused in place"):
+        _push(engine, tmp_path, 1)
+    # Without a flush the update is what in-place pausing is for.
+    engine.on_all_servers("/update_weights_from_disk", lambda u: {"model_path": str(tmp_path), "flush_cache": False,
+                                                                  "weight_version": "1"}, "push")
+    assert "/flush_cache" not in server.paths() and server.weight_version == "1"
+    assert [b.get("flush_cache") for b in server.bodies("/update_weights_from_disk")] == [False]
+    engine.continue_generation()
+    engine.flush_cache()
+    engine.pause_generation("retract")  # retracted requests leave the running batch: flushing is fine
+    engine.flush_cache()
+    assert server.flushes == 2
+
+
+def test_admin_key_against_0_5_7_is_refused_clearly(servers, engines, monkeypatch):
+    """0.5.7 has no --admin-api-key: its weight endpoints take the API key, so an admin key set
+    for the trainer would be sent where it means nothing."""
+    monkeypatch.setenv("SAPO_TEST_ADMIN_KEY", "admin-key")
+    (old,) = servers(1, version="0.5.7")
+    engine = engines([old.url], admin_api_key_env="SAPO_TEST_ADMIN_KEY")
+    with pytest.raises(RuntimeError, match=r"0\.5\.7.*no --admin-api-key.*SAPO_TEST_ADMIN_KEY.*>= 0\.5\.8"):
+        engine.flush_cache()
+    assert "/flush_cache" not in old.paths()
+    (new,) = servers(1, version="0.5.8")
+    engines([new.url], admin_api_key_env="SAPO_TEST_ADMIN_KEY").flush_cache()
+    monkeypatch.delenv("SAPO_TEST_ADMIN_KEY")
+    engines([old.url], admin_api_key_env="SAPO_TEST_ADMIN_KEY").flush_cache()  # no admin key: fine

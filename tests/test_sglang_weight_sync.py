@@ -109,3 +109,65 @@ def test_bucket_order_aligns_every_offset_and_refuses_otherwise():
     for (name, t), s in zip(tensors, starts):  # unpack as SGLang does: views at the offsets
         back = flat[s : s + t.numel() * t.element_size()].view(t.dtype).reshape(t.shape)
         assert torch.equal(back, t), name
+
+
+def test_disk_sync_leaves_a_down_server_stale_and_resyncs_it_when_it_returns(single_rank_parallel, tmp_path,
+                                                                              monkeypatch):
+    """``weight_sync: disk`` with one of two servers down at push time: the push reaches the other,
+    the down one is left out and marked stale, the trainer's re-sync skips it while it is down
+    and reloads it once it answers again, before it serves. With every server down the push
+    fails, naming them. A server restarted unseen is found before the next push. (One process,
+    a world of one; the export itself is stubbed: this is the rank-0 HTTP side.)"""
+    from tests.sglang_mock import Behaviour, MockSGLang
+
+    from sapo_megatron.rollout.base import SamplingParams
+    from sapo_megatron.rollout.sglang import DiskSync, SGLangConfig, SGLangEngine
+    from sapo_megatron.rollout.sglang.replica import ReplicaSGLang
+
+    live, dead = MockSGLang(Behaviour()), MockSGLang(Behaviour())
+    dead.stop()
+    config = SGLangConfig(urls=[live.url, dead.url], retries=1, backoff_s=0.01, timeout_s=5)
+
+    def write(model, version):
+        path = tmp_path / f"step_{version}"
+        path.mkdir(exist_ok=True)
+        return str(path)
+
+    def make_sync(engine):
+        sync = DiskSync(engine, {}, config, str(tmp_path))
+        monkeypatch.setattr(sync, "write", write)
+        return sync
+
+    replica = ReplicaSGLang(lambda: SGLangEngine(config), make_sync)
+    try:
+        replica.update_weights(["model"], 0)
+        engine = replica.engine
+        assert live.weight_version == "0" and engine.stale == {dead.url}
+        params = SamplingParams(max_new_tokens=3)
+        results = replica.generate([[1, 2], [3, 4]], params, return_routes=False)
+        assert all(r.meta["server"] == live.url for r in results)  # the down one is not tried
+        assert engine.stale == {dead.url}  # the re-sync before and after the call left it out
+        dead.start()  # back on its port with its launch weights
+        results = replica.generate([[1, 2], [3, 4]], params, return_routes=False)
+        assert dead.weight_version == "0" and engine.stale == set()
+        assert dead.bodies("/update_weights_from_disk")[0]["model_path"] == str(tmp_path / "step_0")
+        assert {r.meta["server"] for r in results} == {live.url, dead.url}
+        assert dead.served_versions == ["0"]  # re-synced before it served
+        assert replica.step_metrics()["sglang/resynced_servers"] == 1
+        # A restart the checks did not see (down while they ran): the next push asks the versions
+        # first, and tells the sync to rebuild what it keeps per server (the distributed group).
+        pushes = []
+        push = replica.sync.push
+        monkeypatch.setattr(replica.sync, "push", lambda *a, **k: pushes.append(k) or push(*a, **k))
+        dead.restart()
+        replica.update_weights(["model"], 1)
+        assert pushes == [{"rebuild": True}] and live.weight_version == dead.weight_version == "1"
+        assert replica.step_metrics()["sglang/resynced_servers"] == 1 and engine.stale == set()
+        live.stop()
+        dead.stop()
+        with pytest.raises(RuntimeError, match=f"no SGLang server is reachable.*{live.url}.*{dead.url}.*refused"):
+            replica.update_weights(["model"], 2)
+    finally:
+        replica.close()
+        live.stop()
+        dead.stop()

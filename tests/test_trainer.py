@@ -144,7 +144,11 @@ def test_aborted_requests_neither_train_nor_move_their_group():
         RolloutResult([3, 4, 5], [6, 1], [-0.5, -0.1], "stop", routes=routes),
         RolloutResult([3, 4, 5], [], [], "abort"),
     ]
-    ok, bad = _build_samples(results, [1.0, 0.0], use_routes=True)
+    ok, bad = _build_samples(results, [1.0, 0.0], use_routes=True, route_layout=(2, 2, torch.uint8))
     assert ok.loss_mask.tolist() == [False, False, True, True]  # targets of tokens 6 and 1
-    assert not bad.loss_mask.any() and bad.routes.shape == (2, 2, 2)
+    assert not bad.loss_mask.any() and bad.routes.shape == (2, 2, 2) and bad.routes.dtype == torch.uint8
     assert bad.routes[0, 0].tolist() == [0, 1], "placeholder routes name distinct experts"
+    # A rollout with every sample aborted (a server down past the retry window) has no routes
+    # to copy a shape from: the placeholders come from the model's layout.
+    (alone,) = _build_samples(results[1:], [0.0], use_routes=True, route_layout=(3, 2, torch.int16))
+    assert alone.routes.shape == (2, 3, 2) and alone.routes.dtype == torch.int16 and not alone.loss_mask.any()

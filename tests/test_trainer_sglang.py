@@ -9,6 +9,7 @@ weights are exported as HF safetensors and the server is told to load them and f
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,12 @@ def test_trainer_runs_r3_against_sglang_and_syncs_weights(mock, tmp_path):
     assert [r["step"] for r in rows] == [0, 1]
     assert all(0.5 < r["routing/coverage"] < 1.0 for r in rows), "R3 replayed the server's routes"
     assert all(r["abort_frac"] == 0.0 for r in rows)
+    # The gap R3 removes, from an extra forward pass with live routing (as with the embedded
+    # engine; the rollout log-probs are the server's), and routing agreement without replay.
+    for r in rows:
+        assert math.isfinite(r["train_rollout_logprob_abs_diff_live"]) and "routing/live_agreement_mean" in r
+        # The mock's routes are random: live routing gives other log-probs than the replay pass.
+        assert r["train_rollout_logprob_abs_diff_live"] != r["train_rollout_logprob_abs_diff"]
 
     generates = [r for r in mock.requests if r["path"] == "/generate"]
     # One request per sample from the one rank of the TP group that talks to the server.
@@ -113,3 +120,44 @@ def test_dynamic_sampling_with_one_dp_rank_full_does_not_hang(mock, tmp_path):
     assert row["rollout/sampling_rounds"] == 3.0 and row["rollout/topped_up_groups"] == 2.0
     generates = [r for r in mock.requests if r["path"] == "/generate"]
     assert len(generates) == (1 + 3) * 2 * 4, "rank 0: one round of 2 groups x 4; rank 1: three rounds"
+
+
+def _prompts(config: Path, steps: int) -> list[list[tuple[int, ...]]]:
+    """The token ids of each step's prompts, as every rank of the trainer draws them."""
+    from sapo_megatron.config import load_config
+    from sapo_megatron.tasks import PromptStream, build_task
+    from sapo_megatron.trainer.loop import task_options
+
+    cfg = load_config(config)
+    stream = PromptStream(build_task(task_options(cfg.task)), seed=cfg.run.seed)
+    return [[tuple(p.ids) for p in stream.next_batch(cfg.rollout.prompts_per_step)] for _ in range(steps)]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_r3_goes_on_when_a_rollout_is_fully_aborted(mock, tmp_path):
+    """R3 at DP=2 with every sample aborted (a server down past the retry window): in step 0 on
+    DP rank 0 only (it trains on nothing beside rank 1, with placeholder routes), in step 1 on
+    both ranks (the step is skipped on every rank alike, with a warning and step_skipped). Used
+    to raise "routing replay is on but the microbatch carries no routes" on rank 0."""
+    hf = make_hf_model("qwen3_moe", tmp_path / "hf")
+    out, weights = tmp_path / "run", tmp_path / "weights"
+    config = tmp_path / "sglang.yaml"
+    text = CONFIG.format(out=out, hf=hf, url=mock.url, weights=weights)
+    text = text.replace("parallel: {tensor_model_parallel_size: 2}", "parallel: {tensor_model_parallel_size: 1}")
+    # Two-digit operands: prompts that do not repeat, so aborting by prompt picks a rank and a step.
+    config.write_text(text.replace("task: {name: arithmetic}", "task: {name: arithmetic, options: {max_operand: 99}}"))
+    step0, step1 = _prompts(config, 2)
+    rank0, rank1 = set(step0[0::2]), set(step0[1::2])  # data-parallel rank d takes prompts d::dp
+    assert not rank1 & (rank0 | set(step1)), "the arithmetic prompts repeat: pick another seed"
+    mock.behaviour.abort_prompts = rank0 | set(step1)
+    proc = torchrun("sapo_megatron.cli", "train", "--config", config, "run.save_every=0", nproc=2, module=True,
+                    timeout=300)
+    assert "step 1: every sample of the rollout was aborted" in proc.stdout + proc.stderr
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[0]["abort_frac"] == 0.5 and rows[0]["step_skipped"] == 0.0 and math.isfinite(rows[0]["loss"])
+    assert rows[1]["abort_frac"] == 1.0 and rows[1]["step_skipped"] == 1.0 and "loss" not in rows[1]
+    updates = [r["body"]["weight_version"] for r in mock.requests if r["path"] == "/update_weights_from_disk"]
+    assert updates == ["0", "1", "2"]  # the run went on: every step synced (the skipped one unchanged weights)

@@ -1,7 +1,8 @@
 """SGLang's ``routed_experts`` wire format: decode, validate, encode, and join multi-turn rows.
 
 Wire format (SGLang >= 0.5.7, server flag ``--enable-return-routed-experts``, request field
-``"return_routed_experts": true``; see shared/FIELD-NOTES.md section 2):
+``"return_routed_experts": true``, ``"routed_experts_start_len"`` from 0.5.8; see
+shared/FIELD-NOTES.md section 2):
 ``meta_info["routed_experts"]`` is base64 of a little-endian, C-order array
 ``[rows, num_hidden_layers, topk]``, int32 unless ``meta_info["routed_experts_dtype"]`` names
 ``uint16`` or ``uint8``. Row ``r`` is the routing of input token ``start_len + r``; the last

@@ -47,6 +47,7 @@ from sapo_megatron.step import (
 )
 from sapo_megatron.models.builder import use_transformer_engine
 from sapo_megatron.step.batch import sequence_multiples
+from sapo_megatron.rollout import route_spec
 from sapo_megatron.routing import (
     attach_routes,
     attach_routing_replay,
@@ -54,6 +55,7 @@ from sapo_megatron.routing import (
     replay_metrics,
     routing_action,
     routing_replay_of,
+    storage_dtype,
 )
 from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
 from sapo_megatron.trainer.batching import StepBatcher, batch_metrics, collate_microbatch
@@ -102,11 +104,13 @@ def group_advantages(kind: str, rewards: torch.Tensor, group_size: int, aborted:
     return torch.where(aborted, torch.zeros_like(advantages), advantages)
 
 
-def _build_samples(results, advantages, *, use_routes: bool) -> list[Sample]:
+def _build_samples(results, advantages, *, use_routes: bool,
+                   route_layout: tuple[int, int, torch.dtype] | None = None) -> list[Sample]:
     """Rollout results -> training samples; old log-probs start as the engine's (replaced by
     the trainer's own pass unless ``train.use_rollout_log_probs``). An aborted request keeps
-    its prompt with no loss tokens (and placeholder routes, distinct ids, under R3)."""
-    like = next((r.routes for r in results if r.routes is not None), None)
+    its prompt with no loss tokens, and under R3 placeholder routes (distinct ids) of
+    ``route_layout`` = (MoE layers, topk, dtype): taken from the model, not from another
+    sample, because every sample of a rank's rollout may be aborted."""
     samples = []
     for res, adv in zip(results, advantages):
         aborted = res.finish_reason == "abort"
@@ -119,8 +123,9 @@ def _build_samples(results, advantages, *, use_routes: bool) -> list[Sample]:
         if not aborted:
             mask[p - 1 :] = True
         routes = res.routes
-        if use_routes and routes is None and like is not None:
-            routes = torch.arange(like.shape[-1], dtype=like.dtype).expand(n - 1, like.shape[1], -1).contiguous()
+        if use_routes and routes is None:
+            layers, topk, dtype = route_layout
+            routes = torch.arange(topk, dtype=dtype).expand(n - 1, layers, -1).contiguous()
         rollout_lp = torch.zeros(n - 1)
         if not aborted:
             rollout_lp[p - 1 :] = torch.tensor(res.response_log_probs, dtype=torch.float32)
@@ -188,9 +193,13 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.mode = cfg.routing.mode
         # Routing agreement without replay (routing/agreement.py) needs the engine's routes in
-        # every mode; the embedded engine records them for free (SGLang only when R3 asks).
-        self._measure_routes = bool(self.model_cfg.num_experts) and cfg.rollout.engine == "embedded"
+        # every mode; the embedded engine records them for free, SGLang sends them when R3 asks
+        # (then one extra forward pass also gives the log-prob gap without R3).
+        self._measure_routes = bool(self.model_cfg.num_experts) and (
+            cfg.rollout.engine == "embedded" or self.mode == "R3")
         self._want_routes = self.mode == "R3" or self._measure_routes
+        spec = route_spec(self.model_cfg)  # None for a dense model
+        self._route_layout = None if spec is None else (len(spec.moe_layers), spec.topk, storage_dtype(spec.num_experts))
         if self.model_cfg.num_experts:
             for chunk in self.chunks:
                 attach_routing_replay(chunk, self.model_cfg.moe_layer_pattern())
@@ -427,30 +436,22 @@ class Trainer:
         timings.update(staleness)
         aborted = torch.tensor([r.finish_reason == "abort" for r in results])
         advantages = group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
-        samples = _build_samples(results, advantages, use_routes=self._want_routes)
-        # Minibatches (one optimizer step each), balanced over DP under a token budget; the
-        # log-prob passes run over all of them, in the same microbatches as the updates.
-        minibatches = self.batcher.split(samples, label=f" (step {self.step})")
-        samples = [s for m in minibatches for s in m.samples]
-        microbatches = [mb for m in minibatches for mb in self._microbatches(m)]
-
-        t0 = time.perf_counter()
-        passes = int(self.reference is not None) + int(not cfg.train.use_rollout_log_probs)
-        with self.logger.phase("log-probs", passes) as advance, self._phase("log-probs", "step"):
-            samples = self._log_prob_passes(samples, microbatches, advance)
-        timings["time/old_logprob_s"] = time.perf_counter() - t0
-        timings.update(self._mismatch_metrics)
-
-        t0 = time.perf_counter()
-        update_metrics, start = [], 0
+        samples = _build_samples(results, advantages, use_routes=self._want_routes, route_layout=self._route_layout)
         self._token_counts = [0, 0]
-        with self.logger.phase("updates", cfg.train.updates_per_rollout) as advance, self._phase("updates", "step"):
-            for m in minibatches:
-                m = dataclasses.replace(m, samples=samples[start : start + len(m.samples)])
-                start += len(m.samples)
-                update_metrics.append(self._update(m))
-                advance()
-        timings["time/update_s"] = time.perf_counter() - t0
+        # Summed over DP (the ranks of a model-parallel group hold the same samples), so every
+        # rank takes the same path. A rank whose samples are all aborted still trains (on no
+        # tokens) beside the others; with none completed anywhere there is nothing to train on,
+        # and an optimizer step on zero gradients would still move the weights (Adam's moments).
+        if all_reduce_values([int((~aborted).sum())], group=self._dp_group())[0]:
+            update_metrics = self._train_on(samples, timings)
+        else:
+            update_metrics = []
+            timings["time/old_logprob_s"] = timings["time/update_s"] = 0.0
+            if self.rank == 0:
+                warnings.warn(
+                    f"step {self.step}: every sample of the rollout was aborted (are the rollout servers down? "
+                    f"see the results' errors): nothing to train on, the step is skipped (step_skipped=1, "
+                    f"no optimizer step); the weights are still synced as version {self.step + 1}", stacklevel=2)
         from megatron.core import parallel_state
 
         timings.update(batch_metrics(
@@ -478,6 +479,33 @@ class Trainer:
         timings.update(getattr(self.engine, "step_metrics", dict)())  # engine counters (collective)
         timings.update(self._async_metrics)
         return self._step_metrics(rewards, results, update_metrics, timings)
+
+    def _train_on(self, samples: list[Sample], timings: dict) -> list[dict]:
+        """Log-prob passes then ``updates_per_rollout`` optimizer steps; each update's metrics."""
+        cfg = self.cfg
+        # Minibatches (one optimizer step each), balanced over DP under a token budget; the
+        # log-prob passes run over all of them, in the same microbatches as the updates.
+        minibatches = self.batcher.split(samples, label=f" (step {self.step})")
+        samples = [s for m in minibatches for s in m.samples]
+        microbatches = [mb for m in minibatches for mb in self._microbatches(m)]
+
+        t0 = time.perf_counter()
+        passes = int(self.reference is not None) + int(not cfg.train.use_rollout_log_probs)
+        with self.logger.phase("log-probs", passes) as advance, self._phase("log-probs", "step"):
+            samples = self._log_prob_passes(samples, microbatches, advance)
+        timings["time/old_logprob_s"] = time.perf_counter() - t0
+        timings.update(self._mismatch_metrics)
+
+        t0 = time.perf_counter()
+        update_metrics, start = [], 0
+        with self.logger.phase("updates", cfg.train.updates_per_rollout) as advance, self._phase("updates", "step"):
+            for m in minibatches:
+                m = dataclasses.replace(m, samples=samples[start : start + len(m.samples)])
+                start += len(m.samples)
+                update_metrics.append(self._update(m))
+                advance()
+        timings["time/update_s"] = time.perf_counter() - t0
+        return update_metrics
 
     def _apply_staleness(self, results):
         """Each sample's staleness (policy version now - the version that generated it); samples
@@ -584,10 +612,11 @@ class Trainer:
         }
         if judged:  # the task tells exact answers apart (Task.score): their share, unshaped
             out["exact_frac"] = exact / judged
+        out["step_skipped"] = float(not update_metrics)  # every sample aborted: nothing trained
         # Loss statistics: the first update (ratios start at 1) and the last (most off-policy).
-        for key, value in update_metrics[-1].items():
-            out[key] = value
-        out["loss_first_update"] = update_metrics[0]["loss"]
+        if update_metrics:
+            out.update(update_metrics[-1])
+            out["loss_first_update"] = update_metrics[0]["loss"]
         return out
 
     def train(self) -> None:

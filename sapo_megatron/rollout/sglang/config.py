@@ -63,6 +63,10 @@ class SGLangConfig:
     timeout_s: float = 600.0  # per socket operation of a /generate request
     retries: int = 3  # extra attempts per request, each on the next server
     backoff_s: float = 1.0  # first retry delay, doubled per retry (capped at 60 s)
+    # A pooled connection idle longer than this is closed, not reused: SGLang closes idle
+    # keep-alive connections after SGLANG_TIMEOUT_KEEP_ALIVE (5 s by default). Keep it below
+    # the servers' value.
+    keepalive_idle_s: float = 4.0
     weight_sync: WeightSyncName = "disk"
     # Where `disk` sync writes HF safetensors; readable by every server (a shared filesystem
     # across nodes). None: <run.output_dir>/sglang_weights.
@@ -91,5 +95,7 @@ class SGLangConfig:
         _check(self.timeout_s > 0, "timeout_s", "> 0", self.timeout_s)
         _check(self.retries >= 0, "retries", ">= 0", self.retries)
         _check(self.backoff_s >= 0, "backoff_s", ">= 0", self.backoff_s)
+        _check(self.keepalive_idle_s > 0, "keepalive_idle_s",
+               "> 0 seconds, below the servers' SGLANG_TIMEOUT_KEEP_ALIVE (default 5)", self.keepalive_idle_s)
         _check(self.keep_weight_dirs >= 0, "keep_weight_dirs", ">= 0 (0: keep all)", self.keep_weight_dirs)
         _check(self.weight_timeout_s > 0, "weight_timeout_s", "> 0", self.weight_timeout_s)

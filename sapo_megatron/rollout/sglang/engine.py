@@ -12,13 +12,18 @@ Design choices:
   pushed, = RL steps completed). A response whose ``meta_info.weight_version`` differs comes
   from a server that restarted or missed an update: it is never returned (the request is retried
   on another server), the server is taken out of rotation and listed in :attr:`stale` until it
-  is re-synced (:meth:`mark_synced`). :meth:`stale_servers` also asks every server directly
-  (``/model_info``, or ``/get_weight_version`` on older releases), so a restart between steps is
-  caught before the next rollout.
+  is re-synced (:meth:`mark_synced`). A response's version is its OLDEST token's: from 0.5.19
+  every span of ``meta_info.weight_versions`` must be the expected version (a response generated
+  across an update is stale). :meth:`stale_servers` also asks every server directly
+  (``/model_info``), so a restart between steps is caught before the next rollout.
 - Under R3, responses with ``num_retractions > 0`` carry prefix routes from a re-prefill: they
   are counted (``metrics``) and, with ``drop_retracted``, turned into aborts (never trained on).
 - For callers that drive generation themselves (async rollouts): :meth:`pause_generation`,
-  :meth:`continue_generation`, :meth:`flush_cache`, :meth:`weight_versions`.
+  :meth:`continue_generation`, :meth:`flush_cache`, :meth:`weight_versions`. While paused in
+  place, a flush (``flush_cache`` or a weight update with ``flush_cache: true``) is refused
+  before it is sent: SGLang cannot flush the requests it holds (protocol.py).
+- With ``$admin_api_key_env`` set, each server's version is checked before its first admin
+  request (0.5.7 has no admin key).
 
 Only ONE process of the trainer (rank 0) talks to the weight endpoints; see weight_sync/.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -37,6 +43,8 @@ from sapo_megatron.rollout.sglang.config import SGLangConfig
 from sapo_megatron.rollout.sglang.protocol import (
     MissingRoutes,
     ServerInfo,
+    asks_flush,
+    check_admin_key,
     check_server,
     generate_payload,
     parse_generate,
@@ -69,7 +77,8 @@ class SGLangEngine:
         self.require_routes = require_routes
         self.transport = Transport(concurrency=config.concurrency, retries=config.retries,
                                    backoff_s=config.backoff_s, api_key_env=config.api_key_env,
-                                   admin_api_key_env=config.admin_api_key_env)
+                                   admin_api_key_env=config.admin_api_key_env,
+                                   keepalive_idle_s=config.keepalive_idle_s)
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="sglang")
         self._next_server = itertools.count()
         self._lock = threading.Lock()
@@ -78,6 +87,8 @@ class SGLangEngine:
         self.counters: Counter = Counter()
         self._infos: dict[str, ServerInfo] = {}
         self._checked_seed = False
+        self._admin_checked: set[str] = set()
+        self._paused_in_place = False
         self._closed = False
         if require_routes:
             self.check_servers()
@@ -87,16 +98,14 @@ class SGLangEngine:
 
     # ------------------------------------------------------------------ server checks
     def server_info(self, url: str, *, refresh: bool = False) -> ServerInfo:
-        """``/server_info`` (``/get_server_info`` on older releases), parsed and cached."""
+        """``/server_info`` (``/get_server_info`` on older releases), parsed and cached. A probe:
+        one attempt (a server that is down raises RuntimeError at once, without retries)."""
         if url in self._infos and not refresh:
             return self._infos[url]
         raw = None
         for path in ("/server_info", "/get_server_info"):
-            def call(u: str, path=path):
-                return self.transport.call_json(u, path, None, timeout=self.config.timeout_s, method="GET")
-
             try:
-                raw, _, _ = self.transport.with_retries(call, [url], f"{path} of {url}")
+                raw = self.transport.probe(url, path, timeout=self.config.timeout_s)
                 break
             except ServerConfigError as err:
                 if err.status != 404:
@@ -105,6 +114,19 @@ class SGLangEngine:
                 raise RuntimeError(f"SGLang server {url} is not reachable: {err}") from None
         self._infos[url] = ServerInfo.from_json(url, raw if isinstance(raw, dict) else {})
         return self._infos[url]
+
+    def reachable(self, urls) -> tuple[list[str], dict[str, str]]:
+        """The servers of ``urls`` that answer a probe now, and for the others why not."""
+        up, down = [], {}
+        for url in urls:
+            try:
+                self.server_info(url, refresh=True)
+                up.append(url)
+            except ServerConfigError:
+                raise  # up, but a wrong key or URL: fatal, not "down"
+            except RuntimeError as err:
+                down[url] = str(err)
+        return up, down
 
     def check_servers(self, *, seeded: bool = False, distributed: bool = False) -> list[ServerInfo]:
         """Fail fast on a server that is down, too old for R3, or in a layout the sync refuses."""
@@ -128,20 +150,11 @@ class SGLangEngine:
             self.stale.update(urls)
 
     def weight_version(self, url: str) -> str | None:
-        """What the server serves now; None when it cannot be asked (down)."""
-        for path in ("/model_info", "/get_weight_version"):
-            try:
-                answer = self.transport.call_json(url, path, None, timeout=self.config.timeout_s, method="GET")
-            except ServerConfigError as err:
-                if err.status == 404:
-                    continue
-                raise
-            except (Retryable, Rejected):
-                return None
-            version = weight_version_of(answer)
-            if version is not None:
-                return version
-        return None
+        """What the server serves now (``/model_info``); None when it cannot be asked (down)."""
+        try:
+            return weight_version_of(self.transport.probe(url, "/model_info", timeout=self.config.timeout_s))
+        except (Retryable, Rejected):
+            return None
 
     def weight_versions(self) -> dict[str, str | None]:
         return {url: self.weight_version(url) for url in self.config.urls}
@@ -244,9 +257,13 @@ class SGLangEngine:
         return result, None
 
     def _check_version(self, url: str, result: RolloutResult, index: int) -> None:
-        expected, got = self.expected_version, result.meta.get("weight_version")
-        if expected is None or got is None or str(got) == expected:
+        """Every token must come from the expected weights: with spans (0.5.19+) each span's
+        version, else the response's one."""
+        expected = self.expected_version
+        versions = result.meta.get("weight_versions") or [result.meta.get("weight_version")]
+        if expected is None or all(v is None or str(v) == expected for v in versions):
             return
+        got = versions[0] if len(versions) == 1 else versions
         with self._lock:
             self.counters["stale_responses"] += 1
             if url not in self.stale:
@@ -263,11 +280,40 @@ class SGLangEngine:
         return out
 
     # ------------------------------------------------------------------ admin endpoints
+    def _check_admin(self, url: str) -> None:
+        """Before the first admin request to ``url`` with the admin key set: the server must
+        have one (0.5.8+). A server that cannot be asked is left to fail the request itself."""
+        if url in self._admin_checked or not os.environ.get(self.config.admin_api_key_env):
+            return
+        try:
+            info = self.server_info(url)
+        except ServerConfigError:
+            raise
+        except RuntimeError:
+            return
+        check_admin_key(info, self.config.admin_api_key_env)
+        self._admin_checked.add(url)
+
+    def _refuse_flush_while_paused_in_place(self, what: str) -> None:
+        if self._paused_in_place:
+            raise RuntimeError(
+                f"{what} asks SGLang to flush its cache while generation is paused in place "
+                f"(pause_generation(mode='in_place')): the paused requests stay in the running batch, so the "
+                f"flush fails (a scheduler assert up to 0.5.21, HTTP 400 from 0.5.22 although a weight update "
+                f"did change the weights). Call continue_generation() first, pause with mode 'retract' or "
+                f"'abort', or update with flush_cache: false")
+
     def submit_all(self, path: str, payload_of: Callable[[str], dict], *, urls=None,
                    collective: bool = False) -> dict[str, Future]:
         """POST ``path`` (an admin endpoint) to every server of ``urls`` concurrently. Collective
         requests (the server enters a broadcast) are not retried: a half-joined group cannot be
-        re-entered."""
+        re-entered. A request asking for a flush is refused while paused in place."""
+        urls = self.config.urls if urls is None else urls
+        if urls and asks_flush(path, payload_of(urls[0])):
+            self._refuse_flush_while_paused_in_place(path)
+        for url in urls:
+            self._check_admin(url)
+
         def post(url: str) -> dict:
             def call(u: str) -> dict:
                 return self.transport.call_json(u, path, payload_of(u), timeout=self.config.weight_timeout_s,
@@ -275,16 +321,25 @@ class SGLangEngine:
 
             return call(url) if collective else self.transport.with_retries(call, [url], f"{path} on {url}")[0]
 
-        return {url: self._pool.submit(post, url) for url in (self.config.urls if urls is None else urls)}
+        return {url: self._pool.submit(post, url) for url in urls}
 
-    def collect(self, futures: dict[str, Future], path: str, what: str, errors: list[str] | None = None) -> dict:
-        """Wait for :meth:`submit_all`'s requests and require ``success`` from each."""
+    def collect(self, futures: dict[str, Future], path: str, what: str, errors: list[str] | None = None,
+                *, lost: dict[str, str] | None = None) -> dict:
+        """Wait for :meth:`submit_all`'s requests and require ``success`` from each. With
+        ``lost``, a server that could not be reached (a :class:`Retryable` failure) is recorded
+        there (url -> why) instead of failing the call: it went down."""
         errors = list(errors or [])
         answers = {}
         for url, future in futures.items():
             try:
                 answer = future.result()
-            except (Retryable, Rejected) as err:
+            except Retryable as err:
+                if lost is None:
+                    errors.append(str(err))
+                else:
+                    lost[url] = str(err)
+                continue
+            except Rejected as err:
                 errors.append(str(err))
                 continue
             if not (isinstance(answer, dict) and answer.get("success")):
@@ -311,8 +366,11 @@ class SGLangEngine:
     def flush_cache(self, urls=None) -> None:
         """``/flush_cache`` on every server (plain-text answer). 400 means requests are still
         running: retried after a backoff. Stale prefix-cache entries would hand out routes of the
-        old weights, so a flush that keeps failing raises."""
+        old weights, so a flush that keeps failing raises. Refused while paused in place."""
+        self._refuse_flush_while_paused_in_place("/flush_cache")
         for url in (self.config.urls if urls is None else urls):
+            self._check_admin(url)
+
             def flush(u: str) -> None:
                 status, raw = self.transport.request(u, "/flush_cache", None, timeout=self.config.timeout_s,
                                                      admin=True)
@@ -331,14 +389,20 @@ class SGLangEngine:
                 raise RuntimeError(str(err)) from None
 
     def pause_generation(self, mode: str = "abort") -> None:
-        """``/pause_generation`` on every server (``abort`` | ``retract`` | ``in_place``)."""
+        """``/pause_generation`` on every server (``abort`` | ``retract`` | ``in_place``). Until
+        :meth:`continue_generation`, ``in_place`` keeps the paused requests in the running batch:
+        no flush is possible then (:meth:`flush_cache` and flushing weight updates refuse)."""
         for url in self.config.urls:
+            self._check_admin(url)
             self.transport.call_json(url, "/pause_generation", {"mode": mode}, timeout=self.config.timeout_s,
                                      admin=True)
+        self._paused_in_place = mode == "in_place"
 
     def continue_generation(self) -> None:
         for url in self.config.urls:
+            self._check_admin(url)
             self.transport.call_json(url, "/continue_generation", {}, timeout=self.config.timeout_s, admin=True)
+        self._paused_in_place = False
 
     def close(self) -> None:
         self._closed = True

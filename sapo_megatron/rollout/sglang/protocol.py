@@ -8,7 +8,23 @@ Pure functions over dicts (read from the sglang 0.5.23 source, shared/FIELD-NOTE
 - Responses: tokens come from ``meta_info.output_token_logprobs`` (the matched stop token
   included, as ``completion_tokens`` and the route rows count them), ``output_ids`` is the
   fallback of an abort; ``meta_info.weight_version`` names the weights that served the request
-  (``"default"`` on a fresh server); ``num_retractions > 0`` means the request was re-prefilled.
+  (``"default"`` on a fresh server); a retraction count > 0 means the request was re-prefilled.
+
+Protocol by release (read from each release's source, 0.5.7 ... 0.5.23; FIELD-NOTES 2d); the
+gates are the constants below and :func:`check_server` / :func:`check_admin_key`:
+- Retraction count: ``total_retractions`` in 0.5.7-0.5.11, ``num_retractions`` from 0.5.12;
+  either is read.
+- Weight version: up to 0.5.18 ``meta_info.weight_version`` is the server's version when the
+  response is built; from 0.5.19 it is the version of the LAST tokens, and
+  ``meta_info.weight_versions`` lists ``{version, start, end}`` spans (one span when a single
+  version served the request). The version of a response is its OLDEST token's
+  (docs/design.md), so the spans are read when present.
+- ``/model_info.weight_version`` exists since 0.5.7 (``/get_weight_version`` answers 404 from
+  0.5.8 and is gone in 0.5.21: not used).
+- ``routed_experts_start_len`` needs 0.5.8 (not sent by this client).
+- ``--admin-api-key`` exists from 0.5.8.
+- Flushing the cache while requests are paused in place asserts in the scheduler up to 0.5.21
+  and answers 400 from 0.5.22 though the weights did change: refused by the engine.
 - ``/server_info`` (``/get_server_info`` before 0.5.x renamed it): ``version``, ``tp_size``,
   ``dp_size``, ``pp_size``, ``speculative_algorithm``, ``enable_deterministic_inference``,
   ``enable_return_routed_experts``. :func:`check_server` refuses what would silently break
@@ -30,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 ROUTES_SINCE = (0, 5, 7)  # routed experts exist (PR #12162)
 ROUTES_SPECULATIVE_FIXED = (0, 5, 15)  # route rows over-counted with speculative decoding before
+ADMIN_KEY_SINCE = (0, 5, 8)  # --admin-api-key; 0.5.7's weight endpoints take the API key
 FRESH_VERSION = "default"  # a server's weight_version before any update
 
 
@@ -62,7 +79,8 @@ class MissingRoutes(RuntimeError):
 
 def parse_generate(response, prompt: list[int], index: int, url: str, return_routes: bool,
                    route_spec: RouteSpec | None) -> RolloutResult:
-    """A ``/generate`` answer -> :class:`RolloutResult`; ``meta`` has ``weight_version`` and
+    """A ``/generate`` answer -> :class:`RolloutResult`; ``meta`` has ``weight_version`` (the
+    oldest token's), ``weight_versions`` (each span's, oldest first; 0.5.19+) and
     ``num_retractions``. Raises ValueError on a malformed answer."""
     if not isinstance(response, dict):
         raise ValueError(f"sample {index}: /generate returned {type(response).__name__}, expected a JSON object")
@@ -84,12 +102,18 @@ def parse_generate(response, prompt: list[int], index: int, url: str, return_rou
     if finish_type != "abort" and completion != len(response_ids):
         raise ValueError(f"sample {index}: output_token_logprobs has {len(response_ids)} entries, "
                          f"completion_tokens is {completion}")
+    retractions = meta_info.get("num_retractions", meta_info.get("total_retractions"))  # renamed in 0.5.12
     meta = {
         "finish": finish,
         "prompt_tokens": meta_info.get("prompt_tokens"),
         "weight_version": meta_info.get("weight_version"),
-        "num_retractions": int(meta_info.get("num_retractions") or 0),
+        "num_retractions": int(retractions or 0),
     }
+    spans = meta_info.get("weight_versions")
+    if spans:
+        versions = [str(s["version"] if isinstance(s, dict) else s[0]) for s in spans]
+        meta["weight_versions"] = versions
+        meta["weight_version"] = versions[0]  # the oldest token's
     if finish_type == "abort" and isinstance(finish, dict) and finish.get("message"):
         meta["error"] = f"aborted by the server: {finish['message']}"
     routes = None
@@ -192,13 +216,30 @@ def check_server(info: ServerInfo, *, require_routes: bool, seeded: bool, distri
             "rollouts are not reproducible from the run seed", url, info.deterministic)
 
 
+def check_admin_key(info: ServerInfo, admin_key_env: str) -> None:
+    """Called when ``$admin_key_env`` is set: refuse a server that has no admin key."""
+    if info.version is not None and info.version < ADMIN_KEY_SINCE:
+        raise RuntimeError(
+            f"SGLang server {info.url} is version {_release(info.version)}, which has no --admin-api-key "
+            f"(added in {_release(ADMIN_KEY_SINCE)}), but ${admin_key_env} is set: its weight endpoints take "
+            f"the API key, so unset ${admin_key_env} or upgrade the server to >= {_release(ADMIN_KEY_SINCE)}")
+
+
 # --------------------------------------------------------------------------- weights
 
 def weight_version_of(answer) -> str | None:
-    """The version in ``/model_info`` (0.5.23) or ``/get_weight_version`` (older) answers."""
+    """The version in a ``/model_info`` answer (since 0.5.7)."""
     if isinstance(answer, dict) and answer.get("weight_version") is not None:
         return str(answer["weight_version"])
     return None
+
+
+# Weight updates flush the cache unless told not to (``flush_cache: bool = True`` in io_struct.py).
+FLUSHING_UPDATES = ("/update_weights_from_disk", "/update_weights_from_distributed", "/update_weights_from_tensor")
+
+
+def asks_flush(path: str, payload: dict) -> bool:
+    return path == "/flush_cache" or (path in FLUSHING_UPDATES and bool(payload.get("flush_cache", True)))
 
 
 def disk_update_payload(path: str, version: int) -> dict:

@@ -14,8 +14,10 @@ Never stale: the policy version is the number of RL steps completed; the trainer
 servers for their version; after it, the servers whose responses came back with another
 version are known. Either way, those servers (restarted, or they missed an update) are re-synced
 to the current version, which the trainer still holds during a rollout, and their stale
-responses were never returned (retried on another server). ``sglang/resynced_servers`` counts
-the events.
+responses were never returned (retried on another server). A server down during those checks
+may come back restarted before the next push: the push asks the versions first and rebuilds
+what the sync keeps per server (the distributed group). ``sglang/resynced_servers`` counts the
+events.
 """
 
 from __future__ import annotations
@@ -100,13 +102,17 @@ class ReplicaSGLang:
         self._resync_stale()
         return box[0]
 
-    def _resync_stale(self) -> None:
-        if self.version is None or self._model is None:
-            return
+    def _stale_everywhere(self) -> list[str]:
+        """Collective: the servers any leader knows or finds stale now."""
         mine = self.engine.stale_servers() if self.is_leader else []
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        stale = sorted({url for urls in everyone for url in urls})
+        return sorted({url for urls in everyone for url in urls})
+
+    def _resync_stale(self) -> None:
+        if self.version is None or self._model is None:
+            return
+        stale = self._stale_everywhere()
         if not stale:
             return
         synced = self.sync.resync(self._model, self.version, stale)
@@ -115,9 +121,15 @@ class ReplicaSGLang:
             self.engine.mark_synced(synced)
 
     def update_weights(self, model_chunks, version: int) -> None:
-        """Collective: every server serves ``version`` afterwards (or stays marked stale)."""
+        """Collective: every server serves ``version`` afterwards (or stays marked stale).
+
+        The servers are asked for their versions first: one that restarted since the last check
+        (it may have been down then) is not in the state the sync left it in (the distributed
+        group lost its rank), so the push is told to rebuild; it then counts as re-synced."""
         self._model = model_chunks
-        synced = self.sync.push(model_chunks, version)
+        stale = self._stale_everywhere() if self.version is not None else []
+        synced = self.sync.push(model_chunks, version, rebuild=bool(stale))
+        self._counters["resynced_servers"] += len(set(stale) & set(synced))
         self.version = version
         if self.engine is not None:
             self.engine.expect(version)

@@ -2,9 +2,15 @@
 
 Standard library only (``http.client``). Design choices:
 - Keep-alive: each server has a pool of idle connections, at most ``concurrency`` of them (the
-  client never has more requests in flight than that, over all servers). A pooled connection
-  the server closed while idle fails on first use; that one attempt is repeated at once on a
-  fresh connection and is not counted as a retry.
+  client never has more requests in flight than that, over all servers). SGLang (uvicorn)
+  closes a connection idle for ``SGLANG_TIMEOUT_KEEP_ALIVE`` (5 s by default), and a closed
+  connection fails only when used. So a pooled connection idle longer than ``keepalive_idle_s``
+  (a little under the server's timeout) is closed instead of reused; and when a reused one fails
+  anyway (not by a timeout), every idle connection of that server goes too (they are from the
+  same era: after a 16-request rollout, 16 of them) and the attempt is repeated once on a NEW
+  connection, not counted as a retry.
+- Probes (``/server_info``, ``/model_info``: is the server up, what does it serve) are one
+  attempt with a short connect timeout: a dead server costs one refused connect per probe.
 - Failure classes: :class:`Retryable` (timeouts, refused/dropped connections, HTTP 5xx/408/429,
   unreadable bodies), :class:`Rejected` (another 4xx: the server refused this request; never
   retried) and :class:`ServerConfigError` (401/403/404: a wrong key or URL, fatal for the call).
@@ -30,6 +36,9 @@ from urllib.parse import urlsplit
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+# Connect timeout of a reachability probe: a server on the cluster accepts within milliseconds,
+# so a probe of a dead host costs at most this (a refused connect costs nothing).
+PROBE_CONNECT_S = 2.0
 ERROR_BODY_CHARS = 300  # enough for SGLang's error messages, bounded for logs
 _FATAL_STATUS = {401: "wrong or missing API key", 403: "API key refused", 404: "not an SGLang endpoint"}
 
@@ -83,14 +92,21 @@ class Transport:
     """Pooled HTTP exchanges with the servers of one client."""
 
     def __init__(self, *, concurrency: int, retries: int, backoff_s: float, api_key_env: str,
-                 admin_api_key_env: str) -> None:
+                 admin_api_key_env: str, keepalive_idle_s: float = 4.0) -> None:
         self.concurrency = concurrency
         self.retries = retries
         self.backoff_s = backoff_s
         self.api_key_env = api_key_env
         self.admin_api_key_env = admin_api_key_env
+        self.keepalive_idle_s = keepalive_idle_s
+        # (connection, time.monotonic() when it was last used), most recent on top.
         self._idle: dict[tuple[str, str, int | None], queue.LifoQueue] = {}
-        self.connections_opened = 0  # for tests and logs: keep-alive keeps this small
+        # Counts for tests and logs: keep-alive keeps connections_opened small; reuse_failures are
+        # pooled connections the server had closed; retried are failed attempts that were retried
+        # or given up (the fresh-connection repeat is not one).
+        self.connections_opened = 0
+        self.reuse_failures = 0
+        self.retried = 0
 
     # ------------------------------------------------------------------ keys
     def _key(self, admin: bool) -> tuple[str | None, str]:
@@ -112,38 +128,53 @@ class Transport:
             self._idle.setdefault(where, queue.LifoQueue(maxsize=self.concurrency))
         return self._idle[where]
 
-    def _connection(self, parts, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
-        try:
-            conn = self._pool(parts).get_nowait()
-        except queue.Empty:
-            cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            self.connections_opened += 1
-            return cls(parts.hostname, parts.port, timeout=timeout), False
-        conn.timeout = timeout
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout)
-        return conn, True
+    def _connection(self, parts, timeout: float, *, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
+        """A pooled connection used within ``keepalive_idle_s`` (older ones are closed: the server
+        may have closed them already), else a new one; and whether it was reused."""
+        pool = self._pool(parts)
+        while not fresh:
+            try:
+                conn, last_used = pool.get_nowait()
+            except queue.Empty:
+                break
+            if time.monotonic() - last_used > self.keepalive_idle_s:
+                conn.close()
+                continue
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            return conn, True
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self.connections_opened += 1
+        return cls(parts.hostname, parts.port, timeout=timeout), False
 
     def _release(self, parts, conn, response) -> None:
         if response.will_close:
             conn.close()
             return
         try:
-            self._pool(parts).put_nowait(conn)
+            self._pool(parts).put_nowait((conn, time.monotonic()))
         except queue.Full:
+            conn.close()
+
+    @staticmethod
+    def _drain(pool: queue.LifoQueue) -> None:
+        while True:
+            try:
+                conn, _ = pool.get_nowait()
+            except queue.Empty:
+                return
             conn.close()
 
     def close(self) -> None:
         for pool in self._idle.values():
-            while True:
-                try:
-                    pool.get_nowait().close()
-                except queue.Empty:
-                    break
+            self._drain(pool)
 
     def request(self, url: str, path: str, payload: dict | None, *, timeout: float,
-                method: str = "POST", admin: bool = False) -> tuple[int, bytes]:
-        """One HTTP exchange; transport failures become :class:`Retryable`."""
+                method: str = "POST", admin: bool = False, connect_timeout: float | None = None
+                ) -> tuple[int, bytes]:
+        """One HTTP exchange; transport failures become :class:`Retryable`. ``connect_timeout``
+        bounds the connect of a new connection (``timeout`` then bounds each read/write)."""
         parts = urlsplit(url)
         body = None if payload is None else json.dumps(payload).encode()
         key, _ = self._key(admin)
@@ -151,16 +182,25 @@ class Transport:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         for fresh_try in range(2):
-            conn, reused = self._connection(parts, timeout)
+            conn, reused = self._connection(parts, timeout, fresh=fresh_try > 0)
             try:
+                if not reused and connect_timeout is not None:
+                    conn.timeout = min(connect_timeout, timeout)
+                    conn.connect()
+                    conn.sock.settimeout(timeout)
+                    conn.timeout = timeout
                 conn.request(method, parts.path + path, body=body, headers=headers)
                 response = conn.getresponse()
                 raw = response.read()
             except (OSError, http.client.HTTPException) as err:  # timeouts, refused, dropped
                 conn.close()
                 timed_out = isinstance(err, (TimeoutError, socket.timeout))
-                if reused and not timed_out and fresh_try == 0:
-                    continue  # the server closed the idle connection: once more, on a new one
+                if reused and not timed_out:
+                    # The server closed it while idle, and with it the other idle ones of its era:
+                    # drop them all and go once more on a new connection.
+                    self.reuse_failures += 1
+                    self._drain(self._pool(parts))
+                    continue
                 kind = "timed out" if timed_out else "failed"
                 raise Retryable(self.mask(f"{method} {url}{path} {kind}: {type(err).__name__}: {err}")) from None
             self._release(parts, conn, response)
@@ -168,9 +208,10 @@ class Transport:
         raise AssertionError("unreachable")
 
     def call_json(self, url: str, path: str, payload: dict | None, *, timeout: float,
-                  method: str = "POST", admin: bool = False) -> Any:
+                  method: str = "POST", admin: bool = False, connect_timeout: float | None = None) -> Any:
         """One exchange expecting JSON; classifies HTTP errors (see the module docstring)."""
-        status, raw = self.request(url, path, payload, timeout=timeout, method=method, admin=admin)
+        status, raw = self.request(url, path, payload, timeout=timeout, method=method, admin=admin,
+                                   connect_timeout=connect_timeout)
         message = self.mask(server_message(raw))
         if status in _FATAL_STATUS:
             _, env = self._key(admin)
@@ -189,6 +230,11 @@ class Transport:
         if answer is None:
             raise Retryable(f"{url}{path} returned a body that is not JSON: {message}")
         return answer
+
+    def probe(self, url: str, path: str, *, timeout: float) -> Any:
+        """``GET path``, once: a reachability check. A server that is down costs one refused (or
+        ``PROBE_CONNECT_S``-bounded) connect, no retries and no backoff."""
+        return self.call_json(url, path, None, timeout=timeout, method="GET", connect_timeout=PROBE_CONNECT_S)
 
     # ------------------------------------------------------------------ retries
     def backoff(self, attempt: int) -> None:
@@ -209,6 +255,7 @@ class Transport:
             try:
                 return fn(url), attempt + 1, url
             except Retryable as err:
+                self.retried += 1
                 errors.append(str(err))
                 logger.warning("%s, attempt %d/%d: %s", what, attempt + 1, self.retries + 1, err)
         last = errors[-1] if errors else "no server left to try"

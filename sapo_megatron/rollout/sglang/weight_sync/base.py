@@ -19,9 +19,11 @@ import torch.distributed as dist
 class WeightSync:
     name = "?"
 
-    def push(self, model, version: int) -> list[str]:
+    def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
         """Make every server serve the trainer's weights as ``weight_version = str(version)``.
-        Returns the servers that now do (a server that is down is left out and stays stale)."""
+        Returns the servers that now do (a server that is down is left out and stays stale).
+        ``rebuild``: some server is known stale (restarted): state a sync keeps per server (the
+        distributed group) must be built anew."""
         raise NotImplementedError
 
     def resync(self, model, version: int, urls: list[str]) -> list[str]:

@@ -6,6 +6,10 @@ checkpoint holds. Rank 0 then sends ``/update_weights_from_disk`` with ``weight_
 ``flush_cache: true`` (SGLang flushes the radix cache after loading: cached prefix routes of the
 old weights must not reach R3). A re-sync reloads the directory of the current version: nothing
 is rewritten. ``keep_weight_dirs`` bounds the step directories kept.
+
+A server that is down (it fails a probe, or its update cannot reach it) is left out and stays
+stale until a later re-sync reaches it (``ReplicaSGLang`` marks it); the push fails only when no
+server is left, naming each and why. A server that answers and refuses the update fails the push.
 """
 
 from __future__ import annotations
@@ -46,18 +50,33 @@ class DiskSync(WeightSync):
         export_hf(model, path, self.hf_config, dtype="checkpoint", fsync=self.fsync, timings=self.timings)
         return path
 
-    def _load(self, path: str, version: int, urls: list[str]) -> list[str]:
+    def _load(self, path: str, version: int, urls: list[str]) -> tuple[list[str], dict[str, str]]:
+        """Load ``path`` on the reachable servers of ``urls``: (those now serving it, {down: why})."""
+        what = f"weight update to version {version} from {path}"
+        up, down = self.engine.reachable(urls)
+        for url, why in down.items():
+            logger.warning("%s: SGLang server %s left out (stays stale until it answers again): %s", what, url, why)
+        if not up:
+            return [], down
         payload = disk_update_payload(path, version)
-        self.engine.on_all_servers("/update_weights_from_disk", lambda url: payload,
-                                   f"weight update to version {version} from {path}", urls=urls)
-        return list(urls)
+        futures = self.engine.submit_all("/update_weights_from_disk", lambda url: payload, urls=up)
+        lost: dict[str, str] = {}
+        answers = self.engine.collect(futures, "/update_weights_from_disk", what, lost=lost)
+        for url, why in lost.items():
+            logger.warning("%s: SGLang server %s went down during the update (stays stale): %s", what, url, why)
+        return [url for url in up if url in answers], {**down, **lost}
 
-    def push(self, model, version: int) -> list[str]:
+    def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
+        # No per-server state: every reachable server loads the new directory, stale ones too.
         path = self.write(model, version)
         error, synced = None, []
         if dist.get_rank() == 0:
             try:
-                synced = self._load(path, version, self.engine.config.urls)
+                urls = self.engine.config.urls
+                synced, down = self._load(path, version, urls)
+                if not synced:
+                    raise RuntimeError(f"no SGLang server is reachable for the weight update to version {version}: "
+                                       + "; ".join(f"{url}: {down[url]}" for url in urls))
                 self.current = path
                 if path not in self._written:
                     self._written.append(path)
@@ -73,7 +92,7 @@ class DiskSync(WeightSync):
             try:
                 if self.current is None:
                     raise RuntimeError("disk re-sync before any weights were written")
-                synced = self._load(self.current, version, urls)
+                synced, _ = self._load(self.current, version, urls)  # a server still down stays stale
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
         return share_outcome(error, synced)
