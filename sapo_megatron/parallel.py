@@ -15,6 +15,8 @@ that holds ranks of several replicas ties their forwards together
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import socket
 
@@ -31,8 +33,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """Initialise the default process group once (idempotent)."""
+def init_distributed(backend: str | None = None, *, timeout_s: float | None = None) -> None:
+    """Initialise the default process group once (idempotent); ``timeout_s``: its collectives'
+    timeout (None: torch's default)."""
     if dist.is_initialized():
         return
     on_cpu = not torch.cuda.is_available()
@@ -46,7 +49,8 @@ def init_distributed(backend: str | None = None) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if not on_cpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def model_parallel_sizes(parallel: ParallelConfig) -> dict[str, int | None]:
@@ -61,11 +65,15 @@ def model_parallel_sizes(parallel: ParallelConfig) -> dict[str, int | None]:
     )
 
 
-def initialize_model_parallel(parallel: ParallelConfig, *, seed: int = 1234) -> None:
-    """Create Megatron-Core's TP/PP/EP/CP/DP groups for ``parallel`` and seed the RNGs."""
+def initialize_model_parallel(parallel: ParallelConfig, *, seed: int = 1234, timeout_s: float | None = None) -> None:
+    """Create Megatron-Core's TP/PP/EP/CP/DP groups for ``parallel`` and seed the RNGs.
+
+    ``timeout_s``: the collectives' timeout in every group (None: torch's and Megatron's 30
+    minutes). The trainer raises it above its phase limits (``trainer/watchdog.py``).
+    """
     from megatron.core import parallel_state, tensor_parallel
 
-    init_distributed()
+    init_distributed(timeout_s=timeout_s)
     world = dist.get_world_size()
     if world % parallel.model_parallel_size:
         raise ValueError(
@@ -75,7 +83,8 @@ def initialize_model_parallel(parallel: ParallelConfig, *, seed: int = 1234) -> 
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(**model_parallel_sizes(parallel))
+    minutes = {} if timeout_s is None else {"distributed_timeout_minutes": math.ceil(timeout_s / 60)}
+    parallel_state.initialize_model_parallel(**model_parallel_sizes(parallel), **minutes)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 

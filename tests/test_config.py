@@ -380,6 +380,8 @@ def test_slurm_30b_override_fits_one_trainer_node(monkeypatch):
     (["optim.megatron.use_distributed_optimzer=true"],
      "unknown key 'optim.megatron.use_distributed_optimzer'; did you mean 'optim.megatron.use_distributed_optimizer'"),
     (["rollout.sglang.timeout_s=soon"], "rollout.sglang.timeout_s: expected a number, got 'soon'"),
+    (["run.timeouts.rollout_s=-5"], "run.timeouts.rollout_s must be a number of seconds > 0, or null (off), got -5.0"),
+    (["run.timeouts.rolout_s=60"], "unknown key 'run.timeouts.rolout_s'; did you mean 'run.timeouts.rollout_s'?"),
     (["run=3"], "run: expected a mapping of run settings (RunConfig), got '3'"),
 ])
 def test_one_line_errors_name_the_dotted_key(overrides, expected):

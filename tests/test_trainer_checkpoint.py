@@ -115,3 +115,14 @@ def test_async_save_in_the_trainer(full_run, tmp_path):
     for a, b in zip(full[2:], resumed[2:]):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], f"step {a['step']}"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["iter_0000002", "iter_0000004"]
+
+
+def test_every_rank_resumes_from_what_rank_0_finds(tmp_path):
+    """Whether to resume is decided once (rank 0) and broadcast: a rank whose filesystem view
+    lags (tests/dist/resume_worker.py) resumes with the others instead of starting afresh, which
+    left rank 0 in the checkpoint load's collective while rank 1 ran the next one."""
+    worker = Path(__file__).parent / "dist" / "resume_worker.py"
+    proc = torchrun(worker, tmp_path, nproc=2, timeout=120)
+    assert "rank 1 sees None" in proc.stdout  # guard: the two views do differ
+    assert sorted(line for line in proc.stdout.splitlines() if ": steps " in line) == [
+        "rank 0: steps [3, 3]", "rank 1: steps [3, 3]"], proc.stdout

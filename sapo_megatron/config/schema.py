@@ -47,6 +47,43 @@ def _check(condition: bool, key: str, expected: str, value: Any) -> None:
         raise ValueError(f"{key} must be {expected}, got {value!r}")
 
 
+_PROCESS_GROUP_DEFAULT_S = 1800.0  # torch's and Megatron's collective timeout
+_PROCESS_GROUP_MARGIN_S = 300.0  # what a collective may wait beyond the longest phase limit
+
+
+@dataclass
+class TimeoutsSection:
+    """The hang guard (``trainer/watchdog.py``): how long each phase of the loop may go without
+    progress before its rank reports the phase and exits, and a heartbeat; null turns one off.
+
+    ``step_s``: the step's collectives (log-prob passes, updates, metrics, the reductions between
+    phases; one cold-start step). ``rollout_s``: one rollout round, scoring included (an async
+    collect, submit or drain). ``checkpoint_s``: a save, a resume, the initial weights.
+    ``weight_sync_s``: one sync of the weights to the rollout engine. ``heartbeat_s``: every rank
+    logs its phase this often (null: never). A torch process group's own timeout is raised to
+    outlast them (:meth:`process_group_s`), so the guard, which names the phase, answers first.
+    """
+
+    step_s: float | None = 600.0
+    rollout_s: float | None = 1800.0
+    checkpoint_s: float | None = 1800.0
+    weight_sync_s: float | None = 2400.0  # above rollout.sglang.weight_timeout_s: its error comes first
+    heartbeat_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check(value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value > 0),
+                   f"run.timeouts.{f.name}", "a number of seconds > 0, or null (off)", value)
+
+    def process_group_s(self) -> float:
+        """The torch / Megatron process-group timeout: never below their 30-minute default, and
+        a margin above the longest phase limit, so that a peer waiting in a collective while a
+        rank spends its allowed time in a phase is not stopped by torch first."""
+        limits = [v for v in (self.step_s, self.rollout_s, self.checkpoint_s, self.weight_sync_s) if v is not None]
+        return max([_PROCESS_GROUP_DEFAULT_S] + [v + _PROCESS_GROUP_MARGIN_S for v in limits])
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/tiny-cpu"
@@ -61,6 +98,7 @@ class RunConfig:
     tensorboard: bool = True
     wandb_project: str | None = None  # None: no wandb
     wandb_entity: str | None = None
+    timeouts: TimeoutsSection = field(default_factory=TimeoutsSection)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "run.steps", ">= 1", self.steps)

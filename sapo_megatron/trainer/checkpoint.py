@@ -399,6 +399,33 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return None
 
 
+def agreed_latest_checkpoint(root: str | Path) -> Path | None:
+    """:func:`latest_checkpoint` as rank 0 finds it, on every rank (an object broadcast; rank
+    0's error, if any, is raised on every rank).
+
+    Whether to resume decides which collectives a rank runs next (a dist_checkpointing load, or
+    none), so every rank must decide alike. Reading the tracker on each rank does not guarantee
+    that: nodes can see a shared filesystem differently for a while (NFS caches attributes and
+    failed lookups for up to a minute), so a job restarted soon after the previous one died may
+    find the tracker on some nodes only. Their ranks would resume while the others start afresh,
+    and the two sides' collectives would hang, or pair with unrelated ones.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return latest_checkpoint(root)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            found = latest_checkpoint(root)
+            box = [(None, None if found is None else str(found))]
+        except Exception as err:  # noqa: BLE001 - raised on every rank below
+            box = [(err, None)]
+    dist.broadcast_object_list(box, src=0)
+    error, found = box[0]
+    if error is not None:
+        raise error
+    return None if found is None else Path(found)
+
+
 def _check_shapes(ckpt_dir: Path, sharded: dict) -> dict:
     """Every model tensor exists in the checkpoint with this model's global shape."""
     from megatron.core.dist_checkpointing import load_tensors_metadata

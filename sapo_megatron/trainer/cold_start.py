@@ -128,11 +128,12 @@ def run_cold_start(trainer) -> None:
     cold = trainer.cold_start
     every = trainer.cfg.run.save_every
     while not cold.finished:
-        with trainer.logger.phase("cold start", 1) as advance:
+        with trainer.logger.phase("cold start", 1) as advance, trainer._phase(f"cold-start step {cold.done}", "step"):
             metrics = cold.step(trainer)
             advance()
         trainer.logger.log({"step": cold.done - 1, **metrics})
         if every and (cold.done % every == 0 or cold.finished):
-            with trainer.logger.phase("checkpoint", 1) as advance:
+            with trainer.logger.phase("checkpoint", 1) as advance, \
+                    trainer._phase(f"checkpoint save step {trainer.iteration}", "checkpoint"):
                 trainer._save()
                 advance()

@@ -16,6 +16,11 @@ across data-parallel ranks (``assign_step_weights``).
 Routing (``routing.mode``): ``none`` routes live everywhere; ``R2`` records the routes of the
 old-log-prob pass and replays them in the updates; ``R3`` replays the rollout engine's routes in
 the old-log-prob pass and the updates. The reference model always routes live.
+
+Hangs. Each phase (a rollout round, the log-prob passes, the updates, a weight sync, a
+checkpoint, and the step around them) runs under its limit of ``run.timeouts``: a rank that
+overruns one names it and exits (``trainer/watchdog.py``; the collectives of each phase are listed
+in docs/design.md).
 """
 
 from __future__ import annotations
@@ -55,9 +60,9 @@ from sapo_megatron.routing import (
 from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
 from sapo_megatron.trainer.batching import StepBatcher, batch_metrics, collate_microbatch
 from sapo_megatron.trainer.checkpoint import (
+    agreed_latest_checkpoint,
     finalize_async_saves,
     is_dist_checkpoint,
-    latest_checkpoint,
     load_checkpoint,
     load_model_weights,
     register_stateful,
@@ -67,6 +72,7 @@ from sapo_megatron.trainer.checkpoint import (
 from sapo_megatron.trainer.cold_start import ColdStart, run_cold_start
 from sapo_megatron.trainer.schedule import build_scheduler
 from sapo_megatron.trainer.logging import MetricsLogger
+from sapo_megatron.trainer import watchdog
 
 ADVANTAGES = {
     "grpo": lambda r, n: grpo_advantages(r, n, normalize_std=True),
@@ -154,8 +160,10 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
-        initialize_model_parallel(cfg.parallel, seed=cfg.run.seed)
+        initialize_model_parallel(cfg.parallel, seed=cfg.run.seed, timeout_s=cfg.run.timeouts.process_group_s())
         self.rank = dist.get_rank()
+        # Every phase below runs under its limit of run.timeouts (trainer/watchdog.py).
+        self.watchdog = watchdog.start(rank=self.rank, heartbeat_s=cfg.run.timeouts.heartbeat_s)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.model_cfg = cfg.model.resolve()
@@ -164,17 +172,18 @@ class Trainer:
             use_distributed_optimizer=bool(cfg.optim.megatron.get("use_distributed_optimizer", False)),
         )
         # Initial weights: a converted Megatron checkpoint, else HF safetensors, else random init.
-        if cfg.model.ckpt_dir and is_dist_checkpoint(cfg.model.ckpt_dir):
-            # A Megatron dist checkpoint (Megatron-Bridge's torch_dist output, or ours): model only.
-            load_model_weights(self.chunks, cfg.model.ckpt_dir)
-        elif cfg.model.ckpt_dir:
-            from sapo_megatron.checkpoint import load_into_model
+        with self._phase("load initial weights", "checkpoint"):
+            if cfg.model.ckpt_dir and is_dist_checkpoint(cfg.model.ckpt_dir):
+                # A Megatron dist checkpoint (Megatron-Bridge's torch_dist output, or ours): model only.
+                load_model_weights(self.chunks, cfg.model.ckpt_dir)
+            elif cfg.model.ckpt_dir:
+                from sapo_megatron.checkpoint import load_into_model
 
-            load_into_model(self.chunks, cfg.model.ckpt_dir)
-        elif cfg.model.hf_dir:
-            from sapo_megatron.checkpoint import load_hf_into_model
+                load_into_model(self.chunks, cfg.model.ckpt_dir)
+            elif cfg.model.hf_dir:
+                from sapo_megatron.checkpoint import load_hf_into_model
 
-            load_hf_into_model(self.chunks, cfg.model.hf_dir)
+                load_hf_into_model(self.chunks, cfg.model.hf_dir)
         self.optimizer = build_optimizer(
             self.chunks, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, clip_grad=cfg.optim.clip_grad,
             adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
@@ -244,10 +253,11 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------
     def _maybe_resume(self) -> None:
-        path = latest_checkpoint(self.out) if self.cfg.run.resume else None
+        path = agreed_latest_checkpoint(self.out) if self.cfg.run.resume else None  # rank 0's view, on all
         if path is None:
             return
-        meta = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
+        with self._phase(f"checkpoint load {path.name}", "checkpoint"):
+            meta = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
         self.step = meta.get("rl_step", meta["step"])
         self.stream.load_state_dict(meta["data"])
         self.cold_start.load_state_dict(meta.get("cold_start"), rl_step=self.step)
@@ -263,6 +273,11 @@ class Trainer:
                         meta={"data": data, "rl_step": self.step, "cold_start": self.cold_start.state_dict(),
                               **self._model_meta()},
                         keep_last=self.cfg.run.keep_last, async_save=self.cfg.run.async_save)
+
+    def _phase(self, name: str, limit: str):
+        """A watchdog phase under ``run.timeouts.<limit>_s`` (step, rollout, checkpoint, weight_sync)."""
+        key = f"{limit}_s"
+        return watchdog.phase(name, getattr(self.cfg.run.timeouts, key), key=f"run.timeouts.{key}")
 
     @property
     def iteration(self) -> int:
@@ -311,10 +326,11 @@ class Trainer:
         # A rank with nothing to generate still calls the engine, with no prompts: an engine's
         # collectives (the SGLang replicas' stale-server re-sync spans the world) must see every
         # rank, or a dynamic-sampling round whose quota is full on one DP rank hangs the others.
-        results = self.engine.generate([p.ids for p in flat], params, return_routes=self._want_routes)
-        if not generate:
-            return None
-        return flat, results, self._score(flat, results, count_exact=round_ == 0)
+        with self._phase(f"rollout round {round_}", "rollout"):
+            results = self.engine.generate([p.ids for p in flat], params, return_routes=self._want_routes)
+            if not generate:
+                return None
+            return flat, results, self._score(flat, results, count_exact=round_ == 0)
 
     def _score(self, flat, results, *, count_exact: bool) -> torch.Tensor:
         """Rewards of a round; its exact answers are counted for ``exact_frac`` when ``count_exact``
@@ -345,7 +361,8 @@ class Trainer:
         flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
                                      run_seed=self.cfg.run.seed, step=step)
-        self.engine.submit([p.ids for p in flat], params, return_routes=self._want_routes)
+        with self._phase(f"rollout submit step {step}", "rollout"):  # a stale server is re-synced first
+            self.engine.submit([p.ids for p in flat], params, return_routes=self._want_routes)
         # The servers hold the weights of version self.step (synced at the end of step - 1).
         self._prefetched = (flat, self.step)
 
@@ -354,11 +371,12 @@ class Trainer:
         t0 = time.perf_counter()
         if self._prefetched is None:  # the first step, or the first after a resume
             self._submit(self.step)
-        results = self.engine.collect()
-        wait = time.perf_counter() - t0
-        flat, version = self._prefetched
-        results = [dataclasses.replace(r, meta={**r.meta, "weight_version": version}) for r in results]
-        rewards = self._score(flat, results, count_exact=True)
+        with self._phase(f"rollout collect step {self.step}", "rollout"):
+            results = self.engine.collect()
+            wait = time.perf_counter() - t0
+            flat, version = self._prefetched
+            results = [dataclasses.replace(r, meta={**r.meta, "weight_version": version}) for r in results]
+            rewards = self._score(flat, results, count_exact=True)
         # Measured on this rank (rank 0 is a leader; the others report their wait only).
         self._async_metrics = {"async/wait_rollout_s": wait, "async/wait_train_s": getattr(self.engine, "idle_s", 0.0)}
         self._prefetched = None
@@ -444,13 +462,15 @@ class Trainer:
 
         t0 = time.perf_counter()
         if self._async:  # /flush_cache answers 400 while requests run: let the next batch finish
-            self.engine.drain()
+            with self._phase("rollout drain", "rollout"):
+                self.engine.drain()
             wait = self._async_metrics["async/wait_rollout_s"] = self._async_metrics["async/wait_rollout_s"] + (
                 time.perf_counter() - t0)
             # Share of generation hidden behind training: 1 - the trainer's wait / generation time.
             generate_s = getattr(self.engine, "generate_s", 0.0) if self._prefetched is not None else 0.0
             self._async_metrics["async/overlap_frac"] = max(0.0, 1.0 - wait / generate_s) if generate_s > 0 else 0.0
-        with self.logger.phase("weight sync", 1) as advance:
+        with self.logger.phase("weight sync", 1) as advance, \
+                self._phase(f"weight sync to version {self.step + 1}", "weight_sync"):
             # The policy version is the number of RL steps completed (this one included).
             sync_params(self.chunks)
             self.engine.update_weights(self.chunks, self.step + 1)
@@ -471,14 +491,14 @@ class Trainer:
 
         t0 = time.perf_counter()
         passes = int(self.reference is not None) + int(not cfg.train.use_rollout_log_probs)
-        with self.logger.phase("log-probs", passes) as advance:
+        with self.logger.phase("log-probs", passes) as advance, self._phase("log-probs", "step"):
             samples = self._log_prob_passes(samples, microbatches, advance)
         timings["time/old_logprob_s"] = time.perf_counter() - t0
         timings.update(self._mismatch_metrics)
 
         t0 = time.perf_counter()
         update_metrics, start = [], 0
-        with self.logger.phase("updates", cfg.train.updates_per_rollout) as advance:
+        with self.logger.phase("updates", cfg.train.updates_per_rollout) as advance, self._phase("updates", "step"):
             for m in minibatches:
                 m = dataclasses.replace(m, samples=samples[start : start + len(m.samples)])
                 start += len(m.samples)
@@ -614,22 +634,28 @@ class Trainer:
     def train(self) -> None:
         run_cold_start(self)  # the supervised steps not done yet (none unless train.cold_start_steps)
         # Engines that serve from a copy of the weights start from the trainer's (version = step).
-        sync_params(self.chunks)
-        getattr(self.engine, "begin", lambda chunks, version: None)(self.chunks, self.step)
+        with self._phase(f"weight sync to version {self.step}", "weight_sync"):
+            sync_params(self.chunks)
+            getattr(self.engine, "begin", lambda chunks, version: None)(self.chunks, self.step)
         while self.step < self.cfg.run.steps:
             t0 = time.perf_counter()
-            metrics = self.train_step()
+            # The step's own limit bounds its collectives between the phases inside.
+            with self._phase(f"step {self.step}", "step"):
+                metrics = self.train_step()
             metrics["time/step_s"] = time.perf_counter() - t0
             self.step += 1
             self.logger.log(metrics)
             every = self.cfg.run.save_every  # 0: only the final checkpoint
             if (every and self.step % every == 0) or self.step == self.cfg.run.steps:
-                with self.logger.phase("checkpoint", 1) as advance:
+                with self.logger.phase("checkpoint", 1) as advance, \
+                        self._phase(f"checkpoint save step {self.iteration}", "checkpoint"):
                     self._save()
                     advance()
-        finalize_async_saves()  # a pending async checkpoint is published before exit
+        with self._phase("checkpoint finalize", "checkpoint"):
+            finalize_async_saves()  # a pending async checkpoint is published before exit
         self.engine.close()
         self.logger.close()
+        self.watchdog.stop()
 
 
 def train(cfg) -> None:
