@@ -46,9 +46,9 @@ def test_summarise_means_over_the_steps_that_report():
              "routing/live_agreement_moe1": 1.0},
             {"step": 1, "train_rollout_logprob_abs_diff": 0.4, "train_rollout_logprob_abs_diff_live": 0.5,
              "routing/live_agreement_moe0": 0.7, "routing/live_agreement_moe1": 0.8}]
-    out = summarise(rows)
+    out = summarise([{"phase": "cold_start", "entropy": 9.0, "step": 0}] + rows)
     assert out["logprob_abs_diff_r3"] == pytest.approx(0.3)
     assert out["logprob_abs_diff_live"] == pytest.approx(0.5)
     assert out["routing_agreement_live_moe0"] == pytest.approx(0.8)
     assert out["routing_agreement_live_moe1"] == pytest.approx(0.9)
-    assert out["steps"] == 2.0
+    assert out["steps"] == 2.0 and "entropy" not in out, "cold-start rows are not RL steps"

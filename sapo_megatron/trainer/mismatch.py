@@ -57,7 +57,9 @@ def gap_counts(train_lp: Tensor, rollout_lp: Tensor, mask: Tensor, advantages: T
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
-    """Means over the steps of each figure, plus per-layer live agreement and the step count."""
+    """Means over the RL steps of each figure (supervised cold-start rows are left out: their
+    entropy is the SFT batch's), plus per-layer live agreement and the RL step count."""
+    rows = [r for r in rows if r.get("phase") != "cold_start"]
     out: dict[str, float] = {}
     for metric, name in FIGURES.items():
         values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
