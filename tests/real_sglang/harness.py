@@ -85,7 +85,7 @@ def ensure_venv(version: str = SGLANG_VERSION, *, log=print) -> Path:
         log(f"building the SGLang {version} virtualenv in {target} (once per machine; several minutes)")
         steps = [
             [sys.executable, "-m", "venv", "--clear", str(target)],
-            [str(venv_python(version)), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+            [str(venv_python(version)), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-cache-dir",
              f"sglang=={version}"],
             check,
         ]
