@@ -28,8 +28,21 @@ def digits_after_idle(prompt_text: str, response_text: str, answer, meta) -> flo
     so every pooled connection is closed by the server before the next weight push."""
     if time.monotonic() - _last_idle[0] > 10.0:
         time.sleep(float(os.environ.get("SAPO_TEST_IDLE_S", "0")))
+        _wait_for_restart()
         _last_idle[0] = time.monotonic()
     return digits(prompt_text, response_text, answer, meta)
+
+
+def _wait_for_restart(limit_s: float = 300.0) -> None:
+    """While ``$SAPO_TEST_GATE.armed`` exists (a test killed a server) and ``$SAPO_TEST_GATE.released``
+    does not (it is not back yet), scoring waits: the step after the kill then always meets the
+    restarted server, however long its start takes on a loaded machine."""
+    gate = os.environ.get("SAPO_TEST_GATE")
+    if not gate:
+        return
+    deadline = time.monotonic() + limit_s
+    while os.path.exists(gate + ".armed") and not os.path.exists(gate + ".released") and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 _calls = [0]

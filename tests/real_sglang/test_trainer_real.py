@@ -60,11 +60,13 @@ def _config(tmp_path: Path, model: Path, urls: list[str], *, steps: int = 3, tp:
     }
 
 
-def train(tmp_path: Path, config: dict, *extra: str, nproc: int = 2, name: str = "train.yaml", timeout: float = 420):
+def train(tmp_path: Path, config: dict, *extra: str, nproc: int = 2, name: str = "train.yaml", timeout: float = 420,
+          **env_extra: str):
     """One ``sapo-megatron train`` under torchrun; returns the metrics rows."""
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
-    env = clean_env(SAPO_TEST_SGLANG_KEY=API_KEY, SAPO_TEST_SGLANG_ADMIN_KEY=ADMIN_KEY, SAPO_TEST_IDLE_S=str(IDLE_S))
+    env = clean_env(SAPO_TEST_SGLANG_KEY=API_KEY, SAPO_TEST_SGLANG_ADMIN_KEY=ADMIN_KEY, SAPO_TEST_IDLE_S=str(IDLE_S),
+                    **env_extra)
     torchrun("sapo_megatron.cli", "train", "--config", path, *extra, nproc=nproc, module=True, env=env,
              timeout=timeout)
     return metrics(Path(config["run"]["output_dir"]))
@@ -173,26 +175,34 @@ def test_dynamic_sampling_at_dp2_with_one_rank_full_first(servers, tiny_model, t
 @pytest.mark.parametrize("count", [1, 2])
 def test_server_killed_mid_run_and_restarted(servers, tiny_model, tmp_path, sync, count):
     """After step 0, the last server is killed by PID (SIGKILL to its process group) and started
-    again on the same port. The run goes on, and the server is re-synced before it serves again."""
+    again on the same port; step 1 scores only once it is back (``rewards._wait_for_restart``),
+    so step 1's rollout meets it down and the next push meets it restarted with its launch
+    weights. The run goes on, and the server is re-synced before it serves again."""
     names = ["a", "b"][:count]
     group = [servers.keyed(n) for n in names]
     victim = group[-1]
     out = tmp_path / "run"
     restarted = threading.Event()
 
+    gate = tmp_path / "gate"
+
     def kill_and_restart() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not (out / "metrics.jsonl").exists():
             time.sleep(0.2)
+        Path(f"{gate}.armed").touch()
         victim.kill()
-        victim.start()
+        try:
+            victim.start()
+        finally:
+            Path(f"{gate}.released").touch()
         restarted.set()
 
     watcher = threading.Thread(target=kill_and_restart, daemon=True)
     watcher.start()
     config = _config(tmp_path, tiny_model, [s.url for s in group], steps=4, sync=sync,
                      sglang={"retries": 4, "backoff_s": 2.0})
-    rows = train(tmp_path, config)
+    rows = train(tmp_path, config, SAPO_TEST_GATE=str(gate))
     watcher.join(timeout=120)
     assert restarted.is_set()
     assert [r["step"] for r in rows][-1] == 3
