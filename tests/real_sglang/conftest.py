@@ -46,7 +46,7 @@ class ServerPool:
         self.servers: dict[str, RealServer] = {}
 
     def get(self, name: str, *, args: tuple[str, ...] = (), env: dict | None = None,
-            api_key: str | None = None, admin_key: str | None = None) -> RealServer:
+            api_key: str | None = None, admin_key: str | None = None, wait: bool = True) -> RealServer:
         server = self.servers.get(name)
         if server is not None and (server.args, server.env) != (tuple(args), dict(env or {})):
             server.stop()
@@ -56,14 +56,17 @@ class ServerPool:
                                 api_key=api_key, admin_key=admin_key)
             self.servers[name] = server
         if not server.alive():
-            server.start()
+            server.start(wait=wait)
         return server
 
-    def keyed(self, name: str) -> RealServer:
-        """A server with ``--api-key`` and ``--admin-api-key`` (the trainer reads them from the
-        environment variables the test sets)."""
-        return self.get(name, args=("--api-key", API_KEY, "--admin-api-key", ADMIN_KEY), api_key=API_KEY,
-                        admin_key=ADMIN_KEY)
+    def keyed(self, *names: str) -> RealServer | list[RealServer]:
+        """Servers with ``--api-key`` and ``--admin-api-key`` (the trainer reads them from the
+        environment variables the test sets), started together; one name gives one server."""
+        group = [self.get(name, args=("--api-key", API_KEY, "--admin-api-key", ADMIN_KEY), api_key=API_KEY,
+                          admin_key=ADMIN_KEY, wait=False) for name in names]
+        for server in group:
+            server.wait_healthy(240.0)
+        return group[0] if len(names) == 1 else group
 
     def reset(self) -> None:
         for server in self.servers.values():

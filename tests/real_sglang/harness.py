@@ -233,7 +233,9 @@ class RealServer:
                 "--skip-server-warmup", "--max-total-tokens", "4096", "--mem-fraction-static", "0.1",
                 "--log-level", "warning", "--sleep-on-idle", *self.args]
 
-    def start(self, *, wait_s: float = 240.0) -> "RealServer":
+    def start(self, *, wait_s: float = 240.0, wait: bool = True) -> "RealServer":
+        """Launch; with ``wait`` (default) return once ``/health`` answers. ``wait=False`` lets
+        several servers start at once (then :meth:`wait_healthy` each)."""
         if self.proc is not None and self.proc.poll() is None:
             return self
         self._tail.clear()
@@ -242,7 +244,8 @@ class RealServer:
                                      text=True, errors="replace")
         self.starts += 1
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-        self.wait_healthy(wait_s)
+        if wait:
+            self.wait_healthy(wait_s)
         return self
 
     def _pump(self, proc: subprocess.Popen) -> None:
