@@ -18,11 +18,17 @@ _POOL_KEY = pytest.StashKey()
 
 
 def pytest_collection_modifyitems(items):
+    """Marks the tier's tests, and runs them LAST: `.ci/run` builds the SGLang venv in the
+    background meanwhile (``ensure_venv`` waits on its lock), and the servers' memory is never
+    held while the rest of the suite runs."""
     here = os.path.dirname(__file__)
-    for item in items:
-        if str(item.fspath).startswith(here):
-            item.add_marker(pytest.mark.real_sglang)
-            item.add_marker(pytest.mark.slow)
+    ours = [item for item in items if str(item.fspath).startswith(here)]
+    for item in ours:
+        item.add_marker(pytest.mark.real_sglang)
+        item.add_marker(pytest.mark.slow)
+    if ours:
+        mine = {id(item) for item in ours}
+        items[:] = [item for item in items if id(item) not in mine] + ours
 
 
 @pytest.fixture(scope="session")
