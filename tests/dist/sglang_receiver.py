@@ -87,16 +87,22 @@ class Receiver:
             self.destroy_group(name)
 
     def receive(self, body: dict) -> tuple[bool, str]:
+        """SGLang 0.5.23 answers any failure of the receive (an unknown group, an unaligned
+        bucket, a broadcast that fails or times out) as ``"Failed to receive weights: <error>"``
+        (``managers/scheduler_components/weight_updater.py``), never by dropping the request."""
+        try:
+            return self._receive(body)
+        except Exception as e:
+            return False, f"Failed to receive weights: {e}"
+
+    def _receive(self, body: dict) -> tuple[bool, str]:
         name = body.get("group_name", "weight_update_group")
         if name not in self.groups:
-            return False, f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first."
+            raise AssertionError(f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first.")
         group = self.groups[name]
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if body.get("load_format") == "flattened_bucket":
-            try:
-                flat, metas = empty_bucket(names, dtypes, shapes)
-            except ValueError as e:
-                return False, str(e)
+            flat, metas = empty_bucket(names, dtypes, shapes)
             dist.broadcast(flat, src=0, group=group)
             received = [(n, flat[a:b].view(dt).reshape(shape)) for n, shape, dt, a, b in metas]
             count, nbytes = 1, flat.numel()
@@ -131,10 +137,14 @@ def main() -> None:
     parser.add_argument("--dense", type=int, nargs="*", default=[0])
     parser.add_argument("--vocab", type=int, default=50)
     parser.add_argument("--die-at", type=int, default=None, help="restart at this /generate request")
+    parser.add_argument("--version", default="0.5.23", help="the SGLang release it plays (weight-update session from 0.5.21)")
+    parser.add_argument("--refuse-update-at", type=int, default=None,
+                        help="answer the N-th /update_weights_from_distributed with 400, without receiving")
     args = parser.parse_args()
     mock = MockSGLang(Behaviour(receiver=True, tp_size=args.tp_size, keep_weights=not args.drop_weights,
                                 num_hidden_layers=args.layers, num_experts=args.experts, topk=args.topk,
-                                dense_layers=tuple(args.dense), vocab_size=args.vocab))
+                                dense_layers=tuple(args.dense), vocab_size=args.vocab, version=args.version,
+                                refuse_update_at=args.refuse_update_at))
     if args.die_at is not None:
         mock.die_at(args.die_at, down_s=0.2)
     with open(args.port_file + ".tmp", "w") as f:

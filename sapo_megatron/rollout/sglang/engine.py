@@ -264,14 +264,15 @@ class SGLangEngine:
 
     # ------------------------------------------------------------------ admin endpoints
     def submit_all(self, path: str, payload_of: Callable[[str], dict], *, urls=None,
-                   collective: bool = False) -> dict[str, Future]:
-        """POST ``path`` (an admin endpoint) to every server of ``urls`` concurrently. Collective
-        requests (the server enters a broadcast) are not retried: a half-joined group cannot be
-        re-entered."""
+                   collective: bool = False, timeout: float | None = None) -> dict[str, Future]:
+        """POST ``path`` (an admin endpoint) to every server of ``urls`` concurrently, each
+        request bounded by ``timeout`` (default ``weight_timeout_s``). Collective requests (the
+        server enters a broadcast) are not retried: a half-joined group cannot be re-entered."""
+        timeout = self.config.weight_timeout_s if timeout is None else timeout
+
         def post(url: str) -> dict:
             def call(u: str) -> dict:
-                return self.transport.call_json(u, path, payload_of(u), timeout=self.config.weight_timeout_s,
-                                                admin=True)
+                return self.transport.call_json(u, path, payload_of(u), timeout=timeout, admin=True)
 
             return call(url) if collective else self.transport.with_retries(call, [url], f"{path} on {url}")[0]
 

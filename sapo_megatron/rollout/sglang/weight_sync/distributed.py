@@ -8,6 +8,14 @@ bucket's bytes as ONE uint8 tensor from rank 0 (:mod:`.buckets` orders tensors s
 is aligned). With ``load_format: None`` each tensor is its own broadcast, as SGLang also accepts.
 The last bucket carries ``weight_version`` and ``flush_cache``.
 
+The weight-update session (SGLang >= 0.5.21, by the version in ``/server_info``): such a server
+refuses ``/update_weights_from_distributed`` with 400 unless ``/begin_weight_update`` opened a
+session, which ``/end_weight_update`` closes (:mod:`..protocol`). Every push (and re-sync)
+opens one on each member server that has them before the first bucket and ends it after the
+last answer, and also when the push fails (best effort). A session still open when we begin
+(a trainer that crashed inside a sync) is ended and opened again, with a warning. Older servers
+get neither request (the endpoints answer 404 there).
+
 Design choices:
 - One group over all servers: server ``i`` has ``rank_offset = 1 + sum(tp_size of servers < i)``
   (``tp_size`` from ``/server_info``), ``world_size = 1 + sum(tp_size)``, so each bucket leaves
@@ -46,9 +54,11 @@ import torch.distributed as dist
 from sapo_megatron.checkpoint.live import plan_buckets
 from sapo_megatron.checkpoint.pieces import carve
 from sapo_megatron.rollout.sglang.protocol import (
+    SESSION_ALREADY_OPEN,
     check_server,
     distributed_update_payload,
     init_group_payload,
+    weight_session_needed,
 )
 from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
 from sapo_megatron.rollout.sglang.weight_sync.base import WeightSync, share_outcome
@@ -60,6 +70,7 @@ from sapo_megatron.rollout.sglang.weight_sync.group import (
 
 logger = logging.getLogger(__name__)
 UPDATE = "/update_weights_from_distributed"
+BEGIN, END = "/begin_weight_update", "/end_weight_update"
 
 
 class DistributedSync(WeightSync):
@@ -75,6 +86,7 @@ class DistributedSync(WeightSync):
         self.group_name: str | None = None
         self.generation = 0
         self.rebuilds = 0
+        self.sessions: list[str] = []  # servers on which this push opened a weight-update session
         # Seconds of the pushes so far (rank 0 only for wire_wait_s), for benchmarks/bench_weight_sync.py:
         # assembling the buckets (copies and receives), waiting for the broadcast of the previous one.
         self.timings = {"assemble_s": 0.0, "wire_wait_s": 0.0}
@@ -146,6 +158,47 @@ class DistributedSync(WeightSync):
             self._build(urls)
         return self.members
 
+    # ------------------------------------------------------------------ the session (rank 0)
+    def _open_sessions(self, urls: list[str]) -> None:
+        self.sessions = [u for u in urls if weight_session_needed(self.engine.server_info(u))]
+        if not self.sessions:
+            return
+        futures = self.engine.submit_all(BEGIN, lambda url: {}, urls=self.sessions)
+        left_open = [u for u, f in futures.items() if _refused_with(f, SESSION_ALREADY_OPEN)]
+        if left_open:
+            logger.warning("SGLang servers %s hold a weight-update session nobody closed (a trainer that "
+                           "crashed inside a sync?): ending it and opening ours", left_open)
+            self.engine.on_all_servers(END, lambda url: {}, "ending a weight-update session left open",
+                                       urls=left_open)
+            futures.update(self.engine.submit_all(BEGIN, lambda url: {}, urls=left_open))
+        self.engine.collect(futures, BEGIN, "opening the weight-update session")
+
+    def _close_sessions(self, version: int) -> None:
+        urls, self.sessions = self.sessions, []
+        if urls:
+            self.engine.on_all_servers(END, lambda url: {}, f"closing the weight-update session of version {version}",
+                                       urls=urls)
+
+    def _best_effort(self, path: str, urls: list[str], payload_of, why: str) -> None:
+        """Clean-up on a failure path: one attempt per server, each bounded by the client's
+        request timeout (``timeout_s``); refusals are logged, never raised."""
+        futures = self.engine.submit_all(path, payload_of, urls=urls, collective=True,  # one attempt
+                                         timeout=self.engine.config.timeout_s)
+        for url, future in futures.items():
+            try:
+                answer = future.result()
+            except Exception as err:
+                answer = {"message": f"{type(err).__name__}: {err}"}
+            if not (isinstance(answer, dict) and answer.get("success")):
+                reason = answer.get("message", answer) if isinstance(answer, dict) else answer
+                logger.info("%s on %s (%s): %s", path, url, why, reason)
+
+    def _fail(self) -> None:
+        """What a failed push leaves open on the servers, closed (best effort)."""
+        urls, self.sessions = self.sessions, []
+        if urls:
+            self._best_effort(END, urls, lambda url: {}, "the push failed")
+
     # ------------------------------------------------------------------ one push (all ranks)
     def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
         from sapo_megatron.checkpoint.live import export_plan
@@ -156,9 +209,10 @@ class DistributedSync(WeightSync):
         if dist.get_rank() == 0:
             try:
                 members = self._prepare(rebuild)
+                self._open_sessions(members)
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
-        share_outcome(error, members)  # every rank raises if the group could not be built
+        share_outcome(error, members)  # every rank raises if the group or a session could not be opened
 
         buckets = plan_buckets(plan.entries, self.section.bucket_bytes)
         # Two buckets' worth of memory on rank 0, reused: bucket k + 1 is assembled into one while
@@ -193,6 +247,13 @@ class DistributedSync(WeightSync):
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
                 self.pg, self.members = None, []
+        if dist.get_rank() == 0 and not error:
+            try:
+                self._close_sessions(version)
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+        if dist.get_rank() == 0 and error:
+            self._fail()
         if dist.get_rank() == 0 and not error:
             logger.info("SGLang servers serve version %d (%d buckets over %s)", version, len(buckets), self.group_name)
         return share_outcome(error, members if not error else [])
@@ -251,3 +312,11 @@ class DistributedSync(WeightSync):
         if self.pg is not None:
             destroy(self.pg)
             self.pg = None
+
+
+def _refused_with(future, text: str) -> bool:
+    """The request was answered ``success: false`` with a message containing ``text``."""
+    if future.exception() is not None:
+        return False
+    answer = future.result()
+    return isinstance(answer, dict) and not answer.get("success") and text in str(answer.get("message"))

@@ -1,0 +1,146 @@
+"""The distributed weight sync's session and group lifecycle, against receiving servers.
+
+Each server is ``python -m tests.dist.sglang_receiver`` (the mock, playing the SGLang release
+given by ``--version``, plus SGLang's receiving side); the trainer is a 2-rank TP=2 torchrun
+(tests/dist/dsync_worker.py) whose "runs" are new client objects, as a rerun or a resume has.
+What is checked, by counts (the requests each server saw, in order, with the status it answered,
+and which phase raised on which rank), never by wall-clock time:
+
+- the weight-update session (SGLang >= 0.5.21 refuses updates outside one): begin, the buckets,
+  end, on the servers that have sessions and on no other; a session left open by a crashed
+  client is ended and opened again;
+- the group's lifecycle: ``close()`` destroys the group on the servers, each run names its group
+  afresh, so a second run after a normal end or after a crash (no ``close()``) joins at once;
+- failures: a server refusing ``/init_weights_update_group`` (the real "already been created"
+  400) or one bucket fails the push on every rank with that server's message, without waiting
+  for the store, the broadcast or the group's timeout; the next push destroys what the failed
+  one left on the servers.
+
+The worker runs with ``weight_timeout_s: 600``: a sync that waits on a store or a broadcast
+instead of failing would run into the test's own time limit (``LIMIT_S``) and fail there.
+
+Run: ``pytest -m dist tests/test_sglang_weight_lifecycle.py`` (torchrun, a few minutes).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.dist.ckpt_models import make_hf_model
+from tests.launch import ROOT, torchrun
+from tests.sglang_receivers import dump_weights, start_receiver
+
+WORKER = ROOT / "tests" / "dist" / "dsync_worker.py"
+LIMIT_S = 300  # a worker run takes well under a minute; a hang stops here
+INIT, DESTROY = "/init_weights_update_group", "/destroy_weights_update_group"
+BEGIN, END, UPDATE = "/begin_weight_update", "/end_weight_update", "/update_weights_from_distributed"
+WEIGHT_PATHS = {INIT, DESTROY, BEGIN, END, UPDATE}
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    return make_hf_model("qwen3_moe", tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture
+def receivers(tmp_path):
+    procs = []
+
+    def start(*options):
+        urls = []
+        for extra in options:
+            proc, url = start_receiver(tmp_path / f"port{len(procs)}", *extra)
+            procs.append(proc)
+            urls.append(url)
+        return urls
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait(timeout=10)
+
+
+def run_trainer(hf, out, runs, *, crash=False) -> list[list[dict]]:
+    """One torchrun of the worker; the outcomes of its pushes, per rank."""
+    torchrun(WORKER, "--hf", hf, "--out", out, "--runs", json.dumps(runs), *(["--crash"] if crash else []),
+             nproc=2, timeout=LIMIT_S)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def seen(url, tmp_path) -> tuple[list[tuple[str, int]], dict]:
+    """The weight-endpoint requests the server at ``url`` saw, in order, with their statuses."""
+    dump = dump_weights(url, tmp_path / "dump.pt")
+    return [(path, status) for path, status in dump["requests"] if path in WEIGHT_PATHS], dump
+
+
+def send(url, path, body=None):
+    """A request from another client (a trainer that crashed, say)."""
+    from sapo_megatron.rollout.sglang.transport import Transport
+
+    t = Transport(concurrency=1, retries=0, backoff_s=0, api_key_env="X_NONE", admin_api_key_env="X_NONE")
+    try:
+        return t.call_json(url, path, {} if body is None else body, timeout=30)
+    finally:
+        t.close()
+
+
+def updates(requests) -> int:
+    return sum(path == UPDATE for path, _ in requests)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_push_runs_in_a_session_on_servers_that_have_them(receivers, hf, tmp_path):
+    new, old, left_open = receivers(["--version", "0.5.23"], ["--version", "0.5.20"], ["--version", "0.5.21"])
+    assert send(left_open, BEGIN)["success"]  # a client that crashed inside a sync left its session open
+    ranks = run_trainer(hf, tmp_path / "out", [{"urls": [new, old, left_open]}])
+    for outcomes in ranks:
+        assert [o["ok"] for o in outcomes] == [True], outcomes
+    n = None
+    for url in (new, old, left_open):
+        requests, dump = seen(url, tmp_path)
+        assert dump["version"] == "1" and dump["weights"] and not dump["session_open"], url
+        n = n or updates(requests)
+        assert n > 1 and updates(requests) == n, (url, requests)  # several buckets, to every server
+        assert all(status == 200 for path, status in requests if path == UPDATE), (url, requests)
+    flow = [(INIT, 200), (BEGIN, 200), *[(UPDATE, 200)] * n, (END, 200)]
+    assert seen(new, tmp_path)[0][: len(flow)] == flow
+    assert seen(old, tmp_path)[0][: n + 1] == [(INIT, 200), *[(UPDATE, 200)] * n]  # 0.5.20: no session
+    assert not {BEGIN, END} & {path for path, _ in seen(old, tmp_path)[0]}
+    # The open session was refused, ended and opened again, with a warning.
+    recovered = [(BEGIN, 200), (INIT, 200), (BEGIN, 400), (END, 200), (BEGIN, 200), *[(UPDATE, 200)] * n, (END, 200)]
+    assert seen(left_open, tmp_path)[0][: len(recovered)] == recovered
+
+
+@pytest.mark.parametrize("version", ["0.5.20", "0.5.21", "0.5.23"])
+def test_mock_weight_update_session_follows_the_release_it_plays(version):
+    """The mock's session, as read from each release's source (see tests/sglang_mock.py): the
+    session test above is only as good as this."""
+    from sapo_megatron.rollout.sglang.transport import ServerConfigError
+    from tests.sglang_mock import Behaviour, MockSGLang
+
+    update = {"names": ["w"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "g"}
+    with MockSGLang(Behaviour(version=version)) as mock:
+        post = lambda path, body=None: send(mock.url, path, body)  # noqa: E731
+        if version == "0.5.20":
+            for path in (BEGIN, END):
+                with pytest.raises(ServerConfigError) as err:
+                    post(path)
+                assert err.value.status == 404
+            assert post(UPDATE, update)["success"]  # no gate before 0.5.21
+            return
+        refused = post(UPDATE, update)
+        assert refused == {"success": False, "message": "update_weights_from_distributed must run between "
+                                                        "begin_weight_update() and end_weight_update()"}
+        assert post(END) == {"success": False, "message": "no weight-update session is open; call "
+                                                          "begin_weight_update() first"}
+        assert post(BEGIN) == {"success": True, "message": "Success"}
+        assert post(BEGIN)["message"] == "a weight-update session is already open; call end_weight_update() first"
+        assert post(UPDATE, {**update, "weight_version": "3"}) == {
+            "success": True, "message": "Succeeded to update parameter online. Weight version updated to 3."}
+        assert post(END) == {"success": True, "message": "Success"}
+        assert not post("/update_weights_from_tensor", {"serialized_named_tensors": []})["success"]
+        statuses = [r["status"] for r in mock.requests]
+        assert statuses == [400, 400, 200, 400, 200, 200, 400]  # every refusal is an HTTP 400
