@@ -440,7 +440,8 @@ class _Handler(BaseHTTPRequestHandler):
         mock = self.server.mock
         received = {} if mock.receiver is None else {k: v.clone() for k, v in mock.receiver.weights.items()}
         with mock.lock:  # the weight endpoints' requests so far (this one excluded), with their statuses
-            requests = [(r["path"], r["status"]) for r in mock.requests if not r["path"].startswith(("/_test", "/generate"))]
+            requests = [(r["path"], r["status"]) for r in mock.requests
+                        if not r["path"].startswith(("/_test", "/generate"))]
         torch.save({"weights": received, "version": mock.weight_version,
                     "broadcasts": 0 if mock.receiver is None else mock.receiver.broadcasts,
                     "request_dtypes": [] if mock.receiver is None else mock.receiver.request_dtypes,

@@ -114,6 +114,26 @@ def test_push_runs_in_a_session_on_servers_that_have_them(receivers, hf, tmp_pat
     assert seen(left_open, tmp_path)[0][: len(recovered)] == recovered
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_second_run_joins_the_same_servers_after_a_close_and_after_a_crash(receivers, hf, tmp_path):
+    a, b = receivers([], [])
+    # Process 1: a run that ends normally, then a second run (new objects) that crashes (no close()).
+    first = run_trainer(hf, tmp_path / "one", [{"urls": [a, b]}, {"urls": [a, b], "close": False}], crash=True)
+    # Process 2: the next run, straight after, against the same servers.
+    second = run_trainer(hf, tmp_path / "two", [{"urls": [a, b]}])
+    for outcomes in zip(first[0] + second[0], first[1] + second[1]):
+        assert all(o["ok"] for o in outcomes), outcomes  # both ranks, every run
+    groups = [o["group"] for o in first[0] + second[0]]
+    assert len(set(groups)) == 3, groups  # every run names its group afresh
+    for url in (a, b):
+        requests, dump = seen(url, tmp_path)
+        assert [p for p, _ in requests if p in (INIT, DESTROY)] == [INIT, DESTROY, INIT, INIT, DESTROY], requests
+        assert all(status == 200 for _, status in requests), requests
+        assert dump["groups"] == [groups[1]]  # only the crashed run's group is left (its name collides with none)
+        assert dump["version"] == "1" and not dump["session_open"]
+
+
 @pytest.mark.parametrize("version", ["0.5.20", "0.5.21", "0.5.23"])
 def test_mock_weight_update_session_follows_the_release_it_plays(version):
     """The mock's session, as read from each release's source (see tests/sglang_mock.py): the

@@ -98,7 +98,8 @@ class Receiver:
     def _receive(self, body: dict) -> tuple[bool, str]:
         name = body.get("group_name", "weight_update_group")
         if name not in self.groups:
-            raise AssertionError(f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first.")
+            raise AssertionError(f"Group {name} not in {list(self.groups)}. "
+                                 "Please call `init_weights_update_group` first.")
         group = self.groups[name]
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if body.get("load_format") == "flattened_bucket":
@@ -137,7 +138,8 @@ def main() -> None:
     parser.add_argument("--dense", type=int, nargs="*", default=[0])
     parser.add_argument("--vocab", type=int, default=50)
     parser.add_argument("--die-at", type=int, default=None, help="restart at this /generate request")
-    parser.add_argument("--version", default="0.5.23", help="the SGLang release it plays (weight-update session from 0.5.21)")
+    parser.add_argument("--version", default="0.5.23",
+                        help="the SGLang release it plays (weight-update session from 0.5.21)")
     parser.add_argument("--refuse-update-at", type=int, default=None,
                         help="answer the N-th /update_weights_from_distributed with 400, without receiving")
     args = parser.parse_args()

@@ -24,9 +24,17 @@ Design choices:
 - Rejoining: a group's ranks are fixed when it is built, so a server that restarted (or was down)
   cannot take its place back. Any re-sync therefore DESTROYS the group (``/destroy_weights_update_group``
   on the servers that still hold it, ``destroy_process_group`` here) and builds a new one over every
-  reachable server, under a new group name (``<group_name>_r<n>``), then pushes the whole model. A
-  restart is rare; the common step pays nothing for this. A server that is down is left out and
-  stays stale until a later sync finds it reachable.
+  reachable server, under a new group name (``<group_name>_<run token>_r<n>``), then pushes the whole
+  model. A restart is rare; the common step pays nothing for this. A server that is down is left
+  out and stays stale until a later sync finds it reachable.
+- The group's lifecycle on the servers. A server keeps a group until told to destroy it, and
+  refuses a second group of the same name at once (400 "The specified group name has already
+  been created", torch's own check). So ``close()`` destroys the group on the servers too, a failed
+  push destroys it on both sides at once (best effort: a server still waiting in a broadcast that
+  another server refused is released when that server's side goes), and every run names its
+  groups with a token of its own: a group that a crashed run left behind (nothing destroyed it)
+  never collides with the next run's. Clean-up requests are one attempt each, bounded by
+  ``timeout_s``.
 - Assembling on the device, overlapped with the wire: each bucket is ONE preallocated buffer on
   rank 0's device. Every holder of a tensor (TP slices, another expert-parallel or pipeline rank)
   sends its part of each HF tensor straight to rank 0, which receives it into its slice of the
@@ -44,6 +52,7 @@ Design choices:
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import time
 from datetime import timedelta
@@ -71,6 +80,7 @@ from sapo_megatron.rollout.sglang.weight_sync.group import (
 logger = logging.getLogger(__name__)
 UPDATE = "/update_weights_from_distributed"
 BEGIN, END = "/begin_weight_update", "/end_weight_update"
+DESTROY = "/destroy_weights_update_group"
 
 
 class DistributedSync(WeightSync):
@@ -81,9 +91,12 @@ class DistributedSync(WeightSync):
         self.hf_config = hf_config
         self.section = config.distributed
         self.timeout = timedelta(seconds=config.weight_timeout_s)
-        self.pg = None
-        self.members: list[str] = []
+        self.pg = None  # rank 0's side of the group
+        self.members: list[str] = []  # the servers that (may) hold the group named group_name
         self.group_name: str | None = None
+        # Unique per run: a group a crashed run left on the servers (nothing destroyed it) never
+        # has the name of ours, so the servers never refuse ours for that.
+        self.token = secrets.token_hex(3)
         self.generation = 0
         self.rebuilds = 0
         self.sessions: list[str] = []  # servers on which this push opened a weight-update session
@@ -102,18 +115,15 @@ class DistributedSync(WeightSync):
                 logger.warning("SGLang server %s left out of the weight sync (stays stale): %s", url, err)
         return up
 
-    def _teardown(self) -> None:
-        if self.pg is None:
-            return
-        payload = {"group_name": self.group_name}
-        futures = self.engine.submit_all("/destroy_weights_update_group", lambda u: payload, urls=self.members)
-        for url, future in futures.items():
-            try:  # a restarted server has no such group any more: its refusal is expected
-                future.result()
-            except Exception as err:
-                logger.info("destroy_weights_update_group on %s: %s", url, err)
+    def _teardown(self, why: str) -> None:
+        """The group gone on both sides: rank 0's process group, then the servers' (best effort:
+        a restarted server no longer holds it and says so)."""
         destroy(self.pg)
-        self.pg, self.members = None, []
+        self.pg = None
+        members, self.members = self.members, []
+        if members:
+            payload = {"group_name": self.group_name}
+            self._best_effort(DESTROY, members, lambda url: payload, why)
 
     def _build(self, urls: list[str]) -> None:
         if self.engine.config.concurrency < len(urls):  # a bucket's requests must all be in flight at once
@@ -129,7 +139,10 @@ class DistributedSync(WeightSync):
         world = rank
         address = self.section.master_address or socket.getfqdn()
         port = self.section.master_port or free_port()
-        name = self.section.group_name if self.generation == 0 else f"{self.section.group_name}_r{self.generation}"
+        name = f"{self.section.group_name}_{self.token}" + (f"_r{self.generation}" if self.generation else "")
+        self.generation += 1  # a failed attempt's name is not used again either
+        # Until the servers answer, any of them may hold the group: a failure tears it down there.
+        self.members, self.group_name = list(urls), name
         box = {}
 
         def join() -> None:
@@ -137,13 +150,14 @@ class DistributedSync(WeightSync):
                 backend=self.section.backend, host=address, port=port, world_size=world, group_name=name,
                 timeout=self.timeout)
 
-        self.engine.on_all_servers(
-            "/init_weights_update_group",
-            lambda url: init_group_payload(master_address=address, master_port=port, rank_offset=offsets[url],
-                                           world_size=world, group_name=name, backend=self.section.backend),
-            f"joining the weight-sync group {name} at {address}:{port}", urls=urls, while_open=join)
-        self.pg, self.members, self.group_name = box["pg"], list(urls), name
-        self.generation += 1
+        try:
+            self.engine.on_all_servers(
+                "/init_weights_update_group",
+                lambda url: init_group_payload(master_address=address, master_port=port, rank_offset=offsets[url],
+                                               world_size=world, group_name=name, backend=self.section.backend),
+                f"joining the weight-sync group {name} at {address}:{port}", urls=urls, while_open=join)
+        finally:
+            self.pg = box.get("pg")  # built even if a server failed: torn down with the rest
         logger.info("weight-sync group %s: trainer rank 0 + %s (world %d)", name,
                     {u: offsets[u] for u in urls}, world)
 
@@ -154,7 +168,7 @@ class DistributedSync(WeightSync):
         if rebuild or self.pg is None or urls != self.members:
             if self.pg is not None:
                 self.rebuilds += 1
-            self._teardown()
+            self._teardown("rebuilding the group")
             self._build(urls)
         return self.members
 
@@ -194,7 +208,10 @@ class DistributedSync(WeightSync):
                 logger.info("%s on %s (%s): %s", path, url, why, reason)
 
     def _fail(self) -> None:
-        """What a failed push leaves open on the servers, closed (best effort)."""
+        """What a failed push leaves on the servers, closed (best effort): the group first (a
+        server still waiting in a broadcast that another server refused is released when that
+        one's side of the group goes), then the sessions."""
+        self._teardown("the push failed")
         urls, self.sessions = self.sessions, []
         if urls:
             self._best_effort(END, urls, lambda url: {}, "the push failed")
@@ -237,7 +254,6 @@ class DistributedSync(WeightSync):
                     self._answered(sent, version)
             except Exception as err:
                 error, in_flight = f"{type(err).__name__}: {err}", None
-                self.pg, self.members = None, []  # a broken group is rebuilt at the next sync
         if in_flight is not None and not error:
             try:
                 t0 = time.perf_counter()
@@ -246,7 +262,6 @@ class DistributedSync(WeightSync):
                 self.timings["wire_wait_s"] += time.perf_counter() - t0
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
-                self.pg, self.members = None, []
         if dist.get_rank() == 0 and not error:
             try:
                 self._close_sessions(version)
@@ -309,9 +324,10 @@ class DistributedSync(WeightSync):
         self.engine.collect(in_flight[0], UPDATE, f"weight update to version {version}")
 
     def close(self) -> None:
-        if self.pg is not None:
-            destroy(self.pg)
-            self.pg = None
+        """Rank 0 destroys the group on both sides (best effort, each request bounded by
+        ``timeout_s``), so the servers hold nothing of this run; the other ranks hold nothing."""
+        if self.engine is not None:
+            self._teardown("closing the weight sync")
 
 
 def _refused_with(future, text: str) -> bool:
