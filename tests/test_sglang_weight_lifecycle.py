@@ -134,6 +134,28 @@ def test_a_second_run_joins_the_same_servers_after_a_close_and_after_a_crash(rec
         assert dump["version"] == "1" and not dump["session_open"]
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_refused_init_fails_the_push_at_once_with_the_servers_message(receivers, hf, tmp_path):
+    a, b = receivers([], [])
+    # A run that crashed left its group on b under a name the next run reuses (a pinned token:
+    # the real name clash of a rerun before names were unique).
+    run_trainer(hf, tmp_path / "crashed", [{"urls": [b], "token": "pinned", "close": False}], crash=True)
+    # b refuses the init at once (400); a has joined the rendezvous and waits there for b.
+    ranks = run_trainer(hf, tmp_path / "next", [{"urls": [a, b], "token": "pinned"}, {"urls": [a, b]}])
+    for refused, fresh in ranks:  # every rank raised, in the join, with b's own message
+        assert not refused["ok"] and "joining the weight-sync group" in refused["error"], refused
+        assert b in refused["error"] and "The specified group name has already been created" in refused["error"]
+        assert fresh["ok"], fresh  # a new name joins both at once: nothing was left waiting on either
+    requests_a, _ = seen(a, tmp_path)
+    requests_b, _ = seen(b, tmp_path)
+    # a's init ended as soon as the trainer gave up (the store went away), not at its group's
+    # timeout; neither refusing server was asked to destroy a group it never joined.
+    assert requests_a[:3] == [(INIT, 400), (INIT, 200), (BEGIN, 200)], requests_a
+    crashed = requests_b.index((END, 200))  # the crashed run: init, begin, the buckets, end; no destroy
+    assert requests_b[crashed + 1:crashed + 4] == [(INIT, 400), (INIT, 200), (BEGIN, 200)], requests_b
+
+
 @pytest.mark.parametrize("version", ["0.5.20", "0.5.21", "0.5.23"])
 def test_mock_weight_update_session_follows_the_release_it_plays(version):
     """The mock's session, as read from each release's source (see tests/sglang_mock.py): the
@@ -164,3 +186,25 @@ def test_mock_weight_update_session_follows_the_release_it_plays(version):
         assert not post("/update_weights_from_tensor", {"serialized_named_tensors": []})["success"]
         statuses = [r["status"] for r in mock.requests]
         assert statuses == [400, 400, 200, 400, 200, 200, 400]  # every refusal is an HTTP 400
+
+
+def test_join_gives_up_at_once_and_leaves_no_thread():
+    """Rank 0's side of a group whose only server never joins (it refused): the join waits in
+    the store until ``give_up()`` says so, then ends, its thread gone, although the group's
+    timeout is 10 minutes. Counted by polls, not timed."""
+    import threading
+    from datetime import timedelta
+
+    from sapo_megatron.rollout.sglang.weight_sync import group
+
+    polls = []
+
+    def give_up():
+        polls.append(1)
+        return len(polls) >= 20  # the thread is inside the store's wait by now
+
+    with pytest.raises(group.JoinAbandoned, match="gave up joining weight-sync group lonely"):
+        group.join(backend="gloo", host="127.0.0.1", port=group.free_port(), world_size=2, group_name="lonely",
+                   timeout=timedelta(minutes=10), give_up=give_up)
+    assert len(polls) == 20
+    assert not [t for t in threading.enumerate() if t.name.startswith("weight-sync join")]

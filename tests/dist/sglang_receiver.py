@@ -20,7 +20,6 @@ import argparse
 import math
 import threading
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,6 +27,8 @@ from torch.distributed import distributed_c10d as c10d
 
 
 def init_custom_process_group(backend, init_method, world_size, rank, group_name, timeout=None):
+    # SGLang's model runner passes no timeout: the group waits (joins, broadcasts) for torch's
+    # default, 30 minutes. So does this one, so a client that waits on a server shows up.
     timeout = timeout or c10d.default_pg_timeout
     store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
@@ -70,8 +71,7 @@ class Receiver:
         try:
             self.groups[body.get("group_name", "weight_update_group")] = init_custom_process_group(
                 backend=body.get("backend", "nccl"), init_method=f"tcp://{body['master_address']}:{body['master_port']}",
-                world_size=body["world_size"], rank=rank, group_name=body.get("group_name", "weight_update_group"),
-                timeout=timedelta(seconds=120))
+                world_size=body["world_size"], rank=rank, group_name=body.get("group_name", "weight_update_group"))
             return True, "Succeeded to initialize custom process group."
         except Exception as e:
             return False, f"Failed to initialize custom process group: {e}."

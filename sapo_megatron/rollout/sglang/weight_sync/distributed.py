@@ -35,6 +35,15 @@ Design choices:
   groups with a token of its own: a group that a crashed run left behind (nothing destroyed it)
   never collides with the next run's. Clean-up requests are one attempt each, bounded by
   ``timeout_s``.
+- Failing fast. Only rank 0 talks HTTP; the other ranks wait for its outcome (``share_outcome``),
+  so a server's failure (4xx, 5xx, a timeout) must end rank 0's wait at once, whatever it waits
+  on. The rendezvous is given up as soon as any ``/init_weights_update_group`` answer is a failure
+  (:func:`.group.join` closes the store, which ends every wait on it, the servers' too). A
+  bucket's broadcast and its answers are watched together, and a refusal raises with the
+  server's message without waiting for the servers still inside the broadcast: gloo's tree
+  feeds some servers through others, so a server that refused leaves those waiting for their
+  group's timeout (30 minutes in SGLang). A failure thus surfaces within one request timeout
+  (``weight_timeout_s`` for the weight endpoints), never a store's, broadcast's or group's.
 - Assembling on the device, overlapped with the wire: each bucket is ONE preallocated buffer on
   rank 0's device. Every holder of a tensor (TP slices, another expert-parallel or pipeline rank)
   sends its part of each HF tensor straight to rank 0, which receives it into its slice of the
@@ -55,6 +64,7 @@ import logging
 import secrets
 import socket
 import time
+from concurrent.futures import wait
 from datetime import timedelta
 
 import torch
@@ -71,16 +81,12 @@ from sapo_megatron.rollout.sglang.protocol import (
 )
 from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
 from sapo_megatron.rollout.sglang.weight_sync.base import WeightSync, share_outcome
-from sapo_megatron.rollout.sglang.weight_sync.group import (
-    destroy,
-    free_port,
-    init_custom_process_group,
-)
+from sapo_megatron.rollout.sglang.weight_sync.group import JoinAbandoned, free_port, join
 
 logger = logging.getLogger(__name__)
 UPDATE = "/update_weights_from_distributed"
 BEGIN, END = "/begin_weight_update", "/end_weight_update"
-DESTROY = "/destroy_weights_update_group"
+INIT, DESTROY = "/init_weights_update_group", "/destroy_weights_update_group"
 
 
 class DistributedSync(WeightSync):
@@ -91,7 +97,7 @@ class DistributedSync(WeightSync):
         self.hf_config = hf_config
         self.section = config.distributed
         self.timeout = timedelta(seconds=config.weight_timeout_s)
-        self.pg = None  # rank 0's side of the group
+        self.group = None  # rank 0's side of the group (group.Group)
         self.members: list[str] = []  # the servers that (may) hold the group named group_name
         self.group_name: str | None = None
         # Unique per run: a group a crashed run left on the servers (nothing destroyed it) never
@@ -103,6 +109,10 @@ class DistributedSync(WeightSync):
         # Seconds of the pushes so far (rank 0 only for wire_wait_s), for benchmarks/bench_weight_sync.py:
         # assembling the buckets (copies and receives), waiting for the broadcast of the previous one.
         self.timings = {"assemble_s": 0.0, "wire_wait_s": 0.0}
+
+    @property
+    def pg(self):
+        return None if self.group is None else self.group.pg
 
     # ------------------------------------------------------------------ the group (rank 0)
     def _reachable(self, urls: list[str]) -> list[str]:
@@ -116,14 +126,17 @@ class DistributedSync(WeightSync):
         return up
 
     def _teardown(self, why: str) -> None:
-        """The group gone on both sides: rank 0's process group, then the servers' (best effort:
-        a restarted server no longer holds it and says so)."""
-        destroy(self.pg)
-        self.pg = None
+        """The group gone on both sides (best effort: a restarted server no longer holds it and
+        says so). The servers' sides go first: after a failed bucket, rank 0's destroy waits for
+        its broadcast still pending to a server that refused it, which ends only when that
+        server's side of the group goes (which also releases the servers gloo fed through it)."""
         members, self.members = self.members, []
         if members:
             payload = {"group_name": self.group_name}
             self._best_effort(DESTROY, members, lambda url: payload, why)
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     def _build(self, urls: list[str]) -> None:
         if self.engine.config.concurrency < len(urls):  # a bucket's requests must all be in flight at once
@@ -143,21 +156,29 @@ class DistributedSync(WeightSync):
         self.generation += 1  # a failed attempt's name is not used again either
         # Until the servers answer, any of them may hold the group: a failure tears it down there.
         self.members, self.group_name = list(urls), name
-        box = {}
-
-        def join() -> None:
-            box["pg"] = init_custom_process_group(
-                backend=self.section.backend, host=address, port=port, world_size=world, group_name=name,
-                timeout=self.timeout)
-
+        what = f"joining the weight-sync group {name} at {address}:{port}"
+        futures = self.engine.submit_all(
+            INIT, lambda url: init_group_payload(master_address=address, master_port=port, rank_offset=offsets[url],
+                                                 world_size=world, group_name=name, backend=self.section.backend),
+            urls=urls, collective=True)
         try:
-            self.engine.on_all_servers(
-                "/init_weights_update_group",
-                lambda url: init_group_payload(master_address=address, master_port=port, rank_offset=offsets[url],
-                                               world_size=world, group_name=name, backend=self.section.backend),
-                f"joining the weight-sync group {name} at {address}:{port}", urls=urls, while_open=join)
+            # A server that refuses (a name it holds, a wrong address) answers at once but never
+            # joins: the trainer gives up the rendezvous then instead of waiting for its timeout.
+            self.group = join(backend=self.section.backend, host=address, port=port, world_size=world,
+                              group_name=name, timeout=self.timeout,
+                              give_up=lambda: any(map(_failed, futures.values())))
+        except Exception as err:
+            # The servers still joining fail within milliseconds once the store is gone.
+            wait(futures.values(), timeout=self.engine.config.timeout_s)
+            self.members = [u for u, f in futures.items() if not _failed(f)]  # a refuser holds no group of ours
+            errors = [] if isinstance(err, JoinAbandoned) else [
+                f"the trainer's side failed: {type(err).__name__}: {err}"]
+            self.engine.collect({u: f for u, f in futures.items() if f.done()}, INIT, what, errors)
+            raise RuntimeError(f"{what} failed: {err}") from None
+        try:  # with NCCL the trainer's side returns before the servers have tried
+            self.engine.collect(futures, INIT, what)
         finally:
-            self.pg = box.get("pg")  # built even if a server failed: torn down with the rest
+            self.members = [u for u, f in futures.items() if not _failed(f)]
         logger.info("weight-sync group %s: trainer rank 0 + %s (world %d)", name,
                     {u: offsets[u] for u in urls}, world)
 
@@ -165,8 +186,8 @@ class DistributedSync(WeightSync):
         urls = self._reachable(self.engine.config.urls)
         if not urls:
             raise RuntimeError(f"no SGLang server is reachable for the weight sync ({self.engine.config.urls})")
-        if rebuild or self.pg is None or urls != self.members:
-            if self.pg is not None:
+        if rebuild or self.group is None or urls != self.members:
+            if self.group is not None:
                 self.rebuilds += 1
             self._teardown("rebuilding the group")
             self._build(urls)
@@ -312,22 +333,49 @@ class DistributedSync(WeightSync):
         futures, works, _wire = in_flight
         deadline = time.monotonic() + self.timeout.total_seconds()
         while not all(w.is_completed() for w in works):
-            failed = [f for f in futures.values() if f.done() and (f.exception() or not f.result().get("success"))]
-            if failed or time.monotonic() > deadline:
-                self.engine.collect(futures, UPDATE, f"weight update to version {version}")
-                raise RuntimeError(f"weight update to version {version}: the broadcast did not complete")
+            if any(map(_failed, futures.values())) or time.monotonic() > deadline:
+                self._refused(futures, f"weight update to version {version}")
             time.sleep(0.001)
         for w in works:
             w.wait()
 
     def _answered(self, in_flight, version: int) -> None:
-        self.engine.collect(in_flight[0], UPDATE, f"weight update to version {version}")
+        """Wait for one bucket's answers; a refusal fails the sync at once. A server may still be
+        inside that broadcast although it completed here: one that gloo's tree feeds through a
+        server that refused waits for its group's timeout."""
+        futures = in_flight[0]
+        while not all(f.done() for f in futures.values()):
+            if any(map(_failed, futures.values())):
+                self._refused(futures, f"weight update to version {version}")
+            time.sleep(0.001)
+        self.engine.collect(futures, UPDATE, f"weight update to version {version}")
+
+    def _refused(self, futures, what: str) -> None:
+        """Raise with the answers already in (the servers' own messages); the servers still
+        inside the broadcast are named, never waited for."""
+        waiting = [u for u, f in futures.items() if not f.done()]
+        note = f"; no answer yet from {', '.join(waiting)} (inside the broadcast)" if waiting else ""
+        try:
+            self.engine.collect({u: f for u, f in futures.items() if f.done()}, UPDATE, what)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}{note}") from None
+        raise RuntimeError(f"{what} failed: the broadcast did not complete{note}")
 
     def close(self) -> None:
         """Rank 0 destroys the group on both sides (best effort, each request bounded by
         ``timeout_s``), so the servers hold nothing of this run; the other ranks hold nothing."""
         if self.engine is not None:
             self._teardown("closing the weight sync")
+
+
+def _failed(future) -> bool:
+    """The request is answered and failed (an HTTP error, or ``success: false``)."""
+    if not future.done():
+        return False
+    if future.exception() is not None:
+        return True
+    answer = future.result()
+    return not (isinstance(answer, dict) and answer.get("success"))
 
 
 def _refused_with(future, text: str) -> bool:
