@@ -72,6 +72,7 @@ class Behaviour:
     admin_api_key: str | None = None  # --admin-api-key: then the ONLY key of the admin endpoints
     weight_update_ok: bool = True
     refuse_update_at: int | None = None  # the N-th /update_weights_from_distributed gets 400, never receives
+    refusal_delay_s: float = 0.0  # ... answered after this long
     version: str = "0.5.23"  # what /server_info reports
     tp_size: int = 1
     dp_size: int = 1
@@ -381,7 +382,8 @@ class _Handler(BaseHTTPRequestHandler):
             if taken:
                 return self._answer_weights(False, f"Failed to initialize custom process group: {NAME_TAKEN}.", {})
             return self._answer_weights(True, "Succeeded to initialize custom process group.", {})
-        ok, message = mock.receiver.init_group(body)
+        with mock.scheduler_lock:
+            ok, message = mock.receiver.init_group(body)
         self._answer_weights(ok, message, {})
 
     def _destroy_group(self, body: dict) -> None:
@@ -394,14 +396,14 @@ class _Handler(BaseHTTPRequestHandler):
             if not known:
                 return self._answer_weights(False, "The group to be destroyed does not exist.", {})
             return self._answer_weights(True, "Succeeded to destroy custom process group.", {})
-        ok, message = mock.receiver.destroy_group(name)
+        with mock.scheduler_lock:  # never while an update of this server is inside a broadcast
+            ok, message = mock.receiver.destroy_group(name)
         self._answer_weights(ok, message, {})
 
-    # The weight-update session (0.5.21+). SGLang runs begin/end under the model-update writer
-    # lock, as it does the updates.
+    # The weight-update session (0.5.21+).
     def _begin_session(self, _) -> None:
         mock = self.server.mock
-        with mock.update_lock:
+        with mock.scheduler_lock:
             if mock.session_open:
                 return self._send(400, {"success": False, "message": "a weight-update session is already open; "
                                                                       "call end_weight_update() first"})
@@ -410,7 +412,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _end_session(self, _) -> None:
         mock = self.server.mock
-        with mock.update_lock:
+        with mock.scheduler_lock:
             if not mock.session_open:
                 return self._send(400, {"success": False, "message": "no weight-update session is open; call "
                                                                      "begin_weight_update() first"})
@@ -451,13 +453,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _update_from_distributed(self, body: dict) -> None:
         mock = self.server.mock
-        with mock.update_lock:  # SGLang's model_update_lock: one weight update at a time
+        with mock.scheduler_lock:
             if self._outside_session("update_weights_from_distributed"):
                 return
             with mock.lock:
                 mock.distributed_updates += 1
                 refused = mock.distributed_updates == mock.behaviour.refuse_update_at
             if not mock.behaviour.weight_update_ok or refused:
+                if refused and mock.stopping.wait(mock.behaviour.refusal_delay_s):
+                    return self._drop()
                 return self._answer_weights(False, "Failed to receive weights: refused by the test", body)
             ok, message = True, "Succeeded to update parameter online."
             if mock.receiver is not None:
@@ -510,7 +514,9 @@ class MockSGLang:
         self.running_here = 0
         self.served_versions: list[str] = []  # weight_version of every /generate answer
         self.flushes = 0
-        self.update_lock = threading.Lock()
+        # SGLang's scheduler runs the weight operations (init, destroy, updates, begin, end) one
+        # at a time in its event loop: a destroy waits for an update stuck in a broadcast.
+        self.scheduler_lock = threading.Lock()
         self.session_open = False  # a weight-update session (0.5.21+)
         self.groups: set[str] = set()  # weight-update group names, without a receiver
         self.distributed_updates = 0

@@ -156,6 +156,38 @@ def test_a_refused_init_fails_the_push_at_once_with_the_servers_message(receiver
     assert requests_b[crashed + 1:crashed + 4] == [(INIT, 400), (INIT, 200), (BEGIN, 200)], requests_b
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_refused_bucket_fails_the_push_on_every_rank_and_the_next_push_rebuilds(receivers, hf, tmp_path):
+    # Gloo's broadcast tree over 4 ranks feeds rank 3 through rank 1. Rank 3 refuses the second
+    # bucket without receiving it (its answer takes 0.5 s): rank 0's broadcast completes all the
+    # same (ranks 1 and 2 took it), while rank 1 stays inside it, relaying to rank 3 for the
+    # group's timeout. The push must neither wait for rank 1 nor send rank 3 the third bucket's
+    # request, which would receive the second bucket's bytes.
+    relay, old, refuser = receivers([], ["--version", "0.5.20"],
+                                    ["--refuse-update-at", "2", "--refusal-delay-s", "0.5"])
+    ranks = run_trainer(hf, tmp_path / "out", [{"urls": [relay, old, refuser], "pushes": 2}])
+    for failed, next_push in ranks:  # every rank raised the refuser's own message
+        assert not failed["ok"] and "weight update to version 1 failed" in failed["error"], failed
+        assert refuser in failed["error"] and "Failed to receive weights: refused by the test" in failed["error"]
+        assert next_push["ok"], next_push
+    assert ranks[0][1]["group"] != ranks[0][0]["group"]  # a new group (rank 0 holds the names)
+    for url in (relay, old, refuser):
+        requests, dump = seen(url, tmp_path)
+        destroyed = requests.index((DESTROY, 200))  # the failed push's group, destroyed at once
+        session = url != old
+        assert [p for p, _ in requests[:2]] == [INIT, BEGIN if session else UPDATE], (url, requests)
+        # No request for the third bucket went out before the second one's answers were in.
+        assert updates(requests[:destroyed]) == 2, (url, requests)
+        if session:  # ended after the group, still in the failed push
+            assert requests[destroyed + 1] == (END, 200), (url, requests)
+        assert requests[-1] == (DESTROY, 200) and dump["groups"] == [], (url, requests)  # close()
+        assert dump["version"] == "2" and not dump["session_open"], url
+    assert seen(refuser, tmp_path)[0][3] == (UPDATE, 400)
+    # Released from the broadcast when the refuser's side of the group went, not by its timeout.
+    assert seen(relay, tmp_path)[0][3] == (UPDATE, 400)
+
+
 @pytest.mark.parametrize("version", ["0.5.20", "0.5.21", "0.5.23"])
 def test_mock_weight_update_session_follows_the_release_it_plays(version):
     """The mock's session, as read from each release's source (see tests/sglang_mock.py): the

@@ -50,7 +50,8 @@ Design choices:
   bucket; rank 0 copies its own parts from its parameters into the bucket (``ExportPlan.exchange``:
   no full tensor, no ``cat``, no split copies, no packing pass). Bucket ``k + 1`` is assembled
   into the second buffer while bucket ``k`` broadcasts (``async_op=True``): two buckets in
-  memory, never the model.
+  memory, never the model. Bucket ``k + 1``'s request waits for bucket ``k``'s answers, not just
+  its broadcast (:meth:`DistributedSync._finish` says why): one HTTP round trip per bucket.
 - One source, not one group per pipeline stage: SGLang serialises weight-update requests behind
   its model-update writer lock, so a server receives one bucket at a time whichever stage sends
   it; per-stage groups would only parallelise the gathering, which already overlaps with the
@@ -266,20 +267,16 @@ class DistributedSync(WeightSync):
                 continue
             try:
                 t0 = time.perf_counter()
-                sent = in_flight
-                if sent is not None:
-                    self._wire_done(sent, version)
+                if in_flight is not None:
+                    self._finish(in_flight, version)
                 self.timings["wire_wait_s"] += time.perf_counter() - t0
                 in_flight = self._start(metas, buffers[k % 2], version, last=k == len(buckets) - 1)
-                if sent is not None:  # bucket k - 1's answers come back while bucket k is on the wire
-                    self._answered(sent, version)
             except Exception as err:
                 error, in_flight = f"{type(err).__name__}: {err}", None
         if in_flight is not None and not error:
             try:
                 t0 = time.perf_counter()
-                self._wire_done(in_flight, version)
-                self._answered(in_flight, version)
+                self._finish(in_flight, version)
                 self.timings["wire_wait_s"] += time.perf_counter() - t0
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
@@ -322,33 +319,26 @@ class DistributedSync(WeightSync):
         works = [dist.broadcast(t, src=0, group=self.pg, async_op=True) for t in wire]
         return futures, works, wire
 
-    def _wire_done(self, in_flight, version: int) -> None:
-        """Wait for one bucket's broadcast; a server that refuses it (it never enters the
-        broadcast) fails the sync at once instead of leaving rank 0 waiting for the group timeout.
+    def _finish(self, in_flight, version: int) -> None:
+        """Wait until one bucket is broadcast and every server has answered it; the first
+        failure raises at once (a server that refuses never enters the broadcast).
 
-        When the broadcast has completed, every server is inside that bucket's request (a
-        broadcast completes only once each peer has posted its receive; gloo and NCCL alike), so
-        the next bucket's request may go out before this one is answered: it queues behind this
-        one on the server's model-update lock, in order. This hides one HTTP round trip per bucket."""
+        The next bucket's request goes out only after these answers. A broadcast completes on
+        rank 0 once the ranks it sends to directly have received it, and gloo's tree feeds the
+        others through them (over 4 ranks, rank 3 through rank 1): a server that refused can sit
+        behind a broadcast that is done here. The next request sent to it would receive this
+        bucket's bytes, relayed, as the next bucket's; gloo aborts the server process on the size
+        mismatch, and equal sizes would load the wrong weights."""
         futures, works, _wire = in_flight
+        what = f"weight update to version {version}"
         deadline = time.monotonic() + self.timeout.total_seconds()
-        while not all(w.is_completed() for w in works):
+        while not (all(w.is_completed() for w in works) and all(f.done() for f in futures.values())):
             if any(map(_failed, futures.values())) or time.monotonic() > deadline:
-                self._refused(futures, f"weight update to version {version}")
+                self._refused(futures, what)
             time.sleep(0.001)
         for w in works:
             w.wait()
-
-    def _answered(self, in_flight, version: int) -> None:
-        """Wait for one bucket's answers; a refusal fails the sync at once. A server may still be
-        inside that broadcast although it completed here: one that gloo's tree feeds through a
-        server that refused waits for its group's timeout."""
-        futures = in_flight[0]
-        while not all(f.done() for f in futures.values()):
-            if any(map(_failed, futures.values())):
-                self._refused(futures, f"weight update to version {version}")
-            time.sleep(0.001)
-        self.engine.collect(futures, UPDATE, f"weight update to version {version}")
+        self.engine.collect(futures, UPDATE, what)
 
     def _refused(self, futures, what: str) -> None:
         """Raise with the answers already in (the servers' own messages); the servers still
