@@ -236,7 +236,7 @@ def test_join_gives_up_at_once_and_leaves_no_thread():
         return len(polls) >= 20  # the thread is inside the store's wait by now
 
     with pytest.raises(group.JoinAbandoned, match="gave up joining weight-sync group lonely"):
-        group.join(backend="gloo", host="127.0.0.1", port=group.free_port(), world_size=2, group_name="lonely",
-                   timeout=timedelta(minutes=10), give_up=give_up)
+        rendezvous = group.Rendezvous("127.0.0.1", group.free_port(), timedelta(minutes=10))
+        group.join(rendezvous, backend="gloo", world_size=2, group_name="lonely", give_up=give_up)
     assert len(polls) == 20
     assert not [t for t in threading.enumerate() if t.name.startswith("weight-sync join")]

@@ -82,7 +82,7 @@ from sapo_megatron.rollout.sglang.protocol import (
 )
 from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
 from sapo_megatron.rollout.sglang.weight_sync.base import WeightSync, share_outcome
-from sapo_megatron.rollout.sglang.weight_sync.group import JoinAbandoned, free_port, join
+from sapo_megatron.rollout.sglang.weight_sync.group import JoinAbandoned, Rendezvous, free_port, join
 
 logger = logging.getLogger(__name__)
 UPDATE = "/update_weights_from_distributed"
@@ -155,9 +155,10 @@ class DistributedSync(WeightSync):
         port = self.section.master_port or free_port()
         name = f"{self.section.group_name}_{self.token}" + (f"_r{self.generation}" if self.generation else "")
         self.generation += 1  # a failed attempt's name is not used again either
+        what = f"joining the weight-sync group {name} at {address}:{port}"
+        rendezvous = Rendezvous(address, port, self.timeout)  # up before any server connects
         # Until the servers answer, any of them may hold the group: a failure tears it down there.
         self.members, self.group_name = list(urls), name
-        what = f"joining the weight-sync group {name} at {address}:{port}"
         futures = self.engine.submit_all(
             INIT, lambda url: init_group_payload(master_address=address, master_port=port, rank_offset=offsets[url],
                                                  world_size=world, group_name=name, backend=self.section.backend),
@@ -165,8 +166,7 @@ class DistributedSync(WeightSync):
         try:
             # A server that refuses (a name it holds, a wrong address) answers at once but never
             # joins: the trainer gives up the rendezvous then instead of waiting for its timeout.
-            self.group = join(backend=self.section.backend, host=address, port=port, world_size=world,
-                              group_name=name, timeout=self.timeout,
+            self.group = join(rendezvous, backend=self.section.backend, world_size=world, group_name=name,
                               give_up=lambda: any(map(_failed, futures.values())))
         except Exception as err:
             # The servers still joining fail within milliseconds once the store is gone.
