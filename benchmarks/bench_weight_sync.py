@@ -230,14 +230,10 @@ def worker(args) -> None:
         for k, bucket in enumerate(buckets):
             metas = [m for e in bucket for m in e.hf]
             metas = [metas[i] for i in bk.aligned_order(metas)]
-            sent = in_flight
-            if sent is not None:
-                sync._wire_done(sent, 0)
+            if in_flight is not None:
+                sync._finish(in_flight, 0)
             in_flight = sync._start(metas, buffers[k % 2], 0, last=False)
-            if sent is not None:
-                sync._answered(sent, 0)
-        sync._wire_done(in_flight, 0)
-        sync._answered(in_flight, 0)
+        sync._finish(in_flight, 0)
 
     # Two bare broadcasts: of never-touched memory (every page reads the kernel's one zero page,
     # so the sender's reads all hit cache) and of resident random bytes (as the sync's buffers

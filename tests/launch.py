@@ -46,12 +46,26 @@ def run(cmd, *, timeout: float = 600, env: dict[str, str] | None = None,
     cmd = [str(c) for c in cmd]
     # Its own process group: on a time-out the whole tree goes (torchrun's workers, a dist
     # checkpoint's manager), not just the launcher, so a hung run does not outlive its test.
+    # torchrun starts each worker in a session of its own, out of that group's reach: they are
+    # found as the launcher's descendants and killed one by one (otherwise a hung worker keeps
+    # the output pipes open and communicate() below waits for it).
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or clean_env(),
                           cwd=ROOT, start_new_session=True) as popen:
         try:
             stdout, stderr = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            import psutil
+
+            try:
+                tree = psutil.Process(popen.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                tree = []
             os.killpg(popen.pid, signal.SIGKILL)
+            for child in tree:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
             stdout, stderr = popen.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)

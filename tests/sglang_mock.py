@@ -16,8 +16,8 @@ tests switch on: no routed experts (a server started without ``--enable-return-r
 aborts, delays (to trigger client timeouts), dropped connections and a restart on the same port
 (a stopped server closes its open connections too, as a killed one does), the stop-edge extra
 route row, a required API key, failing weight updates, a response generated across an update.
-Every request is recorded (``server.requests``) with its path, JSON body and whether it was
-authorised.
+Every request is recorded (``server.requests``) with its path, JSON body, whether it was
+authorised and the status it was answered with.
 
 ``Behaviour.version`` shapes the answers as that release does (retraction counts named
 ``total_retractions`` before 0.5.12, no spans before 0.5.19, ``/get_weight_version`` before
@@ -28,6 +28,18 @@ source (the mock used to agree with our client instead): idle keep-alive connect
 after 5 s; the listen backlog is uvicorn's 2048 (socketserver's 5 reset connections); a stopped
 server's connections die with it; the spans; ``/get_weight_version`` 404; the retraction count's
 old name; no admin key in 0.5.7; a flushing update refused while requests are paused in place.
+
+The weight-update session, by the version it reports (read from 0.5.20, 0.5.21 and 0.5.23:
+``managers/scheduler_components/weight_updater.py``, ``entrypoints/http_server.py``): from
+0.5.21, ``/update_weights_from_distributed`` and ``/update_weights_from_tensor`` outside a session
+get 400 ``{"success": false, "message": "... must run between begin_weight_update() and
+end_weight_update()"}`` (``weight_updater.py:192`` / ``:234`` in 0.5.23, ``:179`` / ``:219`` in
+0.5.21); ``/begin_weight_update`` on an open session and ``/end_weight_update`` without one get
+400 (``:311-316``, ``:325-329``); both answer 200 ``{"success": true, "message": "Success"}``
+otherwise. Before 0.5.21 neither endpoint exists (404) and nothing is gated. Disk updates never
+need a session. Group names follow SGLang too: an existing name is refused ("The specified group
+name has already been created", torch's own check, which the receiver hits for real), destroying
+an unknown one answers 400 "The group to be destroyed does not exist.".
 
 Use as a context manager (or call ``stop()``): the server and every waiting handler end at
 teardown.
@@ -46,6 +58,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from sapo_megatron.rollout.sglang.protocol import parse_version
 from sapo_megatron.routing import encode_routed_experts
 
 
@@ -70,6 +83,8 @@ class Behaviour:
     api_key: str | None = None  # required as "Authorization: Bearer <key>" when set
     admin_api_key: str | None = None  # --admin-api-key: then the ONLY key of the admin endpoints
     weight_update_ok: bool = True
+    refuse_update_at: int | None = None  # the N-th /update_weights_from_distributed gets 400, never receives
+    refusal_delay_s: float = 0.0  # ... answered after this long
     version: str = "0.5.23"  # what /server_info reports
     tp_size: int = 1
     dp_size: int = 1
@@ -129,7 +144,10 @@ ABORTED_BY_PAUSE = {"type": "abort", "message": "Aborted", "status_code": None, 
 # Admin-optional endpoints of SGLang's HTTP server (auth_level ADMIN_OPTIONAL).
 ADMIN_PATHS = {"/flush_cache", "/update_weights_from_disk", "/init_weights_update_group",
                "/destroy_weights_update_group", "/update_weights_from_distributed", "/pause_generation",
-               "/continue_generation", "/update_weights_from_tensor"}
+               "/continue_generation", "/update_weights_from_tensor", "/begin_weight_update",
+               "/end_weight_update"}
+SESSION_SINCE = (0, 5, 21)  # /begin_weight_update and /end_weight_update exist and gate the updates
+SESSION_PATHS = {"/begin_weight_update", "/end_weight_update"}
 # Required fields of the request dataclasses (io_struct.py). 0.5.23 validates bodies itself and
 # answers 400 {"object": "error", "message": "N validation errors: ..."} without them (measured
 # against the real server; FastAPI's own 422 never reaches a client of these endpoints).
@@ -137,6 +155,7 @@ REQUIRED = {
     "/update_weights_from_disk": ("model_path",),
     "/init_weights_update_group": ("master_address", "master_port", "rank_offset", "world_size"),
     "/update_weights_from_distributed": ("names", "dtypes", "shapes"),
+    "/update_weights_from_tensor": ("serialized_named_tensors",),
     "/generate": (),
 }
 
@@ -167,6 +186,10 @@ def weight_version_spans(changes: list[tuple[str, int]], num_output_tokens: int)
             continue
         spans.append({"version": version, "start": spans[-1]["end"] if spans else 0, "end": end})
     return [s for s in spans if s["start"] < num_output_tokens or s["start"] == 0]
+
+
+# torch's own refusal (distributed_c10d._new_process_group_helper), which SGLang passes on.
+NAME_TAKEN = "The specified group name has already been created, please use a different group name"
 
 
 def _seed(*parts) -> int:
@@ -264,6 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body, content_type: str = "application/json") -> None:
         self._leave_meter()
+        if getattr(self, "_record", None) is not None:
+            self._record["status"] = status
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -297,16 +322,10 @@ class _Handler(BaseHTTPRequestHandler):
         admin_key = b.admin_api_key if release(b.version) >= ADMIN_KEY_SINCE else None
         key = admin_key or b.api_key if path in ADMIN_PATHS else b.api_key
         authorised = path.startswith("/health") or key is None or self.headers.get("Authorization") == f"Bearer {key}"
+        self._record = {"path": self.path, "method": self.command, "body": body, "authorised": authorised,
+                        "time": time.monotonic(), "status": None}
         with mock.lock:
-            mock.requests.append(
-                {
-                    "path": self.path,
-                    "method": self.command,
-                    "body": body,
-                    "authorised": authorised,
-                    "time": time.monotonic(),
-                }
-            )
+            mock.requests.append(self._record)
         if not authorised:
             return self._send(401, {"error": "Unauthorized"})
         handler = {
@@ -322,13 +341,16 @@ class _Handler(BaseHTTPRequestHandler):
             "/init_weights_update_group": self._init_group,
             "/destroy_weights_update_group": self._destroy_group,
             "/update_weights_from_distributed": self._update_from_distributed,
+            "/update_weights_from_tensor": self._update_from_tensor,
+            "/begin_weight_update": self._begin_session,
+            "/end_weight_update": self._end_session,
             "/pause_generation": self._pause,
             # Test-only controls of a mock in another process (never SGLang endpoints).
             "/_test/restart": self._test_restart,
             "/_test/dump_weights": self._test_dump,
             "/continue_generation": self._continue,
         }.get(path)
-        if handler is None:
+        if handler is None or (path in SESSION_PATHS and not mock.has_sessions):
             return self._send(404, {"detail": "Not Found"})
         missing = [f for f in REQUIRED.get(path, ()) if not isinstance(body, dict) or f not in body]
         if missing:  # SGLang 0.5.23's validation answer (msgspec-style), HTTP 400
@@ -458,17 +480,65 @@ class _Handler(BaseHTTPRequestHandler):
         mock = self.server.mock
         if not mock.behaviour.weight_update_ok:
             return self._answer_weights(False, "failed", body)
-        if mock.receiver is None:
+        if mock.receiver is None:  # no rendezvous: only the names, as SGLang (torch) checks them
+            name = body.get("group_name", "weight_update_group")
+            with mock.lock:
+                taken = name in mock.groups
+                mock.groups.add(name)
+            if taken:
+                return self._answer_weights(False, f"Failed to initialize custom process group: {NAME_TAKEN}.", {})
             return self._answer_weights(True, "Succeeded to initialize custom process group.", {})
-        ok, message = mock.receiver.init_group(body)
+        with mock.scheduler_lock:
+            ok, message = mock.receiver.init_group(body)
         self._answer_weights(ok, message, {})
 
     def _destroy_group(self, body: dict) -> None:
         mock = self.server.mock
+        name = body.get("group_name", "weight_update_group")
         if mock.receiver is None:
+            with mock.lock:
+                known = name in mock.groups
+                mock.groups.discard(name)
+            if not known:
+                return self._answer_weights(False, "The group to be destroyed does not exist.", {})
             return self._answer_weights(True, "Succeeded to destroy custom process group.", {})
-        ok, message = mock.receiver.destroy_group(body.get("group_name", "weight_update_group"))
+        with mock.scheduler_lock:  # never while an update of this server is inside a broadcast
+            ok, message = mock.receiver.destroy_group(name)
         self._answer_weights(ok, message, {})
+
+    # The weight-update session (0.5.21+).
+    def _begin_session(self, _) -> None:
+        mock = self.server.mock
+        with mock.scheduler_lock:
+            if mock.session_open:
+                return self._send(400, {"success": False, "message": "a weight-update session is already open; "
+                                                                      "call end_weight_update() first"})
+            mock.session_open = True
+        self._send(200, {"success": True, "message": "Success"})
+
+    def _end_session(self, _) -> None:
+        mock = self.server.mock
+        with mock.scheduler_lock:
+            if not mock.session_open:
+                return self._send(400, {"success": False, "message": "no weight-update session is open; call "
+                                                                     "begin_weight_update() first"})
+            mock.session_open = False
+        self._send(200, {"success": True, "message": "Success"})
+
+    def _outside_session(self, endpoint: str) -> bool:
+        """Refused as SGLang >= 0.5.21 refuses an update outside a session (answers it)."""
+        mock = self.server.mock
+        if mock.has_sessions and not mock.session_open:
+            self._send(400, {"success": False, "message": f"{endpoint} must run between begin_weight_update() "
+                                                          f"and end_weight_update()"})
+            return True
+        return False
+
+    def _update_from_tensor(self, body: dict) -> None:
+        # The gate only: the mock cannot load serialized tensors (nothing here sends them).
+        if self._outside_session("update_weights_from_tensor"):
+            return
+        self._answer_weights(self.server.mock.behaviour.weight_update_ok, "Success", body)
 
     def _test_restart(self, _) -> None:
         self._send(200, {"restarting": True})
@@ -477,21 +547,35 @@ class _Handler(BaseHTTPRequestHandler):
     def _test_dump(self, body: dict) -> None:
         mock = self.server.mock
         received = {} if mock.receiver is None else {k: v.clone() for k, v in mock.receiver.weights.items()}
+        with mock.lock:  # the weight endpoints' requests so far (this one excluded), with their statuses
+            requests = [(r["path"], r["status"]) for r in mock.requests
+                        if not r["path"].startswith(("/_test", "/generate"))]
         torch.save({"weights": received, "version": mock.weight_version,
                     "broadcasts": 0 if mock.receiver is None else mock.receiver.broadcasts,
-                    "request_dtypes": [] if mock.receiver is None else mock.receiver.request_dtypes}, body["path"])
+                    "request_dtypes": [] if mock.receiver is None else mock.receiver.request_dtypes,
+                    "requests": requests, "session_open": mock.session_open,
+                    "groups": sorted(mock.groups if mock.receiver is None else mock.receiver.groups)}, body["path"])
         self._send(200, {"saved": len(received)})
 
     def _update_from_distributed(self, body: dict) -> None:
         mock = self.server.mock
-        if not mock.behaviour.weight_update_ok:
-            return self._answer_weights(False, "failed", body)
-        if mock.receiver is None:
-            return self._answer_weights(True, "ok", body)
-        with mock.update_lock:  # SGLang's model_update_lock: one weight update at a time
-            ok, message = mock.receiver.receive(body)
+        with mock.scheduler_lock:
+            if self._outside_session("update_weights_from_distributed"):
+                return
+            with mock.lock:
+                mock.distributed_updates += 1
+                refused = mock.distributed_updates == mock.behaviour.refuse_update_at
+            if not mock.behaviour.weight_update_ok or refused:
+                if refused and mock.stopping.wait(mock.behaviour.refusal_delay_s):
+                    return self._drop()
+                return self._answer_weights(False, "Failed to receive weights: refused by the test", body)
+            ok, message = True, "Succeeded to update parameter online."
+            if mock.receiver is not None:
+                ok, message = mock.receiver.receive(body)
         if ok and body.get("flush_cache", True):
             mock.flushes += 1
+        if ok and body.get("weight_version") is not None:  # the tokenizer manager's addition
+            message += f" Weight version updated to {body['weight_version']}."
         self._answer_weights(ok, message, body)
 
 
@@ -544,6 +628,12 @@ class MockSGLang:
         self.flushes = 0
         self.update_lock = threading.Lock()
         self.connections: set = set()  # open client connections, closed by stop() as by a dying server
+        # SGLang's scheduler runs the weight operations (init, destroy, updates, begin, end) one
+        # at a time in its event loop: a destroy waits for an update stuck in a broadcast.
+        self.scheduler_lock = threading.Lock()
+        self.session_open = False  # a weight-update session (0.5.21+)
+        self.groups: set[str] = set()  # weight-update group names, without a receiver
+        self.distributed_updates = 0
         self.receiver = None
         if self.behaviour.receiver:
             from tests.dist.sglang_receiver import Receiver
@@ -552,6 +642,11 @@ class MockSGLang:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.start()
+
+    @property
+    def has_sessions(self) -> bool:
+        version = parse_version(self.behaviour.version)
+        return version is not None and version >= SESSION_SINCE
 
     @property
     def url(self) -> str:
@@ -592,6 +687,8 @@ class MockSGLang:
         """A restarted server: launch weights again (version "default"), no weight-update group."""
         self.stop()
         self.weight_version = "default"
+        self.session_open = False
+        self.groups.clear()
         if self.receiver is not None:
             self.receiver.destroy_all()
             self.receiver.weights.clear()

@@ -20,7 +20,6 @@ import argparse
 import math
 import threading
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,6 +27,8 @@ from torch.distributed import distributed_c10d as c10d
 
 
 def init_custom_process_group(backend, init_method, world_size, rank, group_name, timeout=None):
+    # SGLang's model runner passes no timeout: the group waits (joins, broadcasts) for torch's
+    # default, 30 minutes. So does this one, so a client that waits on a server shows up.
     timeout = timeout or c10d.default_pg_timeout
     store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
@@ -70,8 +71,7 @@ class Receiver:
         try:
             self.groups[body.get("group_name", "weight_update_group")] = init_custom_process_group(
                 backend=body.get("backend", "nccl"), init_method=f"tcp://{body['master_address']}:{body['master_port']}",
-                world_size=body["world_size"], rank=rank, group_name=body.get("group_name", "weight_update_group"),
-                timeout=timedelta(seconds=120))
+                world_size=body["world_size"], rank=rank, group_name=body.get("group_name", "weight_update_group"))
             return True, "Succeeded to initialize custom process group."
         except Exception as e:
             return False, f"Failed to initialize custom process group: {e}."
@@ -87,16 +87,23 @@ class Receiver:
             self.destroy_group(name)
 
     def receive(self, body: dict) -> tuple[bool, str]:
+        """SGLang 0.5.23 answers any failure of the receive (an unknown group, an unaligned
+        bucket, a broadcast that fails or times out) as ``"Failed to receive weights: <error>"``
+        (``managers/scheduler_components/weight_updater.py``), never by dropping the request."""
+        try:
+            return self._receive(body)
+        except Exception as e:
+            return False, f"Failed to receive weights: {e}"
+
+    def _receive(self, body: dict) -> tuple[bool, str]:
         name = body.get("group_name", "weight_update_group")
         if name not in self.groups:
-            return False, f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first."
+            raise AssertionError(f"Group {name} not in {list(self.groups)}. "
+                                 "Please call `init_weights_update_group` first.")
         group = self.groups[name]
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if body.get("load_format") == "flattened_bucket":
-            try:
-                flat, metas = empty_bucket(names, dtypes, shapes)
-            except ValueError as e:
-                return False, str(e)
+            flat, metas = empty_bucket(names, dtypes, shapes)
             dist.broadcast(flat, src=0, group=group)
             received = [(n, flat[a:b].view(dt).reshape(shape)) for n, shape, dt, a, b in metas]
             count, nbytes = 1, flat.numel()
@@ -131,10 +138,16 @@ def main() -> None:
     parser.add_argument("--dense", type=int, nargs="*", default=[0])
     parser.add_argument("--vocab", type=int, default=50)
     parser.add_argument("--die-at", type=int, default=None, help="restart at this /generate request")
+    parser.add_argument("--version", default="0.5.23",
+                        help="the SGLang release it plays (weight-update session from 0.5.21)")
+    parser.add_argument("--refuse-update-at", type=int, default=None,
+                        help="answer the N-th /update_weights_from_distributed with 400, without receiving")
+    parser.add_argument("--refusal-delay-s", type=float, default=0.0, help="... after this long")
     args = parser.parse_args()
     mock = MockSGLang(Behaviour(receiver=True, tp_size=args.tp_size, keep_weights=not args.drop_weights,
                                 num_hidden_layers=args.layers, num_experts=args.experts, topk=args.topk,
-                                dense_layers=tuple(args.dense), vocab_size=args.vocab))
+                                dense_layers=tuple(args.dense), vocab_size=args.vocab, version=args.version,
+                                refuse_update_at=args.refuse_update_at, refusal_delay_s=args.refusal_delay_s))
     if args.die_at is not None:
         mock.die_at(args.die_at, down_s=0.2)
     with open(args.port_file + ".tmp", "w") as f:

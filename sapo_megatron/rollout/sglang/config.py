@@ -36,7 +36,7 @@ class DistributedSection:
     master_address: str | None = None
     master_port: int = 0  # 0: a free port on rank 0's host, picked at the first sync
     backend: SyncBackend = "nccl"  # gloo for CPU tests
-    group_name: str = "sapo_weight_sync"  # a generation suffix is added when the group is rebuilt
+    group_name: str = "sapo_weight_sync"  # + "_<run token>", + "_r<n>" when the group is rebuilt
     bucket_mb: float = 512.0  # MiB per flattened bucket (one broadcast each)
     # "flattened_bucket": one uint8 broadcast per bucket; None: one broadcast per tensor.
     load_format: Literal["flattened_bucket"] | None = "flattened_bucket"

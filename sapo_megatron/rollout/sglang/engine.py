@@ -304,10 +304,12 @@ class SGLangEngine:
                 f"'abort', or update with flush_cache: false")
 
     def submit_all(self, path: str, payload_of: Callable[[str], dict], *, urls=None,
-                   collective: bool = False) -> dict[str, Future]:
-        """POST ``path`` (an admin endpoint) to every server of ``urls`` concurrently. Collective
-        requests (the server enters a broadcast) are not retried: a half-joined group cannot be
-        re-entered. A request asking for a flush is refused while paused in place."""
+                   collective: bool = False, timeout: float | None = None) -> dict[str, Future]:
+        """POST ``path`` (an admin endpoint) to every server of ``urls`` concurrently, each
+        request bounded by ``timeout`` (default ``weight_timeout_s``). Collective requests (the
+        server enters a broadcast) are not retried: a half-joined group cannot be re-entered. A
+        request asking for a flush is refused while paused in place."""
+        timeout = self.config.weight_timeout_s if timeout is None else timeout
         urls = self.config.urls if urls is None else urls
         if urls and asks_flush(path, payload_of(urls[0])):
             self._refuse_flush_while_paused_in_place(path)
@@ -316,8 +318,7 @@ class SGLangEngine:
 
         def post(url: str) -> dict:
             def call(u: str) -> dict:
-                return self.transport.call_json(u, path, payload_of(u), timeout=self.config.weight_timeout_s,
-                                                admin=True)
+                return self.transport.call_json(u, path, payload_of(u), timeout=timeout, admin=True)
 
             return call(url) if collective else self.transport.with_retries(call, [url], f"{path} on {url}")[0]
 

@@ -242,6 +242,23 @@ def asks_flush(path: str, payload: dict) -> bool:
     return path == "/flush_cache" or (path in FLUSHING_UPDATES and bool(payload.get("flush_cache", True)))
 
 
+# The weight-update session (read from 0.5.20, 0.5.21, 0.5.23): from 0.5.21 SGLang answers
+# /update_weights_from_distributed and /update_weights_from_tensor with 400 ("... must run between
+# begin_weight_update() and end_weight_update()", managers/scheduler_components/weight_updater.py:179
+# in 0.5.21, :192 in 0.5.23) unless POST /begin_weight_update {} opened a session, which
+# POST /end_weight_update {} closes; begin on an open session answers 400 "a weight-update session is
+# already open" (:311-316 in 0.5.23). Before 0.5.21 neither endpoint exists (404). Disk updates
+# never need one.
+WEIGHT_SESSION_SINCE = (0, 5, 21)
+SESSION_ALREADY_OPEN = "session is already open"
+
+
+def weight_session_needed(info: ServerInfo) -> bool:
+    """Whether the server refuses distributed (and tensor) updates outside a session. A server
+    that reports no version is taken to predate sessions."""
+    return info.version is not None and info.version >= WEIGHT_SESSION_SINCE
+
+
 def disk_update_payload(path: str, version: int) -> dict:
     return {"model_path": path, "flush_cache": True, "abort_all_requests": False,
             "weight_version": str(version)}
