@@ -553,3 +553,58 @@ def test_admin_key_against_0_5_7_is_refused_clearly(servers, engines, monkeypatc
     engines([new.url], admin_api_key_env="SAPO_TEST_ADMIN_KEY").flush_cache()
     monkeypatch.delenv("SAPO_TEST_ADMIN_KEY")
     engines([old.url], admin_api_key_env="SAPO_TEST_ADMIN_KEY").flush_cache()  # no admin key: fine
+
+
+def test_a_collective_request_goes_once_on_a_new_connection():
+    """A server that reads a request and drops the connection without answering (it died inside
+    the collective, say): a normal request on a pooled connection is resent once on a fresh one,
+    but a collective one (``once``: joining a group, a bucket) is sent exactly once, on a new
+    connection, and fails: resending it would make the server join or receive twice."""
+    import socket
+    import threading
+
+    from sapo_megatron.rollout.sglang.transport import Retryable, Transport
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port, received = listener.getsockname()[1], []
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+    def handle(conn) -> None:
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                path = data.split(b" ", 2)[1].decode()
+                received.append(path)
+                if path != "/health":
+                    return  # dropped unanswered
+                conn.sendall(answer)  # kept alive: the connection goes back to the pool
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    t = Transport(concurrency=2, retries=0, backoff_s=0.0, api_key_env="NO_SUCH_KEY_VAR",
+                  admin_api_key_env="NO_SUCH_ADMIN_VAR")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert t.request(url, "/health", None, timeout=5, method="GET")[0] == 200
+        opened = t.connections_opened
+        with pytest.raises(Retryable):
+            t.request(url, "/update_weights_from_distributed", {}, timeout=5, once=True)
+        assert received.count("/update_weights_from_distributed") == 1, received
+        assert t.connections_opened == opened + 1, "a new connection, not the pooled one"
+        assert t.request(url, "/health", None, timeout=5, method="GET")[0] == 200
+        with pytest.raises(Retryable):
+            t.request(url, "/init_weights_update_group", {}, timeout=5)
+        # Without once: the pooled connection's failure is taken for an idle close and resent.
+        assert received.count("/init_weights_update_group") == 2, received
+    finally:
+        listener.close()
+        t.close()

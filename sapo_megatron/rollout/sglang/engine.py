@@ -318,7 +318,8 @@ class SGLangEngine:
 
         def post(url: str) -> dict:
             def call(u: str) -> dict:
-                return self.transport.call_json(u, path, payload_of(u), timeout=timeout, admin=True)
+                return self.transport.call_json(u, path, payload_of(u), timeout=timeout, admin=True,
+                                                once=collective)
 
             return call(url) if collective else self.transport.with_retries(call, [url], f"{path} on {url}")[0]
 

@@ -171,10 +171,14 @@ class Transport:
             self._drain(pool)
 
     def request(self, url: str, path: str, payload: dict | None, *, timeout: float,
-                method: str = "POST", admin: bool = False, connect_timeout: float | None = None
-                ) -> tuple[int, bytes]:
+                method: str = "POST", admin: bool = False, connect_timeout: float | None = None,
+                once: bool = False) -> tuple[int, bytes]:
         """One HTTP exchange; transport failures become :class:`Retryable`. ``connect_timeout``
-        bounds the connect of a new connection (``timeout`` then bounds each read/write)."""
+        bounds the connect of a new connection (``timeout`` then bounds each read/write).
+        ``once``: a new connection, and never sent twice. For requests that put the server into a
+        collective (joining a group, a bucket's broadcast): a pooled connection that fails looks the
+        same whether the server closed it idle or received the request and then dropped it, and a
+        resent collective request would join or receive twice."""
         parts = urlsplit(url)
         body = None if payload is None else json.dumps(payload).encode()
         key, _ = self._key(admin)
@@ -182,7 +186,7 @@ class Transport:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         for fresh_try in range(2):
-            conn, reused = self._connection(parts, timeout, fresh=fresh_try > 0)
+            conn, reused = self._connection(parts, timeout, fresh=once or fresh_try > 0)
             try:
                 if not reused and connect_timeout is not None:
                     conn.timeout = min(connect_timeout, timeout)
@@ -208,10 +212,11 @@ class Transport:
         raise AssertionError("unreachable")
 
     def call_json(self, url: str, path: str, payload: dict | None, *, timeout: float,
-                  method: str = "POST", admin: bool = False, connect_timeout: float | None = None) -> Any:
+                  method: str = "POST", admin: bool = False, connect_timeout: float | None = None,
+                  once: bool = False) -> Any:
         """One exchange expecting JSON; classifies HTTP errors (see the module docstring)."""
         status, raw = self.request(url, path, payload, timeout=timeout, method=method, admin=admin,
-                                   connect_timeout=connect_timeout)
+                                   connect_timeout=connect_timeout, once=once)
         message = self.mask(server_message(raw))
         if status in _FATAL_STATUS:
             _, env = self._key(admin)
