@@ -570,8 +570,12 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._drop()
                 return self._answer_weights(False, "Failed to receive weights: refused by the test", body)
             ok, message = True, "Succeeded to update parameter online."
+            group = body.get("group_name", "weight_update_group")
             if mock.receiver is not None:
                 ok, message = mock.receiver.receive(body)
+            elif group not in mock.groups:  # 0.5.23 model_runner_components/weight_updater.py
+                ok, message = False, (f"Failed to receive weights: Group {group} not in {sorted(mock.groups)}. "
+                                      f"Please call `init_weights_update_group` first.")
         if ok and body.get("flush_cache", True):
             mock.flushes += 1
         if ok and body.get("weight_version") is not None:  # the tokenizer manager's addition
