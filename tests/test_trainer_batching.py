@@ -60,6 +60,8 @@ def test_batch_metrics(runs):
             assert key in row, key
         assert row["batch/train_tokens_per_s"] > 0 and row["batch/gen_tokens_per_s"] > 0
         assert 0 <= row["batch/padding_frac"] < 1 and row["batch/dp_imbalance"] >= 1.0
+    # 16 samples, 8 per DP rank in microbatches of 2; the budget's plan packs them into fewer.
+    assert fixed[0]["batch/microbatches"] == 4.0 and 1.0 <= budget[0]["batch/microbatches"] < 4.0
     # Balancing by tokens evens the ranks out at least as well as keeping one's own samples.
     assert budget[0]["batch/dp_imbalance"] <= fixed[0]["batch/dp_imbalance"] + 1e-9
 

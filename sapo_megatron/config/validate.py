@@ -25,6 +25,7 @@ def validate(cfg: TrainConfig) -> None:
         model = cfg.model.resolve()
     except (ValueError, TypeError) as err:
         raise ConfigError([str(err) if str(err).startswith("model") else f"model: {err}"]) from None
+    transformer = None
     try:
         import torch
 
@@ -32,9 +33,21 @@ def validate(cfg: TrainConfig) -> None:
 
         # Its divisibility checks (heads % TP, the pipeline stage split, experts % EP, megatron: keys) and
         # Megatron-Core's own TransformerConfig checks, without building anything.
-        to_transformer_config(model, cfg.parallel, on_cpu=not torch.cuda.is_available())
+        transformer = to_transformer_config(model, cfg.parallel, on_cpu=not torch.cuda.is_available())
     except (ValueError, AssertionError) as err:
         problems.append(f"model x parallel: {err}")
+    dispatcher = getattr(transformer, "moe_token_dispatcher_type", None)
+    if (cfg.train.max_tokens_per_microbatch is not None and cfg.train.layout == "padded"
+            and cfg.parallel.expert_model_parallel_size > 1 and dispatcher == "allgather"):
+        # step/plan.py needs_equal_shapes: the allgather dispatcher gathers hidden states over the
+        # expert-parallel group, ranks of other DP replicas, so every rank's microbatch i needs one
+        # shape. A budget's padded microbatches hold different sample counts; packed ones are one
+        # row each, padded to the longest. Was a ValueError from the first step's plan.
+        problems.append(
+            f"train.max_tokens_per_microbatch={cfg.train.max_tokens_per_microbatch} with train.layout=padded and "
+            f"parallel.expert_model_parallel_size={cfg.parallel.expert_model_parallel_size}: Megatron's allgather "
+            f"token dispatcher (the CPU's: alltoall needs CUDA) needs microbatch i to have one shape on every DP "
+            f"rank, which only the packed layout gives under a token budget; set train.layout=packed")
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
     # The layers of every stage dividing by vpp is checked with the stage split, above.

@@ -120,22 +120,26 @@ class StepBatcher:
         return out
 
 
-def batch_metrics(*, real_tokens: int, collated_tokens: int, response_tokens: int, rollout_s: float,
-                  train_s: float, dp_group) -> dict[str, float]:
+def batch_metrics(*, real_tokens: int, collated_tokens: int, response_tokens: int, microbatches: int,
+                  rollout_s: float, train_s: float, dp_group) -> dict[str, float]:
     """``batch/`` metrics of one step from this rank's counts (one all-gather over DP).
 
     ``real_tokens`` / ``collated_tokens``: sample tokens and collated (padded) tokens of this
-    rank's update microbatches; ``response_tokens``: tokens this rank's rollout generated.
+    rank's update microbatches; ``response_tokens``: tokens this rank's rollout generated;
+    ``microbatches``: this rank's update microbatches, all updates of the step (the plan's count
+    under a token budget, which varies from step to step).
     """
-    local = torch.tensor([real_tokens, collated_tokens, response_tokens], dtype=torch.float64,
+    local = torch.tensor([real_tokens, collated_tokens, response_tokens, microbatches], dtype=torch.float64,
                          device=group_device(dp_group))
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(dp_group))]
     dist.all_gather(parts, local, group=dp_group)
     table = torch.stack(parts).cpu()
-    real, collated, response = table.sum(0).tolist()
+    real, collated, response, _ = table.sum(0).tolist()
     return {
         "batch/train_tokens_per_s": real / train_s if train_s > 0 else 0.0,
         "batch/gen_tokens_per_s": response / rollout_s if rollout_s > 0 else 0.0,
         "batch/padding_frac": 1.0 - real / collated if collated > 0 else 0.0,
         "batch/dp_imbalance": imbalance(table[:, 0].tolist()),
+        # The most of any DP rank (a token budget gives every rank the same count).
+        "batch/microbatches": float(table[:, 3].max()),
     }

@@ -437,7 +437,7 @@ class Trainer:
         aborted = torch.tensor([r.finish_reason == "abort" for r in results])
         advantages = group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
         samples = _build_samples(results, advantages, use_routes=self._want_routes, route_layout=self._route_layout)
-        self._token_counts = [0, 0]
+        self._token_counts, self._microbatch_count = [0, 0], 0
         # Summed over DP (the ranks of a model-parallel group hold the same samples), so every
         # rank takes the same path. A rank whose samples are all aborted still trains (on no
         # tokens) beside the others; with none completed anywhere there is nothing to train on,
@@ -456,7 +456,8 @@ class Trainer:
 
         timings.update(batch_metrics(
             real_tokens=self._token_counts[0], collated_tokens=self._token_counts[1],
-            response_tokens=sum(len(r.response_ids) for r in results), rollout_s=timings["time/rollout_s"],
+            response_tokens=sum(len(r.response_ids) for r in results), microbatches=self._microbatch_count,
+            rollout_s=timings["time/rollout_s"],
             train_s=timings["time/update_s"], dp_group=parallel_state.get_data_parallel_group()))
         timings.update(self._rollout_metrics)
 
@@ -591,6 +592,7 @@ class Trainer:
         minibatch = self._microbatches(minibatch_samples)
         self._token_counts[0] += sum(int((~mb.padding_mask).sum()) for mb in minibatch)
         self._token_counts[1] += sum(mb.tokens.numel() for mb in minibatch)
+        self._microbatch_count += len(minibatch)
         minibatch = assign_step_weights(minibatch, self.spec.reduction, norm_length=self.spec.norm_length)
         for controller in filter(None, map(routing_replay_of, self.chunks)):
             controller.reset_counts()
