@@ -35,14 +35,6 @@ from sapo_megatron.trainer.mismatch import summarise  # noqa: E402
 DTYPES = {"bf16": ("bfloat16", "bfloat16"), "fp32": ("float32", "float32")}  # (server --dtype, trainer)
 
 
-def _prompts(path: Path, n: int = 64) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            a, b = 3 + 7 * i, 11 + i
-            f.write(json.dumps({"question": f"what is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n")
-    return path
-
-
 def config(args, url: str, hf_dir: Path, prompts: Path, out: Path) -> dict:
     return {
         "run": {"output_dir": str(out), "steps": args.steps, "save_every": 0, "tensorboard": False, "seed": args.seed},
@@ -95,7 +87,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    prompts = args.prompts or _prompts(args.out / "prompts.jsonl")
+    if args.prompts is None:
+        from tests.real_sglang.harness import write_sum_prompts
+
+        args.prompts = write_sum_prompts(args.out / "prompts.jsonl", 64)
+    prompts = args.prompts
     server = None
     try:
         if args.url:

@@ -133,6 +133,16 @@ def _corpus() -> list[str]:
     return lines
 
 
+def write_sum_prompts(path: Path, n: int = 32) -> Path:
+    """``n`` made-up sums as a GSM8K-format jsonl (``question``, ``answer`` ending ``#### N``),
+    for the ``math`` task with the tiny model's tokenizer."""
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = 3 + 7 * i, 11 + i
+            f.write(json.dumps({"question": f"what is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n")
+    return Path(path)
+
+
 def make_tiny_model(out_dir: Path, *, seed: int = 0, dtype: str = "bfloat16") -> Path:
     """A random Qwen3-MoE (2 MoE layers, 4 experts top-2, hidden 64, vocab 384) and its BPE
     tokenizer, saved with ``save_pretrained`` in ``dtype`` (the served dtype)."""

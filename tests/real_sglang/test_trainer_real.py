@@ -26,16 +26,9 @@ import yaml
 
 from tests.launch import clean_env, run, torchrun
 from tests.real_sglang.conftest import ADMIN_KEY, API_KEY
+from tests.real_sglang.harness import write_sum_prompts
 
 IDLE_S = 6.0  # > SGLang's default keep-alive of 5 s
-
-
-def _prompts(path: Path, n: int = 32) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            a, b = 3 + 7 * i, 11 + i
-            f.write(json.dumps({"question": f"what is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n")
-    return path
 
 
 def _config(tmp_path: Path, model: Path, urls: list[str], *, steps: int = 3, tp: int = 2, sync: str = "disk",
@@ -55,7 +48,7 @@ def _config(tmp_path: Path, model: Path, urls: list[str], *, steps: int = 3, tp:
                     "temperature": 1.0, "sglang": sglang, **rollout},
         "train": {"micro_batch_size": 4, "updates_per_rollout": 1},
         "routing": {"mode": mode},
-        "task": {"name": "math", "path": str(_prompts(tmp_path / "prompts.jsonl")), "format": "gsm8k",
+        "task": {"name": "math", "path": str(write_sum_prompts(tmp_path / "prompts.jsonl")), "format": "gsm8k",
                  "options": {"tokenizer": str(model), "verifier": "regex"}, "reward_fn": f"tests.real_sglang.rewards:{reward}"},
     }
 
