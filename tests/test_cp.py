@@ -247,9 +247,9 @@ def test_cp_ranks_of_a_replica_share_one_leaders_samples_and_slice_its_routes(la
     # two leaders in one replica would hand its CP ranks different samples.
     nonce, original = itertools.count(), sglang_mock.fake_generate
 
-    def sample_anew(request, b, weight_version="default"):
+    def sample_anew(request, b, *args, **kwargs):
         sampling = {**request.get("sampling_params", {}), "sampling_seed": next(nonce)}
-        return original({**request, "sampling_params": sampling}, b, weight_version)
+        return original({**request, "sampling_params": sampling}, b, *args, **kwargs)
 
     monkeypatch.setattr(sglang_mock, "fake_generate", sample_anew)
     out = tmp_path / "cp_rollout.json"
