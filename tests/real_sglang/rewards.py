@@ -28,8 +28,8 @@ def digits_after_idle(prompt_text: str, response_text: str, answer, meta) -> flo
     so every pooled connection is closed by the server before the next weight push."""
     if time.monotonic() - _last_idle[0] > 10.0:
         time.sleep(float(os.environ.get("SAPO_TEST_IDLE_S", "0")))
-        _wait_for_restart()
         _last_idle[0] = time.monotonic()
+    _wait_for_restart()  # every call: the step after a kill may come within 10 s of the last idle
     return digits(prompt_text, response_text, answer, meta)
 
 
