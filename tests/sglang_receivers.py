@@ -3,6 +3,7 @@ shared by the weight-sync tests."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -22,6 +23,28 @@ def start_receiver(port_file: Path, *args: str) -> tuple[subprocess.Popen, str]:
         assert time.monotonic() < deadline and proc.poll() is None, "receiver did not start"
         time.sleep(0.05)
     return proc, f"http://127.0.0.1:{port_file.read_text()}"
+
+
+@contextlib.contextmanager
+def receiver_pool(tmp_path: Path):
+    """``start(*options)``: one receiver per tuple of extra arguments, their URLs; every receiver
+    started is killed when the block ends (the tests' ``receivers`` fixtures)."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*options: tuple[str, ...]) -> list[str]:
+        urls = []
+        for extra in options:
+            proc, url = start_receiver(tmp_path / f"port{len(procs)}", *extra)
+            procs.append(proc)
+            urls.append(url)
+        return urls
+
+    try:
+        yield start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
 
 
 def dump_weights(url: str, path: Path) -> dict:

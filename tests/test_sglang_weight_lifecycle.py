@@ -30,7 +30,7 @@ import pytest
 
 from tests.dist.ckpt_models import make_hf_model
 from tests.launch import ROOT, torchrun
-from tests.sglang_receivers import dump_weights, start_receiver
+from tests.sglang_receivers import dump_weights, receiver_pool
 
 WORKER = ROOT / "tests" / "dist" / "dsync_worker.py"
 LIMIT_S = 300  # a worker run takes well under a minute; a hang stops here
@@ -46,20 +46,8 @@ def hf(tmp_path_factory):
 
 @pytest.fixture
 def receivers(tmp_path):
-    procs = []
-
-    def start(*options):
-        urls = []
-        for extra in options:
-            proc, url = start_receiver(tmp_path / f"port{len(procs)}", *extra)
-            procs.append(proc)
-            urls.append(url)
-        return urls
-
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait(timeout=10)
+    with receiver_pool(tmp_path) as start:
+        yield start
 
 
 def run_trainer(hf, out, runs, *, crash=False) -> list[list[dict]]:

@@ -20,7 +20,7 @@ import torch
 
 from tests.dist.ckpt_models import make_hf_model, read_safetensors_dir
 from tests.launch import ROOT, torchrun
-from tests.sglang_receivers import dump_weights, start_receiver
+from tests.sglang_receivers import dump_weights, receiver_pool
 
 from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
 
@@ -29,20 +29,8 @@ WORKER = ROOT / "tests" / "dist" / "wsync_worker.py"
 
 @pytest.fixture
 def receivers(tmp_path):
-    procs = []
-
-    def start(n):
-        urls = []
-        for _ in range(n):
-            proc, url = start_receiver(tmp_path / f"port{len(procs)}")
-            procs.append(proc)
-            urls.append(url)
-        return urls
-
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait(timeout=10)
+    with receiver_pool(tmp_path) as start:
+        yield lambda n: start(*[()] * n)
 
 
 @pytest.mark.dist
