@@ -64,6 +64,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import threading
 import time
 from concurrent.futures import wait
 from datetime import timedelta
@@ -332,10 +333,20 @@ class DistributedSync(WeightSync):
         futures, works, _wire = in_flight
         what = f"weight update to version {version}"
         deadline = time.monotonic() + self.timeout.total_seconds()
-        while not (all(w.is_completed() for w in works) and all(f.done() for f in futures.values())):
+        # Woken by each completion rather than polled: on a loaded host a polling loop takes CPU
+        # from the broadcast it waits for. The event is cleared BEFORE the checks, so a
+        # completion between a check and the wait still ends the wait.
+        woken = threading.Event()
+        sent = [w.get_future() for w in works]
+        for f in [*sent, *futures.values()]:
+            f.add_done_callback(lambda _f: woken.set())
+        while True:
+            woken.clear()
             if any(map(_failed, futures.values())) or time.monotonic() > deadline:
                 self._refused(futures, what)
-            time.sleep(0.001)
+            if all(f.done() for f in sent) and all(f.done() for f in futures.values()):
+                break
+            woken.wait(max(0.0, min(1.0, deadline - time.monotonic())))
         for w in works:
             w.wait()
         self.engine.collect(futures, UPDATE, what)
