@@ -210,3 +210,30 @@ def test_calculator_with_a_byte_level_tokenizer_round_trips_its_observation():
     prompt = task.make_prompt(seed=1, split="train", index=0)
     step = CalculatorEnv(task, prompt).step([], [], f"?{prompt.meta['a']}+{prompt.meta['b']}", final=False)
     assert task.tokenizer.decode(step.observation) == f">{prompt.answer};"
+
+
+def test_multi_turn_config_keys_are_checked():
+    from sapo_megatron.config import ConfigError, load_config
+    from sapo_megatron.config.validate import validate
+
+    cfg = load_config(None, ["rollout.max_turns=3", "task.name=calculator"])
+    assert cfg.rollout.max_turns == 3
+    with pytest.raises(ConfigError, match="rollout.max_turns"):
+        load_config(None, ["rollout.max_turns=0"])
+    with pytest.raises(ConfigError, match="max_staleness=0 for multi-turn"):
+        validate(load_config(None, ["rollout.max_turns=3", "rollout.engine=sglang", "rollout.max_staleness=1",
+                                    "rollout.sglang.urls=[http://h:1]", "model.hf_dir=/x"]))
+
+
+def test_sglang_asks_routes_from_the_start_and_refuses_servers_below_0_5_8():
+    from sapo_megatron.rollout.sglang.protocol import ServerInfo, check_routes_start, generate_payload
+
+    first = generate_payload([1, 2, 3], PARAMS, 0, True, 0)
+    later = generate_payload([1, 2, 3], PARAMS, 0, True, 2)
+    assert "routed_experts_start_len" not in first and later["routed_experts_start_len"] == 2
+    assert "routed_experts_start_len" not in generate_payload([1, 2, 3], PARAMS, 0, False, 2)
+    info = dict(url="http://old:1", tp_size=1, dp_size=1, pp_size=1, speculative=False, deterministic=None,
+                routed_experts=True)
+    with pytest.raises(RuntimeError, match=r"0\.5\.7.*routed_experts_start_len.*>= 0\.5\.8"):
+        check_routes_start(ServerInfo(version=(0, 5, 7), **info))
+    check_routes_start(ServerInfo(version=(0, 5, 8), **info))
