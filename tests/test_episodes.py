@@ -237,3 +237,16 @@ def test_sglang_asks_routes_from_the_start_and_refuses_servers_below_0_5_8():
     with pytest.raises(RuntimeError, match=r"0\.5\.7.*routed_experts_start_len.*>= 0\.5\.8"):
         check_routes_start(ServerInfo(version=(0, 5, 7), **info))
     check_routes_start(ServerInfo(version=(0, 5, 8), **info))
+
+
+def test_calculator_retries_after_a_wrong_answer_when_asked():
+    task = build_task({"name": "calculator", "retry_on_wrong": True})
+    tok = task.tokenizer
+    prompt = next(task.prompts(seed=0))
+    wrong = tok.encode(str(int(prompt.answer) + 1)) + [tok.eos_id]
+    right = tok.encode(prompt.answer) + [tok.eos_id]
+    res = EpisodeRunner(ScriptedEngine([wrong, wrong, right]), task, max_turns=3).generate(
+        [prompt.ids], PARAMS, return_routes=False, episodes_of=[prompt])[0]
+    retry = tok.encode(">?;")
+    assert res.response_ids == wrong + retry + wrong + retry + right
+    assert res.meta["episode_reward"] == 1.0 and res.meta["turns"] == 3 and res.meta["tool_calls"] == 0

@@ -7,7 +7,8 @@ An episode (``rollout.max_turns`` model turns at most; rollout/episodes.py)::
     environment ">22;"                the calculator's answer (observation tokens, not trained on)
     model       "22" EOS              a final answer: a number; the episode ends
 
-The model may also answer at once ("22" EOS). Any other turn ends the episode. A tool call on
+The model may also answer at once ("22" EOS). Any other turn ends the episode, unless
+``retry_on_wrong``: then a wrong or malformed answer gets the observation ">?;" and another turn. A tool call on
 the last allowed turn, or a malformed expression, ends it too.
 
 Reward (at the end of the episode, on the final answer; the response is cut at its first EOS):
@@ -54,6 +55,9 @@ class CalculatorConfig:
     operators: str = "+"
     format_credit: float = 0.1
     tool_cost: float = 0.0
+    # A wrong or malformed answer with turns left gets the observation ">?;" and another try
+    # (feedback-and-retry episodes), instead of ending the episode.
+    retry_on_wrong: bool = False
     tokenizer: str = "char"
 
     def __post_init__(self) -> None:
@@ -87,6 +91,8 @@ class CalculatorEnv:
             return EnvStep(observation=self.task.tokenizer.encode(f">{value};"), tool_call=True)
         if text == self.prompt.answer:
             return self._end(1.0, True)
+        if cfg.retry_on_wrong and not final:
+            return EnvStep(observation=self.task.tokenizer.encode(">?;"))
         return self._end(cfg.format_credit if _NUMBER.fullmatch(text) else 0.0, False)
 
     def _end(self, reward: float, exact: bool, *, tool_call: bool = False) -> EnvStep:

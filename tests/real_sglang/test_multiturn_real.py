@@ -153,3 +153,27 @@ def test_calculator_episodes_run_on_the_real_server_with_a_bpe_tokenizer(servers
             assert len(res.response_mask) == len(res.response_ids)
     finally:
         engine.close()
+
+
+def test_trainer_trains_on_calculator_episodes_from_the_real_server(servers, tiny_model, tmp_path):
+    """The RL loop (2 ranks, R3) on episodes played against the real server: the replica's
+    leader sends each turn, every rank stitches the same episodes. ``retry_on_wrong`` keeps the
+    random model's episodes going (a wrong answer gets feedback and another turn), so most use
+    all 3 turns and carry environment tokens."""
+    from tests.real_sglang.test_trainer_real import _config, assert_trained, train
+
+    server = servers.keyed("a")
+    config = _config(tmp_path, tiny_model, [server.url], steps=2, max_turns=3)
+    config["task"] = {"name": "calculator", "options": {"tokenizer": str(tiny_model), "min_operand": 1,
+                                                        "max_operand": 9, "retry_on_wrong": True}}
+    rows = train(tmp_path, config)
+    assert [r["rl_step"] for r in rows] == [0, 1]
+    assert_trained(rows)
+    for r in rows:
+        assert r["episode/turns_mean"] > 2.0 and r["episode/env_token_frac"] > 0.1, r
+        # R3 replays a route for every token of every episode (environment tokens included): only
+        # each sample's last token (and padding) has none, so coverage is below 1.
+        assert 0.5 < r["routing/coverage"] < 1.0, r["routing/coverage"]
+        # Episodes against the bf16 server, trainer in fp32: the gap is the served dtype's,
+        # not a misplaced token (which would be O(1)).
+        assert r["train_rollout_logprob_abs_diff"] < 0.05, r["train_rollout_logprob_abs_diff"]
