@@ -250,3 +250,23 @@ def test_calculator_retries_after_a_wrong_answer_when_asked():
     retry = tok.encode(">?;")
     assert res.response_ids == wrong + retry + wrong + retry + right
     assert res.meta["episode_reward"] == 1.0 and res.meta["turns"] == 3 and res.meta["tool_calls"] == 0
+
+
+def test_a_user_reward_scores_the_whole_episode():
+    from sapo_megatron.rollout.episodes import is_multi_turn, score_result
+    from sapo_megatron.tasks import UserRewardTask
+
+    task = build_task({"name": "calculator", "reward_fn": "tests.test_episodes:_share_of_sevens"})
+    assert isinstance(task, UserRewardTask) and is_multi_turn(task)
+    assert not is_multi_turn(build_task({"name": "arithmetic", "reward_fn": "tests.test_episodes:_share_of_sevens"}))
+    tok = task.tokenizer
+    prompt = next(task.prompts(seed=0))
+    res = RolloutResult(prompt.ids, tok.encode("77") + [tok.eos_id] + tok.encode(">7;"), [0.0] * 6, "stop",
+                        meta={"episode_reward": 0.0, "episode_exact": False}, response_mask=[True] * 3 + [False] * 3)
+    score = score_result(task, prompt, res)
+    assert score.reward == pytest.approx(3 / 5) and score.exact is False  # "77>7;" decoded, EOS dropped
+    assert score_result(task.task, prompt, res).reward == 0.0  # without reward_fn: the environment's
+
+
+def _share_of_sevens(prompt_text, response_text, answer, meta):
+    return response_text.count("7") / max(len(response_text), 1)

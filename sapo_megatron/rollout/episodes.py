@@ -187,6 +187,20 @@ def wrap_episodes(engine, task, max_turns: int):
     return EpisodeRunner(engine, task, max_turns)
 
 
+def score_result(task, prompt, result: RolloutResult):
+    """A result's :class:`~sapo_megatron.tasks.Score`: an episode's from its environment (or, with
+    ``task.reward_fn``, the user's function on the episode's whole response text, environment
+    tokens included, exactness still the environment's); a single response's from the task."""
+    from sapo_megatron.tasks import Score, UserRewardTask, score_response
+
+    text = task.tokenizer.decode(result.response_ids)
+    if "episode_reward" not in result.meta:
+        return score_response(task, prompt, result.response_ids, text)
+    if isinstance(task, UserRewardTask):
+        return Score(task.reward(prompt, result.response_ids, text), result.meta["episode_exact"])
+    return Score(result.meta["episode_reward"], result.meta["episode_exact"])
+
+
 def episode_metrics(results: list[RolloutResult]) -> list[float]:
     """Local sums for ``episode/*`` metrics: episodes, turns, tool calls, episodes with a tool
     call, model tokens, environment tokens (aborted episodes count as episodes only)."""

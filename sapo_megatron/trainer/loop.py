@@ -58,7 +58,13 @@ from sapo_megatron.routing import (
     storage_dtype,
 )
 from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
-from sapo_megatron.rollout.episodes import EpisodeRunner, episode_metrics, reduce_episode_metrics, wrap_episodes
+from sapo_megatron.rollout.episodes import (
+    EpisodeRunner,
+    episode_metrics,
+    reduce_episode_metrics,
+    score_result,
+    wrap_episodes,
+)
 from sapo_megatron.trainer.batching import StepBatcher, batch_metrics, collate_microbatch
 from sapo_megatron.trainer.checkpoint import (
     agreed_latest_checkpoint,
@@ -342,13 +348,8 @@ class Trainer:
         """Rewards of a round; its exact answers are counted for ``exact_frac`` when ``count_exact``
         (the first round of a step only: later dynamic-sampling rounds refill what the filter
         dropped, which would bias the share; aborted requests are not judged)."""
-        from sapo_megatron.tasks import Score, score_response
-
-        tok = self.task.tokenizer
-        # An episode was scored by its environment (rollout/episodes.py); a single turn by the task.
-        scores = [Score(r.meta["episode_reward"], r.meta["episode_exact"]) if "episode_reward" in r.meta
-                  else score_response(self.task, p, r.response_ids, tok.decode(r.response_ids))
-                  for p, r in zip(flat, results)]
+        # A response is scored by the task, an episode by its environment (rollout/episodes.py).
+        scores = [score_result(self.task, p, r) for p, r in zip(flat, results)]
         if count_exact:
             known = [s.exact for s, r in zip(scores, results) if s.exact is not None and r.finish_reason != "abort"]
             self._exact_counts = [sum(known), len(known)]
