@@ -326,6 +326,7 @@ def test_secrets_never_saved(tmp_path):
 
 SHIPPED = {  # config -> (world sizes it is meant for, overrides the launch scripts add)
     "tiny_cpu.yaml": ([2], []),
+    "multiturn_cpu.yaml": ([2], []),  # the multi-turn demo (examples/run_multiturn_cpu.sh)
     "ablation_cpu.yaml": ([2], []),  # the sweep's grid (sapo_megatron/commands/sweep.py)
     "qwen3_30b_a3b_sapo.yaml": ([4], ["rollout.sglang.urls=[http://127.0.0.1:30000,http://127.0.0.1:30001]"]),
     "qwen3_235b_a22b_sapo.yaml": ([64], ["rollout.sglang.urls=[http://node009:30000]"]),
@@ -351,7 +352,12 @@ def test_shipped_configs_load_and_validate(name, monkeypatch):
         assert (cfg.rollout.engine, cfg.routing.mode, cfg.model.resolve().params_dtype) == ("sglang", "R3", "bfloat16")
         assert cfg.task.path == "/data/dapo.parquet"
     else:
-        assert cfg.model.resolve().vocab_size == 16 and cfg.routing.mode == "R3"
+        # The model's vocabulary is the task's character tokenizer's (sampled ids must decode).
+        from sapo_megatron.tasks import build_task
+        from sapo_megatron.trainer.loop import task_options
+
+        vocab = build_task(task_options(cfg.task)).tokenizer.vocab_size
+        assert cfg.model.resolve().vocab_size == vocab and cfg.routing.mode == "R3"
 
 
 def test_slurm_30b_override_fits_one_trainer_node(monkeypatch):

@@ -213,7 +213,7 @@ def test_random_policy_hits_the_reward():
 
 
 def test_build_task_errors():
-    with pytest.raises(ValueError, match=r"unknown task 'arith'; known tasks: \['arithmetic', 'math'\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'arith'; known tasks: \['arithmetic', 'calculator', 'math'\]"):
         build_task({"name": "arith"})
     with pytest.raises(ValueError, match="has no 'name'"):
         build_task({"max_operand": 3})

@@ -279,11 +279,15 @@ class RolloutConfig(SamplingParams):
     embedded: EmbeddedSection = field(default_factory=EmbeddedSection)
     # Policy versions (RL steps) a sample may lag the trainer by; 0: the synchronous loop.
     max_staleness: int = 0
+    # Model turns per episode of a multi-turn task (task.name: calculator; rollout/episodes.py).
+    # max_new_tokens bounds each turn. 1 with a single-turn task: one response per prompt.
+    max_turns: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", ">= 1", self.prompts_per_step)
         _check(self.max_staleness >= 0, "rollout.max_staleness", ">= 0 (0: synchronous rollouts)", self.max_staleness)
+        _check(self.max_turns >= 1, "rollout.max_turns", ">= 1", self.max_turns)
         _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", ">= 1", self.samples_per_prompt)
 
     def sampling_params(self, *, stop_token_ids: tuple[int, ...] = (), run_seed: int = 0,

@@ -71,6 +71,11 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("rollout.max_staleness > 0 with rollout.engine=sglang generates the next batch in the "
                         "background, one round per step: it cannot be combined with rollout.dynamic_sampling "
                         "(set rollout.dynamic_sampling.filter=null or rollout.max_staleness=0)")
+    if cfg.rollout.max_turns > 1 and cfg.rollout.engine == "sglang" and cfg.rollout.max_staleness > 0:
+        problems.append(f"rollout.max_turns={cfg.rollout.max_turns} with rollout.engine=sglang and "
+                        f"rollout.max_staleness={cfg.rollout.max_staleness}: the background generation runs one "
+                        f"turn per request, and an episode's turns wait on the environment; set "
+                        f"rollout.max_staleness=0 for multi-turn episodes")
     if cfg.train.advantage in ("grpo", "grpo_no_std", "rloo") and cfg.rollout.samples_per_prompt < 2:
         problems.append(f"train.advantage={cfg.train.advantage} compares samples of the same prompt: "
                         f"rollout.samples_per_prompt must be >= 2, got {cfg.rollout.samples_per_prompt}")

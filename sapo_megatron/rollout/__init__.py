@@ -3,6 +3,8 @@
 ``build_engine(cfg, model_chunks, model_cfg, tokenizer)`` picks one by ``rollout.engine``
 (a registry). The SGLang engine and its weight sync live in the :mod:`.sglang` package
 (``sglang.replica`` describes how the trainer's ranks share one client per replica).
+Multi-turn episodes wrap either engine (:mod:`.episodes`: an environment between turns, one
+stitched sample per episode, each turn's routes from ``routes_start`` on).
 """
 
 from __future__ import annotations

@@ -55,15 +55,21 @@ class RolloutResult:
     # [len(prompt) + len(response) - 1, num_moe_layers, topk], compact dtype; None if not asked.
     routes: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    # Multi-turn episodes (rollout/episodes.py): True for the model's response tokens, False for
+    # the environment's; None: every response token is the model's.
+    response_mask: list[bool] | None = None
 
 
 class RolloutEngine(Protocol):
     """What the trainer needs from a rollout engine."""
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool
+        self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool,
+        routes_start: list[int] | None = None,
     ) -> list[RolloutResult]:
-        """One result per prompt, in order (a failed request: finish_reason "abort")."""
+        """One result per prompt, in order (a failed request: finish_reason "abort").
+        ``routes_start[i]``: prompt ``i``'s routes start at that token (SGLang's
+        ``routed_experts_start_len``): ``len(prompt + response) - 1 - start`` rows."""
 
     def update_weights(self, model_chunks, version: int) -> None:
         """Make the engine serve the trainer's current weights as policy ``version`` (the number

@@ -108,9 +108,17 @@ class EmbeddedEngine:
         logits = outputs[0]["logits"] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
         return mb, broadcast_from_last_stage(logits)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool) -> list[RolloutResult]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool,
+                 routes_start: list[int] | None = None) -> list[RolloutResult]:
         """Generate for this data-parallel rank's ``prompts`` (a collective over its model-parallel
-        group; over every rank when the replicas step together, even for no ``prompts``)."""
+        group; over every rank when the replicas step together, even for no ``prompts``).
+        ``routes_start[i]``: return prompt ``i``'s route rows from that token on (a multi-turn
+        episode's later turn, rollout/episodes.py), as SGLang's ``routed_experts_start_len``."""
+        starts = list(routes_start) if routes_start is not None else [0] * len(prompts)
+        bad = [i for i, (s, p) in enumerate(zip(starts, prompts)) if not 0 <= s <= len(p)]
+        if len(starts) != len(prompts) or bad:
+            raise ValueError(f"routes_start must give one start in [0, len(prompt)] per prompt; got {len(starts)} "
+                             f"for {len(prompts)} prompts (out of range: prompts {bad})")
         short = [i for i, p in enumerate(prompts) if len(p) < 2]
         if short:
             raise ValueError(f"the embedded engine needs prompts of at least 2 tokens; prompts {short} are shorter")
@@ -168,7 +176,7 @@ class EmbeddedEngine:
             chunk.train()
         results = []
         for i, seq in enumerate(sequences):
-            routes = torch.cat(rows[i]) if return_routes else None
+            routes = torch.cat(rows[i])[starts[i]:] if return_routes else None
             results.append(RolloutResult(
                 prompt_ids=list(prompts[i]),
                 response_ids=seq[prompt_lens[i]:].tolist(),

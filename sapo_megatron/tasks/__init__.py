@@ -2,7 +2,8 @@
 
 Layout: ``base`` (the ``Tokenizer``/``Prompt``/``Task`` interface and the resumable
 ``PromptStream``), ``registry`` (``register_task``, ``build_task``), ``tokenizers`` (char, byte,
-lazy HF), ``arithmetic`` (the embedded CPU default), ``prompt_sets`` (JSONL/JSON/Parquet and the
+lazy HF), ``arithmetic`` (the embedded CPU default), ``calculator`` (arithmetic with a calculator tool:
+multi-turn episodes, ``rollout/episodes.py``), ``prompt_sets`` (JSONL/JSON/Parquet and the
 GSM8K / DAPO-Math / AIME layouts), ``math_task`` (``math``), ``math_grading`` (the verifier
 registry: HF math-verify by default, ``answer_check``'s regex checker as the fallback),
 ``deadline`` (a time limit that works in any thread), ``user_reward``
@@ -16,8 +17,9 @@ Use::
     r = task.reward(batch[0], response_ids, task.tokenizer.decode(response_ids))
     ckpt["data"] = stream.state_dict()                # later: stream.load_state_dict(ckpt["data"])
 """
-from . import arithmetic, math_task  # noqa: F401  (register the built-in tasks)
+from . import arithmetic, calculator, math_task  # noqa: F401  (register the built-in tasks)
 from .arithmetic import ArithmeticConfig, ArithmeticTask, arithmetic_reward
+from .calculator import CalculatorConfig, CalculatorTask
 from .answer_check import answers_match, extract_answer, normalize_answer, regex_math_reward
 from .base import SPLITS, Prompt, PromptStream, Score, Task, Tokenizer, reference_response_ids, score_response
 from .math_grading import VERIFIERS, math_reward, resolve_verifier
@@ -35,6 +37,8 @@ __all__ = [
     "ArithmeticConfig",
     "ArithmeticTask",
     "ByteTokenizer",
+    "CalculatorConfig",
+    "CalculatorTask",
     "CharTokenizer",
     "HFTokenizer",
     "MathConfig",

@@ -59,6 +59,12 @@ class UserRewardTask:
         self.reward_fn_path = reward_fn
         self.fn = load_reward_fn(reward_fn)
 
+    @property
+    def start_episode(self):
+        """A multi-turn task stays one (its environment plays the episodes; the user's function
+        then scores the whole episode's response text). AttributeError for a single-turn task."""
+        return self.task.start_episode
+
     def prompts(self, *, seed: int, split: str = "train", start: int = 0) -> Iterator[Prompt]:
         return open_prompts(self.task, seed=seed, split=split, start=start)
 

@@ -58,6 +58,13 @@ from sapo_megatron.routing import (
     storage_dtype,
 )
 from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
+from sapo_megatron.rollout.episodes import (
+    EpisodeRunner,
+    episode_metrics,
+    reduce_episode_metrics,
+    score_result,
+    wrap_episodes,
+)
 from sapo_megatron.trainer.batching import StepBatcher, batch_metrics, collate_microbatch
 from sapo_megatron.trainer.checkpoint import (
     agreed_latest_checkpoint,
@@ -121,7 +128,8 @@ def _build_samples(results, advantages, *, use_routes: bool,
         n, p = tokens.numel(), len(res.prompt_ids)
         mask = torch.zeros(n - 1, dtype=torch.bool)
         if not aborted:
-            mask[p - 1 :] = True
+            # Multi-turn episodes: only the model's tokens (response_mask), not the environment's.
+            mask[p - 1 :] = True if res.response_mask is None else torch.tensor(res.response_mask, dtype=torch.bool)
         routes = res.routes
         if use_routes and routes is None:
             layers, topk, dtype = route_layout
@@ -213,6 +221,9 @@ class Trainer:
         self.stream = PromptStream(self.task, seed=cfg.run.seed)
         self.cold_start = ColdStart(cfg, self.task)
         self.engine = build_engine(cfg, self.chunks, self.model_cfg, tokenizer=self.task.tokenizer)
+        # A multi-turn task (or rollout.max_turns > 1) plays episodes on the engine (rollout/episodes.py).
+        self.engine = wrap_episodes(self.engine, self.task, cfg.rollout.max_turns)
+        self._episodes = isinstance(self.engine, EpisodeRunner)
         self.spec = cfg.loss
         # An engine copy's weight snapshots are this rank's shards: saved per rank with every
         # checkpoint (the extra-state hook), so a resumed run samples from the same old weights.
@@ -327,7 +338,8 @@ class Trainer:
         # collectives (the SGLang replicas' stale-server re-sync spans the world) must see every
         # rank, or a dynamic-sampling round whose quota is full on one DP rank hangs the others.
         with self._phase(f"rollout round {round_}", "rollout"):
-            results = self.engine.generate([p.ids for p in flat], params, return_routes=self._want_routes)
+            episodes = {"episodes_of": flat} if self._episodes else {}
+            results = self.engine.generate([p.ids for p in flat], params, return_routes=self._want_routes, **episodes)
             if not generate:
                 return None
             return flat, results, self._score(flat, results, count_exact=round_ == 0)
@@ -336,10 +348,8 @@ class Trainer:
         """Rewards of a round; its exact answers are counted for ``exact_frac`` when ``count_exact``
         (the first round of a step only: later dynamic-sampling rounds refill what the filter
         dropped, which would bias the share; aborted requests are not judged)."""
-        from sapo_megatron.tasks import score_response
-
-        tok = self.task.tokenizer
-        scores = [score_response(self.task, p, r.response_ids, tok.decode(r.response_ids)) for p, r in zip(flat, results)]
+        # A response is scored by the task, an episode by its environment (rollout/episodes.py).
+        scores = [score_result(self.task, p, r) for p, r in zip(flat, results)]
         if count_exact:
             known = [s.exact for s, r in zip(scores, results) if s.exact is not None and r.finish_reason != "abort"]
             self._exact_counts = [sum(known), len(known)]
@@ -460,6 +470,8 @@ class Trainer:
             rollout_s=timings["time/rollout_s"],
             train_s=timings["time/update_s"], dp_group=parallel_state.get_data_parallel_group()))
         timings.update(self._rollout_metrics)
+        if self._episodes:  # turns, tool calls and environment tokens per episode, over DP
+            timings.update(reduce_episode_metrics(all_reduce_values(episode_metrics(results), group=self._dp_group())))
 
         t0 = time.perf_counter()
         if self._async:  # /flush_cache answers 400 while requests run: let the next batch finish

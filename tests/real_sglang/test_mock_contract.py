@@ -155,6 +155,16 @@ def test_routes_and_log_probs_have_the_same_layout(both):
                                            "end": meta["completion_tokens"]}], side
 
 
+def test_routes_from_a_start_length_have_the_same_layout(both):
+    """``routed_experts_start_len`` (multi-turn turns, rollout/episodes.py): rows from there on."""
+    for side, url in both.items():
+        status, body = http_json(url, "/generate", {**GEN, "routed_experts_start_len": 3}, key=API_KEY)
+        assert status == 200, (side, body)
+        meta = body["meta_info"]
+        rows = meta["prompt_tokens"] + meta["completion_tokens"] - 1 - 3
+        assert len(base64.b64decode(meta["routed_experts"])) == rows * LAYERS * TOPK * 4, side
+
+
 def test_weight_versions_move_with_a_disk_update(both, tiny_model):
     for side, url in both.items():
         status, answer = http_json(url, "/update_weights_from_disk",

@@ -45,6 +45,7 @@ from sapo_megatron.rollout.sglang.protocol import (
     ServerInfo,
     asks_flush,
     check_admin_key,
+    check_routes_start,
     check_server,
     generate_payload,
     parse_generate,
@@ -87,6 +88,7 @@ class SGLangEngine:
         self.counters: Counter = Counter()
         self._infos: dict[str, ServerInfo] = {}
         self._checked_seed = False
+        self._checked_routes_start = False
         self._admin_checked: set[str] = set()
         self._paused_in_place = False
         self._closed = False
@@ -172,9 +174,18 @@ class SGLangEngine:
         return sorted(self.stale)
 
     # ------------------------------------------------------------------ generate
-    def generate(self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool
-                 ) -> list[RolloutResult]:
-        """One result per prompt, in order; see the module docstring for failure handling."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool,
+                 routes_start: list[int] | None = None) -> list[RolloutResult]:
+        """One result per prompt, in order; see the module docstring for failure handling.
+        ``routes_start[i]``: prompt ``i``'s routes start there (``routed_experts_start_len``,
+        a multi-turn episode's later turns; refused on servers below 0.5.8)."""
+        starts = list(routes_start) if routes_start is not None else [0] * len(prompts)
+        if len(starts) != len(prompts):
+            raise ValueError(f"routes_start has {len(starts)} entries for {len(prompts)} prompts")
+        if return_routes and any(starts) and not self._checked_routes_start:
+            for url in self.config.urls:
+                check_routes_start(self.server_info(url))
+            self._checked_routes_start = True
         if self._closed:
             raise RuntimeError("SGLangEngine.generate called after close()")
         if return_routes and self.route_spec is None:
@@ -189,8 +200,8 @@ class SGLangEngine:
                     check_server(self.server_info(url), require_routes=False, seeded=True, distributed=False)
                 except RuntimeError:
                     pass
-        futures = [self._pool.submit(self._generate_one, prompt, params, i, return_routes)
-                   for i, prompt in enumerate(prompts)]
+        futures = [self._pool.submit(self._generate_one, prompt, params, i, return_routes, start)
+                   for i, (prompt, start) in enumerate(zip(prompts, starts))]
         _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f for f in futures if f.done() and f.exception() is not None), None)
         if failed is not None:
@@ -223,13 +234,14 @@ class SGLangEngine:
 
         return pick
 
-    def _generate_one(self, prompt, params, index, return_routes) -> tuple[RolloutResult, Rejected | None]:
-        payload = generate_payload(prompt, params, index, return_routes)
+    def _generate_one(self, prompt, params, index, return_routes, routes_start=0
+                      ) -> tuple[RolloutResult, Rejected | None]:
+        payload = generate_payload(prompt, params, index, return_routes, routes_start)
 
         def call(url: str) -> RolloutResult:
             answer = self.transport.call_json(url, "/generate", payload, timeout=self.config.timeout_s)
             try:
-                result = parse_generate(answer, prompt, index, url, return_routes, self.route_spec)
+                result = parse_generate(answer, prompt, index, url, return_routes, self.route_spec, routes_start)
             except MissingRoutes:
                 raise
             except ValueError as err:

@@ -21,7 +21,9 @@ gates are the constants below and :func:`check_server` / :func:`check_admin_key`
   (docs/design.md), so the spans are read when present.
 - ``/model_info.weight_version`` exists since 0.5.7 (``/get_weight_version`` answers 404 from
   0.5.8 and is gone in 0.5.21: not used).
-- ``routed_experts_start_len`` needs 0.5.8 (not sent by this client).
+- ``routed_experts_start_len`` needs 0.5.8: sent only for a multi-turn episode's later turns
+  (rollout/episodes.py), whose routes then start there; refused below 0.5.8
+  (:func:`check_routes_start`). A start outside ``[0, prompt]`` is an abort from the server.
 - ``--admin-api-key`` exists from 0.5.8.
 - Flushing the cache while requests are paused in place asserts in the scheduler up to 0.5.21
   and answers 400 from 0.5.22 though the weights did change: refused by the engine.
@@ -46,13 +48,15 @@ logger = logging.getLogger(__name__)
 
 ROUTES_SINCE = (0, 5, 7)  # routed experts exist (PR #12162)
 ROUTES_SPECULATIVE_FIXED = (0, 5, 15)  # route rows over-counted with speculative decoding before
+ROUTES_START_SINCE = (0, 5, 8)  # routed_experts_start_len (multi-turn routes per turn)
 ADMIN_KEY_SINCE = (0, 5, 8)  # --admin-api-key; 0.5.7's weight endpoints take the API key
 FRESH_VERSION = "default"  # a server's weight_version before any update
 
 
 # --------------------------------------------------------------------------- /generate
 
-def generate_payload(prompt: list[int], params: SamplingParams, index: int, return_routes: bool) -> dict:
+def generate_payload(prompt: list[int], params: SamplingParams, index: int, return_routes: bool,
+                     routes_start: int = 0) -> dict:
     sampling = {
         "temperature": float(params.temperature),
         "top_p": float(params.top_p),
@@ -70,6 +74,8 @@ def generate_payload(prompt: list[int], params: SamplingParams, index: int, retu
     }
     if return_routes:
         payload["return_routed_experts"] = True
+        if routes_start:  # 0 is the server's default: older servers never see the field
+            payload["routed_experts_start_len"] = int(routes_start)
     return payload
 
 
@@ -78,7 +84,7 @@ class MissingRoutes(RuntimeError):
 
 
 def parse_generate(response, prompt: list[int], index: int, url: str, return_routes: bool,
-                   route_spec: RouteSpec | None) -> RolloutResult:
+                   route_spec: RouteSpec | None, routes_start: int = 0) -> RolloutResult:
     """A ``/generate`` answer -> :class:`RolloutResult`; ``meta`` has ``weight_version`` (the
     oldest token's), ``weight_versions`` (each span's, oldest first; 0.5.19+) and
     ``num_retractions``. Raises ValueError on a malformed answer."""
@@ -126,19 +132,19 @@ def parse_generate(response, prompt: list[int], index: int, url: str, return_rou
                     f"(routing replay must not fall back to live routing silently)")
         elif finish_type == "abort":
             try:  # rows of a request cut short need not match its partial output
-                routes = decode_routes(meta_info, prompt, response_ids, index, route_spec)
+                routes = decode_routes(meta_info, prompt, response_ids, index, route_spec, routes_start)
             except ValueError:
                 routes = None
         else:
-            routes = decode_routes(meta_info, prompt, response_ids, index, route_spec)
+            routes = decode_routes(meta_info, prompt, response_ids, index, route_spec, routes_start)
     return RolloutResult(list(prompt), response_ids, log_probs, finish_type, routes, meta)
 
 
 def decode_routes(meta_info: dict, prompt: list[int], response_ids: list[int], index: int,
-                  spec: RouteSpec) -> torch.Tensor:
+                  spec: RouteSpec, routes_start: int = 0) -> torch.Tensor:
     return decode_routed_experts(
         meta_info, num_layers=spec.num_hidden_layers, topk=spec.topk, prompt_len=len(prompt),
-        response_len=len(response_ids), num_experts=spec.num_experts, moe_layers=spec.moe_layers,
+        response_len=len(response_ids), start_len=routes_start, num_experts=spec.num_experts, moe_layers=spec.moe_layers,
         out_dtype=storage_dtype(spec.num_experts), sample_id=index,
     )
 
@@ -214,6 +220,20 @@ def check_server(info: ServerInfo, *, require_routes: bool, seeded: bool, distri
             "SGLang server %s: sampling_seed is ignored unless the server runs "
             "--enable-deterministic-inference (server info: enable_deterministic_inference=%s); "
             "rollouts are not reproducible from the run seed", url, info.deterministic)
+
+
+def check_routes_start(info: ServerInfo) -> None:
+    """Multi-turn routes (``routed_experts_start_len``) need 0.5.8: an older server does not know
+    the field (it fails the request, or returns rows from token 0: routes paired with the wrong
+    tokens)."""
+    if info.version is None:
+        logger.warning("SGLang server %s reports no version; multi-turn routes (routed_experts_start_len) "
+                       "need >= %s", info.url, _release(ROUTES_START_SINCE))
+    elif info.version < ROUTES_START_SINCE:
+        raise RuntimeError(
+            f"SGLang server {info.url} is version {_release(info.version)}; multi-turn episodes with routing "
+            f"replay (R3) ask each turn's routes with routed_experts_start_len, which needs sglang >= "
+            f"{_release(ROUTES_START_SINCE)}: upgrade the server, or use routing.mode R2/none or rollout.max_turns=1")
 
 
 def check_admin_key(info: ServerInfo, admin_key_env: str) -> None:

@@ -53,11 +53,12 @@ class ReplicaSGLang:
         """Push the trainer's starting weights as ``version`` (0, or the resumed step)."""
         self.update_weights(model_chunks, version)
 
-    def generate(self, prompts, params: SamplingParams, *, return_routes: bool) -> list[RolloutResult]:
+    def generate(self, prompts, params: SamplingParams, *, return_routes: bool,
+                 routes_start: list[int] | None = None) -> list[RolloutResult]:
         self._resync_stale()
         box = [None]
         if self.is_leader:
-            box = [self.engine.generate(prompts, params, return_routes=return_routes)]
+            box = [self.engine.generate(prompts, params, return_routes=return_routes, routes_start=routes_start)]
         dist.broadcast_object_list(box, src=self.leader, group=self.group)
         self._resync_stale()  # servers found stale during this call serve again before the next
         return box[0]
