@@ -96,13 +96,14 @@ def write_default_prompts(path: Path, n: int = 32) -> Path:
     return path
 
 
-def forced(args, out: Path) -> dict:
+def forced(args, out: Path, *, routes: bool = True) -> dict:
     """What the doctor sets whatever the config says: one step, no resume, no reference model,
-    the trainer's own log-probs, routes asked (R3), synchronous sampling, nothing logged outside ``out``."""
+    the trainer's own log-probs, routes asked (R3; ``routes=False`` keeps the config's mode),
+    synchronous sampling, nothing logged outside ``out``."""
     data = {
         "run": {"output_dir": str(out / "run"), "steps": 1, "resume": False, "tensorboard": False,
                 "wandb_project": None, "progress": False, "save_every": 0},
-        "routing": {"mode": "R3"},
+        "routing": {"mode": "R3"} if routes else {},
         "train": {"use_reference_model": False, "use_rollout_log_probs": False, "cold_start_steps": 0},
         "rollout": {"max_staleness": 0, "dynamic_sampling": {"filter": None}},
     }
@@ -138,6 +139,8 @@ def load_doctor_config(args, out: Path):
 
     from sapo_megatron.config import load_config
 
+    if not (args.url or args.rollouts or args.config):
+        raise ValueError("no server: give --url URL (or rollout.sglang.urls in --config), or --rollouts FILE")
     if args.config:
         path, temporary = args.config, None
     else:
@@ -147,7 +150,7 @@ def load_doctor_config(args, out: Path):
             yaml.safe_dump(base_config(args, out), f)
         path = temporary = f.name
     try:
-        user_mode = load_config(path, args.overrides).routing.mode
+        user_mode = load_config(path, [*args.overrides, *_flat_overrides(forced(args, out, routes=False))]).routing.mode
         cfg = load_config(path, [*args.overrides, *_flat_overrides(forced(args, out))])
     finally:
         if temporary:
@@ -171,11 +174,10 @@ def _flat_overrides(data: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def run(args) -> int:
+def run(args, prog: str = "sapo-megatron doctor") -> int:
     from sapo_megatron.config import ConfigError, validate_for_world
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sapo-doctor-"))
-    prog = "sapo-megatron doctor"
     try:
         cfg, user_mode = load_doctor_config(args, out)
         validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -219,4 +221,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         return subprocess.call(cmd, env=env)
-    return run(args)
+    return run(args, parser.prog)

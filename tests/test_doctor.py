@@ -1,0 +1,75 @@
+"""``sapo-megatron doctor`` end to end against the schema-exact mock server (the real server:
+tests/real_sglang/test_doctor_real.py), single process and under torchrun with TP=2.
+
+The TP=2 run measures the single-process run's recorded rollouts (``--rollouts``), so both see
+the same tokens: the layouts may differ only by float32 reduction order in the TP all-reduces.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.dist.ckpt_models import make_hf_model
+from tests.launch import clean_env, run, torchrun
+from tests.sglang_mock import Behaviour, MockSGLang
+
+CONFIG = """
+task: {name: arithmetic}
+rollout: {max_new_tokens: 6, prompts_per_step: 4, samples_per_prompt: 2}
+train: {micro_batch_size: 8, updates_per_rollout: 1}
+routing: {mode: R3}
+"""
+
+
+@pytest.fixture
+def mock():
+    # 2 layers, layer 0 dense, 4 experts top-2; the arithmetic task's 16 symbols fit the 64-token vocabulary.
+    server = MockSGLang(Behaviour(num_hidden_layers=2, topk=2, num_experts=4, dense_layers=(0,), vocab_size=16))
+    yield server
+    server.stop()
+
+
+def _doctor(*args, nproc: int = 1) -> dict:
+    if nproc == 1:
+        done = run(["python", "-m", "sapo_megatron.cli", "doctor", *args, "--json"], env=clean_env(), timeout=300)
+    else:
+        done = torchrun("sapo_megatron.cli", "doctor", *args, "--json", nproc=nproc, module=True, timeout=300)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_doctor_against_the_mock_single_process_and_tp2(mock, tmp_path):
+    hf = make_hf_model("qwen3_moe", tmp_path / "hf")
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    one = _doctor("--config", config, "--url", mock.url, "--hf-dir", hf, "--out", tmp_path / "one")
+    generates = [r for r in mock.requests if r["path"] == "/generate"]
+    assert len(generates) == 8 and all(r["body"]["return_routed_experts"] for r in generates)
+    assert not [r for r in mock.requests if "update_weights" in r["path"]], "the doctor never pushes weights"
+    assert one["num_tokens"] > 0 and 0 <= one["routing_agreement_mean"] <= 1
+    # The mock's routes are random: live routing disagrees with them, and replaying them changes the log-probs.
+    assert one["token_differ_frac"] > 0 and one["replay"]["logprob_gap_mean"] != one["live"]["logprob_gap_mean"]
+    assert one["verdict"] == "FAIL"  # the mock's log-probs are made up: the doctor must say so
+
+    tp2 = _doctor("--config", config, "--rollouts", tmp_path / "one" / "rollouts.pt", "--hf-dir", hf,
+                  "--out", tmp_path / "tp2", "parallel.tensor_model_parallel_size=2", nproc=2)
+    assert tp2["num_tokens"] == one["num_tokens"]
+    # float32 forward, TP=2 sums its row-parallel partials in another order: ~1e-6 per log-prob.
+    for name in ("replay", "live"):
+        for key in ("logprob_gap_mean", "logprob_gap_p50", "logprob_gap_p99", "logprob_gap_max"):
+            assert tp2[name][key] == pytest.approx(one[name][key], abs=1e-4), (name, key)
+    # Routes are argmax decisions: equal unless a router logit tie flips, which these random weights do not produce.
+    assert tp2["routing_agreement_per_layer"] == one["routing_agreement_per_layer"]
+    assert tp2["token_differ_frac"] == one["token_differ_frac"]
+
+
+def test_doctor_refuses_a_run_without_a_server_or_weights(tmp_path, capsys):
+    from sapo_megatron.commands.doctor import main
+
+    assert main(["--url", "http://127.0.0.1:1"], prog="doctor") == 2
+    assert "--hf-dir DIR or --ckpt DIR" in capsys.readouterr().err
+    assert main(["--hf-dir", str(tmp_path)], prog="doctor") == 2
+    assert "give --url URL" in capsys.readouterr().err
