@@ -65,6 +65,16 @@ def test_doctor_against_the_mock_single_process_and_tp2(mock, tmp_path):
     assert tp2["routing_agreement_per_layer"] == one["routing_agreement_per_layer"]
     assert tp2["token_differ_frac"] == one["token_differ_frac"]
 
+    # --ckpt: our converted checkpoint of the same weights, same layout, same tokens: the same figures
+    # exactly (the conversion copies the float32 tensors; the forward is deterministic on CPU).
+    run(["python", "-m", "sapo_megatron.cli", "convert", "hf-to-mcore", "--hf-dir", hf, "--out", tmp_path / "ckpt"],
+        env=clean_env(), timeout=300)
+    ckpt = _doctor("--config", config, "--rollouts", tmp_path / "one" / "rollouts.pt", "--ckpt", tmp_path / "ckpt",
+                   "--out", tmp_path / "ckpt_out")
+    for name in ("replay", "live"):
+        assert ckpt[name]["logprob_gap_mean"] == one[name]["logprob_gap_mean"]
+    assert ckpt["routing_agreement_per_layer"] == one["routing_agreement_per_layer"]
+
 
 def test_doctor_refuses_a_run_without_a_server_or_weights(tmp_path, capsys):
     from sapo_megatron.commands.doctor import main
