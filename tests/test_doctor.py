@@ -83,3 +83,22 @@ def test_doctor_refuses_a_run_without_a_server_or_weights(tmp_path, capsys):
     assert "--hf-dir DIR or --ckpt DIR" in capsys.readouterr().err
     assert main(["--hf-dir", str(tmp_path)], prog="doctor") == 2
     assert "give --url URL" in capsys.readouterr().err
+
+
+def test_config_precedence_user_overrides_then_the_doctors_own_settings(tmp_path):
+    """Defaults < --config < key=value < the doctor's settings; the headline mode is the user's."""
+    from sapo_megatron.commands.doctor import build_parser, load_doctor_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("task: {name: arithmetic}\nrouting: {mode: none}\nrun: {steps: 50, resume: true}\n"
+                      "train: {use_reference_model: true}\nrollout: {engine: sglang, sglang: {urls: ['http://a:1']}}\n")
+    args = build_parser().parse_intermixed_args(
+        ["--config", str(config), "--url", "http://b:2", "--num-prompts", "3", "--api-key-env", "MY_KEY",
+         "--temperature", "0.7", "loss.tau_neg=2.0", "run.steps=9"])
+    cfg, mode = load_doctor_config(args, tmp_path / "out")
+    assert mode == "none" and cfg.routing.mode == "R3"  # routes are always asked; the run's mode names the headline
+    assert cfg.loss.tau_neg == 2.0  # the user's override holds
+    assert (cfg.run.steps, cfg.run.resume, cfg.train.use_reference_model) == (1, False, False)  # the doctor's
+    assert cfg.rollout.sglang.urls == ["http://b:2"] and cfg.rollout.sglang.api_key_env == "MY_KEY"
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.temperature, cfg.loss.temperature) == (3, 0.7, 0.7)
+    assert cfg.run.output_dir == str(tmp_path / "out" / "run")

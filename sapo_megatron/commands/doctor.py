@@ -96,6 +96,23 @@ def write_default_prompts(path: Path, n: int = 32) -> Path:
     return path
 
 
+def architecture_dir(ckpt: str, out: Path) -> Path:
+    """A directory holding our checkpoint's HF ``config.json`` (the trainer reads the architecture from
+    ``model.hf_dir``; the weights still come from ``model.ckpt_dir``)."""
+    from sapo_megatron.checkpoint import McoreCheckpoint
+    from sapo_megatron.trainer.checkpoint import is_dist_checkpoint
+
+    if is_dist_checkpoint(ckpt):
+        raise ValueError(f"--ckpt {ckpt} is a Megatron dist checkpoint, which holds no HF config: give --config "
+                         f"with model.hf_dir (the architecture) and model.ckpt_dir")
+    directory = out / "ckpt_architecture"
+    directory.mkdir(parents=True, exist_ok=True)
+    staged = directory / f"config.json.{os.getpid()}"
+    staged.write_text(json.dumps(McoreCheckpoint(ckpt).hf_config))
+    os.replace(staged, directory / "config.json")  # every rank writes the same file
+    return directory
+
+
 def forced(args, out: Path, *, routes: bool = True) -> dict:
     """What the doctor sets whatever the config says: one step, no resume, no reference model,
     the trainer's own log-probs, routes asked (R3; ``routes=False`` keeps the config's mode),
@@ -111,7 +128,7 @@ def forced(args, out: Path, *, routes: bool = True) -> dict:
     if args.hf_dir:
         model.update(preset=None, hf_dir=str(args.hf_dir), ckpt_dir=None)
     if args.ckpt:
-        model.update(preset=None, ckpt_dir=str(args.ckpt))
+        model.update(preset=None, ckpt_dir=str(args.ckpt), hf_dir=str(architecture_dir(args.ckpt, out)))
     rollout = data["rollout"]
     for key, value in (("prompts_per_step", args.num_prompts), ("samples_per_prompt", args.samples),
                        ("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature)):
