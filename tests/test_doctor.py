@@ -1,8 +1,10 @@
 """``sapo-megatron doctor`` end to end against the schema-exact mock server (the real server:
-tests/real_sglang/test_doctor_real.py), single process and under torchrun with TP=2.
+tests/real_sglang/test_doctor_real.py), single process, under torchrun with TP=2 and EP=2 (DP=2),
+and from our converted checkpoint.
 
-The TP=2 run measures the single-process run's recorded rollouts (``--rollouts``), so both see
-the same tokens: the layouts may differ only by float32 reduction order in the TP all-reduces.
+The parallel and checkpoint runs measure the single-process run's recorded rollouts
+(``--rollouts``), so all see the same tokens: the layouts may differ only by float32 reduction
+order (TP's all-reduces, EP's other microbatches).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _doctor(*args, nproc: int = 1) -> dict:
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_doctor_against_the_mock_single_process_and_tp2(mock, tmp_path):
+def test_doctor_against_the_mock_single_process_tp2_ep2_and_ckpt(mock, tmp_path):
     hf = make_hf_model("qwen3_moe", tmp_path / "hf")
     config = tmp_path / "c.yaml"
     config.write_text(CONFIG)
@@ -64,6 +66,17 @@ def test_doctor_against_the_mock_single_process_and_tp2(mock, tmp_path):
     # Routes are argmax decisions: equal unless a router logit tie flips, which these random weights do not produce.
     assert tp2["routing_agreement_per_layer"] == one["routing_agreement_per_layer"]
     assert tp2["token_differ_frac"] == one["token_differ_frac"]
+
+    # EP=2 on 2 ranks is DP=2: each rank measures half the samples; the per-token gaps are gathered
+    # and the routing counts summed over DP. Other microbatches (4 per rank), so float noise only.
+    ep2 = _doctor("--config", config, "--rollouts", tmp_path / "one" / "rollouts.pt", "--hf-dir", hf,
+                  "--out", tmp_path / "ep2", "parallel.expert_model_parallel_size=2", "train.micro_batch_size=4",
+                  nproc=2)
+    assert ep2["num_tokens"] == one["num_tokens"]
+    for name in ("replay", "live"):
+        assert ep2[name]["logprob_gap_mean"] == pytest.approx(one[name]["logprob_gap_mean"], abs=1e-4)
+    assert ep2["routing_agreement_per_layer"] == one["routing_agreement_per_layer"]
+    assert ep2["token_differ_frac"] == one["token_differ_frac"]
 
     # --ckpt: our converted checkpoint of the same weights, same layout, same tokens: the same figures
     # exactly (the conversion copies the float32 tensors; the forward is deterministic on CPU).
