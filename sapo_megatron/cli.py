@@ -7,6 +7,7 @@
     sapo-megatron config show|validate --config configs/tiny_cpu.yaml [--world-size N]
     sapo-megatron plan --config configs/qwen3_30b_a3b_sapo.yaml [--json] [--gpu-memory-gb 80]
     sapo-megatron sweep --out runs/ablations [--dry-run]
+    sapo-megatron doctor --url http://gpu0:30000 --hf-dir Qwen3-30B-A3B/ [--json]  # train/inference mismatch
     sapo-megatron demo [--nproc 2] [--tp 2] [--updates 4]                    # one-batch smoke run
 
 Subcommands are a registry (name -> help and a ``"module:function"`` taking the remaining
@@ -49,6 +50,8 @@ COMMANDS: dict[str, Command] = {
                     "sapo_megatron.commands.plan:main"),
     "sweep": Command("run the loss / tau / routing-replay ablation grid on the CPU demo",
                      "sapo_megatron.commands.sweep:main"),
+    "doctor": Command("measure the train/inference mismatch against a live SGLang server",
+                      "sapo_megatron.commands.doctor:main"),
     "demo": Command("one-batch SAPO smoke run of a tiny MoE (starts torchrun)", "sapo_megatron.cli:demo"),
 }
 

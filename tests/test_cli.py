@@ -18,7 +18,7 @@ from tests.launch import ROOT, clean_env
 
 HELP_CASES = [[], ["train"], ["convert"], ["convert", "hf-to-mcore"], ["convert", "mcore-to-hf"],
               ["compare-logits"], ["plot"], ["config"], ["config", "show"], ["config", "validate"],
-              ["plan"], ["sweep"], ["demo"]]
+              ["plan"], ["sweep"], ["doctor"], ["demo"]]
 HELP_IDS = [" ".join(case) or "top" for case in HELP_CASES]
 
 

@@ -103,7 +103,7 @@ def test_wrong_types_all_reported():
     message = str(err.value)
     assert "run.steps: expected an integer, got 'abc'" in message
     assert "run.resume: expected true or false, got 'maybe'" in message
-    assert "rollout.engine: expected one of ['embedded', 'sglang'], got 'vllm'" in message
+    assert "rollout.engine: expected one of ['embedded', 'sglang', 'recorded'], got 'vllm'" in message
     assert "loss.tau_pos: expected a number, got '[1]'" in message
     assert "model.num_experts: expected an integer, got '2.5'" in message
     with pytest.raises(ConfigError, match=r"loss.type must be one of \['dual_clip', 'grpo', .*got 'ppo'"):

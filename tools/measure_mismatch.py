@@ -13,6 +13,13 @@ summarises the per-step metrics with :func:`sapo_megatron.trainer.mismatch.summa
 |train - rollout| log-prob per token with and without R3, the share of tokens whose SAPO gate
 weight is below 0.5 at ratio = exp(gap), and per-layer routing agreement without replay.
 
+Before training, ``sapo-megatron doctor`` measures the same server with the same config (the same
+layout, prompts and step-0 sampling), at the starting weights: its per-token figures (p99, max,
+GRPO clip share, by position) are in the summary under ``doctor`` (``--no-doctor`` skips it).
+The doctor keeps every token where the trainer keeps sums; both use the gate maths of
+``trainer/mismatch.py`` (tests/real_sglang/test_doctor_real.py checks that they agree exactly on
+the same tokens).
+
 Without ``--url`` it starts the real SGLang server on this machine's CPU (tests/real_sglang:
 its own venv, built once) serving a tiny random Qwen3-MoE in the chosen dtype, so it runs from a
 checkout on a laptop. Prints one JSON object; ``--markdown`` adds a table row for docs/sglang.md.
@@ -53,18 +60,38 @@ def config(args, url: str, hf_dir: Path, prompts: Path, out: Path) -> dict:
     }
 
 
-def train(cfg: dict, out: Path, nproc: int) -> list[dict]:
+def write_config(cfg: dict, out: Path) -> Path:
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "mismatch.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun(nproc: int, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "sapo_megatron.cli", "train", "--config", str(path)], check=True, env=env, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "sapo_megatron.cli", *args], check=True, env=env, cwd=ROOT,
+                          capture_output=capture, text=True)
+
+
+def doctor(path: Path, url: str, out: Path, nproc: int) -> dict:
+    """``sapo-megatron doctor`` on the run's own config: the step-0 figures, per token."""
+    done = torchrun(nproc, "doctor", "--config", str(path), "--url", url, "--out", str(out), "--json", capture=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def train(path: Path, out: Path, nproc: int) -> list[dict]:
+    torchrun(nproc, "train", "--config", str(path))
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+#: the doctor's figures kept in the summary (its full report: <out>/doctor/doctor.json).
+DOCTOR_KEYS = ("num_tokens", "routing_agreement_mean", "token_differ_frac", "logprob_gap_mean", "logprob_gap_p99",
+               "logprob_gap_max", "gate_low_frac", "clip_frac", "verdict")
 
 
 def main(argv=None) -> int:
@@ -84,13 +111,14 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--no-doctor", action="store_true", help="skip sapo-megatron doctor's step-0 measurement")
     args = p.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.prompts is None:
-        from tests.real_sglang.harness import write_sum_prompts
+        from sapo_megatron.commands.doctor import write_default_prompts
 
-        args.prompts = write_sum_prompts(args.out / "prompts.jsonl", 64)
+        args.prompts = write_default_prompts(args.out / "prompts.jsonl", 64)
     prompts = args.prompts
     server = None
     try:
@@ -105,11 +133,16 @@ def main(argv=None) -> int:
             server = RealServer(ensure_venv(log=lambda m: print(m, file=sys.stderr)), hf_dir, log_dir=args.out,
                                 args=("--dtype", DTYPES[args.dtype][0]))
             url = server.start().url
-        rows = train(config(args, url, hf_dir, prompts, args.out / "run"), args.out / "run", args.nproc)
+        path = write_config(config(args, url, hf_dir, prompts, args.out / "run"), args.out / "run")
+        report = None if args.no_doctor else doctor(path, url, args.out / "doctor", args.nproc)
+        rows = train(path, args.out / "run", args.nproc)
     finally:
         if server is not None:
             server.stop()
     figures = {"dtype": args.dtype, "cold_start_steps": args.cold_start_steps, **summarise(rows)}
+    if report is not None:
+        figures["doctor"] = {k: report[k] for k in DOCTOR_KEYS}
+        figures["doctor"]["live"] = {k: report["live"][k] for k in ("logprob_gap_mean", "logprob_gap_p99")}
     (args.out / "summary.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures))
     if args.markdown:

@@ -5,7 +5,8 @@
     sapo-megatron plot runs/*/seed*/metrics.jsonl --group-by parent --out plots
 
 One PNG per panel (reward, exact-answer rate, SAPO gate statistics, train/rollout log-prob difference, routing
-agreement, ratio spread, grad norm, loss, entropy); a panel whose keys no file has is skipped,
+agreement, ratio spread, grad norm, loss, entropy; and ``sapo-megatron doctor``'s gap by response
+position, from its ``doctor_positions.jsonl``); a panel whose keys no file has is skipped,
 and a key missing from some steps leaves a gap. Several files are overlaid, one line each.
 ``--group-by`` averages runs that share a label (e.g. seeds of one ablation arm) and draws the
 mean with a +-1 std band; the label comes from ``--label`` or from the file path (``parent``:
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from sapo_megatron.jsonl import JSONLineError, json_lines
 
-# (file name, title, [(key, legend suffix)], y label)
+# (file name, title, [(key, legend suffix)], y label[, x label (default "step")])
 PANELS = [
     ("reward", "Mean reward", [("reward_mean", "")], "reward"),
     ("exact_frac", "Exact-answer rate", [("exact_frac", "")], "fraction"),
@@ -44,6 +45,11 @@ PANELS = [
     ("grad_norm", "Gradient norm", [("grad_norm", "")], "norm"),
     ("loss", "Loss", [("loss", ""), ("sft_loss", "cold-start NLL")], "loss"),
     ("entropy", "Entropy", [("entropy", "")], "nats/token"),
+    # sapo-megatron doctor's doctor_positions.jsonl: one row per response-position bucket.
+    ("doctor_gap_by_position", "Train/inference |log-prob gap| by response position",
+     [("doctor/gap_mean_replay", "mean, R3 replay"), ("doctor/gap_mean_live", "mean, live routing"),
+      ("doctor/gap_p99_replay", "p99, R3 replay"), ("doctor/gap_p99_live", "p99, live routing")],
+     "nats/token", "response position (first of a bucket: 0, 1-3, 4-15, ...)"),
 ]
 
 
@@ -102,7 +108,7 @@ def plot(runs: list[tuple[str, list[dict]]], out: Path, *, grouped: bool) -> lis
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, title, keys, ylabel in PANELS:
+    for name, title, keys, ylabel, *xlabel in PANELS:
         fig, ax = plt.subplots(figsize=(7, 4))
         drawn = 0
         labels = list(dict.fromkeys(label for label, _ in runs))
@@ -127,7 +133,7 @@ def plot(runs: list[tuple[str, list[dict]]], out: Path, *, grouped: bool) -> lis
                             drawn += 1
         if drawn:
             ax.set_title(title)
-            ax.set_xlabel("step")
+            ax.set_xlabel(xlabel[0] if xlabel else "step")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)

@@ -35,7 +35,7 @@ from sapo_megatron.rollout.base import SamplingParams
 # The SGLang section is the client's own config class (validated once, in one place).
 from sapo_megatron.rollout.sglang.config import SGLangConfig as SGLangSection
 
-RolloutEngineName = Literal["embedded", "sglang"]
+RolloutEngineName = Literal["embedded", "sglang", "recorded"]
 AdvantageName = Literal["grpo", "grpo_no_std", "rloo"]
 BatchLayout = Literal["padded", "packed"]
 RoutingMode = Literal["none", "R2", "R3"]
@@ -282,9 +282,13 @@ class RolloutConfig(SamplingParams):
     # Model turns per episode of a multi-turn task (task.name: calculator; rollout/episodes.py).
     # max_new_tokens bounds each turn. 1 with a single-turn task: one response per prompt.
     max_turns: int = 1
+    # engine=recorded: rollouts saved earlier (sapo-megatron doctor --out D writes D/rollouts.pt).
+    recorded_path: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.engine != "recorded" or bool(self.recorded_path), "rollout.recorded_path",
+               "a rollout recording (rollout.engine=recorded)", self.recorded_path)
         _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", ">= 1", self.prompts_per_step)
         _check(self.max_staleness >= 0, "rollout.max_staleness", ">= 0 (0: synchronous rollouts)", self.max_staleness)
         _check(self.max_turns >= 1, "rollout.max_turns", ">= 1", self.max_turns)

@@ -1,4 +1,5 @@
-"""Rollout engines behind one interface (:mod:`.base`): ``embedded`` and ``sglang``.
+"""Rollout engines behind one interface (:mod:`.base`): ``embedded``, ``sglang`` and ``recorded``
+(rollouts saved earlier, :mod:`.recorded`).
 
 ``build_engine(cfg, model_chunks, model_cfg, tokenizer)`` picks one by ``rollout.engine``
 (a registry). The SGLang engine and its weight sync live in the :mod:`.sglang` package
@@ -82,6 +83,13 @@ def _sglang(cfg, model_chunks, model_cfg, tokenizer):
     from sapo_megatron.rollout import sglang
 
     return sglang.build(cfg, model_cfg)
+
+
+@register_engine("recorded")
+def _recorded(cfg, model_chunks, model_cfg, tokenizer):
+    from sapo_megatron.rollout.recorded import RecordedEngine, load_rollouts
+
+    return RecordedEngine(load_rollouts(cfg.rollout.recorded_path))
 
 
 def build_engine(cfg, model_chunks, model_cfg, tokenizer) -> RolloutEngine:
