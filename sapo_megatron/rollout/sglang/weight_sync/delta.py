@@ -69,12 +69,12 @@ def serialized_message(msg: str, tp_size: int) -> list[str]:
     return [base64.b64encode(buf.getvalue()).decode()] * tp_size
 
 
-def check_delta_server(url: str, raw: dict) -> None:
+def check_delta_server(url: str, raw: dict, loader: str = codec.LOADER) -> None:
     """A server that can take deltas, from its ``/server_info`` (raises a clear error)."""
     loaders = raw.get("custom_weight_loader") or []
-    if codec.LOADER not in loaders:
+    if loader not in loaders:
         raise RuntimeError(f"delta weight sync: SGLang server {url} was not started with "
-                           f"--custom-weight-loader {codec.LOADER} (it has {loaders or 'none'}); start it with that flag "
+                           f"--custom-weight-loader {loader} (it has {loaders or 'none'}); start it with that flag "
                            f"and sapo_sglang importable (pip install --no-deps sapo_megatron in its venv), or set "
                            f"rollout.sglang.delta: false")
     quant = raw.get("quantization")
@@ -97,7 +97,7 @@ class DeltaSync(DiskSync):
         self.delta_dir = os.path.join(self.weight_dir, "deltas")
         self._metrics: dict[str, float] = {}
         self.fallbacks = 0
-        self.tamper = None  # tests: called with (path) after a delta file is written
+        self.loader = config.delta_loader
 
     # ------------------------------------------------------------------ the export (collective)
     def _export(self, model, visit) -> None:
@@ -168,8 +168,6 @@ class DeltaSync(DiskSync):
 
             path = os.path.join(self.delta_dir, f"v{version}_r{rank}.safetensors")
             save_file({k: v.contiguous() for k, v in parts.items()}, path)
-            if self.tamper is not None:
-                self.tamper(path)
         check = self.checksum_every > 0 and (self.deltas + 1) % self.checksum_every == 0
         mine = (path, codec.encoded_nbytes(parts), sizes["full"], codec.digests(self.held) if check else None)
         everyone: list = [None] * dist.get_world_size()
@@ -214,7 +212,7 @@ class DeltaSync(DiskSync):
             raise RuntimeError(f"no SGLang server is reachable for the delta to version {version}: {down}")
         infos = {url: self._raw_info(url) for url in up}
         for url in up:
-            check_delta_server(url, infos[url])
+            check_delta_server(url, infos[url], self.loader)
         tp = {url: int(infos[url].get("tp_size") or 1) for url in up}
         acks = {url: os.path.join(self.delta_dir, f"ack_v{version}_s{i}") for i, url in enumerate(up)}
         for url in up:
@@ -225,7 +223,7 @@ class DeltaSync(DiskSync):
         def payload(url: str) -> dict:
             msg = codec.message(run=self.run, to=version, files=files, ack=acks[url], checksum=trainer is not None,
                                 base={"dir": base_dir, "version": base_version}, **{"from": self.version})
-            return {"serialized_named_tensors": serialized_message(msg, tp[url]), "load_format": codec.LOADER,
+            return {"serialized_named_tensors": serialized_message(msg, tp[url]), "load_format": self.loader,
                     "flush_cache": True, "abort_all_requests": False, "weight_version": str(version)}
 
         sessions = [u for u in up if weight_session_needed(self.engine.server_info(u))]
