@@ -187,15 +187,20 @@ def load_delta_files(files: list[str]) -> dict[str, torch.Tensor]:
 
 
 def apply_message(model, msg: dict, state: dict) -> dict:
-    """Apply one delta message to ``state`` (and ``model`` unless None); returns the ack."""
+    """Apply one delta message to ``state`` (and ``model`` unless None); returns the ack.
+
+    The copy's key is (run, base directory, version): a full sync always names a new base
+    directory, so after one (a fallback, a re-sync) the key no longer matches and the copy is
+    rebuilt from that directory, even where the version happens to be the same."""
     run, src, dst = msg["run"], int(msg["from"]), int(msg["to"])
-    if state["key"] != [run, src]:
-        base = msg.get("base") or {}
+    base = msg.get("base") or {}
+    if state["key"] != [run, base.get("dir"), src]:
         if int(base.get("version", -1)) != src:
             raise RuntimeError(f"this server's delta copy is at {state['key']}, the delta goes from "
-                               f"{[run, src]} and the last full sync {base} is not that version: a full sync is needed")
+                               f"{[run, base.get('dir'), src]} and the last full sync {base} is not that version: "
+                               "a full sync is needed")
         state["key"], state["tensors"] = None, _load_dir(base["dir"])
-        state["key"] = [run, src]
+        state["key"] = [run, base["dir"], src]
     tensors = state["tensors"]
     parts = load_delta_files(msg["files"])
     changed = []
@@ -208,7 +213,7 @@ def apply_message(model, msg: dict, state: dict) -> dict:
             changed.append(name)
     if model is not None and changed:
         model.load_weights([(name, tensors[name]) for name in changed])
-    state["key"] = [run, dst]
+    state["key"] = [run, base.get("dir"), dst]
     ack = {"ok": True, "run": run, "version": dst, "changed": len(changed)}
     if msg.get("checksum"):
         ack["digests"] = digests(tensors)

@@ -77,6 +77,16 @@ def test_loader_state_chain_and_ack(tmp_path):
     ack = dl.apply_message(None, msg, state)
     assert ack["ok"] and ack["version"] == 2 and ack["changed"] == 1
     assert ack["digests"]["w"] == dl.digest(new) != dl.digest(old)
+    # after a full sync (a new base directory at the chain's version) the copy is rebuilt from it,
+    # even though the version matches: a corrupted copy never outlives a fallback
+    state["tensors"]["w"].view(-1)[0] += 1  # the copy went wrong
+    rebuilt = tmp_path / "step_2"
+    rebuilt.mkdir()
+    save_file({"w": new}, str(rebuilt / "model.safetensors"))
+    save_file({}, str(tmp_path / "d3.safetensors"))
+    again = {**msg, "from": 2, "to": 3, "files": [str(tmp_path / "d3.safetensors")],
+             "base": {"dir": str(rebuilt), "version": 2}}
+    assert dl.apply_message(None, again, state)["digests"]["w"] == dl.digest(new)
     # a chain that does not continue from what this copy holds, with no base of that version: refused
     with pytest.raises(RuntimeError, match="full sync is needed"):
         dl.apply_message(None, {**msg, "from": 5, "to": 6}, state)
