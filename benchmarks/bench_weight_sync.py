@@ -223,8 +223,12 @@ def worker(args) -> None:
             return
         payload = distributed_update_payload(["bench.raw"], [torch.uint8], [(nbytes,)], group_name=sync.group_name,
                                              load_format="flattened_bucket", last=False, version=0)
-        engine.on_all_servers("/update_weights_from_distributed", lambda u: payload, "bare broadcast",
-                              while_open=lambda: dist.broadcast(raw, src=0, group=sync.pg))
+        sync._open_sessions(engine.config.urls)  # 0.5.21+ refuses the update outside a session
+        try:
+            engine.on_all_servers("/update_weights_from_distributed", lambda u: payload, "bare broadcast",
+                                  while_open=lambda: dist.broadcast(raw, src=0, group=sync.pg))
+        finally:
+            sync._close_sessions(0)
 
     def wire_only(buffers) -> None:
         """The sync's own wire with nothing to assemble: the same buckets (sizes, one HTTP
@@ -233,6 +237,7 @@ def worker(args) -> None:
         if rank != 0:
             return
         in_flight = None
+        sync._open_sessions(engine.config.urls)
         for k, bucket in enumerate(buckets):
             metas = [m for e in bucket for m in e.hf]
             metas = [metas[i] for i in bk.aligned_order(metas)]
@@ -240,6 +245,7 @@ def worker(args) -> None:
                 sync._finish(in_flight, 0)
             in_flight = sync._start(metas, buffers[k % 2], 0, last=False)
         sync._finish(in_flight, 0)
+        sync._close_sessions(0)
 
     # Two bare broadcasts: of never-touched memory (every page reads the kernel's one zero page,
     # so the sender's reads all hit cache) and of resident random bytes (as the sync's buffers
