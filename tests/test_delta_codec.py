@@ -95,3 +95,34 @@ def test_loader_state_chain_and_ack(tmp_path):
     dl.apply_delta(None, [(bad, torch.empty(0))])
     written = json.loads((tmp_path / "ack.tp0.json").read_text())
     assert not written["ok"] and "full sync" in written["error"]
+
+
+def test_server_checks_and_config_refusals():
+    from sapo_megatron.rollout.sglang.config import SGLangConfig
+    from sapo_megatron.rollout.sglang.weight_sync.delta import check_delta_server
+
+    check_delta_server("u", {"custom_weight_loader": [dl.LOADER], "quantization": None})  # fine
+    with pytest.raises(RuntimeError, match="--custom-weight-loader sapo_sglang.delta_loader.apply_delta"):
+        check_delta_server("u", {"custom_weight_loader": []})
+    with pytest.raises(RuntimeError, match="quantizes the weights"):
+        check_delta_server("u", {"custom_weight_loader": [dl.LOADER], "quantization": "fp8"})
+    with pytest.raises(ValueError, match="rollout.sglang.delta must be false with weight_sync: distributed"):
+        SGLangConfig(delta=True, weight_sync="distributed")
+    with pytest.raises(ValueError, match="delta_checksum_every"):
+        SGLangConfig(delta=True, delta_checksum_every=-1)
+
+
+def test_the_message_travels_as_an_empty_tensor():
+    """What SGLang's tp_worker unpickles: ``[(message, tensor)]`` with no storage to share."""
+    import base64
+    import pickle
+
+    from sapo_megatron.rollout.sglang.weight_sync.delta import serialized_message
+
+    msg = dl.message(run="r", files=["/x"], to=3, **{"from": 2})
+    blobs = serialized_message(msg, tp_size=2)
+    assert len(blobs) == 2 and blobs[0] == blobs[1]
+    raw = base64.b64decode(blobs[0])
+    assert b"rebuild_storage_empty" in raw and b"rebuild_storage_fd" not in raw  # crosses hosts
+    [(name, tensor)] = pickle.loads(raw)
+    assert name == msg and tensor.numel() == 0
