@@ -106,6 +106,10 @@ def test_server_checks_and_config_refusals():
         check_delta_server("u", {"custom_weight_loader": []})
     with pytest.raises(RuntimeError, match="quantizes the weights"):
         check_delta_server("u", {"custom_weight_loader": [dl.LOADER], "quantization": "fp8"})
+    from sapo_megatron.rollout.sglang.weight_sync.delta import DeltaSync
+
+    with pytest.raises(ValueError, match="quantized"):
+        DeltaSync(None, {"quantization_config": {"quant_method": "fp8"}}, SGLangConfig(delta=True), "/tmp/x")
     with pytest.raises(ValueError, match="rollout.sglang.delta must be false with weight_sync: distributed"):
         SGLangConfig(delta=True, weight_sync="distributed")
     with pytest.raises(ValueError, match="delta_checksum_every"):

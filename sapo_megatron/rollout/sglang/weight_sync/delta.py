@@ -87,6 +87,10 @@ class DeltaSync(DiskSync):
     name = "disk+delta"
 
     def __init__(self, engine, hf_config: dict, config, weight_dir: str, *, fsync: bool = False) -> None:
+        quant = (hf_config.get("quantization_config") or {}).get("quant_method")
+        if quant:
+            raise ValueError(f"rollout.sglang.delta: the served checkpoint is quantized ({quant!r}, e.g. FP8); a "
+                             f"delta of the bf16 tensors is not what the servers hold. Set rollout.sglang.delta: false")
         super().__init__(engine, hf_config, config, weight_dir, fsync=fsync)
         self.checksum_every = int(config.delta_checksum_every)
         self.held: dict[str, torch.Tensor] = {}  # this rank's HF tensors as the servers hold them (host)
