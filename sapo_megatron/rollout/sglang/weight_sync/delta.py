@@ -37,6 +37,7 @@ import glob
 import io
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -100,13 +101,18 @@ class DeltaSync(DiskSync):
         self.run = secrets.token_hex(4) if dist.get_rank() == 0 else ""
         self.delta_dir = os.path.join(self.weight_dir, "deltas")
         self._metrics: dict[str, float] = {}
+        self._scratch: torch.Tensor | None = None  # the export's landing buffer, one chunk, reused
         self.fallbacks = 0
         self.loader = config.delta_loader
 
     # ------------------------------------------------------------------ the export (collective)
     def _export(self, model, visit) -> None:
-        """Every HF tensor lands once on host memory of one holder; ``visit(name, tensor)`` there."""
+        """Every HF tensor lands once on host memory of one holder; ``visit(name, tensor)`` there.
+        ``tensor`` is a view of ONE scratch buffer reused for every chunk (no allocation, no page
+        faults per push): a visitor that keeps it must copy it."""
         from sapo_megatron.checkpoint.live import export_plan, plan_buckets
+        from sapo_megatron.checkpoint.pieces import carve
+        from sapo_megatron.rollout.sglang.weight_sync.buckets import aligned_order
 
         plan = export_plan(model, self.hf_config, "checkpoint")
         rank, k = dist.get_rank(), 0
@@ -115,15 +121,19 @@ class DeltaSync(DiskSync):
             for entry in chunk:
                 dsts.append(entry.holders[k % len(entry.holders)])
                 k += 1
-            dests = {name: torch.empty(shape, dtype=dt) for entry, dst in zip(chunk, dsts) if dst == rank
-                     for name, dt, shape in entry.hf}
+            metas = [m for entry, dst in zip(chunk, dsts) if dst == rank for m in entry.hf]
+            metas = [metas[i] for i in aligned_order(metas)]
+            size = sum(math.prod(shape) * dt.itemsize for _, dt, shape in metas)
+            if self._scratch is None or self._scratch.numel() < size:
+                self._scratch = torch.empty(max(size, 1), dtype=torch.uint8)
+            dests = {name: view for (name, _, _), view in zip(metas, carve(self._scratch, metas))}
             plan.exchange(chunk, dsts, dests)()
             for name, tensor in dests.items():
                 visit(name, tensor)
 
     def _refresh_held(self, model) -> None:
         self.held = {}
-        self._export(model, self.held.__setitem__)
+        self._export(model, lambda name, t: self.held.__setitem__(name, t.clone()))
 
     # ------------------------------------------------------------------ full syncs
     def _full(self, model, version: int, rebuild: bool) -> list[str]:
@@ -153,14 +163,17 @@ class DeltaSync(DiskSync):
         parts: dict[str, torch.Tensor] = {}
         sizes = {"full": 0}
 
-        def visit(name: str, new: torch.Tensor) -> None:
+        def visit(name: str, new: torch.Tensor) -> None:  # ``new`` is scratch: copy what is kept
             old = self.held.get(name)
             sizes["full"] += new.numel() * new.element_size()
             if old is None:
-                parts[name + codec.FULL] = new
-            else:
-                parts.update(codec.encode(name, old, new))
-            self.held[name] = new
+                parts[name + codec.FULL] = self.held[name] = new.clone()
+                return
+            mine = codec.encode(name, old, new)
+            if name + codec.FULL in mine:
+                mine[name + codec.FULL] = new.clone()
+            parts.update(mine)
+            codec.apply(old, mine, name)  # the copy now holds what was sent (only changed elements move)
 
         self._export(model, visit)
         os.makedirs(self.delta_dir, exist_ok=True)
