@@ -333,6 +333,7 @@ def _delta_rounds(args, chunks, served, engine, work, timed, runs) -> float:
     nothing from a full push (``--drop-weights``), which favours the full sync. Returns the
     largest bytes ratio of the rounds (delta bytes / full bytes)."""
     import torch
+    import torch.distributed as dist
 
     from sapo_megatron.checkpoint.parity import random_input_ids
     from sapo_megatron.rollout.sglang import DiskSync, SGLangConfig
@@ -354,7 +355,11 @@ def _delta_rounds(args, chunks, served, engine, work, timed, runs) -> float:
     for r in range(args.rounds):
         _train_step(chunks, opt, ids)
         runs["delta"].append((timed(lambda r=r: delta.push(chunks, 1002 + r)), None))
-        ratios.append(delta.take_metrics()["weight_sync/delta_ratio"])
+        metrics = delta.take_metrics()
+        ratios.append(metrics["weight_sync/delta_ratio"])
+        if dist.get_rank() == 0:
+            print("delta stages: " + " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in sorted(metrics.items())
+                                              if k.endswith("_s")), flush=True)
         runs["full_bf16"].append((timed(lambda r=r: full.push(chunks, 1002 + r)), None))
     assert delta.fallbacks == 0, "the benchmark's deltas fell back to full syncs"
     return max(ratios)

@@ -201,10 +201,15 @@ def apply_message(model, msg: dict, state: dict) -> dict:
 
     The copy's key is (run, base directory, version): a full sync always names a new base
     directory, so after one (a fallback, a re-sync) the key no longer matches and the copy is
-    rebuilt from that directory, even where the version happens to be the same."""
+    rebuilt from that directory, even where the version happens to be the same. It is rebuilt
+    only when the trainer says the server's last load was that full sync (``fresh``): a server
+    that restarted after taking deltas holds neither the base nor the chain."""
     run, src, dst = msg["run"], int(msg["from"]), int(msg["to"])
     base = msg.get("base") or {}
     if state["key"] != [run, base.get("dir"), src]:
+        if not msg.get("fresh"):  # the server took deltas since its full load: its copy is gone (a restart?)
+            raise RuntimeError(f"this server's delta copy is at {state['key']}, expected {[run, base.get('dir'), src]}; "
+                               "the server took deltas since its last full sync (restarted?): a full sync is needed")
         if int(base.get("version", -1)) != src:
             raise RuntimeError(f"this server's delta copy is at {state['key']}, the delta goes from "
                                f"{[run, base.get('dir'), src]} and the last full sync {base} is not that version: "

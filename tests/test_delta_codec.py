@@ -73,7 +73,7 @@ def test_loader_state_chain_and_ack(tmp_path):
     save_file(dl.encode("w", old, new), str(tmp_path / "d2.safetensors"))
     state = {"key": None, "tensors": None}
     msg = {"run": "r", "from": 1, "to": 2, "files": [str(tmp_path / "d2.safetensors")],
-           "base": {"dir": str(base), "version": 1}, "checksum": True}
+           "base": {"dir": str(base), "version": 1}, "checksum": True, "fresh": True}
     ack = dl.apply_message(None, msg, state)
     assert ack["ok"] and ack["version"] == 2 and ack["changed"] == 1
     assert ack["digests"]["w"] == dl.digest(new) != dl.digest(old)
@@ -87,6 +87,9 @@ def test_loader_state_chain_and_ack(tmp_path):
     again = {**msg, "from": 2, "to": 3, "files": [str(tmp_path / "d3.safetensors")],
              "base": {"dir": str(rebuilt), "version": 2}}
     assert dl.apply_message(None, again, state)["digests"]["w"] == dl.digest(new)
+    # a server whose copy is gone after it took deltas (restarted): refused, never rebuilt from the base
+    with pytest.raises(RuntimeError, match="restarted"):
+        dl.apply_message(None, {**again, "from": 3, "to": 4, "fresh": False}, {"key": None, "tensors": None})
     # a chain that does not continue from what this copy holds, with no base of that version: refused
     with pytest.raises(RuntimeError, match="full sync is needed"):
         dl.apply_message(None, {**msg, "from": 5, "to": 6}, state)

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from sapo_megatron.rollout.sglang.protocol import SESSION_ALREADY_OPEN, weight_session_needed
+from sapo_megatron.rollout.sglang.transport import Rejected, Retryable
 from sapo_megatron.rollout.sglang.weight_sync.base import share_outcome
 from sapo_megatron.rollout.sglang.weight_sync.disk import DiskSync
 from sapo_sglang import delta_loader as codec
@@ -101,6 +102,7 @@ class DeltaSync(DiskSync):
         self.run = secrets.token_hex(4) if dist.get_rank() == 0 else ""
         self.delta_dir = os.path.join(self.weight_dir, "deltas")
         self._metrics: dict[str, float] = {}
+        self.fresh: set[str] = set()  # rank 0: servers whose last load was the full sync of ``base``
         self._scratch: torch.Tensor | None = None  # the export's landing buffer, one chunk, reused
         self.fallbacks = 0
         self.loader = config.delta_loader
@@ -138,6 +140,7 @@ class DeltaSync(DiskSync):
     # ------------------------------------------------------------------ full syncs
     def _full(self, model, version: int, rebuild: bool) -> list[str]:
         synced = super().push(model, version, rebuild=rebuild)
+        self.fresh = set(synced)
         self._refresh_held(model)
         self.base = (os.path.join(self.weight_dir, f"step_{version}"), version)
         self.version = version
@@ -152,7 +155,9 @@ class DeltaSync(DiskSync):
                 self.current = path
                 self._written.append(path)
                 self._prune(path)
-        return super().resync(model, version, urls)
+        synced = super().resync(model, version, urls)
+        self.fresh.update(synced)
+        return synced
 
     # ------------------------------------------------------------------ delta pushes
     def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
@@ -176,6 +181,7 @@ class DeltaSync(DiskSync):
             codec.apply(old, mine, name)  # the copy now holds what was sent (only changed elements move)
 
         self._export(model, visit)
+        t_export = time.perf_counter()
         os.makedirs(self.delta_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(self.delta_dir, f"v*_r{rank}.safetensors")):
             os.remove(stale)  # the previous version's: every server applied it or gets a full sync
@@ -190,6 +196,7 @@ class DeltaSync(DiskSync):
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         error, synced, problems = None, [], []
+        t_written = time.perf_counter()
         if rank == 0:
             try:
                 files = [p for p, _, _, _ in everyone if p]
@@ -214,7 +221,10 @@ class DeltaSync(DiskSync):
         self._metrics.update({"weight_sync/delta_bytes": float(delta_bytes),
                               "weight_sync/delta_full_bytes": float(full_bytes),
                               "weight_sync/delta_ratio": delta_bytes / max(full_bytes, 1),
-                              "weight_sync/delta_s": time.perf_counter() - t0})
+                              "weight_sync/delta_s": time.perf_counter() - t0,
+                              "weight_sync/delta_export_s": t_export - t0,  # gather + encode
+                              "weight_sync/delta_write_s": t_written - t_export,  # files + all-gather
+                              "weight_sync/delta_send_s": time.perf_counter() - t_written})  # HTTP + servers' apply
         if check:
             self._metrics["weight_sync/delta_checksums"] = self._metrics.get("weight_sync/delta_checksums", 0.0) + 1
         return synced
@@ -222,12 +232,17 @@ class DeltaSync(DiskSync):
     def _send(self, version: int, files: list[str], trainer: dict | None) -> tuple[list[str], list[str]]:
         """Rank 0: the delta to every reachable server; (servers now at ``version``, problems)."""
         urls = self.engine.config.urls
-        up, down = self.engine.reachable(urls)
+        up, down, infos = [], {}, {}
+        for url in urls:  # one /server_info each: the reachability probe and the loader check
+            try:
+                infos[url] = self._raw_info(url)
+                up.append(url)
+            except (Retryable, Rejected) as err:
+                down[url] = str(err)
         for url, why in down.items():
             logger.warning("delta to version %d: SGLang server %s left out (stays stale): %s", version, url, why)
         if not up:
             raise RuntimeError(f"no SGLang server is reachable for the delta to version {version}: {down}")
-        infos = {url: self._raw_info(url) for url in up}
         for url in up:
             check_delta_server(url, infos[url], self.loader)
         tp = {url: int(infos[url].get("tp_size") or 1) for url in up}
@@ -239,6 +254,7 @@ class DeltaSync(DiskSync):
 
         def payload(url: str) -> dict:
             msg = codec.message(run=self.run, to=version, files=files, ack=acks[url], checksum=trainer is not None,
+                                fresh=url in self.fresh,
                                 base={"dir": base_dir, "version": base_version}, **{"from": self.version})
             return {"serialized_named_tensors": serialized_message(msg, tp[url]), "load_format": self.loader,
                     "flush_cache": True, "abort_all_requests": False, "weight_version": str(version)}
@@ -254,6 +270,7 @@ class DeltaSync(DiskSync):
                 self.engine.on_all_servers(END, lambda url: {}, f"closing the delta session of version {version}",
                                            urls=[u for u in sessions if u not in lost])
         synced = [u for u in up if u in answers]
+        self.fresh.difference_update(synced)  # on the chain now: their loaders hold the copy
         problems = []
         for url in synced:
             for r in range(tp[url]):
