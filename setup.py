@@ -22,7 +22,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["sapo_megatron", "sapo_megatron.*"]),
+    packages=find_packages(include=["sapo_megatron", "sapo_megatron.*", "sapo_sglang"]),
     install_requires=[
         # 2.13.0 is the CPU build on the CI machines; GPU clusters bring their own torch.
         "torch>=2.6",

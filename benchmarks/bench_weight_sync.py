@@ -22,7 +22,13 @@ The model is a random Qwen3-MoE of about 700 MB in fp32 (what the served checkpo
 bytes synced = bytes trained). The receiver keeps nothing (``--drop-weights``).
 
 Run: ``python benchmarks/bench_weight_sync.py [--layers 4] [--bucket-mb 64] [--rounds 3]``; the
-last line reads ``dist_ratio=<x> disk_ratio=<y> speedup_vs_funnel=<z>``.
+last line reads ``dist_ratio=<x> disk_ratio=<y> speedup_vs_funnel=<z> delta_bytes_ratio=<b>
+delta_speedup=<d>``.
+
+Delta sync (``rollout.sglang.delta``): the same model served in bf16, trained between pushes by
+real Adam steps at lr 1e-6 (``_delta_rounds``). ``delta_bytes_ratio`` = bytes a delta push
+writes / bytes of the full model (the worst round; target <= 0.2); ``delta_speedup`` = time of
+the full disk sync of the same bf16 weights / time of the delta push (target >= 3).
 """
 
 from __future__ import annotations
@@ -217,8 +223,12 @@ def worker(args) -> None:
             return
         payload = distributed_update_payload(["bench.raw"], [torch.uint8], [(nbytes,)], group_name=sync.group_name,
                                              load_format="flattened_bucket", last=False, version=0)
-        engine.on_all_servers("/update_weights_from_distributed", lambda u: payload, "bare broadcast",
-                              while_open=lambda: dist.broadcast(raw, src=0, group=sync.pg))
+        sync._open_sessions(engine.config.urls)  # 0.5.21+ refuses the update outside a session
+        try:
+            engine.on_all_servers("/update_weights_from_distributed", lambda u: payload, "bare broadcast",
+                                  while_open=lambda: dist.broadcast(raw, src=0, group=sync.pg))
+        finally:
+            sync._close_sessions(0)
 
     def wire_only(buffers) -> None:
         """The sync's own wire with nothing to assemble: the same buckets (sizes, one HTTP
@@ -227,6 +237,7 @@ def worker(args) -> None:
         if rank != 0:
             return
         in_flight = None
+        sync._open_sessions(engine.config.urls)
         for k, bucket in enumerate(buckets):
             metas = [m for e in bucket for m in e.hf]
             metas = [metas[i] for i in bk.aligned_order(metas)]
@@ -234,6 +245,7 @@ def worker(args) -> None:
                 sync._finish(in_flight, 0)
             in_flight = sync._start(metas, buffers[k % 2], 0, last=False)
         sync._finish(in_flight, 0)
+        sync._close_sessions(0)
 
     # Two bare broadcasts: of never-touched memory (every page reads the kernel's one zero page,
     # so the sender's reads all hit cache) and of resident random bytes (as the sync's buffers
@@ -264,6 +276,7 @@ def worker(args) -> None:
             box[0] = _copy_baseline(nbytes, work)
         dist.broadcast_object_list(box, src=0)
         runs["copyfile"].append((box[0], None))
+    delta_ratio = _delta_rounds(args, chunks, served, engine, work, timed, runs)
     best = {k: min(v, key=lambda run: run[0]) for k, v in runs.items()}
     t_dist, t_disk, t_copy = best["dist"][0], best["disk"][0], best["copyfile"][0]
     t_untouched, t_resident, t_wire = best["bare_untouched"][0], best["bare_resident"][0], best["wire_only"][0]
@@ -279,6 +292,7 @@ def worker(args) -> None:
             "bare_resident_s": t_resident, "wire_only_s": t_wire, "disk_sync_s": t_disk, "copyfile_s": t_copy,
             "funnel_s": t_funnel, "dist_GBps": gb / t_dist, "bare_GBps": gb / t_bare, "disk_GBps": gb / t_disk,
             "copy_GBps": gb / t_copy, "funnel_GBps": gb / t_funnel,
+            "delta_sync_s": best["delta"][0], "full_bf16_sync_s": best["full_bf16"][0], "delta_bytes_ratio": delta_ratio,
         }
         print(json.dumps(figures, indent=1))
         print("rounds (s): " + " ".join(f"{k}=" + ",".join(f"{t:.2f}" for t, _ in v) for k, v in runs.items()))
@@ -287,9 +301,68 @@ def worker(args) -> None:
             for path in ("dist", "disk"):
                 print(f"stages rank{r} {path}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(st[path].items())))
         print(f"dist_ratio={t_bare / t_dist:.3f} disk_ratio={t_copy / t_disk:.3f} "
-              f"speedup_vs_funnel={t_funnel / t_disk:.3f}", flush=True)
+              f"speedup_vs_funnel={t_funnel / t_disk:.3f} delta_bytes_ratio={delta_ratio:.4f} "
+              f"delta_speedup={best['full_bf16'][0] / best['delta'][0]:.3f}", flush=True)
         engine.close()
     destroy()
+
+
+def _train_step(chunks, opt, ids) -> None:
+    """One real optimizer step: next-token cross-entropy on ``ids`` through the TP=2 model."""
+    import torch
+    from megatron.core import tensor_parallel
+
+    from sapo_megatron.checkpoint.parity import causal_mask
+
+    model = chunks[0]
+    seq = ids.shape[1]
+    logits = model(input_ids=ids, position_ids=torch.arange(seq).unsqueeze(0).expand(ids.shape[0], -1),
+                   attention_mask=causal_mask(seq))
+    target = torch.roll(ids, -1, dims=1)
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _delta_rounds(args, chunks, served, engine, work, timed, runs) -> float:
+    """``delta_speedup`` and ``delta_bytes_ratio``: the model served in bf16 (fp32 master weights,
+    trained by Adam at lr 1e-6 on real next-token losses between pushes, as in RL), each round one
+    optimizer step, then the delta push and the full disk push of the same weights, alternating.
+    The receiver applies each delta to its host copy with our loader (``sapo_sglang``); it loads
+    nothing from a full push (``--drop-weights``), which favours the full sync. Returns the
+    largest bytes ratio of the rounds (delta bytes / full bytes)."""
+    import torch
+    import torch.distributed as dist
+
+    from sapo_megatron.checkpoint.parity import random_input_ids
+    from sapo_megatron.rollout.sglang import DiskSync, SGLangConfig
+    from sapo_megatron.rollout.sglang.weight_sync.delta import DeltaSync
+
+    served16 = dict(served, torch_dtype="bfloat16")
+    config = SGLangConfig(urls=[args.url], weight_sync="disk", delta=True, delta_checksum_every=0,
+                          weight_timeout_s=600, keep_weight_dirs=1)
+    full = DiskSync(engine, served16, config, str(work / "full_bf16"), fsync=True)
+    delta = DeltaSync(engine, served16, config, str(work / "delta"), fsync=True)
+    params = [p for c in chunks for p in c.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-6)
+    ids = random_input_ids(served["vocab_size"], batch=2, seq=64, seed=3)
+    timed(lambda: delta.push(chunks, 1000))  # the first push is full: the loader's base
+    _train_step(chunks, opt, ids)
+    timed(lambda: delta.push(chunks, 1001))  # warm-up: the receiver's loader reads its base once
+    ratios = []
+    runs.update(delta=[], full_bf16=[])
+    for r in range(args.rounds):
+        _train_step(chunks, opt, ids)
+        runs["delta"].append((timed(lambda r=r: delta.push(chunks, 1002 + r)), None))
+        metrics = delta.take_metrics()
+        ratios.append(metrics["weight_sync/delta_ratio"])
+        if dist.get_rank() == 0:
+            print("delta stages: " + " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in sorted(metrics.items())
+                                              if k.endswith("_s")), flush=True)
+        runs["full_bf16"].append((timed(lambda r=r: full.push(chunks, 1002 + r)), None))
+    assert delta.fallbacks == 0, "the benchmark's deltas fell back to full syncs"
+    return max(ratios)
 
 
 def main() -> None:
@@ -309,7 +382,8 @@ def main() -> None:
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     port_file = out / "receiver.port"
     receiver = subprocess.Popen([sys.executable, "-m", "tests.dist.sglang_receiver", "--port-file", str(port_file),
-                                 "--drop-weights"], cwd=ROOT, env=env)
+                                 "--drop-weights", "--custom-weight-loader", "sapo_sglang.delta_loader.apply_delta"],
+                                cwd=ROOT, env=env)
     try:
         while not port_file.exists():
             time.sleep(0.05)

@@ -93,6 +93,9 @@ class Behaviour:
     deterministic: bool = False  # --enable-deterministic-inference
     receiver: bool = False  # join the distributed weight-update group (tests/dist/sglang_receiver.py)
     keep_weights: bool = True  # the receiver keeps what it received (mock.receiver.weights)
+    # --custom-weight-loader: /update_weights_from_tensor with one of these as load_format calls it
+    # with model=None (the host-side work of sapo_sglang.delta_loader; no served model here).
+    custom_weight_loaders: tuple[str, ...] = ()
     retracted_prompts: set = field(default_factory=set)  # tuple(input_ids): num_retractions = 1
     wrong_version_prompts: set = field(default_factory=set)  # tuple(input_ids): served by other weights
     # tuple(input_ids) -> an earlier weight_version: the first half of the response was generated
@@ -436,6 +439,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "speculative_algorithm": b.speculative_algorithm,
                 "enable_deterministic_inference": b.deterministic,
                 "enable_return_routed_experts": b.routed_experts,
+                "custom_weight_loader": list(b.custom_weight_loaders),
+                "quantization": None,
                 "version": b.version,
             },
         )
@@ -535,9 +540,24 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def _update_from_tensor(self, body: dict) -> None:
-        # The gate only: the mock cannot load serialized tensors (nothing here sends them).
+        # The gate, and a registered custom loader called as SGLang calls it (weight_updater.py:374);
+        # any other tensor payload is not loaded.
         if self._outside_session("update_weights_from_tensor"):
             return
+        load_format = body.get("load_format")
+        if load_format is not None and load_format not in ("direct", "flattened_bucket"):
+            if load_format not in self.server.mock.behaviour.custom_weight_loaders:
+                # SGLang raises NotImplementedError in the scheduler: the server dies, no answer.
+                return self._send(500, {"success": False, "message": f"Unknown load_format={load_format}"})
+            import base64
+            import importlib
+            import pickle
+
+            import torch.multiprocessing  # noqa: F401 - torch's reductions, as ForkingPickler wrote them
+
+            named = pickle.loads(base64.b64decode(body["serialized_named_tensors"][0]))
+            module, fn = load_format.rsplit(".", 1)
+            getattr(importlib.import_module(module), fn)(None, named)
         self._answer_weights(self.server.mock.behaviour.weight_update_ok, "Success", body)
 
     def _test_restart(self, _) -> None:

@@ -317,3 +317,16 @@ def test_plan_refuses_a_launcher_it_cannot_read(tmp_path, capsys):
     assert "launches no training config" in capsys.readouterr().err
     assert main(["--config", str(ROOT / "configs/tiny_cpu.yaml"), "--launcher", str(tmp_path / "missing.sh")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_delta_sync_host_copies_are_counted():
+    """``rollout.sglang.delta`` adds the trainer's copy of what it last sent (host memory, bf16,
+    about this rank's share of the model) and states the servers' copies in the notes."""
+    path = str(ROOT / "configs/qwen3_30b_a3b_sapo.yaml")
+    plain = plan_file(path)
+    delta = plan_file(path, ["rollout.engine=sglang", "rollout.sglang.delta=true"])
+    for off, on in zip(plain.stages, delta.stages):
+        assert "delta_sync_copy" not in off.host  # guard: the plain plan has no such class
+        assert on.host["delta_sync_copy"] == 2 * (on.dense_params + on.expert_params) > 0
+    assert any("delta weight sync" in note for note in delta.notes)

@@ -250,6 +250,8 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
     recompute = Recompute(megatron.get("recompute_granularity"), megatron.get("recompute_method"),
                           int(megatron.get("recompute_num_layers") or 1))
     layers_by_stage = _stage_layers(model, parallel)
+    sglang_cfg = getattr(cfg.rollout, "sglang", None)
+    delta = bool(getattr(sglang_cfg, "delta", False)) and cfg.rollout.engine == "sglang"
     replay = cfg.routing.mode in ("R2", "R3")
     route_bytes = storage_dtype(model.num_experts or 1).itemsize
     stages = []
@@ -263,6 +265,8 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
                                   opt=opt, dp=dp, expert_dp=expert_dp)
         device = {k: v[0] for k, v in state.items()}
         host = {k: v[1] for k, v in state.items() if v[1]}
+        if delta:  # the HF tensors this rank last sent, in the served dtype (weight_sync/delta.py)
+            host["delta_sync_copy"] = (c.dense + c.expert) * SERVED_BYTES
         in_flight = min(pp - p, mb["microbatches_per_step"])
         stored, transient = stage_activation_bytes(shape, tokens, pattern, recompute, keys=mb["row_tokens"] // cp,
                                                    flash=spec == "te")
@@ -288,12 +292,25 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
     sglang = None
     if launch is not None and launch.sglang_servers:
         sglang = _sglang_plan(launch, cfg, model, gpu_memory_bytes, prompt_tokens, _total_params(model))
+    if delta:
+        server_tp = launch.sglang_tp if launch is not None and launch.sglang_servers else 1
+        per_server = delta_server_host_bytes(_total_params(model), server_tp)
+        notes.append(f"delta weight sync: each SGLang server keeps {per_server / GB:.0f} GB of host memory "
+                     f"(the bf16 HF model once per TP process, {server_tp}; sapo_sglang/delta_loader.py)")
     layout = {"tp": tp, "pp": pp, "cp": cp, "ep": ep, "etp": etp, "dp": world_size // (tp * pp * cp),
               "expert_dp": expert_dp, "sequence_parallel": bool(parallel.sequence_parallel),
               "recompute": dataclasses.asdict(recompute), "spec": spec,
               "optimizer": dataclasses.asdict(opt), "grad_reduce_in_fp32": GRAD_REDUCE_IN_FP32,
               "launcher": launch.path if launch else None}
     return PlanReport(name, world_size, layout, mb, stages, float(gpu_memory_bytes), sglang, notes)
+
+
+SERVED_BYTES = 2  # bf16: the dtype a delta-synced server holds (FP8-served weights refuse delta sync)
+
+
+def delta_server_host_bytes(total_params: int, server_tp: int) -> float:
+    """Host memory of the delta loader per server: every TP process keeps the full HF model."""
+    return total_params * SERVED_BYTES * server_tp
 
 
 def _total_params(model) -> int:

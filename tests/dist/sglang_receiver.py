@@ -143,11 +143,13 @@ def main() -> None:
     parser.add_argument("--refuse-update-at", type=int, default=None,
                         help="answer the N-th /update_weights_from_distributed with 400, without receiving")
     parser.add_argument("--refusal-delay-s", type=float, default=0.0, help="... after this long")
+    parser.add_argument("--custom-weight-loader", nargs="*", default=[], help="as SGLang's flag (delta sync)")
     args = parser.parse_args()
     mock = MockSGLang(Behaviour(receiver=True, tp_size=args.tp_size, keep_weights=not args.drop_weights,
                                 num_hidden_layers=args.layers, num_experts=args.experts, topk=args.topk,
                                 dense_layers=tuple(args.dense), vocab_size=args.vocab, version=args.version,
-                                refuse_update_at=args.refuse_update_at, refusal_delay_s=args.refusal_delay_s))
+                                refuse_update_at=args.refuse_update_at, refusal_delay_s=args.refusal_delay_s,
+                                custom_weight_loaders=tuple(args.custom_weight_loader)))
     if args.die_at is not None:
         mock.die_at(args.die_at, down_s=0.2)
     with open(args.port_file + ".tmp", "w") as f:

@@ -11,7 +11,14 @@ import os
 
 import pytest
 
-from tests.real_sglang.harness import InstallError, RealServer, ensure_venv, make_tiny_model
+from tests.real_sglang.harness import (
+    CORRUPTING_LOADER,
+    DELTA_LOADER,
+    InstallError,
+    RealServer,
+    ensure_venv,
+    make_tiny_model,
+)
 
 API_KEY, ADMIN_KEY = "sapo-test-api-key", "sapo-test-admin-key"
 _POOL_KEY = pytest.StashKey()
@@ -67,8 +74,12 @@ class ServerPool:
 
     def keyed(self, *names: str) -> RealServer | list[RealServer]:
         """Servers with ``--api-key`` and ``--admin-api-key`` (the trainer reads them from the
-        environment variables the test sets), started together; one name gives one server."""
-        group = [self.get(name, args=("--api-key", API_KEY, "--admin-api-key", ADMIN_KEY), api_key=API_KEY,
+        environment variables the test sets), started together; one name gives one server. They
+        also register the delta sync's loaders (``--custom-weight-loader``: ours, and the tests'
+        corrupting wrapper), which changes nothing until a delta is sent."""
+        args = ("--api-key", API_KEY, "--admin-api-key", ADMIN_KEY, "--custom-weight-loader", DELTA_LOADER,
+                CORRUPTING_LOADER)
+        group = [self.get(name, args=args, api_key=API_KEY,
                           admin_key=ADMIN_KEY, wait=False) for name in names]
         for server in group:
             server.wait_healthy(240.0)

@@ -34,6 +34,10 @@ from pathlib import Path
 
 SGLANG_VERSION = os.environ.get("SAPO_SGLANG_VERSION", "0.5.23")
 STANDIN = Path(__file__).resolve().parent / "kernel_standin"
+REPO = Path(__file__).resolve().parents[2]  # sapo_sglang (the delta loader) and tests/ import from here
+DELTA_LOADER = "sapo_sglang.delta_loader.apply_delta"
+# The delta sync's fault injection (test_delta_real.py): our loader after corrupting the delta once.
+CORRUPTING_LOADER = "tests.real_sglang.delta_fault.apply_corrupted_once"
 READY = ".sapo_ready"
 INSTALL_TIMEOUT_S = 1200
 LOG_LINES = 400  # the tail kept in memory for error messages
@@ -61,7 +65,9 @@ def _last_line(text: str) -> str:
 
 def _server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(PYTHONPATH=str(STANDIN), SGLANG_USE_CPU_ENGINE="1", CUDA_VISIBLE_DEVICES="",
+    # The kernel stand-in first; the repo root makes sapo_sglang (the delta loader) importable
+    # without installing it in SGLang's venv (sapo_sglang imports neither sapo_megatron nor megatron).
+    env.update(PYTHONPATH=f"{STANDIN}{os.pathsep}{REPO}", SGLANG_USE_CPU_ENGINE="1", CUDA_VISIBLE_DEVICES="",
                OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
     env.update(extra or {})
     return env

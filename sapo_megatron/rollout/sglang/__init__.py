@@ -51,7 +51,12 @@ def build(cfg, model_cfg):
 
     def make_sync(engine):
         if s.weight_sync == "disk":
-            return DiskSync(engine, hf_config, s, s.weight_dir or str(Path(cfg.run.output_dir) / "sglang_weights"))
+            weight_dir = s.weight_dir or str(Path(cfg.run.output_dir) / "sglang_weights")
+            if s.delta:
+                from sapo_megatron.rollout.sglang.weight_sync.delta import DeltaSync
+
+                return DeltaSync(engine, hf_config, s, weight_dir)
+            return DiskSync(engine, hf_config, s, weight_dir)
         return WEIGHT_SYNCS[s.weight_sync](engine, hf_config, s)
 
     return ReplicaSGLang(make_engine, make_sync)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 WeightSyncName = Literal["disk", "distributed"]
 SyncBackend = Literal["nccl", "gloo"]
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -73,6 +74,16 @@ class SGLangConfig:
     weight_dir: str | None = None
     keep_weight_dirs: int = 1  # step dirs kept on disk (0: keep all)
     weight_timeout_s: float = 1800.0  # loading a large checkpoint takes minutes
+    # Delta sync (weight_sync: disk only, docs/sglang.md "Delta weight sync"): after a full sync,
+    # each push sends only the changed elements; the servers need
+    # --custom-weight-loader sapo_sglang.delta_loader.apply_delta.
+    delta: bool = False
+    # Every N delta pushes the servers' HF copies are checksummed against the trainer's (0: never);
+    # a mismatch falls back to a full sync with a warning.
+    delta_checksum_every: int = 10
+    # The import path the servers were started with (--custom-weight-loader) and the trainer sends
+    # as load_format; a wrapper of ours may stand here (the tests' fault injection does).
+    delta_loader: str = "sapo_sglang.delta_loader.apply_delta"
     distributed: DistributedSection = field(default_factory=DistributedSection)
     # R3: responses re-prefilled after a retraction (num_retractions > 0) carry prefix routes
     # of the re-prefill; they are always counted, and dropped (never trained on) when true.
@@ -99,3 +110,10 @@ class SGLangConfig:
                "> 0 seconds, below the servers' SGLANG_TIMEOUT_KEEP_ALIVE (default 5)", self.keepalive_idle_s)
         _check(self.keep_weight_dirs >= 0, "keep_weight_dirs", ">= 0 (0: keep all)", self.keep_weight_dirs)
         _check(self.weight_timeout_s > 0, "weight_timeout_s", "> 0", self.weight_timeout_s)
+        _check(self.delta_checksum_every >= 0, "delta_checksum_every", ">= 0 (0: never)", self.delta_checksum_every)
+        _check(_DOTTED.fullmatch(self.delta_loader) is not None, "delta_loader",
+               "a dotted import path pkg.module.function (SGLang's --custom-weight-loader form, no colon)",
+               self.delta_loader)
+        _check(not self.delta or self.weight_sync == "disk", "delta",
+               "false with weight_sync: distributed (SGLang 0.5.23 has no loader hook on that path, "
+               "docs/sglang.md 'Delta weight sync'); use weight_sync: disk", self.delta)

@@ -142,6 +142,7 @@ class ReplicaSGLang:
         mine = Counter(self.engine.take_metrics()) if self.is_leader else Counter()
         if dist.get_rank() == 0:
             mine.update({f"sglang/{k}": float(v) for k, v in self._counters.items()})
+            mine.update(getattr(self.sync, "take_metrics", dict)())  # e.g. delta bytes, fallbacks
             self._counters.clear()
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, dict(mine))

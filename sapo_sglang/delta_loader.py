@@ -1,0 +1,264 @@
+"""Delta weight sync, server side: SGLang's ``--custom-weight-loader`` hook and the delta codec.
+
+Launch every server with ``--custom-weight-loader sapo_sglang.delta_loader.apply_delta``. The
+trainer (``sapo_megatron.rollout.sglang.weight_sync.delta``) then sends
+``/update_weights_from_tensor`` with ``load_format: "sapo_sglang.delta_loader.apply_delta"`` and
+ONE empty tensor whose NAME is a JSON message naming the delta files on the shared filesystem.
+SGLang 0.5.23 calls ``apply_delta(model, named_tensors)`` in every TP rank's scheduler process
+(``model_runner_components/weight_updater.py:374``).
+
+Why a name and an empty tensor: the endpoint's payload is unpickled by SGLang's
+``SafeUnpickler``; a CPU tensor with data travels as a shared-memory handle (same host only),
+but an EMPTY one rebuilds from ``rebuild_storage_empty`` (allowed) and crosses hosts.
+
+How a delta is applied: each process keeps a host copy of the HF tensors the server holds (read
+once from the last full sync's directory), applies the delta there, and hands only the changed
+HF tensors to ``model.load_weights``; SGLang's own weight loaders then fuse and TP-shard them
+(``qkv_proj``, ``gate_up_proj``, experts' ``w13``) exactly as they do for a disk load. That
+keeps this file independent of every architecture's parameter layout.
+
+The hook must never raise: SGLang does not catch a custom loader's exception and the scheduler
+would die. Every outcome (applied, or the error) goes to an ack file next to the delta, which
+the trainer reads; an error there makes the trainer fall back to a full sync.
+
+The codec (``encode`` / ``apply``) is pure and shared with the trainer: a changed element is a
+bit pattern that differs (so -0.0/NaN compare exactly); each tensor travels as whichever is
+smallest of its changed indices + values, a bitmap + values, or the full tensor.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import traceback
+
+import numpy as np
+import torch
+
+PREFIX = "sapo_delta:"
+LOADER = "sapo_sglang.delta_loader.apply_delta"
+FULL, INDEX, BITMAP, VALUES = "@full", "@idx", "@bits", "@val"
+
+_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# ----------------------------------------------------------------------------- the codec (pure)
+# Vectorised through numpy views of the tensors' bits (no copies, no per-element Python): numpy's
+# flatnonzero / packbits / place run 5-10x faster than torch's nonzero and boolean indexing on a
+# CPU (16 M bf16 elements at 7 % changed: encode 0.1 s instead of 0.8 s, apply 0.05 s instead of 0.44 s).
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """The flat bit patterns of ``t`` (CPU, contiguous) as a numpy integer view: writes go to ``t``."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"delta codec: expected a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
+    return t.reshape(-1).view(_INT_OF[t.element_size()]).numpy()
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).view(dtype)
+
+
+def changed_mask(old: torch.Tensor, new: torch.Tensor) -> np.ndarray:
+    if old.shape != new.shape or old.dtype != new.dtype:
+        raise ValueError(f"delta of tensors {tuple(old.shape)} {old.dtype} -> {tuple(new.shape)} {new.dtype}: "
+                         "expected the same shape and dtype")
+    return _bits(old) != _bits(new)
+
+
+def pack_bits(mask) -> torch.Tensor:
+    """A flat bool mask as uint8, 8 elements per byte, little-endian within a byte."""
+    mask = mask.numpy() if isinstance(mask, torch.Tensor) else mask
+    return torch.from_numpy(np.packbits(mask.reshape(-1), bitorder="little"))
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    if packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"bitmap of {packed.numel()} bytes for {numel} elements: expected {(numel + 7) // 8}")
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(np.bool_))
+
+
+def encode(name: str, old: torch.Tensor, new: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The smallest encoding of ``new`` given ``old`` (``{}`` when nothing changed)."""
+    mask = changed_mask(old, new)
+    k, n, item = int(np.count_nonzero(mask)), new.numel(), new.element_size()
+    if k == 0:
+        return {}
+    index_dtype = np.int32 if n < 2**31 else np.int64
+    sizes = {INDEX: k * (np.dtype(index_dtype).itemsize + item), BITMAP: (n + 7) // 8 + k * item, FULL: n * item}
+    best = min(sizes, key=sizes.get)
+    if best == FULL:
+        return {name + FULL: new.contiguous()}
+    idx = np.flatnonzero(mask)
+    values = _tensor(_bits(new)[idx], new.dtype)
+    if best == INDEX:
+        return {name + INDEX: torch.from_numpy(idx.astype(index_dtype)), name + VALUES: values}
+    return {name + BITMAP: pack_bits(mask), name + VALUES: values}
+
+
+def apply(target: torch.Tensor, parts: dict[str, torch.Tensor], name: str) -> bool:
+    """Apply ``name``'s encoding in ``parts`` to ``target`` in place; False when it has none."""
+    if name + FULL in parts:
+        full = parts[name + FULL]
+        if full.shape != target.shape or full.dtype != target.dtype:
+            raise ValueError(f"delta of {name!r}: full tensor {tuple(full.shape)} {full.dtype}, expected "
+                             f"{tuple(target.shape)} {target.dtype}")
+        target.copy_(full)
+        return True
+    if name + VALUES not in parts:
+        return False
+    values = parts[name + VALUES]
+    if values.dtype != target.dtype:
+        raise ValueError(f"delta of {name!r}: values in {values.dtype}, expected {target.dtype}")
+    flat, vals = _bits(target), _bits(values.contiguous())
+    if name + INDEX in parts:
+        idx = parts[name + INDEX].numpy()
+        if idx.size != vals.size or (idx.size and (int(idx.min()) < 0 or int(idx.max()) >= flat.size)):
+            raise ValueError(f"delta of {name!r}: {idx.size} indices for {vals.size} values into "
+                             f"{flat.size} elements")
+        flat[idx] = vals
+    else:
+        mask = unpack_bits(parts[name + BITMAP], flat.size).numpy()
+        if int(np.count_nonzero(mask)) != vals.size:
+            raise ValueError(f"delta of {name!r}: bitmap marks {int(np.count_nonzero(mask))} elements, "
+                             f"{vals.size} values")
+        np.place(flat, mask, vals)
+    return True
+
+
+def names_in(parts: dict[str, torch.Tensor]) -> list[str]:
+    """The HF tensor names a delta file carries."""
+    out = []
+    for key in parts:
+        for suffix in (FULL, INDEX, BITMAP):
+            if key.endswith(suffix):
+                out.append(key[: -len(suffix)])
+    return sorted(set(out))
+
+
+def encoded_nbytes(parts: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+def digest(t: torch.Tensor) -> str:
+    """A hash of the tensor's bytes (dtype and shape included): equal iff bit-identical."""
+    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=16)
+    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: digest(t) for name, t in tensors.items()}
+
+
+# ----------------------------------------------------------------------------- the server's hook
+_STATE: dict = {"key": None, "tensors": None}  # per scheduler process: (run, version) and its HF copy
+
+
+def message(**fields) -> str:
+    return PREFIX + json.dumps(fields, sort_keys=True)
+
+
+def _load_dir(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in the full-sync directory {path!r}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f, device="cpu"))
+    return out
+
+
+def _tp_rank() -> int:
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return int(get_parallel().tp_rank)
+    except Exception:  # outside a server (tests): one process
+        return 0
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def load_delta_files(files: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    parts: dict[str, torch.Tensor] = {}
+    for f in files:
+        parts.update(load_file(f, device="cpu"))
+    return parts
+
+
+def apply_message(model, msg: dict, state: dict) -> dict:
+    """Apply one delta message to ``state`` (and ``model`` unless None); returns the ack.
+
+    The copy's key is (run, base directory, version): a full sync always names a new base
+    directory, so after one (a fallback, a re-sync) the key no longer matches and the copy is
+    rebuilt from that directory, even where the version happens to be the same. It is rebuilt
+    only when the trainer says the server's last load was that full sync (``fresh``): a server
+    that restarted after taking deltas holds neither the base nor the chain."""
+    run, src, dst = msg["run"], int(msg["from"]), int(msg["to"])
+    base = msg.get("base") or {}
+    if state["key"] != [run, base.get("dir"), src]:
+        if not msg.get("fresh"):  # the server took deltas since its full load: its copy is gone (a restart?)
+            raise RuntimeError(f"this server's delta copy is at {state['key']}, expected {[run, base.get('dir'), src]}; "
+                               "the server took deltas since its last full sync (restarted?): a full sync is needed")
+        if int(base.get("version", -1)) != src:
+            raise RuntimeError(f"this server's delta copy is at {state['key']}, the delta goes from "
+                               f"{[run, base.get('dir'), src]} and the last full sync {base} is not that version: "
+                               "a full sync is needed")
+        state["key"], state["tensors"] = None, _load_dir(base["dir"])
+        state["key"] = [run, base["dir"], src]
+    tensors = state["tensors"]
+    parts = load_delta_files(msg["files"])
+    changed = []
+    unknown = [n for n in names_in(parts) if n not in tensors]
+    if unknown:
+        raise KeyError(f"delta names tensors this server's copy lacks: {unknown[:3]}")
+    state["key"] = None  # half-applied until the end
+    for name in names_in(parts):
+        if apply(tensors[name], parts, name):
+            changed.append(name)
+    if model is not None and changed:
+        model.load_weights([(name, tensors[name]) for name in changed])
+    state["key"] = [run, base.get("dir"), dst]
+    ack = {"ok": True, "run": run, "version": dst, "changed": len(changed)}
+    if msg.get("checksum"):
+        ack["digests"] = digests(tensors)
+    return ack
+
+
+def apply_delta(model, named_tensors) -> None:
+    """SGLang's hook (``fn(model, named_tensors)``). Never raises: the outcome goes to the ack file."""
+    for name, _ in named_tensors:
+        if not name.startswith(PREFIX):
+            continue  # not ours: nothing to do
+        ack_path = None
+        try:
+            msg = json.loads(name[len(PREFIX):])
+            ack_path = f"{msg['ack']}.tp{_tp_rank()}.json"
+            ack = apply_message(model, msg, _STATE)
+        except Exception as err:  # noqa: BLE001 - reported to the trainer, never raised into SGLang
+            _STATE["key"], _STATE["tensors"] = None, None
+            ack = {"ok": False, "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
+        if ack_path:
+            try:
+                _write_json(ack_path, ack)
+            except OSError:
+                pass
+
+
+def host_bytes(model_bytes: int, tp_size: int) -> int:
+    """What the hook keeps per server: one HF copy per TP rank's process."""
+    return model_bytes * tp_size
+
+
+__all__ = ["LOADER", "PREFIX", "apply", "apply_delta", "digest", "digests", "encode", "encoded_nbytes",
+           "message", "names_in", "pack_bits", "unpack_bits"]
