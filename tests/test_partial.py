@@ -125,6 +125,36 @@ def test_flushing_update_still_refused_while_paused_in_place(tmp_path):
         server.stop()
 
 
+def test_every_weight_update_path_goes_out_without_flush_while_deferred(tmp_path):
+    """Both syncs (disk, distributed: its last bucket asks for the flush) pass through
+    ``submit_all``: paused in place with ``flush_on_update`` false, neither is refused and both
+    carry ``flush_cache: false``; flushing is refused again once ``flush_on_update`` is back."""
+    import torch
+
+    from sapo_megatron.rollout.sglang.protocol import disk_update_payload, distributed_update_payload
+
+    server = MockSGLang(Behaviour())
+    engine = SGLangEngine(SGLangConfig(urls=[server.url], retries=0))
+    last = distributed_update_payload(["w"], [torch.float32], [(2,)], group_name="g", load_format=None, last=True,
+                                      version=3)
+    assert last["flush_cache"] is True  # what the distributed sync sends with its last bucket
+    try:
+        engine.pause_generation("in_place")
+        engine.flush_on_update = False
+        for path, payload in (("/update_weights_from_disk", disk_update_payload(str(tmp_path), 3)),
+                              ("/update_weights_from_distributed", last)):
+            for future in engine.submit_all(path, lambda url, p=payload: p).values():
+                future.exception()  # the mock may refuse the unknown group; the body is what counts
+            assert server.bodies(path)[-1]["flush_cache"] is False, path
+        engine.flush_on_update = True
+        with pytest.raises(RuntimeError, match="paused in place"):
+            engine.submit_all("/update_weights_from_distributed", lambda url: last)
+    finally:
+        engine.continue_generation()
+        engine.close()
+        server.stop()
+
+
 # ------------------------------------------------------------------ the trainer against the mock
 def _partial_config(tmp_path: Path, url: str, hf, *, steps: int, extra: str = "") -> Path:
     config = tmp_path / "c.yaml"
