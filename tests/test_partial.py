@@ -194,6 +194,12 @@ def test_trainer_partial_rollouts_span_updates_and_resume(tmp_path):
                  nproc=2, module=True, timeout=600)
         first = server.paths()
         updates = server.bodies("/update_weights_from_disk")
+        # The step-2 checkpoint holds no request: the stream position before the oldest batch
+        # still open, its index, and the groups of the open batches already trained.
+        saved = [json.loads(m.read_text()) for m in (tmp_path / "run").rglob("meta.json")]
+        partial_meta = [m["partial"] for m in saved if "partial" in m]
+        assert partial_meta and all(set(m) == {"index", "taken"} for m in partial_meta), saved
+        assert all(m["data"]["position"] == 2 * m["partial"]["index"] for m in saved if "partial" in m)
         torchrun("sapo_megatron.cli", "train", "--config", _partial_config(tmp_path, server.url, hf, steps=4),
                  nproc=2, module=True, timeout=600)
         spans = list(server.served_spans)
