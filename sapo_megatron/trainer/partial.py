@@ -136,7 +136,8 @@ class PartialRollout(RolloutMode):
                 if key in b["keys"]:
                     b["keys"].remove(key)
         self._close_batches()
-        self._top_up()  # the next groups generate while this step trains
+        if t.step + 1 < t.cfg.run.steps:
+            self._top_up()  # the next groups generate while this step trains (none after the last)
         rewards = t._score(flat, results, count_exact=True)
         self.metrics = {"async/wait_rollout_s": wait}
         return flat, results, rewards
