@@ -91,7 +91,6 @@ class PartialRollout(RolloutMode):
         self.k, self.n = r.max_staleness, r.samples_per_prompt
         self.pause, self.offpolicy = r.partial_pause, r.partial_offpolicy
         self.quota = r.prompts_per_step // trainer.dp_size  # groups per rank per step
-        self.depth = self.k + 1  # batches' worth of groups in flight after each top-up
         self.batches: list[dict] = []  # drawn batches with groups in flight here: index, state, keys
         self.next_index = 0  # the next batch's index (its seed; checkpoints count them)
         self.taken: set[tuple[int, int]] = set()  # (batch, group) trained from batches still open
@@ -101,12 +100,12 @@ class PartialRollout(RolloutMode):
     def _in_flight(self) -> list[tuple[int, int]]:
         return [k for b in self.batches for k in b["keys"]]
 
-    def _top_up(self) -> None:
-        """Draw and submit batches until ``depth`` batches' worth of groups are in flight on every
-        rank (the same number of draws on all ranks: the stream is global)."""
+    def _top_up(self, batches: int) -> None:
+        """Draw and submit batches until ``batches`` batches' worth of groups are in flight on
+        every rank (the same number of draws on all ranks: the stream is global)."""
         t, r = self.t, self.t.cfg.rollout
         group = t._dp_group()
-        while all_reduce_values([len(self._in_flight())], op="min", group=group)[0] < self.depth * self.quota:
+        while all_reduce_values([len(self._in_flight())], op="min", group=group)[0] < batches * self.quota:
             index, state = self.next_index, t.stream.state_dict()
             prompts = t.stream.next_batch(r.prompts_per_step)
             self.next_index += 1
@@ -123,7 +122,10 @@ class PartialRollout(RolloutMode):
     def rollout(self):
         t = self.t
         t0 = time.perf_counter()
-        self._top_up()
+        # k + 1 batches' worth before the take (the first step fills the pool), k after it: a
+        # batch submitted at the start of step s is taken by step s + k at the latest if its
+        # groups are done, so only tokens of groups that ran longer can exceed the bound.
+        self._top_up(self.k + 1)
         with t._phase(f"rollout take step {t.step}", "rollout"):
             taken = t.engine.take_groups(self._in_flight(), self.quota)
         wait = time.perf_counter() - t0
@@ -137,7 +139,7 @@ class PartialRollout(RolloutMode):
                     b["keys"].remove(key)
         self._close_batches()
         if t.step + 1 < t.cfg.run.steps:
-            self._top_up()  # the next groups generate while this step trains (none after the last)
+            self._top_up(self.k)  # the next groups generate while this step trains (none after the last)
         rewards = t._score(flat, results, count_exact=True)
         self.metrics = {"async/wait_rollout_s": wait}
         return flat, results, rewards
