@@ -103,6 +103,13 @@ class Behaviour:
     mixed_version_prompts: dict = field(default_factory=dict)
     # A keep-alive connection idle this long is closed by the server (SGLANG_TIMEOUT_KEEP_ALIVE).
     keepalive_timeout_s: float = 5.0
+    # Partial rollouts. With delay_per_token_s, decoding is token by token: /pause_generation
+    # (in_place or retract) stops it until /continue_generation, a weight update in between moves
+    # the version of the tokens after it (spans as SGLang's record_weight_version_events), and a
+    # retract counts in num_retractions. response_lengths: each request's length is drawn from it
+    # (seeded by the request), ending on the first stop token ("stop") or "length".
+    response_lengths: tuple[int, ...] | None = None
+    disable_radix_cache: bool = False  # --disable-radix-cache, reported in /server_info
 
 
 # Fields SGLang's GenerateReqInput accepts (a subset); since 0.5.22 unknown TOP-LEVEL fields are
@@ -222,6 +229,13 @@ def fake_generate(request: dict, b: Behaviour, weight_version: str = "default", 
     if tuple(prompt) in b.abort_prompts:
         # A 200 abort: no status_code (an abort with one is an HTTP error instead).
         finish = {"type": "abort", "message": "Abort in waiting queue"}
+    elif b.response_lengths:
+        length = min(max_new, b.response_lengths[rng.randrange(len(b.response_lengths))])
+        plain = [t for t in range(b.vocab_size) if t not in stops]
+        output = [rng.choice(plain) for _ in range(length)]
+        if length < max_new and stops:
+            output[-1] = min(stops)
+            finish = {"type": "stop", "matched": output[-1]}
     else:
         while len(output) < max_new:
             token = rng.randrange(b.vocab_size)
@@ -416,16 +430,48 @@ class _Handler(BaseHTTPRequestHandler):
                 if "weight_versions" in answer["meta_info"]:
                     mock.served_spans.append(answer["meta_info"]["weight_versions"])
             if b.delay_per_token_s:
-                epoch = mock.abort_epoch
-                deadline = time.monotonic() + b.delay_per_token_s * len(answer.get("output_ids", []))
-                while time.monotonic() < deadline and mock.abort_epoch == epoch:
-                    if mock.stopping.wait(min(0.02, max(deadline - time.monotonic(), 0.0))):
-                        return self._drop()
-                if mock.abort_epoch != epoch:  # /pause_generation mode "abort" while it ran
-                    answer["meta_info"]["finish_reason"] = dict(ABORTED_BY_PAUSE)
+                if not self._decode(answer, version):
+                    return self._drop()
             self._send(200, answer)
         finally:
             self._leave_meter()  # dropped connections and errors too
+
+    def _decode(self, answer: dict, version: str) -> bool:
+        """Spend ``delay_per_token_s`` per output token, token by token: paused (in_place or
+        retract) decoding waits; a version change between tokens is recorded as SGLang does (the
+        tokens generated so far are the old version's); a retract counts once per pause. An abort
+        pause ends the request. False: the server is stopping."""
+        mock, b = self.server.mock, self.server.mock.behaviour
+        meta = answer["meta_info"]
+        n = len(answer.get("output_ids", []))
+        epoch, changes, current, retract_seen = mock.abort_epoch, [], version, None
+        for i in range(n):
+            while mock.paused in ("in_place", "retract"):
+                if mock.paused == "retract" and retract_seen != mock.pause_epoch:
+                    retract_seen = mock.pause_epoch
+                    key = "num_retractions" if "num_retractions" in meta else "total_retractions"
+                    meta[key] = meta.get(key, 0) + 1
+                if mock.stopping.wait(0.005):
+                    return False
+            if mock.weight_version != current:
+                changes.append((current, i))
+                current = mock.weight_version
+            if mock.abort_epoch != epoch:  # /pause_generation mode "abort" while it ran
+                meta["finish_reason"] = dict(ABORTED_BY_PAUSE)
+                return True
+            if mock.stopping.wait(b.delay_per_token_s):
+                return False
+        if mock.weight_version != current and n == 0:
+            current = mock.weight_version
+        if changes or current != version:
+            meta["weight_version"] = current
+            if "weight_versions" in meta and meta["finish_reason"].get("type") != "abort":
+                served = meta["weight_versions"]
+                meta["weight_versions"] = weight_version_spans(changes + [(current, n)], n)
+                with mock.lock:
+                    at = next(i for i, spans in enumerate(mock.served_spans) if spans is served)
+                    mock.served_spans[at] = meta["weight_versions"]
+        return True
 
     def _server_info(self, _) -> None:
         b = self.server.mock.behaviour
@@ -441,6 +487,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "enable_return_routed_experts": b.routed_experts,
                 "custom_weight_loader": list(b.custom_weight_loaders),
                 "quantization": None,
+                "disable_radix_cache": b.disable_radix_cache,
                 "version": b.version,
             },
         )
@@ -462,6 +509,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _pause(self, body) -> None:
         mock = self.server.mock
         mock.paused = (body or {}).get("mode", "abort")
+        mock.pause_epoch += 1
         if mock.paused == "abort":
             mock.abort_epoch += 1  # running requests answer 200 with finish_reason abort
         self._send(200, {"message": "Generation paused successfully.", "status": "ok"})
@@ -643,6 +691,7 @@ class MockSGLang:
         self.restarted = threading.Event()
         self.stopping = threading.Event()
         self.abort_epoch = 0  # bumped by /pause_generation {"mode": "abort"}
+        self.pause_epoch = 0  # bumped by every /pause_generation
         self.port = 0
         self.weight_version = "default"  # a fresh server's version
         self.running_here = 0

@@ -284,6 +284,14 @@ class RolloutConfig(SamplingParams):
     max_turns: int = 1
     # engine=recorded: rollouts saved earlier (sapo-megatron doctor --out D writes D/rollouts.pt).
     recorded_path: str | None = None
+    # Partial rollouts (trainer/partial.py, SGLang >= 0.5.19, max_staleness >= 1): generation runs
+    # across weight updates, each token's version from SGLang's spans. partial_pause: in_place
+    # (servers need --disable-radix-cache) | retract (prefix tokens of retracted responses are
+    # masked under R3); partial_offpolicy: tis (needs loss.tis_cap) | mask (tokens before a
+    # response's newest version leave the loss).
+    partial: bool = False
+    partial_pause: Literal["in_place", "retract"] = "in_place"
+    partial_offpolicy: Literal["tis", "mask"] = "tis"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -293,6 +301,10 @@ class RolloutConfig(SamplingParams):
         _check(self.max_staleness >= 0, "rollout.max_staleness", ">= 0 (0: synchronous rollouts)", self.max_staleness)
         _check(self.max_turns >= 1, "rollout.max_turns", ">= 1", self.max_turns)
         _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", ">= 1", self.samples_per_prompt)
+        _check(self.partial_pause in ("in_place", "retract"), "rollout.partial_pause", "in_place or retract",
+               self.partial_pause)
+        _check(self.partial_offpolicy in ("tis", "mask"), "rollout.partial_offpolicy", "tis or mask",
+               self.partial_offpolicy)
 
     def sampling_params(self, *, stop_token_ids: tuple[int, ...] = (), run_seed: int = 0,
                         step: int | None = None, round_index: int = 0) -> SamplingParams:

@@ -76,6 +76,21 @@ def validate(cfg: TrainConfig) -> None:
                         f"rollout.max_staleness={cfg.rollout.max_staleness}: the background generation runs one "
                         f"turn per request, and an episode's turns wait on the environment; set "
                         f"rollout.max_staleness=0 for multi-turn episodes")
+    if cfg.rollout.partial:
+        r = cfg.rollout
+        if r.engine != "sglang":
+            problems.append(f"rollout.partial=true keeps requests running across weight updates on SGLang "
+                            f"servers; rollout.engine is {r.engine!r} (set rollout.engine=sglang)")
+        if r.max_staleness < 1:
+            problems.append(f"rollout.partial=true trains tokens of earlier policy versions: rollout.max_staleness "
+                            f"must be >= 1, got {r.max_staleness}")
+        if r.dynamic_sampling.filter:
+            problems.append("rollout.partial=true cannot be combined with rollout.dynamic_sampling "
+                            "(set rollout.dynamic_sampling.filter=null)")
+        if r.partial_offpolicy == "tis" and (cfg.loss.tis_cap is None or cfg.train.use_rollout_log_probs):
+            problems.append("rollout.partial_offpolicy=tis corrects the tokens of earlier versions with the truncated "
+                            "importance weight against the engine's log-probs: set loss.tis_cap (e.g. 2.0) with "
+                            "train.use_rollout_log_probs=false, or rollout.partial_offpolicy=mask")
     if cfg.train.advantage in ("grpo", "grpo_no_std", "rloo") and cfg.rollout.samples_per_prompt < 2:
         problems.append(f"train.advantage={cfg.train.advantage} compares samples of the same prompt: "
                         f"rollout.samples_per_prompt must be >= 2, got {cfg.rollout.samples_per_prompt}")

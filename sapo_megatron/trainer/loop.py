@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sapo_megatron.collectives import all_reduce_values, global_max
+from sapo_megatron.collectives import all_reduce_values
 from sapo_megatron.losses import grpo_advantages, rloo_advantages
 from sapo_megatron.step import (
     Sample,
@@ -57,7 +57,6 @@ from sapo_megatron.routing import (
     routing_replay_of,
     storage_dtype,
 )
-from sapo_megatron.rollout.dynamic import GroupCollector, keep_groups
 from sapo_megatron.rollout.episodes import (
     EpisodeRunner,
     episode_metrics,
@@ -77,6 +76,7 @@ from sapo_megatron.trainer.checkpoint import (
     unregister_extra_state,
 )
 from sapo_megatron.trainer.cold_start import ColdStart, run_cold_start
+from sapo_megatron.trainer.rollouts import build_mode
 from sapo_megatron.trainer.schedule import build_scheduler
 from sapo_megatron.trainer.logging import MetricsLogger
 from sapo_megatron.trainer import watchdog
@@ -130,6 +130,9 @@ def _build_samples(results, advantages, *, use_routes: bool,
         if not aborted:
             # Multi-turn episodes: only the model's tokens (response_mask), not the environment's.
             mask[p - 1 :] = True if res.response_mask is None else torch.tensor(res.response_mask, dtype=torch.bool)
+            keep = res.meta.get("loss_token_mask")  # partial rollouts: per-token (trainer/partial.py)
+            if keep is not None:
+                mask[p - 1 :] &= torch.tensor(keep, dtype=torch.bool)
         routes = res.routes
         if use_routes and routes is None:
             layers, topk, dtype = route_layout
@@ -146,13 +149,6 @@ def _build_samples(results, advantages, *, use_routes: bool,
             routes=routes if use_routes else None,
         ))
     return samples
-
-
-def _version(value, default: int) -> int:
-    """A sample's weight version as an int (SGLang reports a string, "default" before any update)."""
-    if isinstance(value, int):
-        return value
-    return int(value) if isinstance(value, str) and value.isdigit() else default
 
 
 class Trainer:
@@ -246,10 +242,9 @@ class Trainer:
                                    equal_shapes=budget and equal_shapes,
                                    one_shape=not budget and pipeline,
                                    one_shape_over_dp=not budget and equal_shapes)
-        # Bounded staleness with an engine that generates in the background (SGLang): the next
-        # step's batch is generated while this step trains. (The embedded engine lags instead.)
-        self._async = cfg.rollout.max_staleness > 0 and hasattr(self.engine, "submit")
-        self._prefetched, self._stream_state, self._async_metrics = None, None, {}
+        # How each step's batch is generated and what happens around the weight sync: one
+        # object per mode (sync, dynamic rounds, async, partial: trainer/rollouts.py).
+        self.rollouts = build_mode(self)
         self._exact_counts = [0, 0]  # exact answers, answers judged: this step's first round
         self._topped_up_warned = False  # dynamic sampling warns once per run (see _dynamic_rollout)
         self.step = 0
@@ -271,17 +266,18 @@ class Trainer:
             meta = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
         self.step = meta.get("rl_step", meta["step"])
         self.stream.load_state_dict(meta["data"])
+        self.rollouts.load_meta(meta)  # partial rollouts: the open batches' trained groups
         self.cold_start.load_state_dict(meta.get("cold_start"), rl_step=self.step)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def _save(self) -> None:
-        # A batch generated in the background is not saved: the stream position before its draw is,
-        # so a resumed run draws the same prompts and regenerates them with the resumed weights.
-        data = self._stream_state if self._prefetched is not None else self.stream.state_dict()
+        # A batch in flight is not saved: the stream position before its draw is, so a resumed
+        # run draws the same prompts and regenerates them with the resumed weights.
+        data, extra = self.rollouts.stream_state(), self.rollouts.checkpoint_meta()
         sync_params(self.chunks)
         save_checkpoint(self.out, self.iteration, self.chunks, self.optimizer, self.scheduler,
-                        meta={"data": data, "rl_step": self.step, "cold_start": self.cold_start.state_dict(),
+                        meta={"data": data, **extra, "rl_step": self.step, "cold_start": self.cold_start.state_dict(),
                               **self._model_meta()},
                         keep_last=self.cfg.run.keep_last, async_save=self.cfg.run.async_save)
 
@@ -356,84 +352,8 @@ class Trainer:
         return torch.tensor([s.reward for s in scores], dtype=torch.float64)
 
     def rollout(self):
-        ds = self.cfg.rollout.dynamic_sampling
-        self._rollout_metrics = {}
-        if self._async:
-            return self._async_rollout()
-        if ds.filter is None:
-            return self._rollout_round(0)
-        return self._dynamic_rollout(ds)
-
-    def _submit(self, step: int) -> None:
-        """Draw step ``step``'s prompts and start generating them in the background."""
-        cfg = self.cfg.rollout
-        prompts = self.stream.next_batch(cfg.prompts_per_step)[self.dp_rank :: self.dp_size]
-        flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-        params = cfg.sampling_params(stop_token_ids=(self.task.tokenizer.eos_id,),
-                                     run_seed=self.cfg.run.seed, step=step)
-        with self._phase(f"rollout submit step {step}", "rollout"):  # a stale server is re-synced first
-            self.engine.submit([p.ids for p in flat], params, return_routes=self._want_routes)
-        # The servers hold the weights of version self.step (synced at the end of step - 1).
-        self._prefetched = (flat, self.step)
-
-    def _async_rollout(self):
-        """This step's batch, generated in the background during the previous step (staleness 1)."""
-        t0 = time.perf_counter()
-        if self._prefetched is None:  # the first step, or the first after a resume
-            self._submit(self.step)
-        with self._phase(f"rollout collect step {self.step}", "rollout"):
-            results = self.engine.collect()
-            wait = time.perf_counter() - t0
-            flat, version = self._prefetched
-            results = [dataclasses.replace(r, meta={**r.meta, "weight_version": version}) for r in results]
-            rewards = self._score(flat, results, count_exact=True)
-        # Measured on this rank (rank 0 is a leader; the others report their wait only).
-        self._async_metrics = {"async/wait_rollout_s": wait, "async/wait_train_s": getattr(self.engine, "idle_s", 0.0)}
-        self._prefetched = None
-        if self.step + 1 < self.cfg.run.steps:
-            self._stream_state = self.stream.state_dict()
-            self._submit(self.step + 1)
-        return flat, results, rewards
-
-    def _dynamic_rollout(self, ds):
-        """Rounds of generation until every DP rank holds its quota of kept groups (rollout/dynamic.py)."""
-        from megatron.core import parallel_state
-
-        group = parallel_state.get_data_parallel_group()
-        n = self.cfg.rollout.samples_per_prompt
-        collector = GroupCollector(quota=self.cfg.rollout.prompts_per_step // self.dp_size)
-        for round_ in range(ds.max_rounds):
-            out = self._rollout_round(round_, generate=not collector.full)
-            if out is not None:
-                flat, results, rewards = out
-                completed = torch.tensor([r.finish_reason != "abort" for r in results])
-                keep = keep_groups(ds.filter, rewards, completed, n)
-                collector.add([(flat[g * n:(g + 1) * n], results[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
-                               for g in range(len(keep))], keep)
-            if all_reduce_values([int(collector.full)], op="min", group=group)[0]:
-                break
-        groups, topped = collector.take()
-        generated, filtered, topped_all, quota = all_reduce_values(
-            [collector.generated, collector.filtered, topped, collector.quota], group=group)
-        # Once per run: a policy that solves most prompts tops up every step from then on, and
-        # the count per step is in the metrics (rollout/topped_up_groups).
-        if topped_all and self.rank == 0 and not self._topped_up_warned:
-            self._topped_up_warned = True
-            warnings.warn(
-                f"rollout.dynamic_sampling: step {self.step} kept {int(quota - topped_all)} of the "
-                f"{int(quota)} prompt groups it needs after rollout.dynamic_sampling.max_rounds={ds.max_rounds} "
-                f"rounds ({int(filtered)} of {int(generated)} generated groups filtered by {ds.filter!r}); "
-                f"training on them plus {int(topped_all)} filtered groups (zero advantages). Not repeated: "
-                f"later steps count them in rollout/topped_up_groups", stacklevel=2)
-        self._rollout_metrics = {
-            "rollout/filtered_frac": filtered / max(generated, 1.0),
-            "rollout/sampling_rounds": float(round_ + 1),
-            "rollout/topped_up_groups": topped_all,
-        }
-        flat = [p for g in groups for p in g[0]]
-        results = [r for g in groups for r in g[1]]
-        rewards = torch.cat([g[2] for g in groups])
-        return flat, results, rewards
+        """This step's batch, scored: ``(prompts, results, rewards)`` (the mode's ``rollout()``)."""
+        return self.rollouts.rollout()
 
     def train_step(self) -> dict:
         cfg, timings = self.cfg, {}
@@ -442,7 +362,7 @@ class Trainer:
             _, results, rewards = self.rollout()
             advance()
         timings["time/rollout_s"] = time.perf_counter() - t0
-        results, staleness = self._apply_staleness(results)
+        results, staleness = self.rollouts.apply_staleness(results)
         timings.update(staleness)
         aborted = torch.tensor([r.finish_reason == "abort" for r in results])
         advantages = group_advantages(cfg.train.advantage, rewards, cfg.rollout.samples_per_prompt, aborted)
@@ -469,28 +389,20 @@ class Trainer:
             response_tokens=sum(len(r.response_ids) for r in results), microbatches=self._microbatch_count,
             rollout_s=timings["time/rollout_s"],
             train_s=timings["time/update_s"], dp_group=parallel_state.get_data_parallel_group()))
-        timings.update(self._rollout_metrics)
         if self._episodes:  # turns, tool calls and environment tokens per episode, over DP
             timings.update(reduce_episode_metrics(all_reduce_values(episode_metrics(results), group=self._dp_group())))
 
         t0 = time.perf_counter()
-        if self._async:  # /flush_cache answers 400 while requests run: let the next batch finish
-            with self._phase("rollout drain", "rollout"):
-                self.engine.drain()
-            wait = self._async_metrics["async/wait_rollout_s"] = self._async_metrics["async/wait_rollout_s"] + (
-                time.perf_counter() - t0)
-            # Share of generation hidden behind training: 1 - the trainer's wait / generation time.
-            generate_s = getattr(self.engine, "generate_s", 0.0) if self._prefetched is not None else 0.0
-            self._async_metrics["async/overlap_frac"] = max(0.0, 1.0 - wait / generate_s) if generate_s > 0 else 0.0
+        self.rollouts.before_sync()  # async: the next batch finishes first
         with self.logger.phase("weight sync", 1) as advance, \
                 self._phase(f"weight sync to version {self.step + 1}", "weight_sync"):
             # The policy version is the number of RL steps completed (this one included).
             sync_params(self.chunks)
-            self.engine.update_weights(self.chunks, self.step + 1)
+            self.rollouts.sync(self.chunks, self.step + 1)
             advance()
         timings["time/weight_sync_s"] = time.perf_counter() - t0
         timings.update(getattr(self.engine, "step_metrics", dict)())  # engine counters (collective)
-        timings.update(self._async_metrics)
+        timings.update(self.rollouts.metrics)
         return self._step_metrics(rewards, results, update_metrics, timings)
 
     def _train_on(self, samples: list[Sample], timings: dict) -> list[dict]:
@@ -519,23 +431,6 @@ class Trainer:
                 advance()
         timings["time/update_s"] = time.perf_counter() - t0
         return update_metrics
-
-    def _apply_staleness(self, results):
-        """Each sample's staleness (policy version now - the version that generated it); samples
-        older than ``rollout.max_staleness`` are dropped: they become aborted requests (no loss,
-        their group's advantages unmoved). Metrics ``async/*``, reduced over DP."""
-        from megatron.core import parallel_state
-
-        k = self.cfg.rollout.max_staleness
-        ages = [self.step - _version(r.meta.get("weight_version"), self.step) for r in results]
-        dropped = [a > k for a in ages]
-        results = [dataclasses.replace(r, finish_reason="abort", response_ids=[], response_log_probs=[], routes=None)
-                   if d and r.finish_reason != "abort" else r for r, d in zip(results, dropped)]
-        group = parallel_state.get_data_parallel_group()
-        total, n, n_dropped = all_reduce_values([sum(ages), len(ages), sum(dropped)], group=group)
-        peak = global_max(max(ages, default=0), group=group)
-        return results, {"async/staleness_mean": total / max(n, 1.0), "async/staleness_max": float(peak),
-                         "async/dropped_frac": n_dropped / max(n, 1.0)}
 
     def _log_prob_passes(self, samples: list[Sample], microbatches, advance) -> list[Sample]:
         """Reference log-probs (live routing), then old log-probs under the routing mode."""

@@ -46,7 +46,8 @@ def main(out: Path) -> None:
         cfg=types.SimpleNamespace(run=types.SimpleNamespace(resume=True, timeouts=TimeoutsSection())),
         out=out, chunks=None, optimizer=None, scheduler=None, rank=rank, step=0,
         stream=types.SimpleNamespace(load_state_dict=lambda state: None),
-        cold_start=types.SimpleNamespace(load_state_dict=lambda state, rl_step: None))
+        cold_start=types.SimpleNamespace(load_state_dict=lambda state, rl_step: None),
+        rollouts=types.SimpleNamespace(load_meta=lambda meta: None))
     trainer._phase = types.MethodType(loop.Trainer._phase, trainer)
     loop.Trainer._maybe_resume(trainer)
     steps: list = [None] * dist.get_world_size()

@@ -231,3 +231,42 @@ def test_idle_connections_close_after_five_seconds(both):
                 outcomes.append("closed")
             conn.close()
         assert outcomes == ["answered", "closed"], (side, outcomes)
+
+
+def test_in_place_and_retract_updates_span_versions(both, tiny_model):
+    """Partial rollouts (trainer/partial.py) rely on: ``disable_radix_cache`` in /server_info; a
+    flushing update refused (400) under a request paused in place, a non-flushing one accepted;
+    the response then spans two versions (spans tiling it, ``weight_version`` the last); under
+    ``retract`` the flushing update succeeds and the response counts a retraction."""
+    import threading
+
+    for side, url in both.items():
+        info = http_json(url, "/server_info", key=API_KEY)[1]
+        assert isinstance(info.get("disable_radix_cache"), bool), (side, info.get("disable_radix_cache"))
+        for mode, version in (("in_place", "7"), ("retract", "8")):
+            box = {}
+            long = {**GEN, "sampling_params": {"max_new_tokens": 600, "ignore_eos": True}}
+            worker = threading.Thread(target=lambda: box.update(r=http_json(url, "/generate", long, key=API_KEY,
+                                                                            timeout=120)))
+            worker.start()
+            time.sleep(0.5)
+            assert http_json(url, "/pause_generation", {"mode": mode}, key=ADMIN_KEY)[0] == 200
+            update = {"model_path": str(tiny_model), "weight_version": version}
+            if mode == "in_place":
+                status, answer = http_json(url, "/update_weights_from_disk", {**update, "flush_cache": True},
+                                           key=ADMIN_KEY, timeout=120)
+                assert status == 400 and answer["success"] is False, (side, status, answer)
+            flush = mode == "retract"
+            status, answer = http_json(url, "/update_weights_from_disk", {**update, "flush_cache": flush},
+                                       key=ADMIN_KEY, timeout=120)
+            assert status == 200 and answer["success"], (side, mode, answer)
+            assert http_json(url, "/continue_generation", {}, key=ADMIN_KEY)[0] == 200
+            worker.join(120)
+            status, body = box["r"]
+            assert status == 200, (side, body)
+            meta = body["meta_info"]
+            spans = meta["weight_versions"]
+            assert [s["version"] for s in spans][-1] == version and len(spans) == 2, (side, mode, spans)
+            assert spans[0]["start"] == 0 and spans[0]["end"] == spans[1]["start"] and spans[1]["end"] == 600, spans
+            assert meta["weight_version"] == version, (side, meta["weight_version"])
+            assert (meta["num_retractions"] >= 1) == (mode == "retract"), (side, mode, meta["num_retractions"])

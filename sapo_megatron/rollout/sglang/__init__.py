@@ -47,7 +47,13 @@ def build(cfg, model_cfg):
     hf_config = served_hf_config(cfg)
 
     def make_engine():
-        return SGLangEngine(s, route_spec=route_spec(model_cfg), require_routes=cfg.routing.mode == "R3")
+        engine = SGLangEngine(s, route_spec=route_spec(model_cfg), require_routes=cfg.routing.mode == "R3")
+        if cfg.rollout.partial:  # spans (0.5.19+), and no radix cache under in_place (trainer/partial.py)
+            from sapo_megatron.rollout.sglang.protocol import check_partial
+
+            for url in s.urls:
+                check_partial(engine.server_info(url), cfg.rollout.partial_pause)
+        return engine
 
     def make_sync(engine):
         if s.weight_sync == "disk":

@@ -18,6 +18,10 @@ Design choices:
   (``/model_info``), so a restart between steps is caught before the next rollout.
 - Under R3, responses with ``num_retractions > 0`` carry prefix routes from a re-prefill: they
   are counted (``metrics``) and, with ``drop_retracted``, turned into aborts (never trained on).
+- Partial rollouts (``rollout.partial``, trainer/partial.py): :meth:`start` returns one future
+  per request; with ``accept_spans`` a response may span versions (the trainer judges each
+  token's staleness), and with ``flush_on_update`` false weight updates are sent with
+  ``flush_cache: false`` (the update lands under requests paused in place).
 - For callers that drive generation themselves (async rollouts): :meth:`pause_generation`,
   :meth:`continue_generation`, :meth:`flush_cache`, :meth:`weight_versions`. While paused in
   place, a flush (``flush_cache`` or a weight update with ``flush_cache: true``) is refused
@@ -41,6 +45,7 @@ from typing import Callable
 from sapo_megatron.rollout.base import RolloutResult, RouteSpec, SamplingParams
 from sapo_megatron.rollout.sglang.config import SGLangConfig
 from sapo_megatron.rollout.sglang.protocol import (
+    FLUSHING_UPDATES,
     MissingRoutes,
     ServerInfo,
     asks_flush,
@@ -91,6 +96,11 @@ class SGLangEngine:
         self._checked_routes_start = False
         self._admin_checked: set[str] = set()
         self._paused_in_place = False
+        # Partial rollouts (rollout.partial): responses may span weight versions, each token's
+        # version is judged by the trainer (any numeric version passes here), and a weight update
+        # while paused in place is sent with flush_cache: false (weight updates otherwise flush).
+        self.accept_spans = False
+        self.flush_on_update = True
         self._closed = False
         if require_routes:
             self.check_servers()
@@ -179,6 +189,21 @@ class SGLangEngine:
         """One result per prompt, in order; see the module docstring for failure handling.
         ``routes_start[i]``: prompt ``i``'s routes start there (``routed_experts_start_len``,
         a multi-turn episode's later turns; refused on servers below 0.5.8)."""
+        futures = self.start(prompts, params, return_routes=return_routes, routes_start=routes_start)
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+        if failed is not None:
+            for f in pending:
+                f.cancel()
+            raise failed.exception()
+        outcomes = [f.result() for f in futures]
+        self._raise_if_systematic(outcomes)
+        return [result for result, _ in outcomes]
+
+    def start(self, prompts: list[list[int]], params: SamplingParams, *, return_routes: bool,
+              routes_start: list[int] | None = None) -> list[Future]:
+        """Send the requests and return at once: one future per prompt, whose result is
+        ``(RolloutResult, Rejected | None)`` (partial rollouts take them as groups complete)."""
         starts = list(routes_start) if routes_start is not None else [0] * len(prompts)
         if len(starts) != len(prompts):
             raise ValueError(f"routes_start has {len(starts)} entries for {len(prompts)} prompts")
@@ -200,17 +225,8 @@ class SGLangEngine:
                     check_server(self.server_info(url), require_routes=False, seeded=True, distributed=False)
                 except RuntimeError:
                     pass
-        futures = [self._pool.submit(self._generate_one, prompt, params, i, return_routes, start)
-                   for i, (prompt, start) in enumerate(zip(prompts, starts))]
-        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f for f in futures if f.done() and f.exception() is not None), None)
-        if failed is not None:
-            for f in pending:
-                f.cancel()
-            raise failed.exception()
-        outcomes = [f.result() for f in futures]
-        self._raise_if_systematic(outcomes)
-        return [result for result, _ in outcomes]
+        return [self._pool.submit(self._generate_one, prompt, params, i, return_routes, start)
+                for i, (prompt, start) in enumerate(zip(prompts, starts))]
 
     @staticmethod
     def _raise_if_systematic(outcomes) -> None:
@@ -273,6 +289,13 @@ class SGLangEngine:
         version, else the response's one."""
         expected = self.expected_version
         versions = result.meta.get("weight_versions") or [result.meta.get("weight_version")]
+        if self.accept_spans:
+            # Partial rollouts: the trainer counts each token's staleness from the spans; only a
+            # version that is not one of ours ("default": a restarted server) is stale here.
+            expected_text = "a numeric weight_version (one the trainer pushed)"
+            if expected is None or all(v is not None and str(v).isdigit() for v in versions):
+                return
+            expected = expected_text
         if expected is None or all(v is None or str(v) == expected for v in versions):
             return
         got = versions[0] if len(versions) == 1 else versions
@@ -323,6 +346,11 @@ class SGLangEngine:
         request asking for a flush is refused while paused in place."""
         timeout = self.config.weight_timeout_s if timeout is None else timeout
         urls = self.config.urls if urls is None else urls
+        if not self.flush_on_update and path in FLUSHING_UPDATES:
+            # Partial rollouts: the update lands under requests paused in place, which a flush
+            # would refuse; the radix cache is off on such servers (check_server).
+            unflushed = payload_of
+            payload_of = lambda url: {**unflushed(url), "flush_cache": False}  # noqa: E731
         if urls and asks_flush(path, payload_of(urls[0])):
             self._refuse_flush_while_paused_in_place(path)
         for url in urls:

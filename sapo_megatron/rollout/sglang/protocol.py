@@ -24,6 +24,9 @@ gates are the constants below and :func:`check_server` / :func:`check_admin_key`
 - ``routed_experts_start_len`` needs 0.5.8: sent only for a multi-turn episode's later turns
   (rollout/episodes.py), whose routes then start there; refused below 0.5.8
   (:func:`check_routes_start`). A start outside ``[0, prompt]`` is an abort from the server.
+- Partial rollouts (``rollout.partial``) need the spans: :data:`WEIGHT_SPANS_SINCE` (0.5.19).
+  A span's version moves when an update lands: tokens ``[0, n)`` of a request that had ``n``
+  output tokens then are the old version's (``record_weight_version_events`` in the scheduler).
 - ``--admin-api-key`` exists from 0.5.8.
 - Flushing the cache while requests are paused in place asserts in the scheduler up to 0.5.21
   and answers 400 from 0.5.22 though the weights did change: refused by the engine.
@@ -50,6 +53,7 @@ ROUTES_SINCE = (0, 5, 7)  # routed experts exist (PR #12162)
 ROUTES_SPECULATIVE_FIXED = (0, 5, 15)  # route rows over-counted with speculative decoding before
 ROUTES_START_SINCE = (0, 5, 8)  # routed_experts_start_len (multi-turn routes per turn)
 ADMIN_KEY_SINCE = (0, 5, 8)  # --admin-api-key; 0.5.7's weight endpoints take the API key
+WEIGHT_SPANS_SINCE = (0, 5, 19)  # meta_info.weight_versions: per-token versions (partial rollouts)
 FRESH_VERSION = "default"  # a server's weight_version before any update
 
 
@@ -117,9 +121,12 @@ def parse_generate(response, prompt: list[int], index: int, url: str, return_rou
     }
     spans = meta_info.get("weight_versions")
     if spans:
-        versions = [str(s["version"] if isinstance(s, dict) else s[0]) for s in spans]
-        meta["weight_versions"] = versions
-        meta["weight_version"] = versions[0]  # the oldest token's
+        parsed = parse_spans(spans, len(response_ids), index)
+        meta["weight_versions"] = [v for v, _, _ in parsed]
+        meta["weight_version_spans"] = parsed
+        meta["weight_version"] = parsed[0][0]  # the oldest token's
+    if meta_info.get("cached_tokens") is not None:
+        meta["cached_tokens"] = int(meta_info["cached_tokens"])
     if finish_type == "abort" and isinstance(finish, dict) and finish.get("message"):
         meta["error"] = f"aborted by the server: {finish['message']}"
     routes = None
@@ -138,6 +145,51 @@ def parse_generate(response, prompt: list[int], index: int, url: str, return_rou
         else:
             routes = decode_routes(meta_info, prompt, response_ids, index, route_spec, routes_start)
     return RolloutResult(list(prompt), response_ids, log_probs, finish_type, routes, meta)
+
+
+def parse_spans(spans, num_tokens: int, index: int) -> list[tuple[str, int, int]]:
+    """``meta_info.weight_versions`` (``[{version, start, end}]``, or ``[version, start, end]``
+    arrays) -> ``[(version, start, end)]``, oldest first. Spans are contiguous over the
+    response: ``start`` of the first is 0, each starts where the last ended; ``end`` of the last is
+    the response length (an abort's spans may end earlier and are not checked for it)."""
+    out = []
+    for span in spans:
+        if isinstance(span, dict):
+            version, start, end = span.get("version"), span.get("start"), span.get("end")
+        elif isinstance(span, (list, tuple)) and len(span) == 3:
+            version, start, end = span
+        else:
+            raise ValueError(f"sample {index}: meta_info.weight_versions entry {span!r} is not "
+                             f"{{version, start, end}}")
+        if not isinstance(start, int) or not isinstance(end, int):
+            raise ValueError(f"sample {index}: meta_info.weight_versions span {span!r} has non-integer bounds")
+        expected_start = out[-1][2] if out else 0
+        if start != expected_start or end < start:
+            raise ValueError(f"sample {index}: meta_info.weight_versions span {span!r} starts at {start}, "
+                             f"expected {expected_start} (spans must tile the response in order)")
+        out.append((str(version), start, end))
+    if out and num_tokens and out[-1][2] != num_tokens:
+        raise ValueError(f"sample {index}: meta_info.weight_versions ends at token {out[-1][2]}, the response "
+                         f"has {num_tokens} tokens")
+    return out
+
+
+def token_versions(meta: dict, num_tokens: int, default: int) -> list[int]:
+    """Each response token's weight version (an int) from ``meta["weight_version_spans"]``; without
+    spans (SGLang < 0.5.19, the embedded engine), every token gets the response's ``weight_version``.
+    A version that is not a number ("default", a fresh server) counts as ``default``."""
+    def as_int(v) -> int:
+        if isinstance(v, int):
+            return v
+        return int(v) if isinstance(v, str) and v.isdigit() else default
+
+    spans = meta.get("weight_version_spans")
+    if not spans:
+        return [as_int(meta.get("weight_version"))] * num_tokens
+    out: list[int] = []
+    for version, start, end in spans:
+        out += [as_int(version)] * (end - start)
+    return out[:num_tokens] + [as_int(spans[-1][0])] * max(0, num_tokens - len(out))
 
 
 def decode_routes(meta_info: dict, prompt: list[int], response_ids: list[int], index: int,
@@ -171,6 +223,7 @@ class ServerInfo:
     speculative: bool
     deterministic: bool | None  # None: the info does not say
     routed_experts: bool | None
+    radix_cache: bool | None = None  # None: the info does not say (``disable_radix_cache``)
 
     @classmethod
     def from_json(cls, url: str, info: dict) -> "ServerInfo":
@@ -186,6 +239,7 @@ class ServerInfo:
             speculative=info.get("speculative_algorithm") not in (None, "", "NONE"),
             deterministic=flag("enable_deterministic_inference"),
             routed_experts=flag("enable_return_routed_experts"),
+            radix_cache=None if "disable_radix_cache" not in info else not info["disable_radix_cache"],
         )
 
 
@@ -234,6 +288,31 @@ def check_routes_start(info: ServerInfo) -> None:
             f"SGLang server {info.url} is version {_release(info.version)}; multi-turn episodes with routing "
             f"replay (R3) ask each turn's routes with routed_experts_start_len, which needs sglang >= "
             f"{_release(ROUTES_START_SINCE)}: upgrade the server, or use routing.mode R2/none or rollout.max_turns=1")
+def check_partial(info: ServerInfo, pause_mode: str) -> None:
+    """Refuse a server that cannot serve partial rollouts (``rollout.partial``, trainer/partial.py).
+
+    Each token's version comes from ``meta_info.weight_versions`` spans: 0.5.19+. Under
+    ``in_place`` the update is pushed without a flush (a flush cannot run under requests paused in
+    place), so the radix cache would keep serving the old weights' KV and prefix routes to every
+    later request that shares a prefix (a GRPO group shares its prompt): the server must run
+    ``--disable-radix-cache``. Under ``retract`` the paused requests leave the running batch and
+    the update flushes as usual, so the cache may stay on."""
+    url = info.url
+    if info.version is not None and info.version < WEIGHT_SPANS_SINCE:
+        raise RuntimeError(
+            f"SGLang server {url} is version {_release(info.version)}; rollout.partial needs per-token weight "
+            f"versions (meta_info.weight_versions spans), added in sglang {_release(WEIGHT_SPANS_SINCE)}: upgrade "
+            f"to >= {_release(WEIGHT_SPANS_SINCE)} or set rollout.partial=false")
+    if info.version is None:
+        logger.warning("SGLang server %s reports no version; rollout.partial needs >= %s", url,
+                       _release(WEIGHT_SPANS_SINCE))
+    if pause_mode == "in_place" and info.radix_cache is not False:
+        raise RuntimeError(
+            f"SGLang server {url} runs with its radix cache on (disable_radix_cache={not info.radix_cache}"
+            f"{'' if info.radix_cache is not None else ', not reported'}), but rollout.partial with "
+            f"rollout.partial_pause=in_place updates the weights without a flush: the cache would serve the old "
+            f"weights' KV and prefix routes to later requests. Restart it with --disable-radix-cache, or set "
+            f"rollout.partial_pause=retract (the update flushes then)")
 
 
 def check_admin_key(info: ServerInfo, admin_key_env: str) -> None:

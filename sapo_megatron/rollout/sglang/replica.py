@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable
 
 import torch.distributed as dist
@@ -46,6 +46,7 @@ class ReplicaSGLang:
         self._counters: Counter = Counter()
         self._pool: ThreadPoolExecutor | None = None
         self._pending = None
+        self._pool_futures: dict | None = None  # partial rollouts: key -> the group's request futures
         self._done_at: float | None = None
         self.idle_s = self.generate_s = 0.0
 
@@ -103,6 +104,39 @@ class ReplicaSGLang:
         self._resync_stale()
         return box[0]
 
+    # Partial rollouts (rollout.partial, trainer/partial.py): a pool of groups generates across
+    # weight updates; each step takes the first groups to complete. Keys name the groups; the
+    # leader holds one future per request; results are broadcast to the replica on take.
+    def submit_groups(self, groups: list[tuple[object, list[list[int]]]], params: SamplingParams, *,
+                      return_routes: bool) -> None:
+        """Start generating ``groups`` = [(key, prompts)] (leader: HTTP only); returns at once."""
+        self._resync_stale()
+        if not self.is_leader:
+            return
+        if self._pool_futures is None:
+            self._pool_futures = {}
+        self.engine.accept_spans = True
+        for key, prompts in groups:
+            self._pool_futures[key] = self.engine.start(prompts, params, return_routes=return_routes)
+
+    def take_groups(self, keys: list, quota: int) -> list[tuple[object, list[RolloutResult]]]:
+        """The first ``quota`` groups of ``keys`` (oldest first) whose every request is done,
+        waiting until that many are; on every rank of the replica (a broadcast)."""
+        box = [None]
+        if self.is_leader:
+            pool = self._pool_futures or {}
+            while True:
+                done = [k for k in keys if all(f.done() for f in pool[k])]
+                if len(done) >= min(quota, len(keys)):
+                    break
+                waiting = [f for k in keys if k not in done for f in pool[k] if not f.done()]
+                wait(waiting, return_when=FIRST_COMPLETED)
+            chosen = done[:quota]
+            box = [[(k, [f.result()[0] for f in pool.pop(k)]) for k in chosen]]
+        dist.broadcast_object_list(box, src=self.leader, group=self.group)
+        self._resync_stale()
+        return box[0]
+
     def _stale_everywhere(self) -> list[str]:
         """Collective: the servers any leader knows or finds stale now."""
         mine = self.engine.stale_servers() if self.is_leader else []
@@ -121,15 +155,29 @@ class ReplicaSGLang:
         if self.engine is not None:
             self.engine.mark_synced(synced)
 
-    def update_weights(self, model_chunks, version: int) -> None:
+    def update_weights(self, model_chunks, version: int, *, pause: str | None = None) -> None:
         """Collective: every server serves ``version`` afterwards (or stays marked stale).
 
         The servers are asked for their versions first: one that restarted since the last check
         (it may have been down then) is not in the state the sync left it in (the distributed
-        group lost its rank), so the push is told to rebuild; it then counts as re-synced."""
+        group lost its rank), so the push is told to rebuild; it then counts as re-synced.
+
+        ``pause`` (partial rollouts): rank 0 pauses every server with that mode
+        (``in_place``: the requests stay in the running batch, the update is sent without a flush;
+        ``retract``: they go back to the queue and are re-prefilled, the update flushes), pushes,
+        and continues generation; the requests in flight finish under the new weights."""
         self._model = model_chunks
         stale = self._stale_everywhere() if self.version is not None else []
-        synced = self.sync.push(model_chunks, version, rebuild=bool(stale))
+        paused = pause is not None and dist.get_rank() == 0
+        if paused:
+            self.engine.pause_generation(pause)
+            self.engine.flush_on_update = pause != "in_place"
+        try:
+            synced = self.sync.push(model_chunks, version, rebuild=bool(stale))
+        finally:
+            if paused:
+                self.engine.flush_on_update = True
+                self.engine.continue_generation()
         self._counters["resynced_servers"] += len(set(stale) & set(synced))
         self.version = version
         if self.engine is not None:
