@@ -60,7 +60,7 @@ Single process::
 Under torchrun, pass the TP group and this rank's weight shard; ``pytest tests/test_logprobs.py``
 runs it on 1, 2 and 4 gloo ranks against a float64 full-vocab reference
 (``tests/dist/logprobs_worker.py``). Benchmark against the unfused path:
-``python benchmarks/bench_logprobs.py --mode fused --tokens 8192 --hidden 1024``.
+``python benchmarks/bench_logprobs.py --mode fused --tokens 8192 --hidden 2048``.
 """
 
 from __future__ import annotations
