@@ -22,6 +22,10 @@ input enters through ``copy_to_tensor_model_parallel_region`` (all-reduce backwa
 completes the fused function's per-shard gradient of the hidden states. Both are identities at
 TP = 1.
 
+The output layer is not run, but its forward pre-hooks are, before its weight is read: Megatron
+DDP's ``overlap_param_gather`` waits there for the weight's all-gather after an optimizer step
+(on 0.16 the layer's ``__call__`` runs them; the 0.19 processor runs them itself).
+
 The weight is the one ``_postprocess`` would pass: the embedding shard with tied embeddings on
 the first stage, else ``output_layer.weight`` (with tied embeddings on a later stage, the copy
 Megatron keeps in sync over the embedding group). Refused (a clear error, use
@@ -82,6 +86,9 @@ def _check_supported(inner) -> None:
 
 
 def _hidden_processor(*, hidden_states, output_layer, **_):
+    # What calling the layer would have triggered (DDP's wait for the weight's all-gather).
+    for hook in list(output_layer._forward_pre_hooks.values()):
+        hook(output_layer, (hidden_states,))
     return prepare_hidden(output_layer, hidden_states).transpose(0, 1).contiguous()
 
 
