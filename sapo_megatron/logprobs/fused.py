@@ -35,10 +35,14 @@ Design choices
   log-probs, reference) cost what the unfused forward costs; forward + backward at most 3/4 of
   its speed once GEMM-bound, less the page faults and memory traffic of two ``[T, V]`` tensors
   the unfused path pays (``benchmarks/bench_logprobs.py``, ``docs/performance.md``).
-* Default block (``chunk_size=None``): 64 MB of float32 (``maths.DEFAULT_CHUNK_BYTES``), the
-  same budget as the unfused path's workspace; at V/TP = 151936 the forward takes 110 tokens
-  per chunk. ``chunk_size`` sets the tokens per forward chunk, and the backward's blocks hold
-  as many elements.
+* Default sizes (``chunk_size=None``): forward chunks of 256 MB of float32 (440 tokens at
+  V/TP = 151936), backward blocks of 64 MB (``maths.DEFAULT_CHUNK_BYTES``, 4096 x 4096). The
+  forward's GEMM has only the chunk's tokens as its outer dimension: on 2 CPU cores 110-token
+  chunks ran ~20% slower than one GEMM over all tokens, 440-token chunks as fast (an
+  alternating in-process A/B, 880 tokens, H 512, vocab 151936). Both stay far below the
+  ``[T, V/TP]`` logits and gradient they replace (10 GB in float32 at T 8192, V 151936).
+  ``chunk_size`` sets the tokens per forward chunk, and the backward's blocks hold as many
+  elements.
 * Tensor parallelism: ``weight`` is this rank's contiguous vocab shard (rank r: ids
   ``[r V/TP, (r+1) V/TP)``), ``hidden`` the full input every TP rank sees (under sequence
   parallelism: the gathered one). The gradient returned for ``hidden`` is this shard's part of
@@ -85,6 +89,9 @@ from sapo_megatron.logprobs.maths import (
 
 __all__ = ["fused_vocab_parallel_log_probs", "block_shape"]
 
+# Default float32 bytes of a forward chunk (the backward's blocks: maths.DEFAULT_CHUNK_BYTES).
+_FORWARD_CHUNK_BYTES = 4 * DEFAULT_CHUNK_BYTES
+
 
 def block_shape(rows: int, vocab_local: int, elems: int) -> tuple[int, int]:
     """(tokens, vocab columns) of a backward block of at most ``elems`` elements, near square."""
@@ -95,7 +102,7 @@ def block_shape(rows: int, vocab_local: int, elems: int) -> tuple[int, int]:
 
 class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, tp_group, temperature, with_entropy, elems):
+    def forward(ctx, hidden, weight, targets, tp_group, temperature, with_entropy, rows_per_chunk, elems):
         vocab_local, width = weight.shape
         h_NH = hidden.reshape(-1, width)
         rows = h_NH.shape[0]
@@ -105,7 +112,7 @@ class _FusedLogProbs(torch.autograd.Function):
         inv_t = 1.0 / temperature
 
         max_N, stats_KN = new_stats(rows, with_entropy, device)
-        step = max(1, min(rows, elems // vocab_local))
+        step = max(1, min(rows, rows_per_chunk))
         x_buf = torch.empty(step * vocab_local, dtype=hidden.dtype, device=device)
         e_buf = torch.empty(step * vocab_local, dtype=torch.float32, device=device)
         for lo in range(0, rows, step):
@@ -132,7 +139,7 @@ class _FusedLogProbs(torch.autograd.Function):
         hidden, weight, targets, lse_N, *rest = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (grad_logp is None and grad_ent is None) or not (want_h or want_w):
-            return (None,) * 7
+            return (None,) * 8
         vocab_local, width = weight.shape
         h_NH = hidden.reshape(-1, width)
         rows = h_NH.shape[0]
@@ -192,7 +199,7 @@ class _FusedLogProbs(torch.autograd.Function):
                 grad_w[v0:v1].copy_(acc_w)
         if want_h:
             grad_h = grad_h.view(hidden.shape) if fp32 else grad_h.to(dtype).view(hidden.shape)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def fused_vocab_parallel_log_probs(hidden, weight, targets, *, tp_group=None, temperature=1.0, with_entropy=False,
@@ -208,7 +215,8 @@ def fused_vocab_parallel_log_probs(hidden, weight, targets, *, tp_group=None, te
     reduces it over the TP group, as Megatron's ColumnParallelLinear does).
 
     tp_group: the tensor-parallel group, or None without tensor parallelism. chunk_size: tokens
-    per forward chunk (the backward's blocks hold as many elements); None: ~64 MB of float32.
+    per forward chunk (the backward's blocks hold as many elements); None: forward chunks of
+    ~256 MB and backward blocks of ~64 MB of float32.
     """
     for name, value in (("hidden", hidden), ("weight", weight)):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
@@ -225,5 +233,10 @@ def fused_vocab_parallel_log_probs(hidden, weight, targets, *, tp_group=None, te
     check_targets(targets, hidden.shape[:-1], "hidden.shape[:-1]")
     check_options(temperature, chunk_size, "tokens")
     check_target_range(targets, weight.shape[0], tp_group)
-    elems = chunk_size * weight.shape[0] if chunk_size is not None else DEFAULT_CHUNK_BYTES // 4
-    return _FusedLogProbs.apply(hidden, weight, targets.long(), tp_group, float(temperature), with_entropy, elems)
+    vocab_local = weight.shape[0]
+    if chunk_size is not None:
+        rows_per_chunk, elems = chunk_size, chunk_size * vocab_local
+    else:
+        rows_per_chunk, elems = max(1, _FORWARD_CHUNK_BYTES // (4 * vocab_local)), DEFAULT_CHUNK_BYTES // 4
+    return _FusedLogProbs.apply(hidden, weight, targets.long(), tp_group, float(temperature), with_entropy,
+                                rows_per_chunk, elems)
