@@ -54,7 +54,7 @@ def reference(workdir):
 
     def get(reduction: str, loss: str = "sapo") -> dict:
         if (reduction, loss) not in cache:
-            args = ["--reduction", reduction, "--loss", loss]
+            args = ["--reduction", reduction, "--loss", loss, "--log-probs"]
             args += ["--weights", str(weights)] if weights.exists() else ["--save-weights", str(weights)]
             cache[reduction, loss] = _run(1, workdir / f"ref_{reduction}_{loss}.pt", *args)
         return cache[reduction, loss]
@@ -85,6 +85,23 @@ def test_parallel_gradients_equal_single_rank(reference, workdir, layout, reduct
     # The reported step loss is the exact global loss, whatever the split.
     assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=REL_TOL)
     assert got["metrics"]["num_tokens"] == ref["metrics"]["num_tokens"]
+
+
+def test_unfused_logprobs_under_tp2_sp_equal_the_fused_single_rank_step(reference, workdir):
+    """loss.fused_logprobs=false (the output layer's logits, then vocab_parallel_log_probs) under
+    TP=2 + SP gives the log-probs, loss and gradients of the default fused single-rank step: the
+    fused path's hidden gradient, completed by Megatron's SP reduce-scatter, and its weight
+    gradient are the output layer's. Same float32 tolerance (REL_TOL) as the layouts above."""
+    weights, get_ref = reference
+    ref = get_ref("seq_mean_token_mean")
+    got = _run(2, workdir / "tp2_sp_unfused.pt", "--tp", "2", "--unfused", "--log-probs", "--weights", str(weights))
+    errors = _rel_errors(got["grads"], ref["grads"])
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < REL_TOL, f"unfused tp2_sp: {worst} rel err {errors[worst]:.2e}"
+    assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=REL_TOL)
+    got_lp, ref_lp = torch.cat(got["log_probs"]), torch.cat(ref["log_probs"])
+    assert got_lp.shape == ref_lp.shape and float(ref_lp.abs().max()) > 1.0  # guard: real log-probs
+    torch.testing.assert_close(got_lp, ref_lp, rtol=REL_TOL, atol=REL_TOL)  # float32 sum orders only
 
 
 @pytest.mark.parametrize(

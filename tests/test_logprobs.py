@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sapo_megatron.logprobs import vocab_parallel_log_probs
+from sapo_megatron.logprobs import fused_vocab_parallel_log_probs, vocab_parallel_log_probs
 from tests.dist import logprobs_worker as worker
 from tests.launch import torchrun
 
@@ -199,3 +199,148 @@ def test_bad_inputs_raise_value_error_naming_the_input(kwargs, targets, name):
 def test_integer_logits_rejected():
     with pytest.raises(ValueError, match="logits"):
         vocab_parallel_log_probs(torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+# --- fused_vocab_parallel_log_probs: from hidden states and the output weight ------------------
+#
+# Reference: float64 log-softmax of hidden64 @ weight64^T from the SAME (possibly bf16-rounded)
+# inputs; gradients wrt hidden (summed over TP shards) and weight (each rank's shard).
+# Tolerances:
+# * float32: logits are H=8-term dot products (|x| <~ 10) computed in float32, then the same
+#   float32 statistics as above: errors ~1e-6; VALUE_TOL / GRAD_TOL's 2e-5 hold with room. The
+#   hidden gradient sums V=48 terms (grad_x_j * w_j): still ~1e-6.
+# * bf16: the fused path's logits block is bf16, as the output layer's would be: each logit is
+#   rounded once (|error| <= |x| 2^-9), so log-prob and entropy move by at most
+#   2 max|x| 2^-9 / T (the target logit and the lse each shift by <= max|x| 2^-9 / T): the bound
+#   is computed from the data below, times 1.5. The gradients are formed in float32, rounded to
+#   bf16 once for each GEMM and once at the end: a few 2^-9 relative per element, so they are
+#   compared in norm, ||got - ref|| / ||ref|| <= 3e-2 (~8x the 2^-9 bound times 2 roundings,
+#   since GEMM sums of rounded terms do not cancel errors exactly). A missing shard, a missing
+#   1/T or a wrong sign moves these by >= 0.1 (the guard test below measures one).
+
+FUSED_GRAD_REL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def fused_reference(hidden, weight, targets, g_logp, g_ent, *, mode, temperature):
+    """float64 log-probs, entropy, d loss / d hidden and d loss / d weight."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    logp_NV = torch.log_softmax(h @ w.T / temperature, -1)
+    logp = logp_NV.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_NV.exp() * logp_NV).sum(-1)
+    loss = (logp * g_logp.double()).sum() + ((ent * g_ent.double()).sum() if mode == "both" else 0)
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w))
+    return logp.detach(), ent.detach(), grad_h, grad_w
+
+
+def _value_tol(hidden, weight, dtype, temperature):
+    if dtype == torch.float32:
+        return VALUE_TOL
+    bound = 2 * float((hidden.double() @ weight.double().T).abs().max()) * 2.0**-9 / temperature
+    return dict(rtol=0, atol=1.5 * bound)  # one bf16 rounding per logit, see the comment above
+
+
+def _rel(got, ref):
+    return float((got.double() - ref).norm() / ref.norm())
+
+
+def _check_fused(got_logp, got_ent, grad_h, grad_w, ref, dtype, tol, *, shard=slice(None)):
+    ref_logp, ref_ent, ref_h, ref_w = ref
+    torch.testing.assert_close(got_logp.double(), ref_logp, **tol)  # tolerance: _value_tol
+    if got_ent is not None:
+        torch.testing.assert_close(got_ent.double(), ref_ent, **tol)  # tolerance: _value_tol
+    assert grad_h.dtype == grad_w.dtype == dtype
+    assert _rel(grad_h, ref_h) <= FUSED_GRAD_REL[dtype]  # tolerance: FUSED_GRAD_REL's comment
+    assert _rel(grad_w, ref_w[shard]) <= FUSED_GRAD_REL[dtype]
+
+
+@pytest.mark.parametrize("dtype,temperature,chunk,mode", list(itertools.product(
+    worker.DTYPES, worker.TEMPERATURES, (None, 4, 1, 100), ("logp", "both"))))
+def test_fused_single_rank_matches_float64_reference(dtype, temperature, chunk, mode):
+    hidden, weight, targets, g_logp, g_ent = worker.make_fused_inputs(3, dtype)
+    logp, ent, grad_h, grad_w = worker.run_fused_case(hidden, weight, targets, g_logp, g_ent, mode=mode,
+                                                      temperature=temperature, chunk_size=chunk, tp_group=None)
+    assert logp.dtype == torch.float32 and logp.shape == targets.shape
+    assert grad_h.shape == hidden.shape and grad_w.shape == weight.shape
+    ref = fused_reference(hidden, weight, targets, g_logp, g_ent, mode=mode, temperature=temperature)
+    _check_fused(logp, ent, grad_h, grad_w, ref, dtype, _value_tol(hidden, weight, dtype, temperature))
+
+
+def test_fused_equals_unfused_path_in_float32():
+    """Same numbers as the output layer's logits fed to vocab_parallel_log_probs (the trainer's
+    fallback), including the gradients autograd takes through the matmul."""
+    hidden, weight, targets, g_logp, g_ent = worker.make_fused_inputs(5, torch.float32)
+    fused = worker.run_fused_case(hidden, weight, targets, g_logp, g_ent, mode="both", temperature=0.7,
+                                  chunk_size=4, tp_group=None)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, ent = vocab_parallel_log_probs(h @ w.T, targets, temperature=0.7, with_entropy=True)
+    (logp * g_logp + ent * g_ent).sum().backward()
+    for got, want in zip(fused, (logp.detach(), ent.detach(), h.grad, w.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32 both, different sum orders
+
+
+def test_fused_saves_only_its_inputs_and_per_token_statistics():
+    tokens, vocab, width = 64, 512, 16
+    hidden = torch.randn(tokens, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logp, ent = fused_vocab_parallel_log_probs(hidden, weight, targets, with_entropy=True, chunk_size=8)
+    # The inputs themselves (references) and per-token statistics; nothing of [tokens, vocab].
+    inputs = {hidden.data_ptr(), weight.data_ptr()}
+    assert all(t.data_ptr() in inputs or t.numel() <= tokens for t in saved), [tuple(t.shape) for t in saved]
+    assert {t.data_ptr() for t in saved} >= inputs
+    (logp.sum() + ent.sum()).backward()
+
+
+def test_fused_backward_blocks_stay_within_one_forward_chunk():
+    from sapo_megatron.logprobs.fused import block_shape
+
+    for rows, vocab, elems in ((8192, 151936, 2**24), (15, 48, 4 * 48), (3, 10**6, 2**24), (10**6, 7, 70)):
+        t, v = block_shape(rows, vocab, elems)
+        assert 1 <= t <= rows and 1 <= v <= vocab and t * v <= max(elems, 1)
+    assert block_shape(8192, 151936, 2**24) == (4096, 4096)  # near-square GEMMs at Qwen's vocab
+
+
+def test_fused_frozen_weight_gets_no_gradient_work():
+    hidden, weight, targets, g_logp, _ = worker.make_fused_inputs(1, torch.float32)
+    h = hidden.clone().requires_grad_()
+    logp = fused_vocab_parallel_log_probs(h, weight, targets)  # weight does not require grad
+    (logp * g_logp).sum().backward()
+    ref = fused_reference(hidden, weight, targets, g_logp, g_logp, mode="logp", temperature=1.0)
+    assert weight.grad is None and _rel(h.grad, ref[2]) <= FUSED_GRAD_REL[torch.float32]
+
+
+@pytest.mark.parametrize("args,name", [
+    ((torch.randn(4, 8), torch.randn(16, 7), torch.zeros(4, dtype=torch.long)), "must share H"),
+    ((torch.randn(4, 8), torch.randn(16, 8).double(), torch.zeros(4, dtype=torch.long)), "share dtype"),
+    ((torch.randn(4, 8), torch.randn(16, 8), torch.zeros(5, dtype=torch.long)), "targets has shape"),
+    ((torch.randn(4, 8), torch.randn(16, 8), torch.full((4,), 16)), r"token id 16, expected ids in \[0, 16\)"),
+    ((torch.zeros(4, 8, dtype=torch.long), torch.randn(16, 8), torch.zeros(4, dtype=torch.long)), "hidden must"),
+    ((torch.randn(4, 8), torch.randn(0, 8), torch.zeros(4, dtype=torch.long)), "empty vocab"),
+])
+def test_fused_bad_inputs_name_the_input(args, name):
+    with pytest.raises(ValueError, match=name):
+        fused_vocab_parallel_log_probs(*args)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fused_tensor_parallel_matches_float64_reference(dist_results, tp):
+    width = worker.VOCAB // tp
+    for i, (dtype, temperature, _chunk, mode) in enumerate(worker.FUSED_CASES):
+        hidden, weight, targets, g_logp, g_ent = worker.make_fused_inputs(i, dtype)
+        ref = fused_reference(hidden, weight, targets, g_logp, g_ent, mode=mode, temperature=temperature)
+        tol = _value_tol(hidden, weight, dtype, temperature)
+        for group_start in range(0, 4, tp):
+            ranks = range(group_start, group_start + tp)
+            # Megatron's input mapping all-reduces the hidden gradient over TP: sum the partials.
+            grad_h = sum(dist_results[r][("fused", tp, i)][2].double() for r in ranks)
+            for r in ranks:
+                logp, ent, partial_h, grad_w = dist_results[r][("fused", tp, i)]
+                shard = slice((r - group_start) * width, (r - group_start + 1) * width)
+                _check_fused(logp, ent, grad_h.to(dtype), grad_w, ref, dtype, tol, shard=shard)
+                # Guard: one shard's partial alone is far off, so the sum above is what passes.
+                assert _rel(partial_h, ref[2]) > 10 * FUSED_GRAD_REL[dtype]

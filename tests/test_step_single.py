@@ -106,3 +106,65 @@ def test_missing_weights_is_a_clear_error(single_rank_parallel):
     mb = collate_padded(synthetic_samples(2, vocab_size=MODEL.vocab_size, seed=1))
     with pytest.raises(ValueError, match="assign_step_weights"):
         run_step(chunks, [mb], PolicyLossSpec(), forward_only=True)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
+def test_fused_logprobs_equal_the_unfused_step(single_rank_parallel, tied):
+    """loss.fused_logprobs (default) vs false: same old log-probs, loss and every parameter's
+    gradient, through Megatron's schedule and DDP; tied embeddings add both uses of the
+    embedding weight. Both paths are float32 end to end and differ only in summation order
+    (chunked GEMMs vs one), ~1e-7 relative; 1e-5 leaves room and is far below a wrong term
+    (the guard below: a perturbed output weight moves the log-probs by far more)."""
+    model = dataclasses.replace(MODEL, tie_word_embeddings=tied)
+    chunks = build_model_chunks(model, ParallelConfig())
+    start = {n: p.detach().clone() for n, p in unwrap(chunks[0]).named_parameters()}
+    samples = synthetic_samples(5, vocab_size=model.vocab_size, seed=6, max_length=11)
+    mbs = [collate_padded(samples[:2], min_length=11), collate_padded(samples[2:], min_length=11)]
+    mbs = assign_step_weights(mbs, "seq_mean_token_mean")
+    runs = {}
+    for fused in (True, False):
+        for n, p in unwrap(chunks[0]).named_parameters():
+            p.data.copy_(start[n])
+        rows = collect_log_probs(chunks, mbs, temperature=0.8, chunk_size=3, fused=fused)
+        spec = PolicyLossSpec(temperature=0.8, logprob_chunk_size=3, fused_logprobs=fused)
+        metrics = run_step(chunks, mbs, spec)
+        grads = {n: p.main_grad.detach().clone() for n, p in unwrap(chunks[0]).named_parameters()}
+        runs[fused] = rows, metrics, grads
+    (rows_f, m_f, g_f), (rows_u, m_u, g_u) = runs[True], runs[False]
+    for a, b in zip(rows_f, rows_u):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert m_f["loss"] == pytest.approx(m_u["loss"], rel=1e-5)
+    assert (unwrap(chunks[0]).output_layer.weight is None) == tied
+    for name, g in g_u.items():
+        assert float(g.norm()) > 0, f"guard: {name} got no gradient"
+        err = float((g_f[name] - g).norm() / g.norm())
+        assert err < 1e-5, f"{name}: fused vs unfused relative gradient error {err:.2e}"
+    from sapo_megatron.mcore.output_layer import output_weight
+
+    for n, p in unwrap(chunks[0]).named_parameters():
+        p.data.copy_(start[n])
+    output_weight(chunks[0]).data.add_(0.5 * torch.randn_like(output_weight(chunks[0])))
+    moved = collect_log_probs(chunks, mbs, temperature=0.8, chunk_size=3, fused=True)
+    assert max(float((a - b).abs().max()) for a, b in zip(moved, rows_u)) > 1e-2  # guard: it reads the weight
+
+
+def test_fused_logprobs_bypass_the_output_layer(single_rank_parallel, monkeypatch):
+    """The fused path never runs the output layer's matmul (so no [T, V] logits exist), still
+    runs the layer's forward pre-hooks (DDP's all-gather wait under overlap_param_gather), and
+    leaves the layer as it found it."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    chunks, _ = _models()
+    layer = unwrap(chunks[0]).output_layer
+    calls = []
+    original = ColumnParallelLinear._forward_impl
+    monkeypatch.setattr(ColumnParallelLinear, "_forward_impl",
+                        lambda self, *a, **k: calls.append(self) or original(self, *a, **k))
+    pre_hooks = []
+    layer.register_forward_pre_hook(lambda module, args: pre_hooks.append(module))
+    mbs = [collate_padded(synthetic_samples(2, vocab_size=MODEL.vocab_size, seed=2))]
+    collect_log_probs(chunks, mbs, fused=True)
+    assert layer not in calls and pre_hooks == [layer]
+    collect_log_probs(chunks, mbs, fused=False)
+    assert layer in calls  # guard: the hook does see the unfused path's matmul
+    assert "forward" not in vars(layer)  # the instance patch (0.16) is undone

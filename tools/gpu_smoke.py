@@ -19,7 +19,9 @@ Stages, each in its own process (a failure is reported, the next stage still run
    128 experts) on one GPU: the allocator's peak after the build, and over two training steps
    of one 4096-token sample with the distributed optimizer (what the planner predicts).
 6. ``bench``: ``benchmarks/bench_logprobs.py`` at vocab 151936 x 8192 tokens in bf16 against
-   the HBM floor (bytes it must move / 4.0 TB/s).
+   the HBM floor (bytes it must move / 4.0 TB/s), and the fused output-layer log-probs
+   (``loss.fused_logprobs``) against the unfused path at Qwen3-235B-A22B's hidden size 4096
+   in bf16: peak extra memory, forward-only and forward + backward speed ratios.
 
 The run passes only when every stage does: finite losses and grad norms in the RL steps, the
 parity checks, the resume, TE's build (or ``--device cpu``).
@@ -452,25 +454,28 @@ def resume_check(args, full_losses) -> dict:
 
 def bench(args) -> dict:
     if args.device == "cpu":
-        size = ["--vocab", "1024", "--tokens", "64", "--repeats", "1"]
+        size = ["--vocab", "1024", "--tokens", "64", "--repeats", "1", "--hidden", "32"]
     else:
-        size = ["--vocab", "151936", "--tokens", "8192", "--repeats", "3", "--device", "cuda"]
-    cmd = [sys.executable, str(BENCH), *size, "--dtype", "bfloat16"]
+        size = ["--vocab", "151936", "--tokens", "8192", "--repeats", "3", "--device", "cuda", "--hidden", "4096"]
+    cmd = [sys.executable, str(BENCH), *size, "--dtype", "bfloat16", "--mode", "both"]
     t0 = time.perf_counter()
     code, text = _run(cmd, args.deadline.cap(STAGE_BUDGET_S["bench"]), Path(args.out) / "bench.log")
     last = [line for line in text.splitlines() if line.startswith("peak_mem_ratio=")]
+    fused = [line for line in text.splitlines() if line.startswith("fused_mem_ratio=")]
     result = {"seconds": round(time.perf_counter() - t0, 1)}
-    if code or not last:
+    if code or not last or not fused:
         result["error"] = f"exit {code}"
         return result
-    result.update({k: float(v) for k, v in (item.split("=") for item in last[-1].split())})
+    for line in (last[-1], fused[-1]):
+        result.update({k: float(v) for k, v in (item.split("=") for item in line.split())})
     return result
 
 
 # Seconds each stage may take at most; they add up to less than the default --limit less the
 # summary's reserve, and each is also cut to what is left of --limit. On an H200
-# (docs/performance.md) the stages took 19, 26, 16, 49, 20 and 13 s.
-STAGE_BUDGET_S = {"build": 60, "rl": 110, "cpu-reference": 80, "resume": 120, "memory": 80, "bench": 60}
+# (docs/performance.md) the stages took 19, 26, 16, 49, 20 and 13 s; the bench has since gained
+# the fused vs unfused comparison (two more subprocesses), hence its larger share.
+STAGE_BUDGET_S = {"build": 60, "rl": 110, "cpu-reference": 80, "resume": 120, "memory": 80, "bench": 74}
 DEFAULT_LIMIT_S = 540.0
 
 
@@ -511,6 +516,9 @@ def summary(results: dict, total_s: float) -> str:
         "hbm_floor_ms": _fmt(bn.get("hbm_floor_ms")),
         "floor_ratio": _fmt(bn.get("floor_ratio")),
         "bench_speed_vs_naive": _fmt(bn.get("speed_ratio")),
+        "fused_mem_ratio": _fmt(bn.get("fused_mem_ratio")),
+        "fused_fwd_speed_ratio": _fmt(bn.get("fused_fwd_speed_ratio")),
+        "fused_speed_ratio": _fmt(bn.get("fused_speed_ratio")),
         "total_s": f"{total_s:.0f}",
     }
     ok = passed(results, "cpu" if results["device"] == "cpu" else "cuda")

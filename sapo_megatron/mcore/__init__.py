@@ -21,6 +21,11 @@ message naming both).
   upstream's process-global instance list. Why: per-model replay (policy and reference model),
   per-token fallback and agreement metrics; the controller logic is ours, in
   :mod:`sapo_megatron.routing.replay`.
+- :mod:`.output_layer` - fused log-probs: the last stage returns the output layer's input (as
+  the layer would prepare it: SP all-gather or TP copy) instead of logits, through 0.19's
+  ``GPTModel.forward(output_processor=...)``, or on 0.16, which has no such hook, by replacing
+  the output layer instance's ``forward`` for one call. Why: the ``[T, V/TP]`` logits and their
+  gradient are the largest transient of an RL step at long context.
 - :mod:`.te_names` - Transformer Engine parameter-name aliases: TE's fused-norm names
   (``linear_qkv.layer_norm_weight``) and grouped-GEMM expert names (``experts.linear_fc1.weight<e>``)
   mapped to the local spec's, our canonical names. Why: one checkpoint table and one sharding

@@ -71,7 +71,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# sapo_megatron.logprobs._DEFAULT_CHUNK_BYTES: the float32 workspace when no chunk size is set.
+# sapo_megatron.logprobs.DEFAULT_CHUNK_BYTES: the float32 workspace when no chunk size is set.
 DEFAULT_LOGPROB_CHUNK_BYTES = 64 * 2**20
 
 

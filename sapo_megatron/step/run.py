@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from sapo_megatron.collectives import all_reduce_dict, all_reduce_tensor, all_reduce_values
-from sapo_megatron.logprobs import vocab_parallel_log_probs
+from sapo_megatron.logprobs import fused_vocab_parallel_log_probs, vocab_parallel_log_probs
 from sapo_megatron.losses import (
     POLICY_LOSSES,
     REDUCTIONS,
@@ -79,8 +79,12 @@ class PolicyLossSpec(PolicyLossConfig):
     type: str = "sapo"  # a name in sapo_megatron.losses.POLICY_LOSSES
     reduction: str = "seq_mean_token_mean"  # a name in sapo_megatron.losses.REDUCTIONS
     temperature: float = 1.0
-    # Rows per float32 chunk in the vocab-parallel log-softmax (None: the module's default).
+    # Tokens (rows) per float32 chunk of the log-softmax (None: the module's ~64 MB default).
     logprob_chunk_size: int | None = None
+    # Log-probs straight from the output layer's input and weight, never materialising the
+    # logits (sapo_megatron.logprobs.fused); false: the output layer's logits, then
+    # vocab_parallel_log_probs. Every pass: old log-probs, reference, update.
+    fused_logprobs: bool = True
     # Dr.GRPO's constant for seq_mean_token_sum_norm; None = longest sample of the step.
     norm_length: int | None = None
 
@@ -92,6 +96,8 @@ class PolicyLossSpec(PolicyLossConfig):
                 raise ValueError(f"loss.{name} must be one of {sorted(registry)}, got {getattr(self, name)!r}")
         if not self.temperature > 0:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.fused_logprobs, bool):
+            raise ValueError(f"loss.fused_logprobs must be true or false, got {self.fused_logprobs!r}")
         for name in ("logprob_chunk_size", "norm_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -169,14 +175,26 @@ def assign_step_weights(
     return out
 
 
-def loss_func(mb: Microbatch, spec: PolicyLossSpec, output_tensor: torch.Tensor):
-    """Loss on the last pipeline stage; the 3-tuple contract of ``calculate_per_token_loss``."""
+def token_log_probs(output_tensor, labels, *, output_weight=None, **kwargs):
+    """Log-probs (and entropy) of ``labels`` from the model's output: ``[B, S, V/TP]`` logits,
+    or ``[B, S, H]`` hidden states when ``output_weight`` (the output layer's shard) is given."""
+    if output_weight is not None:
+        return fused_vocab_parallel_log_probs(output_tensor, output_weight, labels, tp_group=tp_group_or_none(),
+                                              **kwargs)
+    return vocab_parallel_log_probs(output_tensor, labels, tp_group=tp_group_or_none(), **kwargs)
+
+
+def loss_func(mb: Microbatch, spec: PolicyLossSpec, output_tensor: torch.Tensor, *, output_weight=None):
+    """Loss on the last pipeline stage; the 3-tuple contract of ``calculate_per_token_loss``.
+
+    ``output_tensor`` is the logits, or the output layer's input when ``output_weight`` is given
+    (the fused path, :func:`model_forward`)."""
     if mb.token_weights is None or mb.step_num_tokens is None:
         raise ValueError("microbatch has no step weights: call assign_step_weights first")
-    log_probs, entropy = vocab_parallel_log_probs(
+    log_probs, entropy = token_log_probs(
         output_tensor,
         mb.labels,
-        tp_group=tp_group_or_none(),
+        output_weight=output_weight,
         temperature=spec.temperature,
         with_entropy=True,
         chunk_size=spec.logprob_chunk_size,
@@ -236,12 +254,14 @@ def _uses_routing_statistics(config) -> bool:
     )
 
 
-def model_forward(model, mb: Microbatch):
+def model_forward(model, mb: Microbatch, *, fused: bool = False):
     """The model call shared by the training and the log-prob passes.
 
     Routes to replay are handed to the routers right here, just before this microbatch's
     forward (several microbatches are in flight under pipeline 1F1B). Padding is excluded
-    from MoE load-balancing statistics when those are in use.
+    from MoE load-balancing statistics when those are in use. ``fused``: the stage holding the
+    output layer returns that layer's input ``[B, S, H]`` instead of logits
+    (:mod:`sapo_megatron.mcore.output_layer`); pair it with :func:`fused_output_weight`.
     """
     from sapo_megatron.routing.replay import routing_replay_of
 
@@ -251,7 +271,21 @@ def model_forward(model, mb: Microbatch):
     kwargs = {"packed_seq_params": mb.packed_seq_params}
     if mb.padding_mask is not None and _uses_routing_statistics(unwrap(model).config):
         kwargs["padding_mask"] = mb.padding_mask
+    if fused:
+        from sapo_megatron.mcore.output_layer import forward_hidden
+
+        return forward_hidden(model, mb.tokens, mb.position_ids, _attention_mask(model, mb), **kwargs)
     return model(mb.tokens, mb.position_ids, _attention_mask(model, mb), **kwargs)
+
+
+def fused_output_weight(model, fused: bool):
+    """The output weight shard the fused log-probs multiply, on the stage holding the output
+    layer; None elsewhere or unfused (the loss then reads logits)."""
+    if not fused or not getattr(unwrap(model), "post_process", False):
+        return None
+    from sapo_megatron.mcore.output_layer import output_weight
+
+    return output_weight(model)
 
 
 _ATTENTION_KIND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -294,7 +328,9 @@ def _attention_mask(model, mb: Microbatch):
 def forward_step(spec: PolicyLossSpec, data_iterator, model):
     """One microbatch forward; returns the output and the loss closure (Megatron's contract)."""
     mb = prepare_microbatch(next(data_iterator), model)
-    return model_forward(model, mb), partial(loss_func, mb, spec)
+    fused = spec.fused_logprobs
+    output = model_forward(model, mb, fused=fused)
+    return output, partial(loss_func, mb, spec, output_weight=fused_output_weight(model, fused))
 
 
 def make_forward_step(spec: PolicyLossSpec):
@@ -415,13 +451,9 @@ def run_step(
     return metrics
 
 
-def _log_prob_loss_func(mb: Microbatch, temperature: float, chunk_size, output_tensor):
-    log_probs = vocab_parallel_log_probs(
-        output_tensor,
-        mb.labels,
-        tp_group=tp_group_or_none(),
-        temperature=temperature,
-        chunk_size=chunk_size,
+def _log_prob_loss_func(mb: Microbatch, temperature: float, chunk_size, output_tensor, *, output_weight=None):
+    log_probs = token_log_probs(
+        output_tensor, mb.labels, output_weight=output_weight, temperature=temperature, chunk_size=chunk_size
     )
     per_sample = per_sample_view(log_probs.detach(), mb.sample_index)
     if context_parallel_rank_size()[1] > 1:
@@ -434,9 +466,11 @@ def _log_prob_loss_func(mb: Microbatch, temperature: float, chunk_size, output_t
     return torch.zeros((), device=output_tensor.device), torch.zeros((), dtype=torch.int), {"log_probs": rows}
 
 
-def _log_prob_forward_step(temperature, chunk_size, data_iterator, model):
+def _log_prob_forward_step(temperature, chunk_size, fused, data_iterator, model):
     mb = prepare_microbatch(next(data_iterator), model)
-    return model_forward(model, mb), partial(_log_prob_loss_func, mb, temperature, chunk_size)
+    output = model_forward(model, mb, fused=fused)
+    return output, partial(_log_prob_loss_func, mb, temperature, chunk_size,
+                           output_weight=fused_output_weight(model, fused))
 
 
 @torch.no_grad()
@@ -446,16 +480,18 @@ def collect_log_probs(
     *,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    fused: bool = True,
 ) -> list[torch.Tensor]:
     """Per-sample target log-probs (``[L-1]`` each, in microbatch order) on every PP rank.
 
     This is the old-policy (or reference) pass of an RL step: a forward-only schedule whose
-    loss function returns log-probs instead of a loss.
+    loss function returns log-probs instead of a loss. ``fused`` (the default, as
+    ``loss.fused_logprobs``): from the output layer's input, never materialising the logits.
     """
     from megatron.core import parallel_state
 
     outputs = run_schedule(
-        model_chunks, microbatches, partial(_log_prob_forward_step, temperature, chunk_size), forward_only=True
+        model_chunks, microbatches, partial(_log_prob_forward_step, temperature, chunk_size, fused), forward_only=True
     )
     rows = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):

@@ -26,6 +26,7 @@ from sapo_megatron.step import (  # noqa: E402
     build_model_chunks,
     collate_packed,
     collate_padded,
+    collect_log_probs,
     run_step,
 )
 from sapo_megatron.step.batch import packed_row_length  # noqa: E402
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--layout", choices=["padded", "packed"], default="padded")
     ap.add_argument("--weights", help="full weights to load (parallel runs)")
     ap.add_argument("--save-weights", help="where the reference run saves its full weights")
+    ap.add_argument("--unfused", action="store_true", help="loss.fused_logprobs=false: logits, then log-probs")
+    ap.add_argument("--log-probs", action="store_true", help="also save a forward-only log-prob pass")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -99,13 +102,17 @@ def main() -> None:
         tau_pos=1.0,
         tau_neg=1.05,
         logprob_chunk_size=5,
+        fused_logprobs=not args.unfused,
     )
+    log_probs = None
+    if args.log_probs:
+        log_probs = collect_log_probs(chunks, microbatches, chunk_size=5, fused=not args.unfused)
     metrics = run_step(chunks, microbatches, spec)
 
     grads = {n: p.main_grad.detach() for n, p in unwrap(model).named_parameters()}
     full_grads = merge_over_ranks(gather_full(model, grads))
     if dist.get_rank() == 0:
-        torch.save({"grads": full_grads, "metrics": metrics}, args.out)
+        torch.save({"grads": full_grads, "metrics": metrics, "log_probs": log_probs}, args.out)
     destroy()
 
 

@@ -65,16 +65,26 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["vocab_parallel_log_probs"]
+from sapo_megatron.logprobs.maths import (
+    DEFAULT_CHUNK_BYTES,
+    check_options,
+    check_target_range,
+    check_targets,
+    chunk_grad,
+    chunk_stats,
+    combine_stats,
+    grad_coefficients,
+    local_targets,
+    new_stats,
+)
 
-# Default float32 workspace per chunk, in bytes (see the module docstring).
-_DEFAULT_CHUNK_BYTES = 64 * 2**20
+__all__ = ["vocab_parallel_log_probs"]
 
 
 def _rows_per_chunk(chunk_size: int | None, vocab_local: int) -> int:
     if chunk_size is not None:
         return chunk_size
-    return max(1, _DEFAULT_CHUNK_BYTES // (4 * vocab_local))
+    return max(1, DEFAULT_CHUNK_BYTES // (4 * vocab_local))
 
 
 def _row_split(x: torch.Tensor) -> int:
@@ -117,43 +127,21 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         rows = targets.numel()
         split = _row_split(logits) if rows else 0
         rank = dist.get_rank(tp_group) if tp_group is not None else 0
-        col_N1, here_N = _local_targets(targets.reshape(-1), rank * vocab_local, vocab_local)
+        col_N1, here_N = local_targets(targets.reshape(-1), rank * vocab_local, vocab_local)
         inv_t = 1.0 / temperature
 
         # Per-row local statistics, relative to the local row max of the raw logits.
-        max_N = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        stats_KN = torch.empty(3 if with_entropy else 2, rows, dtype=torch.float32, device=logits.device)
-        sumexp_N, target_N = stats_KN[0], stats_KN[1]
+        max_N, stats_KN = new_stats(rows, with_entropy, logits.device)
         work = torch.empty(min(rows_per_chunk, rows) * vocab_local, dtype=torch.float32, device=logits.device)
         for lo, x_CV in (_row_chunks(logits, split, rows_per_chunk) if rows else ()):
             hi = lo + x_CV.shape[0]
             e_CV = work[: (hi - lo) * vocab_local].view(hi - lo, vocab_local)
-            m_C1 = x_CV.amax(-1, keepdim=True).float()
-            max_N[lo:hi] = m_C1.squeeze(-1)
-            torch.add(m_C1.mul(-inv_t), x_CV, alpha=inv_t, out=e_CV)  # (x - m) / T, fp32
-            e_CV.exp_()
-            torch.sum(e_CV, -1, out=sumexp_N[lo:hi])
-            if with_entropy:
-                torch.sum(e_CV.mul_(x_CV), -1, out=stats_KN[2, lo:hi])  # sum exp * x
-            target_N[lo:hi] = x_CV.gather(-1, col_N1[lo:hi]).squeeze(-1).float()
+            chunk_stats(x_CV, e_CV, col_N1[lo:hi], inv_t, max_N[lo:hi], stats_KN[:, lo:hi])
         del work
-        target_N.mul_(here_N)
+        lse_N, logp_N, mean_z_N = combine_stats(max_N, stats_KN, here_N, inv_t, tp_group)
 
-        if tp_group is not None:
-            local_max_N = max_N.clone()
-            dist.all_reduce(max_N, op=dist.ReduceOp.MAX, group=tp_group)
-            rescale_N = torch.sub(local_max_N, max_N).mul_(inv_t).exp_()
-            stats_KN[0].mul_(rescale_N)
-            if with_entropy:
-                stats_KN[2].mul_(rescale_N)
-            dist.all_reduce(stats_KN, op=dist.ReduceOp.SUM, group=tp_group)
-
-        lse_N = sumexp_N.log().add_(max_N, alpha=inv_t)
-        logp_N = target_N.mul(inv_t).sub_(lse_N)
         outputs = [logp_N.view(targets.shape)]
-        mean_z_N = None
         if with_entropy:
-            mean_z_N = stats_KN[2].div(sumexp_N).mul_(inv_t)  # E_p[z]
             outputs.append(lse_N.sub(mean_z_N).view(targets.shape))
             ctx.save_for_backward(logits, targets, lse_N, mean_z_N)
         else:
@@ -174,19 +162,10 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         rows_per_chunk = ctx.rows_per_chunk
         device = logits.device
 
-        # d/dx_j = ( g_lp * onehot_j - p_j * (g_lp + g_H * (z_j - E)) ) / T
-        #        = onehot_j * g_lp / T + p_j * (b + a * x_j),  a = -g_H / T^2, b = -(g_lp - g_H E) / T
-        g_lp_N = grad_logp.reshape(-1).float() if grad_logp is not None else None
-        g_h_N = grad_ent.reshape(-1).float() if grad_ent is not None else None
-        b_N1 = torch.zeros(rows, dtype=torch.float32, device=device) if g_lp_N is None else -inv_t * g_lp_N
-        a_N1 = None
-        if g_h_N is not None:
-            b_N1 = b_N1 + (inv_t * g_h_N) * mean_z_N
-            a_N1 = (-inv_t * inv_t * g_h_N).unsqueeze(-1)
-        b_N1 = b_N1.unsqueeze(-1)
-        if g_lp_N is not None:
-            col_N1, here_N = _local_targets(targets.reshape(-1), ctx.rank * vocab_local, vocab_local)
-            onehot_N1 = (g_lp_N * inv_t).mul_(here_N).unsqueeze(-1)
+        a_N1, b_N1, onehot_N = grad_coefficients(grad_logp, grad_ent, mean_z_N, inv_t, rows, device)
+        if onehot_N is not None:
+            col_N1, here_N = local_targets(targets.reshape(-1), ctx.rank * vocab_local, vocab_local)
+            onehot_N1 = onehot_N.mul_(here_N).unsqueeze(-1)
         neg_lse_N1 = lse_N.neg().unsqueeze(-1)
 
         # Same strides as the logits where they are dense, so the same row split views it.
@@ -204,14 +183,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             n = (hi - lo) * vocab_local
             p_CV = work[:n].view(hi - lo, vocab_local)
             w_CV = grad_CV if fp32_grad else work[half:half + n].view(hi - lo, vocab_local)
-            torch.add(neg_lse_N1[lo:hi], x_CV, alpha=inv_t, out=p_CV)
-            p_CV.exp_()
-            if a_N1 is None:
-                torch.mul(p_CV, b_N1[lo:hi], out=w_CV)
-            else:
-                torch.addcmul(b_N1[lo:hi], x_CV, a_N1[lo:hi], out=w_CV)
-                w_CV.mul_(p_CV)
-            if g_lp_N is not None:
+            a_C1 = a_N1[lo:hi] if a_N1 is not None else None
+            chunk_grad(x_CV, p_CV, w_CV, neg_lse_N1[lo:hi], a_C1, b_N1[lo:hi], inv_t)
+            if onehot_N is not None:
                 w_CV.scatter_add_(-1, col_N1[lo:hi], onehot_N1[lo:hi])
             if not fp32_grad:
                 grad_CV.copy_(w_CV)
@@ -237,26 +211,9 @@ def vocab_parallel_log_probs(logits, targets, *, tp_group=None, temperature=1.0,
                          f"{getattr(logits, 'dtype', '')} {tuple(getattr(logits, 'shape', ()))}")
     if logits.shape[-1] == 0:
         raise ValueError(f"logits has an empty vocab dim: shape {tuple(logits.shape)}")
-    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.is_complex() \
-            or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be an integer tensor of token ids, got {getattr(targets, 'dtype', type(targets))}")
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected logits.shape[:-1] = "
-                         f"{tuple(logits.shape[:-1])}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
-    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    vocab = logits.shape[-1] * tp_size
-    if targets.numel() > 0:
-        lo, hi = torch.aminmax(targets)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"targets contains token id {bad}, expected ids in [0, {vocab}) "
-                             f"(global vocab = local vocab {logits.shape[-1]} x TP size {tp_size})")
+    check_targets(targets, logits.shape[:-1], "logits.shape[:-1]")
+    check_options(temperature, chunk_size, "rows")
+    check_target_range(targets, logits.shape[-1], tp_group)
     rows_per_chunk = _rows_per_chunk(chunk_size, logits.shape[-1])
     return _VocabParallelLogProbs.apply(logits, targets.long(), tp_group, float(temperature), with_entropy,
                                         rows_per_chunk)
