@@ -7,8 +7,12 @@ are :data:`REFUSALS`, each shown on one representative combination). The cover i
 deterministic: among all allowed combinations (the full product, minus the refused ones), take
 the one that covers the most pairs not yet covered, the cheapest on a tie (:func:`cost`), the
 first in product order after that; repeat until every pair is covered. A greedy cover is not the
-smallest possible in general (finding that is NP-hard), but here it is within one run of it: the
-6 layouts that run, each with the 3 routing modes, need 18 distinct runs; greedy takes 19.
+smallest possible in general (finding that is NP-hard): the 6 layouts that run on CPU, each with
+the 3 routing modes (or each with the 3 engine values), need 18 distinct runs; greedy takes 23.
+The features that landed after the first matrix (delta weight sync as the engine value
+``sglang_delta``, ``loss.fused_logprobs``, partial rollouts, multi-turn episodes) took it from 19
+to 23: partial rollouts only run on SGLang at staleness 1 without dynamic sampling or several
+turns, and multi-turn episodes not on SGLang at staleness 1, so their pairs fill fewer rows.
 
     python -m tests.matrix          # the runs, the refusals and the pairs no run can hold
 
@@ -25,7 +29,9 @@ from typing import Callable
 
 # Factor -> values, in a fixed order (the product order the cover breaks ties by).
 FACTORS: dict[str, tuple] = {
-    "engine": ("embedded", "sglang"),  # sglang: tests/sglang_mock.py, disk weight sync
+    # sglang: tests/sglang_mock.py, disk weight sync; sglang_delta: the same with delta pushes
+    # (rollout.sglang.delta, the mock running sapo_sglang.delta_loader as its custom loader).
+    "engine": ("embedded", "sglang", "sglang_delta"),
     # 2 ranks: DP, TP (+SP), PP, EP (spanning both DP replicas); 4 ranks: EP across DP replicas
     # of TP=2, EP=2 over 4 DP replicas (expert data parallelism 2), and context parallelism
     # beside TP and beside EP.
@@ -38,6 +44,12 @@ FACTORS: dict[str, tuple] = {
     "dist_opt": ("off", "on"),
     "recompute": ("none", "full", "selective"),
     "cold_start": (0, 2),
+    "fused": ("on", "off"),  # loss.fused_logprobs (on: the default)
+    "partial": ("off", "on"),  # rollout.partial (in_place pauses, partial_offpolicy tis)
+    # rollout.max_turns: 1 is the arithmetic task; 3 the calculator's episodes, where every
+    # wrong answer gets an observation and another turn (retry_on_wrong), so a random policy
+    # plays 3-turn episodes with environment tokens.
+    "turns": (1, 3),
 }
 
 # parallel value -> (world size, parallel.* sizes)
@@ -66,6 +78,7 @@ MICRO_BATCH = 4
 # Tokens per microbatch: a sample holds 5 to 8 (a prompt of 4, a response of 1 to 4), a DP rank's
 # share at DP=4 at least 4 x 5 = 20, so every share needs 2 microbatches or more.
 TOKEN_BUDGET = 16
+TOKEN_BUDGET_TURNS = 32  # multi-turn episodes (token_budget)
 MAX_ROUNDS = 3  # dynamic sampling
 
 
@@ -111,6 +124,10 @@ def _ep(row: dict) -> bool:
     return _sizes(row).get("expert_model_parallel_size", 1) > 1
 
 
+def _sglang(row: dict) -> bool:
+    return row["engine"] != "embedded"
+
+
 REFUSALS: tuple[Refusal, ...] = (
     Refusal("cp-without-te", lambda r: _cp(r) and not transformer_engine(),
             ("parallel.context_parallel_size",),
@@ -122,7 +139,7 @@ REFUSALS: tuple[Refusal, ...] = (
             ("routing.mode=R2", "parallel.context_parallel_size"),
             "R2 records routes of the whole sequence, which CP splits over ranks"),
     Refusal("sglang-async-dynamic",
-            lambda r: r["engine"] == "sglang" and r["staleness"] > 0 and r["dynamic"] != "off",
+            lambda r: _sglang(r) and r["staleness"] > 0 and r["dynamic"] != "off",
             ("rollout.max_staleness", "rollout.engine=sglang", "rollout.dynamic_sampling"),
             "background generation makes one round per step; dynamic sampling needs several"),
     Refusal("budget-padded-allgather-ep",
@@ -130,6 +147,19 @@ REFUSALS: tuple[Refusal, ...] = (
             ("train.max_tokens_per_microbatch", "train.layout=padded", "parallel.expert_model_parallel_size"),
             "Megatron's allgather token dispatcher (the CPU's; alltoall needs CUDA) needs equal microbatch "
             "shapes on every DP rank, which only the packed layout gives under a token budget"),
+    Refusal("partial-embedded", lambda r: r["partial"] == "on" and r["engine"] == "embedded",
+            ("rollout.partial=true", "rollout.engine"),
+            "partial rollouts keep requests running on SGLang servers across weight updates"),
+    Refusal("partial-sync", lambda r: r["partial"] == "on" and r["staleness"] == 0,
+            ("rollout.partial=true", "rollout.max_staleness"),
+            "partial rollouts train tokens of earlier policy versions: they need max_staleness >= 1"),
+    Refusal("partial-dynamic", lambda r: r["partial"] == "on" and r["dynamic"] != "off",
+            ("rollout.partial=true", "rollout.dynamic_sampling"),
+            "the pool takes whichever groups finish first; dynamic sampling's extra rounds do not fit it"),
+    Refusal("multiturn-sglang-async",
+            lambda r: r["turns"] > 1 and _sglang(r) and r["staleness"] > 0,
+            ("rollout.max_turns=3", "rollout.engine=sglang", "rollout.max_staleness=1"),
+            "background generation runs one turn per request, and an episode's turns wait on the environment"),
 )
 
 
@@ -137,56 +167,122 @@ def refusals(row: dict) -> list[Refusal]:
     return [r for r in REFUSALS if r.applies(row)]
 
 
+# The full product is ~10^5 combinations: each one's 78 pairs are the bits of one int, so the
+# cover and its checks take seconds, not minutes.
+@functools.cache
+def _bits() -> dict:
+    """(factor, value, factor, value) of every pair of two factors' values -> its bit."""
+    out = {}
+    for a, b in itertools.combinations(FACTORS, 2):
+        for va in FACTORS[a]:
+            for vb in FACTORS[b]:
+                out[(a, va, b, vb)] = len(out)
+    return out
+
+
+@functools.cache
+def _table() -> tuple:
+    """Every combination in product order, with its pair mask and its refusals (names). Built
+    depth-first, each prefix's pairs once: the last factor adds only its own 12 pairs per row."""
+    names, values = list(FACTORS), list(FACTORS.values())
+    bit = {key: 1 << b for key, b in _bits().items()}
+    rows, masks, refused = [], [], []
+
+    def walk(depth: int, prefix: tuple, mask: int) -> None:
+        if depth == len(names):
+            row = dict(zip(names, prefix))
+            rows.append(row)
+            masks.append(mask)
+            refused.append(tuple(r.name for r in refusals(row)))
+            return
+        for v in values[depth]:
+            m = mask
+            for i in range(depth):
+                m |= bit[(names[i], prefix[i], names[depth], v)]
+            walk(depth + 1, prefix + (v,), m)
+
+    walk(0, (), 0)
+    return rows, masks, refused
+
+
 def _all_rows() -> list[dict]:
-    return [dict(zip(FACTORS, values)) for values in itertools.product(*FACTORS.values())]
+    return [dict(r) for r in _table()[0]]
 
 
 def _pairs(row: dict) -> frozenset:
     return frozenset(((a, row[a]), (b, row[b])) for a, b in itertools.combinations(FACTORS, 2))
 
 
+def every_pair() -> frozenset:
+    """Every pair of values of two factors (the full product holds each)."""
+    return frozenset(((a, va), (b, vb)) for a, va, b, vb in _bits())
+
+
+def _pair_of(bit: int) -> tuple:
+    a, va, b, vb = list(_bits())[bit]
+    return (a, va), (b, vb)
+
+
 def cost(row: dict) -> float:
     """Rough seconds of one run on 2 shared cores (tests/test_matrix.py's durations: 11-20 s on
     2 ranks, most of it starting the processes and the final checkpoint; 20-35 s on 4)."""
-    return (4.0 + 5.5 * world_size(row) + 1.0 * (row["engine"] == "sglang") + 1.0 * (row["cold_start"] > 0)
-            + 0.5 * (row["dynamic"] != "off"))
+    return (4.0 + 5.5 * world_size(row) + 1.0 * _sglang(row) + 0.5 * (row["engine"] == "sglang_delta")
+            + 1.0 * (row["cold_start"] > 0) + 0.5 * (row["dynamic"] != "off") + 1.0 * (row["partial"] == "on")
+            + 2.0 * (row["turns"] > 1))
 
 
-def _greedy(rows: list[dict], todo: set) -> list[dict]:
-    """Rows that together hold every pair of ``todo``: each time the one holding the most pairs
-    not yet held, the cheapest on a tie, the first in order after that."""
-    pairs, todo, out = [_pairs(r) for r in rows], set(todo), []
+def _greedy(indices: list[int], todo: int) -> list[dict]:
+    """Combinations (indices into the product) that together hold every pair of ``todo`` (a
+    mask): each time the one holding the most pairs not yet held, the cheapest on a tie, the
+    first in product order after that."""
+    rows, masks, _ = _table()
+    costs = {i: cost(rows[i]) for i in indices}
+    out = []
     while todo:
-        best = max(range(len(rows)), key=lambda i: (len(pairs[i] & todo), -cost(rows[i]), -i))
-        out.append(rows[best])
-        todo -= pairs[best]
+        best = max(indices, key=lambda i: ((masks[i] & todo).bit_count(), -costs[i], -i))
+        out.append(dict(rows[best]))
+        todo &= ~masks[best]
     return out
 
 
 def cover() -> tuple[list[dict], dict]:
     """The runs (a greedy all-pairs cover of the allowed combinations), and each pair that no
     allowed combination holds -> the refusals of the first combination holding it."""
-    rows = _all_rows()
-    allowed = [r for r in rows if not refusals(r)]
-    coverable = set().union(*map(_pairs, allowed))
+    rows, masks, names = _table()
+    allowed = [i for i in range(len(rows)) if not names[i]]
+    coverable = 0
+    for i in allowed:
+        coverable |= masks[i]
     refused: dict = {}
-    for row in rows:
-        for pair in _pairs(row) - coverable:
-            refused.setdefault(pair, [r.name for r in refusals(row)])
+    left = ((1 << len(_bits())) - 1) & ~coverable
+    for i in range(len(rows)):
+        if not left:
+            break
+        hit = masks[i] & left
+        while hit:
+            bit = hit.bit_length() - 1
+            refused[_pair_of(bit)] = list(names[i])
+            hit &= ~(1 << bit)
+        left &= ~masks[i]
     return _greedy(allowed, coverable), refused
 
 
 def refused_cover(refused: dict) -> list[dict]:
     """A few combinations that together hold every refused pair (each of them refused)."""
-    return _greedy(_all_rows(), set(refused))
+    bits = _bits()
+    todo = 0
+    for (a, va), (b, vb) in refused:
+        todo |= 1 << bits[(a, va, b, vb)]
+    return _greedy(list(range(len(_table()[0]))), todo)
 
 
 def representative(refusal: Refusal) -> dict:
     """The first combination in product order that ``refusal`` alone applies to (else the first
     it applies to): the one on which the test shows ``validate``'s message."""
-    hits = [r for r in _all_rows() if refusal.applies(r)]
-    alone = [r for r in hits if refusals(r) == [refusal]]
-    return (alone or hits)[0]
+    rows, _, names = _table()
+    hits = [i for i in range(len(rows)) if refusal.name in names[i]]
+    alone = [i for i in hits if names[i] == (refusal.name,)]
+    return dict(rows[(alone or hits)[0]])
 
 
 def run_id(index: int, row: dict) -> str:
@@ -194,8 +290,22 @@ def run_id(index: int, row: dict) -> str:
              "ds" if row["dynamic"] != "off" else "", f"stale{row['staleness']}" if row["staleness"] else "",
              "budget" if row["budget"] == "on" else "", "distopt" if row["dist_opt"] == "on" else "",
              f"rc-{row['recompute']}" if row["recompute"] != "none" else "",
-             f"cold{row['cold_start']}" if row["cold_start"] else ""]
+             f"cold{row['cold_start']}" if row["cold_start"] else "",
+             "unfused" if row["fused"] == "off" else "", "partial" if row["partial"] == "on" else "",
+             f"turns{row['turns']}" if row["turns"] > 1 else ""]
     return "-".join(p for p in parts if p)
+
+
+def vocab_size(row: dict) -> int:
+    """The task's character vocabulary: arithmetic's 16, the calculator's 20."""
+    return 20 if row["turns"] > 1 else 16
+
+
+def token_budget(row: dict) -> int:
+    # A calculator episode holds 15 to 24 tokens (a prompt of 6; 3 turns of 1 to 4 with 2
+    # observations ">?;" between them), a reference episode of the cold start up to 20: every
+    # one fits 32, and a DP rank's share (4 or more episodes) does not.
+    return TOKEN_BUDGET_TURNS if row["turns"] > 1 else TOKEN_BUDGET
 
 
 def overrides(row: dict, *, out: str, hf_dir: str | None, url: str | None = None,
@@ -208,30 +318,42 @@ def overrides(row: dict, *, out: str, hf_dir: str | None, url: str | None = None
          "run.timeouts.step_s=90", "run.timeouts.rollout_s=90", "run.timeouts.weight_sync_s=90",
          "run.timeouts.checkpoint_s=90",
          *(["model.preset=null", f"model.hf_dir={hf_dir}"] if hf_dir else ["model.preset=tiny-moe",
-                                                                           "model.vocab_size=16"]),
+                                                                           f"model.vocab_size={vocab_size(row)}"]),
          "optim.lr=1e-3",
          f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}", "rollout.max_new_tokens=4",
-         f"rollout.engine={row['engine']}", f"rollout.max_staleness={row['staleness']}",
+         f"rollout.engine={'embedded' if row['engine'] == 'embedded' else 'sglang'}",
+         f"rollout.max_staleness={row['staleness']}",
          # One optimizer step per RL step: the logged update is the step's first, whose routes
          # (R2's recorded, R3's from an engine with the trainer's weights) are the live ones.
          "train.updates_per_rollout=1", f"train.layout={row['layout']}",
          f"train.cold_start_steps={row['cold_start']}",
          f"routing.mode={row['routing']}",
-         "task.name=arithmetic", "task.reward_fn=tests.matrix:reward"]
+         f"loss.fused_logprobs={'true' if row['fused'] == 'on' else 'false'}",
+         "task.reward_fn=tests.matrix:reward"]
+    if row["turns"] > 1:
+        o += ["task.name=calculator", "task.options.retry_on_wrong=true", f"rollout.max_turns={row['turns']}"]
+    else:
+        o += ["task.name=arithmetic"]
     o += [f"parallel.{k}={v}" for k, v in _sizes(row).items()]
     o += [f"model.megatron.{k}={v}" for k, v in RECOMPUTE[row["recompute"]].items()]
     if row["dynamic"] != "off":
         o += [f"rollout.dynamic_sampling.filter={row['dynamic']}", f"rollout.dynamic_sampling.max_rounds={MAX_ROUNDS}"]
     if row["budget"] == "on":
-        o += ["train.micro_batch_size=null", f"train.max_tokens_per_microbatch={TOKEN_BUDGET}"]
+        o += ["train.micro_batch_size=null", f"train.max_tokens_per_microbatch={token_budget(row)}"]
     else:
         o += [f"train.micro_batch_size={MICRO_BATCH}"]
     if row["dist_opt"] == "on":
         o += ["optim.megatron.use_distributed_optimizer=true"]
-    if row["engine"] == "sglang":
+    if row["partial"] == "on":
+        # partial_offpolicy: tis (the default) corrects earlier versions' tokens with loss.tis_cap.
+        o += ["rollout.partial=true", "loss.tis_cap=2.0"]
+    if _sglang(row):
         o += [f"rollout.sglang.urls=[{url or 'http://127.0.0.1:1'}]", "rollout.sglang.weight_sync=disk",
               f"rollout.sglang.weight_dir={weight_dir or out + '/weights'}", "rollout.sglang.retries=1",
               "rollout.sglang.backoff_s=0.1", "rollout.sglang.timeout_s=60"]
+    if row["engine"] == "sglang_delta":
+        # Every delta push is checksummed: the mock's loader copy must equal the trainer's tensors.
+        o += ["rollout.sglang.delta=true", "rollout.sglang.delta_checksum_every=1"]
     return o
 
 

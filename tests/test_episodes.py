@@ -268,5 +268,21 @@ def test_a_user_reward_scores_the_whole_episode():
     assert score_result(task.task, prompt, res).reward == 0.0  # without reward_fn: the environment's
 
 
+def test_a_user_reward_keeps_the_tasks_cold_start_reference():
+    """The cold start of a wrapped task imitates the task's own reference episode (the tool call,
+    its observation, the answer), not the bare answer (what it trained on before)."""
+    from sapo_megatron.tasks import reference_response_ids
+
+    task = build_task({"name": "calculator", "reward_fn": "tests.test_episodes:_share_of_sevens"})
+    prompt = next(task.prompts(seed=0))
+    want = task.task.reference_response(prompt)
+    assert reference_response_ids(task, prompt) == want
+    assert task.tokenizer.decode(want).startswith("?")  # not vacuous: the episode, not the answer
+    # A task without its own reference keeps the default (the answer, then EOS).
+    plain = build_task({"name": "arithmetic", "reward_fn": "tests.test_episodes:_share_of_sevens"})
+    p = next(plain.prompts(seed=0))
+    assert reference_response_ids(plain, p)[-1] == plain.tokenizer.eos_id
+
+
 def _share_of_sevens(prompt_text, response_text, answer, meta):
     return response_text.count("7") / max(len(response_text), 1)

@@ -65,6 +65,13 @@ class UserRewardTask:
         then scores the whole episode's response text). AttributeError for a single-turn task."""
         return self.task.start_episode
 
+    @property
+    def reference_response(self):
+        """The wrapped task's cold-start reference (the calculator's whole episode: call,
+        observation, answer); without this the cold start fell back to the bare answer + EOS.
+        AttributeError for a task without one (``reference_response_ids``' default then)."""
+        return self.task.reference_response
+
     def prompts(self, *, seed: int, split: str = "train", start: int = 0) -> Iterator[Prompt]:
         return open_prompts(self.task, seed=seed, split=split, start=start)
 
