@@ -5,4 +5,5 @@
 #   examples/run_multiturn_cpu.sh [key.sub=value ...]     e.g. output_dir=runs/mt seed=1
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-CONFIG=configs/multiturn_cpu.yaml exec bash examples/run_tiny_cpu.sh "$@"
+NPROC=${NPROC:-2}  # the config is TP=2 (the planner reads this line)
+CONFIG=configs/multiturn_cpu.yaml NPROC="$NPROC" exec bash examples/run_tiny_cpu.sh "$@"

@@ -444,15 +444,17 @@ class _Handler(BaseHTTPRequestHandler):
         mock, b = self.server.mock, self.server.mock.behaviour
         meta = answer["meta_info"]
         n = len(answer.get("output_ids", []))
-        epoch, changes, current, retract_seen = mock.abort_epoch, [], version, None
+        epoch, changes, current, retracts = mock.abort_epoch, [], version, mock.retract_pauses
+        key = "num_retractions" if "num_retractions" in meta else "total_retractions"
         for i in range(n):
             while mock.paused in ("in_place", "retract"):
-                if mock.paused == "retract" and retract_seen != mock.pause_epoch:
-                    retract_seen = mock.pause_epoch
-                    key = "num_retractions" if "num_retractions" in meta else "total_retractions"
-                    meta[key] = meta.get(key, 0) + 1
                 if mock.stopping.wait(0.005):
                     return False
+            # Every retract pause while this request runs retracts it, whether or not this loop
+            # was between tokens at the time (a pause, update and continue can all fall inside one
+            # token's delay).
+            meta[key] = meta.get(key, 0) + mock.retract_pauses - retracts
+            retracts = mock.retract_pauses
             if mock.weight_version != current:
                 changes.append((current, i))
                 current = mock.weight_version
@@ -461,6 +463,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
             if mock.stopping.wait(b.delay_per_token_s):
                 return False
+        meta[key] = meta.get(key, 0) + mock.retract_pauses - retracts  # one during the last token
         if mock.weight_version != current and n == 0:
             current = mock.weight_version
         if changes or current != version:
@@ -510,6 +513,7 @@ class _Handler(BaseHTTPRequestHandler):
         mock = self.server.mock
         mock.paused = (body or {}).get("mode", "abort")
         mock.pause_epoch += 1
+        mock.retract_pauses += mock.paused == "retract"
         if mock.paused == "abort":
             mock.abort_epoch += 1  # running requests answer 200 with finish_reason abort
         self._send(200, {"message": "Generation paused successfully.", "status": "ok"})
@@ -692,6 +696,7 @@ class MockSGLang:
         self.stopping = threading.Event()
         self.abort_epoch = 0  # bumped by /pause_generation {"mode": "abort"}
         self.pause_epoch = 0  # bumped by every /pause_generation
+        self.retract_pauses = 0  # bumped by every /pause_generation mode "retract"
         self.port = 0
         self.weight_version = "default"  # a fresh server's version
         self.running_here = 0

@@ -28,12 +28,18 @@ def test_every_script_is_tested():
     names = {p.relative_to(REPO).as_posix() for p in SCRIPTS}
     assert names == {"examples/common.sh", "examples/run_tiny_cpu.sh", "examples/run_qwen3_30b_a3b_sapo.sh",
                      "examples/slurm/qwen3_30b_a3b_sapo.sbatch", "examples/slurm/qwen3_235b_a22b_sapo.sbatch",
-                     "examples/slurm/tiny_cpu.sbatch"}
+                     "examples/slurm/tiny_cpu.sbatch", "examples/run_multiturn_cpu.sh"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_bash_syntax(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_multiturn_cpu_launches_its_config_on_two_ranks():
+    (cmd,) = dry_run("examples/run_multiturn_cpu.sh", "output_dir=/tmp/mt", "seed=2")
+    assert "--nproc_per_node=2" in cmd and cmd[cmd.index("--config") + 1] == "configs/multiturn_cpu.yaml", cmd
+    assert cmd[-2:] == ["output_dir=/tmp/mt", "seed=2"], cmd
 
 
 def test_tiny_cpu_passes_overrides_through():
