@@ -27,12 +27,12 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from .base import Prompt, Score, check_split
+from .base import OPERATORS, Prompt, Score, check_operand_options, check_split
 from .registry import config_from_options, register_task
 from .tokenizers import CharTokenizer
 
 _NUMBER = re.compile(r"-?[0-9]+")
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_OPS = OPERATORS
 
 
 @dataclass
@@ -46,16 +46,7 @@ class ArithmeticConfig:
     format_credit: float = 0.1
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_operand <= self.max_operand:
-            raise ValueError(f"arithmetic: need 0 <= min_operand <= max_operand, got "
-                             f"min_operand={self.min_operand}, max_operand={self.max_operand}")
-        bad = sorted(set(self.operators) - set(_OPS))
-        if not self.operators or bad:
-            raise ValueError(f"arithmetic: operators must be a non-empty string of {sorted(_OPS)}, "
-                             f"got {self.operators!r}")
-        for name in ("partial_credit", "format_credit"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"arithmetic: {name} must be in [0, 1], got {getattr(self, name)}")
+        check_operand_options("arithmetic", self, ("partial_credit", "format_credit"))
 
 
 class ArithmeticTask:

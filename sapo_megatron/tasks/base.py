@@ -87,6 +87,25 @@ def reference_response_ids(task: Task, prompt: Prompt) -> list[int]:
     return list(task.tokenizer.encode(prompt.answer)) + [task.tokenizer.eos_id]
 
 
+
+# The operators of the two-operand arithmetic tasks (arithmetic, calculator).
+OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def check_operand_options(task_name: str, config, fractions: tuple[str, ...]) -> None:
+    """The options the two-operand tasks share, checked once: the operand range, the operators
+    (a non-empty string of :data:`OPERATORS`), and the named fields that must lie in [0, 1]."""
+    if not 0 <= config.min_operand <= config.max_operand:
+        raise ValueError(f"{task_name}: need 0 <= min_operand <= max_operand, got "
+                         f"min_operand={config.min_operand}, max_operand={config.max_operand}")
+    bad = sorted(set(config.operators) - set(OPERATORS))
+    if not config.operators or bad:
+        raise ValueError(f"{task_name}: operators must be a non-empty string of {sorted(OPERATORS)}, "
+                         f"got {config.operators!r}")
+    for name in fractions:
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"{task_name}: {name} must be in [0, 1], got {getattr(config, name)}")
+
 def check_split(task_name: str, split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"task {task_name!r}: unknown split {split!r}; known splits: {list(SPLITS)}")

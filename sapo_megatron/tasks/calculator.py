@@ -38,14 +38,14 @@ from typing import Iterator
 
 from sapo_megatron.rollout.episodes import EnvStep
 
-from .base import Prompt, Score, check_split
+from .base import OPERATORS, Prompt, Score, check_operand_options, check_split
 from .registry import config_from_options, register_task
 from .tokenizers import CharTokenizer, HFTokenizer
 
 ALPHABET = "0123456789+-*=?>; "
 _NUMBER = re.compile(r"-?[0-9]+")
 _CALL = re.compile(r"\?\s*(-?[0-9]+)\s*([+\-*])\s*(-?[0-9]+)\s*")
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_OPS = OPERATORS
 
 
 @dataclass
@@ -61,16 +61,7 @@ class CalculatorConfig:
     tokenizer: str = "char"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_operand <= self.max_operand:
-            raise ValueError(f"calculator: need 0 <= min_operand <= max_operand, got "
-                             f"min_operand={self.min_operand}, max_operand={self.max_operand}")
-        bad = sorted(set(self.operators) - set(_OPS))
-        if not self.operators or bad:
-            raise ValueError(f"calculator: operators must be a non-empty string of {sorted(_OPS)}, "
-                             f"got {self.operators!r}")
-        for name in ("format_credit", "tool_cost"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"calculator: {name} must be in [0, 1], got {getattr(self, name)}")
+        check_operand_options("calculator", self, ("format_credit", "tool_cost"))
 
 
 class CalculatorEnv:
