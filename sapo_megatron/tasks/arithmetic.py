@@ -32,7 +32,6 @@ from .registry import config_from_options, register_task
 from .tokenizers import CharTokenizer
 
 _NUMBER = re.compile(r"-?[0-9]+")
-_OPS = OPERATORS
 
 
 @dataclass
@@ -67,7 +66,7 @@ class ArithmeticTask:
         if op == "-" and not cfg.allow_negative and a < b:
             a, b = b, a
         text = f"{a}{op}{b}="
-        answer = str(_OPS[op](a, b))
+        answer = str(OPERATORS[op](a, b))
         return Prompt(uid=f"arithmetic-{split}-{seed}-{index}", text=text, ids=self.tokenizer.encode(text),
                       answer=answer, meta={"index": index, "a": a, "b": b, "op": op})
 

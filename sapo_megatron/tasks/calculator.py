@@ -45,7 +45,6 @@ from .tokenizers import CharTokenizer, HFTokenizer
 ALPHABET = "0123456789+-*=?>; "
 _NUMBER = re.compile(r"-?[0-9]+")
 _CALL = re.compile(r"\?\s*(-?[0-9]+)\s*([+\-*])\s*(-?[0-9]+)\s*")
-_OPS = OPERATORS
 
 
 @dataclass
@@ -78,7 +77,7 @@ class CalculatorEnv:
             if final:  # no turn left to use the result
                 return self._end(0.0, False, tool_call=True)
             a, op, b = call.groups()
-            value = _OPS[op](int(a), int(b))
+            value = OPERATORS[op](int(a), int(b))
             return EnvStep(observation=self.task.tokenizer.encode(f">{value};"), tool_call=True)
         if text == self.prompt.answer:
             return self._end(1.0, True)
@@ -106,7 +105,7 @@ class CalculatorTask:
         op = rng.choice(cfg.operators)
         text = f"{a}{op}{b}="
         return Prompt(uid=f"calculator-{split}-{seed}-{index}", text=text, ids=self.tokenizer.encode(text),
-                      answer=str(_OPS[op](a, b)), meta={"index": index, "a": a, "b": b, "op": op})
+                      answer=str(OPERATORS[op](a, b)), meta={"index": index, "a": a, "b": b, "op": op})
 
     def prompts(self, *, seed: int, split: str = "train", start: int = 0) -> Iterator[Prompt]:
         check_split(self.name, split)

@@ -69,6 +69,21 @@ class Stream(threading.Thread):
         conn.close()
 
 
+
+def _generate_in_background(url: str):
+    """One non-streamed ``/generate`` of :func:`_request` in a thread; the returned call waits for
+    it and parses the answer as the client does."""
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(answer=http_json(url, "/generate", _request(),
+                                                                        timeout=300)[1]))
+    worker.start()
+
+    def finish():
+        worker.join(300)
+        return parse_generate(box["answer"], PROMPT, 0, url, True, SPEC)
+
+    return finish
+
 def _settled(stream: Stream) -> int:
     """The streamed count once paused (the last tokens before the pause still arrive)."""
     last, since = stream.count, time.monotonic()
@@ -126,10 +141,7 @@ def test_in_place_update_spans_split_at_the_push_and_routes_pair_with_log_probs(
         partial_server.reset()  # A again, version "default"
 
         # 2. Not streamed, through our parser: pause after ~1/3 of the tokens, push B, continue.
-        box = {}
-        worker = threading.Thread(target=lambda: box.update(answer=http_json(url, "/generate", _request(),
-                                                                            timeout=300)[1]))
-        worker.start()
+        finish = _generate_in_background(url)
         time.sleep(1.0)
         engine.pause_generation("in_place")
         engine.flush_on_update = False
@@ -138,8 +150,7 @@ def test_in_place_update_spans_split_at_the_push_and_routes_pair_with_log_probs(
             "test")
         engine.flush_on_update = True
         engine.continue_generation()
-        worker.join(300)
-        result = parse_generate(box["answer"], PROMPT, 0, url, True, SPEC)
+        result = finish()
         spans = result.meta["weight_version_spans"]
         assert [v for v, _, _ in spans] == ["default", "1"], spans
         n = spans[0][2]
@@ -172,10 +183,7 @@ def test_retract_update_returns_the_reprefill_routes_which_are_masked(partial_se
     model_b = make_tiny_model(tmp_path / "b", seed=1)
     engine = SGLangEngine(SGLangConfig(urls=[url], retries=0, timeout_s=300))
     try:
-        box = {}
-        worker = threading.Thread(target=lambda: box.update(answer=http_json(url, "/generate", _request(),
-                                                                            timeout=300)[1]))
-        worker.start()
+        finish = _generate_in_background(url)
         time.sleep(1.0)
         engine.pause_generation("retract")
         # Retracted requests left the running batch: the flushing update is allowed and succeeds.
@@ -183,8 +191,7 @@ def test_retract_update_returns_the_reprefill_routes_which_are_masked(partial_se
             "model_path": str(model_b), "flush_cache": True, "weight_version": "1"}), "/update_weights_from_disk",
             "test")
         engine.continue_generation()
-        worker.join(300)
-        result = parse_generate(box["answer"], PROMPT, 0, url, True, SPEC)
+        result = finish()
         assert result.meta["num_retractions"] >= 1
         spans = result.meta["weight_version_spans"]
         assert [v for v, _, _ in spans] == ["default", "1"], spans
