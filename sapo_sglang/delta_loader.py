@@ -12,10 +12,13 @@ Why a name and an empty tensor: the endpoint's payload is unpickled by SGLang's
 but an EMPTY one rebuilds from ``rebuild_storage_empty`` (allowed) and crosses hosts.
 
 How a delta is applied: each process keeps a host copy of the HF tensors the server holds (read
-once from the last full sync's directory), applies the delta there, and hands only the changed
+once from the last full sync's directory), applies the delta there and hands only the changed
 HF tensors to ``model.load_weights``; SGLang's own weight loaders then fuse and TP-shard them
 (``qkv_proj``, ``gate_up_proj``, experts' ``w13``) exactly as they do for a disk load. That
-keeps this file independent of every architecture's parameter layout.
+keeps this file independent of every architecture's parameter layout. A delta comes as one file
+per trainer rank: each rank diffs only the part of each HF tensor it holds (a run of rows, or of
+columns for a row-parallel slice), named in the file's metadata (``regions``), so the trainer
+never gathers a tensor (:func:`apply_parts`). The checksum's digests are per region too.
 
 The hook must never raise: SGLang does not catch a custom loader's exception and the scheduler
 would die. Every outcome (applied, or the error) goes to an ack file next to the delta, which
@@ -159,7 +162,7 @@ def message(**fields) -> str:
     return PREFIX + json.dumps(fields, sort_keys=True)
 
 
-def _load_dir(path: str) -> dict[str, torch.Tensor]:
+def load_dir(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -187,13 +190,56 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_delta_files(files: list[str]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def region_key(name: str, region) -> str:
+    """The name of one region of HF tensor ``name`` (``None``: the whole tensor)."""
+    return name if region is None else f"{name}|{region[0]}|{region[1]}|{region[2]}"
 
-    parts: dict[str, torch.Tensor] = {}
-    for f in files:
-        parts.update(load_file(f, device="cpu"))
-    return parts
+
+def region_view(tensor: torch.Tensor, region) -> torch.Tensor:
+    """``tensor.narrow(dim, start, length)`` for ``region = (dim, start, length)``; ``None``: all of it."""
+    if region is None:
+        return tensor
+    dim, start, length = (int(x) for x in region)
+    if not (0 <= dim < tensor.dim() and 0 <= start and start + length <= tensor.shape[dim]):
+        raise ValueError(f"delta region {region} outside a tensor of shape {tuple(tensor.shape)}")
+    return tensor.narrow(dim, start, length)
+
+
+def read_delta_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """One trainer rank's delta file: its parts and its metadata (``regions``: the part of each
+    HF tensor this rank holds, by name; ``pieces``: every region it holds, for the checksum)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        parts = {k: f.get_tensor(k) for k in f.keys()}
+    return parts, {k: json.loads(v) for k, v in meta.items() if k in ("regions", "pieces")}
+
+
+def apply_parts(tensors: dict[str, torch.Tensor], parts: dict[str, torch.Tensor], regions: dict) -> list[str]:
+    """Apply one file's parts to the HF copy ``tensors`` in place; returns the HF names changed.
+    A part covers its tensor's region (``regions[name]``, whole when absent): a run of rows is
+    contiguous and taken in place, a run of columns (a row-parallel weight's slice) through a copy."""
+    unknown = [n for n in names_in(parts) if n not in tensors]
+    if unknown:
+        raise KeyError(f"delta names tensors this server's copy lacks: {unknown[:3]}")
+    changed = []
+    for name in names_in(parts):
+        view = region_view(tensors[name], regions.get(name))
+        if view.is_contiguous():
+            applied = apply(view, parts, name)
+        else:
+            work = view.contiguous()
+            applied = apply(work, parts, name)
+            view.copy_(work)
+        if applied:
+            changed.append(name)
+    return changed
+
+
+def region_digests(tensors: dict[str, torch.Tensor], pieces: dict) -> dict[str, str]:
+    """Digests of the regions the trainer names (``{key: [name, region]}``), over the HF copy."""
+    return {key: digest(region_view(tensors[name], region).contiguous()) for key, (name, region) in pieces.items()}
 
 
 def apply_message(model, msg: dict, state: dict) -> dict:
@@ -214,24 +260,22 @@ def apply_message(model, msg: dict, state: dict) -> dict:
             raise RuntimeError(f"this server's delta copy is at {state['key']}, the delta goes from "
                                f"{[run, base.get('dir'), src]} and the last full sync {base} is not that version: "
                                "a full sync is needed")
-        state["key"], state["tensors"] = None, _load_dir(base["dir"])
+        state["key"], state["tensors"] = None, load_dir(base["dir"])
         state["key"] = [run, base["dir"], src]
     tensors = state["tensors"]
-    parts = load_delta_files(msg["files"])
-    changed = []
-    unknown = [n for n in names_in(parts) if n not in tensors]
-    if unknown:
-        raise KeyError(f"delta names tensors this server's copy lacks: {unknown[:3]}")
     state["key"] = None  # half-applied until the end
-    for name in names_in(parts):
-        if apply(tensors[name], parts, name):
-            changed.append(name)
+    changed: set[str] = set()
+    pieces: dict = {}
+    for path in msg["files"]:  # one file per trainer rank: each holds its own regions
+        parts, meta = read_delta_file(path)
+        changed.update(apply_parts(tensors, parts, meta.get("regions", {})))
+        pieces.update(meta.get("pieces", {}))
     if model is not None and changed:
-        model.load_weights([(name, tensors[name]) for name in changed])
+        model.load_weights([(name, tensors[name]) for name in sorted(changed)])
     state["key"] = [run, base.get("dir"), dst]
     ack = {"ok": True, "run": run, "version": dst, "changed": len(changed)}
     if msg.get("checksum"):
-        ack["digests"] = digests(tensors)
+        ack["digests"] = region_digests(tensors, pieces) if pieces else digests(tensors)
     return ack
 
 
@@ -260,5 +304,6 @@ def host_bytes(model_bytes: int, tp_size: int) -> int:
     return model_bytes * tp_size
 
 
-__all__ = ["LOADER", "PREFIX", "apply", "apply_delta", "digest", "digests", "encode", "encoded_nbytes",
-           "message", "names_in", "pack_bits", "unpack_bits"]
+__all__ = ["LOADER", "PREFIX", "apply", "apply_delta", "apply_parts", "digest", "digests", "encode",
+           "encoded_nbytes", "load_dir", "message", "names_in", "pack_bits", "read_delta_file", "region_digests",
+           "region_key", "region_view", "unpack_bits"]

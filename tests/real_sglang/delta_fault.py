@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sapo_sglang import delta_loader
 
@@ -24,11 +25,14 @@ def apply_corrupted_once(model, named_tensors) -> None:
         if name.startswith(delta_loader.PREFIX) and not _DONE:
             msg = json.loads(name[len(delta_loader.PREFIX):])
             for path in msg["files"]:
-                parts = load_file(path)
+                with safe_open(path, framework="pt") as f:  # its metadata (the regions) stays
+                    meta, parts = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+                if not any(k.endswith((delta_loader.VALUES, delta_loader.FULL)) for k in parts):
+                    continue  # this rank changed nothing (a file written only for the checksum)
                 key = next(k for k in sorted(parts) if k.endswith((delta_loader.VALUES, delta_loader.FULL)))
                 flat = parts[key].reshape(-1).view(torch.int16 if parts[key].element_size() == 2 else torch.int32)
                 flat[0] ^= 1 << 3  # one mantissa bit: a plausible silent corruption
-                save_file(parts, path)
+                save_file(parts, path, metadata=meta)
                 _DONE.append(True)
                 break
     delta_loader.apply_delta(model, named_tensors)

@@ -3,13 +3,14 @@
 Between two RL steps at RL learning rates most bf16 weights keep their bit pattern (the fp32
 master moves far below bf16's resolution), so a step's changes are a small fraction of the model.
 
-Trainer side. The export is the disk sync's plan (``checkpoint.live.export_plan``): each HF tensor
-lands, once, in host memory on ONE of its holders (spread over the holders as ``export_hf``
-spreads its files). That rank keeps the tensor as last sent (host memory, the served dtype) and,
-at the next push, encodes the new one against it (``sapo_sglang.delta_loader.encode``: changed
-indices + values, a bitmap + values, or the full tensor, whichever is smallest), then keeps the
-new one. Every rank writes its own delta file (safetensors) to ``weight_dir/deltas``: nothing
-funnels through rank 0. Rank 0 then sends each server ``/update_weights_from_tensor`` with
+Trainer side (:mod:`.delta_pieces`): shard-local, nothing is exchanged between ranks. Every rank
+keeps ITS parts of the HF tensors (the rows, or columns, of each HF tensor its tensor-parallel
+slice makes, and the replicated tensors spread over their holders) as last sent, in the served
+dtype, in host memory. A push casts each part from the parameters chunk by chunk, compares bit
+patterns, encodes the changed elements (changed indices + values, a bitmap + values, or the whole
+part, whichever is smallest) and writes them, with each part's region of its HF tensor, to the
+rank's own delta file (safetensors) in ``weight_dir/deltas``: nothing funnels through rank 0 and
+no rank gathers a tensor. Rank 0 then sends each server ``/update_weights_from_tensor`` with
 ``load_format = sapo_sglang.delta_loader.apply_delta`` and one empty tensor whose name is the
 message (files, versions, the last full sync's directory, where to ack), inside a weight-update
 session (SGLang >= 0.5.21 refuses tensor updates outside one).
@@ -22,8 +23,10 @@ Safety:
 - A re-sync writes a full directory of the current version when the last one is older and loads
   it (``/update_weights_from_disk``); that server's loader copy rebuilds from it on its next delta.
 - Every server's every TP process writes an ack; a missing or failed ack, or (every
-  ``delta_checksum_every`` pushes) digests of the loader's HF copy that differ from the trainer's,
-  fall back to a full sync with a warning (``weight_sync/delta_fallbacks``).
+  ``delta_checksum_every`` pushes) digests of the loader's HF copy, region by region as the
+  trainer ranks hold them, that differ from the trainer's, fall back to a full sync with a
+  warning (``weight_sync/delta_fallbacks``). A push that fails outright makes the next one full
+  (the trainer's copies already hold the version the servers may lack).
 - Refused up front with a clear error: a server started without
   ``--custom-weight-loader sapo_sglang.delta_loader.apply_delta`` (an unknown ``load_format``
   raises inside SGLang's scheduler and kills the server, so it is never sent), and a server that
@@ -37,17 +40,16 @@ import glob
 import io
 import json
 import logging
-import math
 import os
 import secrets
 import time
 
-import torch
 import torch.distributed as dist
 
 from sapo_megatron.rollout.sglang.protocol import SESSION_ALREADY_OPEN, weight_session_needed
 from sapo_megatron.rollout.sglang.transport import Rejected, Retryable
 from sapo_megatron.rollout.sglang.weight_sync.base import share_outcome
+from sapo_megatron.rollout.sglang.weight_sync.delta_pieces import PieceDiffer, local_pieces, write_delta
 from sapo_megatron.rollout.sglang.weight_sync.disk import DiskSync
 from sapo_sglang import delta_loader as codec
 
@@ -55,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 TENSOR = "/update_weights_from_tensor"
 BEGIN, END = "/begin_weight_update", "/end_weight_update"
-CHUNK_BYTES = 64 * 1024**2  # HF bytes per exchange (all ranks together)
 
 
 def serialized_message(msg: str, tp_size: int) -> list[str]:
@@ -95,7 +96,7 @@ class DeltaSync(DiskSync):
                              f"delta of the bf16 tensors is not what the servers hold. Set rollout.sglang.delta: false")
         super().__init__(engine, hf_config, config, weight_dir, fsync=fsync)
         self.checksum_every = int(config.delta_checksum_every)
-        self.held: dict[str, torch.Tensor] = {}  # this rank's HF tensors as the servers hold them (host)
+        self.differ = PieceDiffer()  # this rank's parts of the HF tensors as the servers hold them (host)
         self.base: tuple[str, int] | None = None  # (directory, version) of the last full sync
         self.version: int | None = None  # what the delta chain is at
         self.deltas = 0  # delta pushes so far (for the checksum cadence)
@@ -103,39 +104,19 @@ class DeltaSync(DiskSync):
         self.delta_dir = os.path.join(self.weight_dir, "deltas")
         self._metrics: dict[str, float] = {}
         self.fresh: set[str] = set()  # rank 0: servers whose last load was the full sync of ``base``
-        self._scratch: torch.Tensor | None = None  # the export's landing buffer, one chunk, reused
         self.fallbacks = 0
         self.loader = config.delta_loader
 
-    # ------------------------------------------------------------------ the export (collective)
-    def _export(self, model, visit) -> None:
-        """Every HF tensor lands once on host memory of one holder; ``visit(name, tensor)`` there.
-        ``tensor`` is a view of ONE scratch buffer reused for every chunk (no allocation, no page
-        faults per push): a visitor that keeps it must copy it."""
-        from sapo_megatron.checkpoint.live import export_plan, plan_buckets
-        from sapo_megatron.checkpoint.pieces import carve
-        from sapo_megatron.rollout.sglang.weight_sync.buckets import aligned_order
+    # ------------------------------------------------------------------ this rank's parts
+    def _pieces(self, model):
+        """This rank's parts of the HF tensors (:mod:`.delta_pieces`); collective (the plan's
+        one object all-gather), nothing else is communicated."""
+        from sapo_megatron.checkpoint.live import export_plan
 
-        plan = export_plan(model, self.hf_config, "checkpoint")
-        rank, k = dist.get_rank(), 0
-        for chunk in plan_buckets(plan.entries, CHUNK_BYTES):
-            dsts = []
-            for entry in chunk:
-                dsts.append(entry.holders[k % len(entry.holders)])
-                k += 1
-            metas = [m for entry, dst in zip(chunk, dsts) if dst == rank for m in entry.hf]
-            metas = [metas[i] for i in aligned_order(metas)]
-            size = sum(math.prod(shape) * dt.itemsize for _, dt, shape in metas)
-            if self._scratch is None or self._scratch.numel() < size:
-                self._scratch = torch.empty(max(size, 1), dtype=torch.uint8)
-            dests = {name: view for (name, _, _), view in zip(metas, carve(self._scratch, metas))}
-            plan.exchange(chunk, dsts, dests)()
-            for name, tensor in dests.items():
-                visit(name, tensor)
+        return local_pieces(export_plan(model, self.hf_config, "checkpoint"), dist.get_rank())
 
     def _refresh_held(self, model) -> None:
-        self.held = {}
-        self._export(model, lambda name, t: self.held.__setitem__(name, t.clone()))
+        self.differ.refresh(self._pieces(model))
 
     # ------------------------------------------------------------------ full syncs
     def _full(self, model, version: int, rebuild: bool) -> list[str]:
@@ -165,34 +146,14 @@ class DeltaSync(DiskSync):
             return self._full(model, version, rebuild)
         t0 = time.perf_counter()
         rank = dist.get_rank()
-        parts: dict[str, torch.Tensor] = {}
-        sizes = {"full": 0}
-
-        def visit(name: str, new: torch.Tensor) -> None:  # ``new`` is scratch: copy what is kept
-            old = self.held.get(name)
-            sizes["full"] += new.numel() * new.element_size()
-            if old is None:
-                parts[name + codec.FULL] = self.held[name] = new.clone()
-                return
-            mine = codec.encode(name, old, new)
-            if name + codec.FULL in mine:
-                mine[name + codec.FULL] = new.clone()
-            parts.update(mine)
-            codec.apply(old, mine, name)  # the copy now holds what was sent (only changed elements move)
-
-        self._export(model, visit)
-        t_export = time.perf_counter()
+        pieces = self._pieces(model)
+        check = self.checksum_every > 0 and (self.deltas + 1) % self.checksum_every == 0
         os.makedirs(self.delta_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(self.delta_dir, f"v*_r{rank}.safetensors")):
             os.remove(stale)  # the previous version's: every server applied it or gets a full sync
-        path = None
-        if parts:
-            from safetensors.torch import save_file
-
-            path = os.path.join(self.delta_dir, f"v{version}_r{rank}.safetensors")
-            save_file({k: v.contiguous() for k, v in parts.items()}, path)
-        check = self.checksum_every > 0 and (self.deltas + 1) % self.checksum_every == 0
-        mine = (path, codec.encoded_nbytes(parts), sizes["full"], codec.digests(self.held) if check else None)
+        mine = write_delta(os.path.join(self.delta_dir, f"v{version}_r{rank}.safetensors"), self.differ, pieces,
+                           check=check)
+        t_export = time.perf_counter()
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         error, synced, problems = None, [], []
@@ -206,6 +167,8 @@ class DeltaSync(DiskSync):
                 error = f"{type(err).__name__}: {err}"
         box = [problems]
         dist.broadcast_object_list(box, src=0)
+        if error:  # the copies already hold this version, the servers may not: the next push is full
+            self.version = None
         synced = share_outcome(error, synced)
         problems = box[0]
         self.deltas += 1
@@ -222,8 +185,8 @@ class DeltaSync(DiskSync):
                               "weight_sync/delta_full_bytes": float(full_bytes),
                               "weight_sync/delta_ratio": delta_bytes / max(full_bytes, 1),
                               "weight_sync/delta_s": time.perf_counter() - t0,
-                              "weight_sync/delta_export_s": t_export - t0,  # gather + encode
-                              "weight_sync/delta_write_s": t_written - t_export,  # files + all-gather
+                              "weight_sync/delta_export_s": t_export - t0,  # this rank's diff, encode, file
+                              "weight_sync/delta_write_s": t_written - t_export,  # waiting for every rank's
                               "weight_sync/delta_send_s": time.perf_counter() - t_written})  # HTTP + servers' apply
         if check:
             self._metrics["weight_sync/delta_checksums"] = self._metrics.get("weight_sync/delta_checksums", 0.0) + 1

@@ -1,0 +1,199 @@
+"""The delta sync's trainer side, shard-local: each rank diffs its OWN slices, nothing is exchanged.
+
+Why: a delta needs, per HF tensor, what the servers hold and what the trainer has now. Gathering
+each tensor on one rank first (the disk export's path) moves (TP - 1) / TP of the model between
+ranks at every push only to find that ~90 % of it did not change. Instead every rank keeps, for
+each part of an HF tensor it holds (:mod:`sapo_megatron.checkpoint.pieces`: a run of rows of a
+column-parallel slice, of QKV's query groups, of gate/up; a run of columns of a row-parallel
+slice; a whole replicated tensor on one of its holders), that part as last sent, in the served
+dtype, in host memory. A push casts each part from the parameters into a small scratch buffer,
+compares bit patterns with the copy, and records the changed elements; the copy then takes the
+new values. Each rank writes its parts to its own delta file, with each part's region of its HF
+tensor (``(dim, start, length)``) in the file's metadata; the server's loader
+(:func:`sapo_sglang.delta_loader.apply_parts`) applies each region to its HF copy.
+
+Work per element is two passes over a cache-sized chunk (the cast, the compare) plus one
+``packbits`` and one ``compress``: no full-tensor temporaries, no per-element Python. The
+encoding of each part is the codec's, chosen by size (:func:`sapo_sglang.delta_loader.encode`):
+changed indices + values, a bitmap + values, or the whole part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import torch
+
+from sapo_sglang import delta_loader as codec
+
+CHUNK_ELEMENTS = 1 << 18  # per cast-and-compare step: ~1 MB of fp32 source, cache-resident
+
+_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclasses.dataclass
+class LocalPiece:
+    """One part of one HF tensor that this rank holds and diffs."""
+
+    name: str  # the HF tensor
+    region: tuple[int, int, int] | None  # (dim, start, length) of the HF tensor; None: all of it
+    source: torch.Tensor  # a view of the parameter (maybe strided, maybe another dtype)
+    dtype: torch.dtype  # the served dtype
+    shape: tuple[int, ...]  # the region's shape
+
+    @property
+    def key(self) -> str:
+        return codec.region_key(self.name, self.region)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def local_pieces(plan, rank: int) -> list[LocalPiece]:
+    """This rank's parts of every HF tensor of the export plan: the pieces it would send to the
+    tensor's writer (a replicated tensor: the holder ``k % holders`` for the ``k``-th entry, as
+    the disk export spreads them). The same plan on every rank gives disjoint parts that cover
+    every HF tensor exactly once."""
+    out = []
+    for k, entry in enumerate(plan.entries):
+        dst = entry.holders[k % len(entry.holders)]
+        for piece in plan.pieces(entry, dst):
+            if piece.rank != rank:
+                continue
+            name, dtype, shape = entry.hf[piece.hf]
+            shape = list(shape)
+            region = None
+            if piece.dim is not None:
+                region = (piece.dim, piece.start, piece.length)
+                shape[piece.dim] = piece.length
+            out.append(LocalPiece(name, region, plan._source(entry, piece), dtype, tuple(shape)))
+    return out
+
+
+def _row_blocks(source: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(first row, rows, element offset)`` blocks of about :data:`CHUNK_ELEMENTS` along dim 0 of
+    ``source``; every block but the last holds a multiple of 8 elements (bitmaps concatenate)."""
+    if source.dim() == 0:
+        return [(0, 1, 0)]
+    inner = math.prod(source.shape[1:])
+    step = 8 // math.gcd(inner, 8)
+    rows = max(step, (CHUNK_ELEMENTS // max(inner, 1)) // step * step)
+    return [(r, min(rows, source.shape[0] - r), r * inner) for r in range(0, source.shape[0], rows)]
+
+
+class PieceDiffer:
+    """The copies of this rank's parts as the servers hold them, and the diff against them."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, torch.Tensor] = {}  # key -> flat, contiguous, served dtype (host)
+        self._scratch = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8)
+        self._mask = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.bool)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.held.values())
+
+    def _scratch_for(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        need = n * dtype.itemsize
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.uint8)
+            self._mask = torch.empty(n, dtype=torch.bool)
+        return self._scratch[:need].view(dtype)
+
+    def refresh(self, pieces: list[LocalPiece]) -> None:
+        """The copies become the parameters as they are now (after a full sync)."""
+        keep = {}
+        for p in pieces:
+            held = self.held.get(p.key)
+            if held is None or held.numel() != p.numel or held.dtype != p.dtype:
+                held = torch.empty(p.numel, dtype=p.dtype)
+            with torch.no_grad():
+                held.view(p.source.shape).copy_(p.source)
+            keep[p.key] = held
+        self.held = keep
+
+    def diff(self, piece: LocalPiece) -> dict[str, torch.Tensor]:
+        """The codec's parts for ``piece`` (``{}``: unchanged) and the copy updated to the new
+        values. A part is its region's bits in row-major order: ``@idx`` indices count from the
+        region's first element."""
+        held = self.held.get(piece.key)
+        if held is None:  # a part the servers got in the last full sync but we never kept: send it
+            self.refresh_one(piece)
+            return {piece.name + codec.FULL: self.held[piece.key].view(piece.shape)}
+        ints = held.view(_INT_OF[held.element_size()])
+        packed, values, changed = [], [], 0
+        for row, rows, offset in _row_blocks(piece.source):
+            src = piece.source.narrow(0, row, rows) if piece.source.dim() else piece.source
+            n = src.numel()
+            new = self._scratch_for(piece.dtype, n)[:n]
+            with torch.no_grad():
+                new.view(src.shape).copy_(src)  # the cast to the served dtype
+            new_ints, old_ints = new.view(ints.dtype), ints[offset : offset + n]
+            mask = self._mask[:n]
+            torch.ne(new_ints, old_ints, out=mask)
+            k = int(torch.count_nonzero(mask))
+            if k:
+                m = mask.numpy()
+                values.append(np.compress(m, new_ints.numpy()))
+                packed.append(np.packbits(m, bitorder="little"))
+                old_ints.copy_(new_ints)
+                changed += k
+            else:
+                packed.append(np.zeros((n + 7) // 8, dtype=np.uint8))
+        if not changed:
+            return {}
+        return _smallest(piece, held, changed, packed, values)
+
+    def refresh_one(self, piece: LocalPiece) -> None:
+        held = torch.empty(piece.numel, dtype=piece.dtype)
+        with torch.no_grad():
+            held.view(piece.source.shape).copy_(piece.source)
+        self.held[piece.key] = held
+
+    def digests(self, pieces: list[LocalPiece]) -> dict[str, str]:
+        """blake2b of each part's copy, keyed as the server keys its regions."""
+        return {p.key: codec.digest(self.held[p.key].view(p.shape)) for p in pieces}
+
+
+def _smallest(piece: LocalPiece, held: torch.Tensor, k: int, packed: list, values: list) -> dict[str, torch.Tensor]:
+    """The codec's smallest encoding of a part with ``k`` changed elements (``held`` is new now)."""
+    name, n, item = piece.name, held.numel(), held.element_size()
+    index_dtype = np.int32 if n < 2**31 else np.int64
+    sizes = {codec.INDEX: k * (np.dtype(index_dtype).itemsize + item), codec.BITMAP: (n + 7) // 8 + k * item,
+             codec.FULL: n * item}
+    best = min(sizes, key=sizes.get)
+    if best == codec.FULL:
+        return {name + codec.FULL: held.view(piece.shape)}
+    vals = torch.from_numpy(np.concatenate(values)).view(held.dtype)
+    bits = np.concatenate(packed)
+    if best == codec.BITMAP:
+        return {name + codec.BITMAP: torch.from_numpy(bits), name + codec.VALUES: vals}
+    idx = np.flatnonzero(np.unpackbits(bits, count=n, bitorder="little")).astype(index_dtype)
+    return {name + codec.INDEX: torch.from_numpy(idx), name + codec.VALUES: vals}
+
+
+def write_delta(path: str, differ: PieceDiffer, pieces: list[LocalPiece], *, check: bool) -> tuple[str | None, int, int, dict | None]:
+    """Diff this rank's parts and write them to ``path`` (safetensors; the regions in its
+    metadata, and with ``check`` every region this rank holds, for the servers' digests).
+    Returns ``(path or None when there was nothing to write, encoded bytes, full bytes of the
+    parts, this rank's digests when check)``."""
+    parts: dict[str, torch.Tensor] = {}
+    regions: dict[str, list] = {}
+    for piece in pieces:
+        mine = differ.diff(piece)
+        parts.update(mine)
+        if mine and piece.region is not None:
+            regions[piece.name] = list(piece.region)
+    full = sum(p.numel * p.dtype.itemsize for p in pieces)
+    if not parts and not (check and pieces):
+        return None, 0, full, ({} if check else None)
+    from safetensors.torch import save_file
+
+    meta = {"regions": json.dumps(regions)}
+    if check:
+        meta["pieces"] = json.dumps({p.key: [p.name, p.region] for p in pieces})
+    save_file(parts, path, metadata=meta)
+    return path, codec.encoded_nbytes(parts), full, (differ.digests(pieces) if check else None)
