@@ -22,7 +22,7 @@ def _bf16_step(shape, frac, seed=0):
     return old, new
 
 
-@pytest.mark.parametrize("frac,kind", [(0.001, dl.INDEX), (0.2, dl.BITMAP), (1.0, dl.FULL)])
+@pytest.mark.parametrize("frac,kind", [(0.001, dl.INDEX), (0.05, dl.GAP), (0.3, dl.BITMAP), (1.0, dl.FULL)])
 def test_round_trip_and_smallest_encoding(frac, kind):
     old, new = _bf16_step((37, 53), frac)
     assert not torch.equal(old, new)  # guard: there is something to send
@@ -33,6 +33,26 @@ def test_round_trip_and_smallest_encoding(frac, kind):
     target = old.clone()
     assert dl.apply(target, parts, "w")
     assert torch.equal(target.view(torch.int16), new.view(torch.int16))  # bit for bit
+
+
+def test_gaps_bridge_long_runs_with_unchanged_bits():
+    import numpy as np
+
+    assert dl.gap_positions(np.array([0, 600, 601])).tolist() == [0, 255, 510, 600, 601]
+    assert dl.gap_positions(np.array([254, 300])).tolist() == [254, 300]  # no gap over MAX_GAP
+    # A sparse tail far from a dense head: the gap encoding with bridges, applied, is bit exact.
+    old = torch.randn(5000).to(torch.bfloat16)
+    new = old.clone()
+    new[:400:3] += 1
+    new[4990] += 1
+    parts = dl.encode_positions("w", new, np.flatnonzero(dl.changed_mask(old, new)))
+    assert "w" + dl.GAP in parts and parts["w" + dl.GAP].numel() > 134 + 1  # bridged
+    target = old.clone()
+    dl.apply(target, parts, "w")
+    assert torch.equal(target.view(torch.int16), new.view(torch.int16))
+    parts["w" + dl.GAP][-1] = 0  # a zero gap is corrupt
+    with pytest.raises(ValueError, match="zero gap"):
+        dl.apply(old.clone(), parts, "w")
 
 
 def test_unchanged_sends_nothing_and_bit_patterns_count():
@@ -56,8 +76,9 @@ def test_fp32_and_odd_sizes_and_bitmap_pack():
 
 
 def test_corrupt_parts_are_refused():
-    old, new = _bf16_step((64,), 0.01)
+    old, new = _bf16_step((20000,), 0.0005)
     parts = dl.encode("w", old, new)
+    assert "w" + dl.INDEX in parts, sorted(parts)
     parts["w" + dl.INDEX] = parts["w" + dl.INDEX] + 10_000
     with pytest.raises(ValueError, match="indices"):
         dl.apply(old.clone(), parts, "w")

@@ -27,9 +27,9 @@ def test_rank_local_deltas_rebuild_the_export(tmp_path, layout):
     hf = make_hf_model("qwen3_moe", tmp_path / "hf")
     torchrun(WORKER, *layout, "--hf", str(hf), "--out", str(tmp_path / "out"), nproc=2)
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    # Not vacuous: the change reached most HF tensors, and the three encodings all occurred.
+    # Not vacuous: the change reached most HF tensors, and the four encodings all occurred.
     assert result["differs_before"] > result["tensors"] // 2, result
-    assert {"full", "idx", "bits"} <= set(result["kinds"]), result
+    assert {"full", "idx", "gap", "bits"} <= set(result["kinds"]), result
     assert result["equal"], result
     assert result["digests_equal"] and result["digests"] > 0, result
     # The ranks' regions cover every element of the model exactly once.

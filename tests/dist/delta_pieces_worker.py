@@ -35,7 +35,7 @@ from sapo_megatron.rollout.sglang.weight_sync.delta_pieces import PieceDiffer, l
 from sapo_sglang import delta_loader as dl  # noqa: E402
 from tests.helpers import add_layout_args, init_layout  # noqa: E402
 
-FRACTIONS = (0.002, 0.1, 1.0)  # index, bitmap and whole-part encodings all occur
+FRACTIONS = (0.002, 0.05, 0.3, 1.0)  # index, gap, bitmap and whole-part encodings all occur
 
 
 def perturb(model) -> None:

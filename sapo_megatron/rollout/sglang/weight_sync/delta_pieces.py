@@ -12,10 +12,10 @@ new values. Each rank writes its parts to its own delta file, with each part's r
 tensor (``(dim, start, length)``) in the file's metadata; the server's loader
 (:func:`sapo_sglang.delta_loader.apply_parts`) applies each region to its HF copy.
 
-Work per element is two passes over a cache-sized chunk (the cast, the compare) plus one
-``packbits`` and one ``compress``: no full-tensor temporaries, no per-element Python. The
-encoding of each part is the codec's, chosen by size (:func:`sapo_sglang.delta_loader.encode`):
-changed indices + values, a bitmap + values, or the whole part.
+Work per element is three passes over a cache-sized chunk (the cast, the compare, the changed
+positions): no full-tensor temporaries, no per-element Python. The encoding of each part is the
+codec's, chosen by size (:func:`sapo_sglang.delta_loader.encode_positions`): changed indices,
+uint8 gaps or a bitmap, each with the values, or the whole part.
 """
 
 from __future__ import annotations
@@ -75,13 +75,11 @@ def local_pieces(plan, rank: int) -> list[LocalPiece]:
 
 
 def _row_blocks(source: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(first row, rows, element offset)`` blocks of about :data:`CHUNK_ELEMENTS` along dim 0 of
-    ``source``; every block but the last holds a multiple of 8 elements (bitmaps concatenate)."""
+    """``(first row, rows, element offset)`` blocks of about :data:`CHUNK_ELEMENTS` along dim 0."""
     if source.dim() == 0:
         return [(0, 1, 0)]
     inner = math.prod(source.shape[1:])
-    step = 8 // math.gcd(inner, 8)
-    rows = max(step, (CHUNK_ELEMENTS // max(inner, 1)) // step * step)
+    rows = max(1, CHUNK_ELEMENTS // max(inner, 1))
     return [(r, min(rows, source.shape[0] - r), r * inner) for r in range(0, source.shape[0], rows)]
 
 
@@ -97,11 +95,11 @@ class PieceDiffer:
         return sum(t.numel() * t.element_size() for t in self.held.values())
 
     def _scratch_for(self, dtype: torch.dtype, n: int) -> torch.Tensor:
-        need = n * dtype.itemsize
-        if self._scratch.numel() < need:
-            self._scratch = torch.empty(need, dtype=torch.uint8)
+        if self._scratch.numel() < n * dtype.itemsize:
+            self._scratch = torch.empty(n * dtype.itemsize, dtype=torch.uint8)
+        if self._mask.numel() < n:
             self._mask = torch.empty(n, dtype=torch.bool)
-        return self._scratch[:need].view(dtype)
+        return self._scratch[: n * dtype.itemsize].view(dtype)
 
     def refresh(self, pieces: list[LocalPiece]) -> None:
         """The copies become the parameters as they are now (after a full sync)."""
@@ -124,7 +122,7 @@ class PieceDiffer:
             self.refresh_one(piece)
             return {piece.name + codec.FULL: self.held[piece.key].view(piece.shape)}
         ints = held.view(_INT_OF[held.element_size()])
-        packed, values, changed = [], [], 0
+        found = []
         for row, rows, offset in _row_blocks(piece.source):
             src = piece.source.narrow(0, row, rows) if piece.source.dim() else piece.source
             n = src.numel()
@@ -134,18 +132,12 @@ class PieceDiffer:
             new_ints, old_ints = new.view(ints.dtype), ints[offset : offset + n]
             mask = self._mask[:n]
             torch.ne(new_ints, old_ints, out=mask)
-            k = int(torch.count_nonzero(mask))
-            if k:
-                m = mask.numpy()
-                values.append(np.compress(m, new_ints.numpy()))
-                packed.append(np.packbits(m, bitorder="little"))
+            if bool(mask.any()):
+                found.append(np.flatnonzero(mask.numpy()) + offset)
                 old_ints.copy_(new_ints)
-                changed += k
-            else:
-                packed.append(np.zeros((n + 7) // 8, dtype=np.uint8))
-        if not changed:
+        if not found:
             return {}
-        return _smallest(piece, held, changed, packed, values)
+        return codec.encode_positions(piece.name, held.view(piece.shape), np.concatenate(found))
 
     def refresh_one(self, piece: LocalPiece) -> None:
         held = torch.empty(piece.numel, dtype=piece.dtype)
@@ -156,23 +148,6 @@ class PieceDiffer:
     def digests(self, pieces: list[LocalPiece]) -> dict[str, str]:
         """blake2b of each part's copy, keyed as the server keys its regions."""
         return {p.key: codec.digest(self.held[p.key].view(p.shape)) for p in pieces}
-
-
-def _smallest(piece: LocalPiece, held: torch.Tensor, k: int, packed: list, values: list) -> dict[str, torch.Tensor]:
-    """The codec's smallest encoding of a part with ``k`` changed elements (``held`` is new now)."""
-    name, n, item = piece.name, held.numel(), held.element_size()
-    index_dtype = np.int32 if n < 2**31 else np.int64
-    sizes = {codec.INDEX: k * (np.dtype(index_dtype).itemsize + item), codec.BITMAP: (n + 7) // 8 + k * item,
-             codec.FULL: n * item}
-    best = min(sizes, key=sizes.get)
-    if best == codec.FULL:
-        return {name + codec.FULL: held.view(piece.shape)}
-    vals = torch.from_numpy(np.concatenate(values)).view(held.dtype)
-    bits = np.concatenate(packed)
-    if best == codec.BITMAP:
-        return {name + codec.BITMAP: torch.from_numpy(bits), name + codec.VALUES: vals}
-    idx = np.flatnonzero(np.unpackbits(bits, count=n, bitorder="little")).astype(index_dtype)
-    return {name + codec.INDEX: torch.from_numpy(idx), name + codec.VALUES: vals}
 
 
 def write_delta(path: str, differ: PieceDiffer, pieces: list[LocalPiece], *, check: bool) -> tuple[str | None, int, int, dict | None]:
