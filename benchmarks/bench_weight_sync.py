@@ -21,14 +21,18 @@ each trainer rank's seconds per stage of the best round.
 The model is a random Qwen3-MoE of about 700 MB in fp32 (what the served checkpoint holds, so
 bytes synced = bytes trained). The receiver keeps nothing (``--drop-weights``).
 
-Run: ``python benchmarks/bench_weight_sync.py [--layers 4] [--bucket-mb 64] [--rounds 3]``; the
+Run: ``python benchmarks/bench_weight_sync.py [--layers 4] [--bucket-mb 64] [--rounds 3] [--real]``; the
 last line reads ``dist_ratio=<x> disk_ratio=<y> speedup_vs_funnel=<z> delta_bytes_ratio=<b>
 delta_speedup=<d>``.
 
 Delta sync (``rollout.sglang.delta``): the same model served in bf16, trained between pushes by
 real Adam steps at lr 1e-6 (``_delta_rounds``). ``delta_bytes_ratio`` = bytes a delta push
 writes / bytes of the full model (the worst round; target <= 0.2); ``delta_speedup`` = time of
-the full disk sync of the same bf16 weights / time of the delta push (target >= 3).
+the full disk sync of the same bf16 weights / time of the delta push (target >= 3). Against the
+mock receiver a full push loads nothing while a delta is applied to the loader's host copy;
+``--real`` runs these rounds against the real SGLang 0.5.23 CPU server instead (it loads the full
+push from disk with its default loader, and the delta with ours through
+``/update_weights_from_tensor``), so both sides pay what the server really does.
 """
 
 from __future__ import annotations
@@ -340,8 +344,13 @@ def _delta_rounds(args, chunks, served, engine, work, timed, runs) -> float:
     from sapo_megatron.rollout.sglang.weight_sync.delta import DeltaSync
 
     served16 = dict(served, torch_dtype="bfloat16")
-    config = SGLangConfig(urls=[args.url], weight_sync="disk", delta=True, delta_checksum_every=0,
+    url = args.delta_url or args.url
+    config = SGLangConfig(urls=[url], weight_sync="disk", delta=True, delta_checksum_every=0,
                           weight_timeout_s=600, keep_weight_dirs=1)
+    if args.delta_url:  # the real SGLang server: its own engine (rank 0)
+        from sapo_megatron.rollout.sglang import SGLangEngine
+
+        engine = SGLangEngine(config) if dist.get_rank() == 0 else None
     full = DiskSync(engine, served16, config, str(work / "full_bf16"), fsync=True)
     delta = DeltaSync(engine, served16, config, str(work / "delta"), fsync=True)
     params = [p for c in chunks for p in c.parameters() if p.requires_grad]
@@ -373,6 +382,9 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--real", action="store_true",
+                    help="the delta rounds against the REAL SGLang 0.5.23 CPU server (tests/real_sglang venv)")
+    ap.add_argument("--delta-url", help=argparse.SUPPRESS)  # set by --real for the worker
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -381,6 +393,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     port_file = out / "receiver.port"
+    real = None
     receiver = subprocess.Popen([sys.executable, "-m", "tests.dist.sglang_receiver", "--port-file", str(port_file),
                                  "--drop-weights", "--custom-weight-loader", "sapo_sglang.delta_loader.apply_delta"],
                                 cwd=ROOT, env=env)
@@ -391,11 +404,39 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                "--worker", "--url", url, "--layers", str(args.layers), "--bucket-mb", str(args.bucket_mb),
                "--rounds", str(args.rounds), "--out", str(out)]
+        if args.real:
+            real = _real_server(args.layers, out)
+            cmd += ["--delta-url", real.url]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     finally:
         receiver.kill()
         receiver.wait()
+        if real is not None:
+            real.stop()
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _real_server(layers: int, out: Path):
+    """The real SGLang server (CPU) serving the benchmark's model in bf16, with our delta loader:
+    random weights of ``hf_config(layers)`` (the first push replaces them) and the real-server
+    tier's tokenizer."""
+    import torch
+    import transformers as tf
+
+    sys.path.insert(0, str(ROOT))  # tests.real_sglang: the real-server tier's harness
+    from tests.real_sglang.harness import DELTA_LOADER, RealServer, ensure_venv, make_tiny_model
+
+    model = out / "real_model"
+    tokenizer = make_tiny_model(out / "real_tokenizer")
+    cfg = dict(hf_config(layers), torch_dtype="bfloat16")
+    ids = json.loads((tokenizer / "config.json").read_text())
+    cfg.update(eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    torch.manual_seed(0)
+    tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+                           ).to(torch.bfloat16).save_pretrained(str(model))
+    for f in tokenizer.glob("tokenizer*"):
+        shutil.copy(f, model / f.name)
+    return RealServer(ensure_venv(), model, log_dir=out, args=("--custom-weight-loader", DELTA_LOADER)).start()
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class DeltaSync(DiskSync):
         for stale in glob.glob(os.path.join(self.delta_dir, f"v*_r{rank}.safetensors")):
             os.remove(stale)  # the previous version's: every server applied it or gets a full sync
         mine = write_delta(os.path.join(self.delta_dir, f"v{version}_r{rank}.safetensors"), self.differ, pieces,
-                           check=check)
+                           check=check, fsync=self.fsync)
         t_export = time.perf_counter()
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import numpy as np
 import torch
@@ -150,9 +151,11 @@ class PieceDiffer:
         return {p.key: codec.digest(self.held[p.key].view(p.shape)) for p in pieces}
 
 
-def write_delta(path: str, differ: PieceDiffer, pieces: list[LocalPiece], *, check: bool) -> tuple[str | None, int, int, dict | None]:
+def write_delta(path: str, differ: PieceDiffer, pieces: list[LocalPiece], *, check: bool,
+                fsync: bool = False) -> tuple[str | None, int, int, dict | None]:
     """Diff this rank's parts and write them to ``path`` (safetensors; the regions in its
-    metadata, and with ``check`` every region this rank holds, for the servers' digests).
+    metadata, and with ``check`` every region this rank holds, for the servers' digests;
+    ``fsync``: flushed to stable storage, as the full sync's files then are).
     Returns ``(path or None when there was nothing to write, encoded bytes, full bytes of the
     parts, this rank's digests when check)``."""
     parts: dict[str, torch.Tensor] = {}
@@ -171,4 +174,10 @@ def write_delta(path: str, differ: PieceDiffer, pieces: list[LocalPiece], *, che
     if check:
         meta["pieces"] = json.dumps({p.key: [p.name, p.region] for p in pieces})
     save_file(parts, path, metadata=meta)
+    if fsync:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return path, codec.encoded_nbytes(parts), full, (differ.digests(pieces) if check else None)
