@@ -23,7 +23,7 @@ bytes synced = bytes trained). The receiver keeps nothing (``--drop-weights``).
 
 Run: ``python benchmarks/bench_weight_sync.py [--layers 4] [--bucket-mb 64] [--rounds 3] [--real]``; the
 last line reads ``dist_ratio=<x> disk_ratio=<y> speedup_vs_funnel=<z> delta_bytes_ratio=<b>
-delta_speedup=<d>``.
+delta_speedup=<d> delta_bound=<u>``.
 
 Delta sync (``rollout.sglang.delta``): the same model served in bf16, trained between pushes by
 real Adam steps at lr 1e-6 (``_delta_rounds``). ``delta_bytes_ratio`` = bytes a delta push
@@ -33,6 +33,9 @@ mock receiver a full push loads nothing while a delta is applied to the loader's
 ``--real`` runs these rounds against the real SGLang 0.5.23 CPU server instead (it loads the full
 push from disk with its default loader, and the delta with ours through
 ``/update_weights_from_tensor``), so both sides pay what the server really does.
+``delta_bound`` = the full sync's time / the time of one cast-and-compare pass over the same
+parameters (every rank its own parts, nothing else): no delta can beat that ratio here, as every
+delta must look at every element once (``_compare_pass``).
 """
 
 from __future__ import annotations
@@ -306,7 +309,8 @@ def worker(args) -> None:
                 print(f"stages rank{r} {path}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(st[path].items())))
         print(f"dist_ratio={t_bare / t_dist:.3f} disk_ratio={t_copy / t_disk:.3f} "
               f"speedup_vs_funnel={t_funnel / t_disk:.3f} delta_bytes_ratio={delta_ratio:.4f} "
-              f"delta_speedup={best['full_bf16'][0] / best['delta'][0]:.3f}", flush=True)
+              f"delta_speedup={best['full_bf16'][0] / best['delta'][0]:.3f} "
+              f"delta_bound={best['full_bf16'][0] / best['compare_pass'][0]:.3f}", flush=True)
         engine.close()
     destroy()
 
@@ -370,8 +374,32 @@ def _delta_rounds(args, chunks, served, engine, work, timed, runs) -> float:
             print("delta stages: " + " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in sorted(metrics.items())
                                               if k.endswith("_s")), flush=True)
         runs["full_bf16"].append((timed(lambda r=r: full.push(chunks, 1002 + r)), None))
+        runs.setdefault("compare_pass", []).append((timed(lambda: _compare_pass(chunks, served16, delta)), None))
     assert delta.fallbacks == 0, "the benchmark's deltas fell back to full syncs"
     return max(ratios)
+
+
+def _compare_pass(chunks, served16, delta) -> None:
+    """The least any delta must do: every rank casts its own parts to bf16 and compares them with
+    what the servers hold, block by block (no positions, no encoding, no files, no server). Its
+    time bounds ``delta_speedup`` from above on this machine whatever the encoding or transport:
+    ``delta_bound`` = full sync time / this."""
+    import torch
+    import torch.distributed as dist
+
+    from sapo_megatron.checkpoint.live import export_plan
+    from sapo_megatron.rollout.sglang.weight_sync.delta_pieces import CHUNK_ELEMENTS, row_blocks, local_pieces
+
+    scratch = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.int16)
+    mask = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.bool)
+    with torch.no_grad():
+        for piece in local_pieces(export_plan(chunks, served16, "checkpoint"), dist.get_rank()):
+            held = delta.differ.held[piece.key].view(torch.int16)
+            for row, rows, offset in row_blocks(piece.source):
+                src = piece.source.narrow(0, row, rows)
+                new = scratch[: src.numel()]
+                new.view(torch.bfloat16).view(src.shape).copy_(src)
+                torch.ne(new, held[offset : offset + src.numel()], out=mask[: src.numel()])
 
 
 def main() -> None:

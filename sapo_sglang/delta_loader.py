@@ -86,19 +86,21 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(np.bool_))
 
 
-def gap_positions(positions: np.ndarray) -> np.ndarray:
+def gap_positions(positions: np.ndarray, gaps: np.ndarray | None = None) -> np.ndarray:
     """``positions`` (sorted, distinct) plus the bridging positions a uint8 gap encoding needs:
     wherever two changed elements (or the start and the first) lie more than :data:`MAX_GAP`
     apart, every ``MAX_GAP``-th element between them is listed too (written with its own, unchanged
-    bits). Vectorised: no loop over the elements."""
-    prev = np.concatenate(([-1], positions[:-1]))
-    extra = (positions - prev - 1) // MAX_GAP  # bridging elements before each position
-    if not extra.any():
+    bits). ``gaps``: ``np.diff(positions, prepend=-1)`` when the caller has it. Vectorised."""
+    gaps = np.diff(positions, prepend=-1) if gaps is None else gaps
+    long = np.flatnonzero(gaps > MAX_GAP)
+    if not long.size:
         return positions
+    extra = np.zeros(positions.size, dtype=np.int64)
+    extra[long] = (gaps[long] - 1) // MAX_GAP  # bridging elements before each position
     counts = extra + 1
     starts = np.cumsum(counts) - counts
     within = np.arange(int(counts.sum())) - np.repeat(starts, counts)
-    out = np.repeat(prev, counts) + MAX_GAP * (within + 1)
+    out = np.repeat(positions - gaps, counts) + MAX_GAP * (within + 1)
     out[starts + extra] = positions  # each group ends on its changed element
     return out
 
@@ -118,15 +120,19 @@ def encode_positions(name: str, new: torch.Tensor, positions: np.ndarray) -> dic
     n, item = new.numel(), new.element_size()
     if positions.size == 0:
         return {}
-    bridged = gap_positions(positions)
-    sizes = encoding_sizes(n, item, positions.size, bridged.size)
+    gaps = np.diff(positions, prepend=-1)
+    long = gaps > MAX_GAP
+    bridged = positions.size + (int(((gaps[long] - 1) // MAX_GAP).sum()) if long.any() else 0)
+    sizes = encoding_sizes(n, item, positions.size, bridged)
     best = min(sizes, key=sizes.get)
     bits = _bits(new)
     if best == FULL:
         return {name + FULL: new}
     if best == GAP:
-        gaps = np.diff(bridged, prepend=-1).astype(np.uint8)
-        return {name + GAP: torch.from_numpy(gaps), name + VALUES: _tensor(bits[bridged], new.dtype)}
+        if bridged != positions.size:
+            positions = gap_positions(positions, gaps)
+            gaps = np.diff(positions, prepend=-1)
+        return {name + GAP: torch.from_numpy(gaps.astype(np.uint8)), name + VALUES: _tensor(bits[positions], new.dtype)}
     values = _tensor(bits[positions], new.dtype)
     if best == INDEX:
         return {name + INDEX: torch.from_numpy(positions.astype(np.int32 if n < 2**31 else np.int64)),

@@ -147,12 +147,13 @@ class DeltaSync(DiskSync):
         t0 = time.perf_counter()
         rank = dist.get_rank()
         pieces = self._pieces(model)
+        timings = {"plan_s": time.perf_counter() - t0}
         check = self.checksum_every > 0 and (self.deltas + 1) % self.checksum_every == 0
         os.makedirs(self.delta_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(self.delta_dir, f"v*_r{rank}.safetensors")):
             os.remove(stale)  # the previous version's: every server applied it or gets a full sync
         mine = write_delta(os.path.join(self.delta_dir, f"v{version}_r{rank}.safetensors"), self.differ, pieces,
-                           check=check, fsync=self.fsync)
+                           check=check, fsync=self.fsync, timings=timings)
         t_export = time.perf_counter()
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
@@ -185,7 +186,8 @@ class DeltaSync(DiskSync):
                               "weight_sync/delta_full_bytes": float(full_bytes),
                               "weight_sync/delta_ratio": delta_bytes / max(full_bytes, 1),
                               "weight_sync/delta_s": time.perf_counter() - t0,
-                              "weight_sync/delta_export_s": t_export - t0,  # this rank's diff, encode, file
+                              "weight_sync/delta_export_s": t_export - t0,  # rank 0's plan, diff, encode, file
+                              **{f"weight_sync/delta_{k}": v for k, v in timings.items()},  # its parts
                               "weight_sync/delta_write_s": t_written - t_export,  # waiting for every rank's
                               "weight_sync/delta_send_s": time.perf_counter() - t_written})  # HTTP + servers' apply
         if check:
