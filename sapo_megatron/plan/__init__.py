@@ -36,6 +36,7 @@ from pathlib import Path
 from sapo_megatron.plan.activations import (
     Recompute,
     Shape,
+    fused_logits_bytes,
     logits_bytes,
     packed_row_tokens,
     routes_bytes,
@@ -273,8 +274,9 @@ def plan_config(cfg, *, world_size: int, gpu_memory_bytes: float = DEFAULT_GPU_M
         device["activations_stored"] = stored * in_flight
         loss_time = 0.0
         if p == pp - 1:
-            loss_time = sum(logits_bytes(shape, tokens, logprob_chunk_size=cfg.loss.logprob_chunk_size,
-                                         local=spec != "te").values())
+            loss_bytes = fused_logits_bytes if cfg.loss.fused_logprobs else logits_bytes
+            loss_time = sum(loss_bytes(shape, tokens, logprob_chunk_size=cfg.loss.logprob_chunk_size,
+                                       local=spec != "te").values())
         # Backward meets the loss's tensors first, then one recomputed block: never both at once.
         device["logits_and_logprobs"] = loss_time
         device["recompute_block"] = transient if transient > loss_time else 0.0

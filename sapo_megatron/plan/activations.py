@@ -64,7 +64,9 @@ Logits (last stage): the output layer's ``[T, V/TP]`` logits in the activation d
 the log-prob function (``sapo_megatron.logprobs``), their gradient of the same size, and the
 float32 workspace of about one chunk of ``logprob_chunk_size`` rows (``None``: about 64 MB), all
 alive in the loss's backward, plus the final norm's and the output layer's inputs. (Padded microbatches, ``B > 1``, briefly hold a second, transposed copy
-of the logits in the forward, before the gradient and workspace exist: never the peak.)
+of the logits in the forward, before the gradient and workspace exist: never the peak.) With
+``loss.fused_logprobs`` (the default) none of these ``[T, V/TP]`` tensors exists: one chunk or
+block of logits at a time and ``[T, H]`` float32 accumulators (:func:`fused_logits_bytes`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ from dataclasses import dataclass
 
 # sapo_megatron.logprobs.DEFAULT_CHUNK_BYTES: the float32 workspace when no chunk size is set.
 DEFAULT_LOGPROB_CHUNK_BYTES = 64 * 2**20
+# sapo_megatron.logprobs.fused: a forward chunk's float32 workspace when no chunk size is set.
+FUSED_FORWARD_CHUNK_BYTES = 4 * DEFAULT_LOGPROB_CHUNK_BYTES
 
 
 def packed_row_tokens(sample_lengths: list[int], *, tp: int, sequence_parallel: bool, cp: int) -> int:
@@ -197,6 +201,31 @@ def logits_bytes(s: Shape, tokens: int, *, logprob_chunk_size: int | None, local
     backward = min(rows, tokens) if s.act_bytes == 4 else 2 * min(max(1, rows // 2), tokens)
     hs = s.hidden / s.tp if s.sequence_parallel else s.hidden
     return {"logits": logits, "logits_grad": logits, "logprob_workspace": max(forward, backward) * vocab_local * 4,
+            "final_norm_and_head_input": tokens * (_norm(s, hs, local) + s.act_bytes * hs)}
+
+
+def fused_logits_bytes(s: Shape, tokens: int, *, logprob_chunk_size: int | None, local: bool) -> dict[str, float]:
+    """The same for the fused log-probs (``loss.fused_logprobs``, ``sapo_megatron.logprobs.fused``):
+    no ``[T, V/TP]`` tensor at all. The forward holds one chunk of logits (activation dtype) and
+    its float32 workspace; the backward one near-square block of recomputed logits with its
+    float32 softmax and (below float32) gradient buffers, the float32 ``dL/dh`` accumulator
+    ``[T, H]`` (and its rounded copy at the end), and one float32 ``[v, H]`` weight-gradient block.
+    The larger of the two, with the saved per-token statistics and the layer inputs."""
+    from sapo_megatron.logprobs.fused import block_shape
+
+    vocab_local = int(s.vocab_padded // s.tp)
+    if logprob_chunk_size:
+        rows, elems = logprob_chunk_size, logprob_chunk_size * vocab_local
+    else:
+        rows, elems = max(1, FUSED_FORWARD_CHUNK_BYTES // (4 * vocab_local)), DEFAULT_LOGPROB_CHUNK_BYTES // 4
+    rows = min(rows, tokens)
+    forward = rows * vocab_local * (s.act_bytes + 4)
+    t, v = block_shape(tokens, vocab_local, elems)
+    fp32 = s.act_bytes == 4
+    block = t * v * (s.act_bytes + 4 + (0 if fp32 else 4))
+    backward = block + tokens * s.hidden * (4 + (0 if fp32 else s.act_bytes)) + (0 if fp32 else v * s.hidden * 4)
+    hs = s.hidden / s.tp if s.sequence_parallel else s.hidden
+    return {"fused_logprob_workspace": max(forward, backward), "logprob_stats": tokens * 4 * 3,
             "final_norm_and_head_input": tokens * (_norm(s, hs, local) + s.act_bytes * hs)}
 
 

@@ -11,7 +11,7 @@ _ROWS = [
     ("adam_moments", "Adam moments"),
     ("activations_stored", "activations, stored x in flight"),
     ("recompute_block", "recomputed block (backward)"),
-    ("logits_and_logprobs", "logits + grad + log-prob workspace"),
+    ("logits_and_logprobs", "log-probs: logits + grad, or fused blocks"),
     ("routes", "replayed routes"),
 ]
 
