@@ -168,3 +168,19 @@ def test_fused_logprobs_bypass_the_output_layer(single_rank_parallel, monkeypatc
     collect_log_probs(chunks, mbs, fused=False)
     assert layer in calls  # guard: the hook does see the unfused path's matmul
     assert "forward" not in vars(layer)  # the instance patch (0.16) is undone
+
+
+def test_every_log_prob_pass_takes_the_loss_options(single_rank_parallel, monkeypatch):
+    """The old-log-prob, reference, live-route and doctor passes compute log-probs as the update
+    does: the loss's temperature, fused switch AND chunk size (the chunk size was once dropped)."""
+    import sapo_megatron.step.run as run
+
+    spec = PolicyLossSpec(temperature=0.7, logprob_chunk_size=5, fused_logprobs=False)
+    assert spec.pass_options() == {"temperature": 0.7, "fused": False, "chunk_size": 5}
+    seen = []
+    original = run.token_log_probs
+    monkeypatch.setattr(run, "token_log_probs", lambda *a, **k: seen.append(k) or original(*a, **k))
+    chunks, _ = _models()
+    mbs = [collate_padded(synthetic_samples(2, vocab_size=MODEL.vocab_size, seed=2))]
+    collect_log_probs(chunks, mbs, **spec.pass_options())
+    assert seen and all(k["chunk_size"] == 5 and k["temperature"] == 0.7 and k["output_weight"] is None for k in seen)

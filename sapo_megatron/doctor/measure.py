@@ -50,9 +50,9 @@ def measure(trainer, *, routing_mode: str, record_to=None) -> dict | None:
     samples = [s for m in minibatches for s in m.samples]
     microbatches = [mb for m in minibatches for mb in trainer._microbatches(m)]
     with routing_action(chunks, "replay", with_backward=False):
-        replay = collect_log_probs(chunks, microbatches, temperature=spec.temperature, fused=spec.fused_logprobs)
+        replay = collect_log_probs(chunks, microbatches, **spec.pass_options())
     with routing_action(chunks, "record", with_backward=False):
-        live = collect_log_probs(chunks, microbatches, temperature=spec.temperature, fused=spec.fused_logprobs)
+        live = collect_log_probs(chunks, microbatches, **spec.pass_options())
         live_routes = recorded_sample_routes(chunks, microbatches)
 
     # Routing counts as routing/agreement.live_agreement_metrics reduces them (PP: layers; DP: samples).

@@ -103,6 +103,11 @@ class PolicyLossSpec(PolicyLossConfig):
             if value is not None and value < 1:
                 raise ValueError(f"loss.{name} must be >= 1 or null, got {value!r}")
 
+    def pass_options(self) -> dict:
+        """What a forward-only log-prob pass (old log-probs, reference, live routes, the doctor)
+        takes from the loss, so that every pass computes log-probs as the update does."""
+        return {"temperature": self.temperature, "fused": self.fused_logprobs, "chunk_size": self.logprob_chunk_size}
+
 
 def _data_parallel_group(with_context_parallel: bool = False):
     from megatron.core import parallel_state

@@ -435,8 +435,7 @@ class Trainer:
     def _log_prob_passes(self, samples: list[Sample], microbatches, advance) -> list[Sample]:
         """Reference log-probs (live routing), then old log-probs under the routing mode."""
         if self.reference is not None:
-            ref = collect_log_probs(self.reference, microbatches, temperature=self.spec.temperature,
-                                        fused=self.spec.fused_logprobs)
+            ref = collect_log_probs(self.reference, microbatches, **self.spec.pass_options())
             samples = [dataclasses.replace(s, ref_log_probs=r) for s, r in zip(samples, ref)]
             advance()
         self._mismatch_metrics = {}
@@ -445,8 +444,7 @@ class Trainer:
             # Live routing records its routes when measuring (a copy of the indices, no extra pass).
             action = {"none": "record" if measure else None, "R2": "record", "R3": "replay"}[self.mode]
             with routing_action(self.chunks, action, with_backward=False):
-                old = collect_log_probs(self.chunks, microbatches, temperature=self.spec.temperature,
-                                        fused=self.spec.fused_logprobs)
+                old = collect_log_probs(self.chunks, microbatches, **self.spec.pass_options())
                 if action == "record":
                     recorded = recorded_sample_routes(self.chunks, microbatches)
             if measure:
@@ -471,8 +469,7 @@ class Trainer:
         out = {}
         if recorded is None:
             with routing_action(self.chunks, "record", with_backward=False):
-                live_lp = collect_log_probs(self.chunks, microbatches, temperature=self.spec.temperature,
-                                            fused=self.spec.fused_logprobs)
+                live_lp = collect_log_probs(self.chunks, microbatches, **self.spec.pass_options())
                 recorded = recorded_sample_routes(self.chunks, microbatches)
             out.update(self._gap_metrics(live_lp, samples, "_live"))
         out.update(live_agreement_metrics(self.chunks, [s.routes for s in samples], recorded,
