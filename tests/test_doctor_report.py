@@ -125,6 +125,26 @@ def test_headline_is_the_training_modes_pass_and_json_keys_exist():
     assert "verdict:" in text and "tokens differing in >= 1 layer 0.1" in text
 
 
+def test_a_report_of_no_tokens_is_strict_json():
+    """No tokens: the figures are NaN in the report, ``null`` in its JSON (a JSON parser refuses
+    ``NaN``), and the verdict says why."""
+    from sapo_megatron.doctor.report import to_json
+
+    empty = torch.zeros(0)
+    gaps = TokenGaps(empty, empty, empty.long(), empty)
+    report = build_report(gaps, routing_figures(torch.zeros(1), torch.zeros(1), 0, 0), routing_mode="R3",
+                          tau_pos=1.0, tau_neg=1.05)
+    assert math.isnan(report["logprob_gap_mean"])  # guard: plain json.dumps would write NaN
+    assert "NaN" in json.dumps(report)
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    parsed = json.loads(to_json(report), parse_constant=refuse)
+    assert parsed["logprob_gap_mean"] is None and parsed["num_tokens"] == 0
+    assert parsed["verdict"] == "FAIL" and "no response tokens" in parsed["verdict_reason"]
+
+
 def test_plot_rows_feed_the_plot_command(tmp_path):
     pytest.importorskip("matplotlib")
     from sapo_megatron.commands.plot import main as plot_main

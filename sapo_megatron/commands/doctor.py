@@ -202,7 +202,7 @@ def run(args, prog: str = "sapo-megatron doctor") -> int:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     from sapo_megatron.doctor.measure import measure
-    from sapo_megatron.doctor.report import plot_rows, render
+    from sapo_megatron.doctor.report import plot_rows, render, to_json
     from sapo_megatron.parallel import destroy
     from sapo_megatron.trainer.loop import Trainer
 
@@ -216,11 +216,11 @@ def run(args, prog: str = "sapo-megatron doctor") -> int:
         trainer.watchdog.stop()
     if report is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "doctor.json").write_text(json.dumps(report, indent=2))
+        (out / "doctor.json").write_text(to_json(report, indent=2))
         with open(out / "doctor_positions.jsonl", "w") as f:
             for row in plot_rows(report):
-                f.write(json.dumps(row) + "\n")
-        print(json.dumps(report) if args.json else render(report), flush=True)
+                f.write(to_json(row) + "\n")
+        print(to_json(report) if args.json else render(report), flush=True)
     destroy()
     return 0
 

@@ -32,6 +32,7 @@ kernels). ``OK`` otherwise.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -151,6 +152,23 @@ def verdict(report: dict) -> tuple[str, str]:
         if test(report):
             return level, reason
     return "OK", "the gap is within bf16 noise; train on"
+
+
+def finite(obj):
+    """``obj`` with every NaN or infinite float as ``None``: what a figure of no tokens is, in
+    strict JSON (``json.dumps`` would write ``NaN``, which JSON parsers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **kwargs) -> str:
+    """Strict JSON of a report or a plot row (no ``NaN``: see :func:`finite`)."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
 def build_report(gaps: TokenGaps, routing: dict, *, routing_mode: str, tau_pos: float, tau_neg: float) -> dict:
