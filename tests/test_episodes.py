@@ -108,6 +108,8 @@ def test_stitched_routes_mask_and_log_probs_match_the_whole_episode():
     assert not torch.equal(res.routes[1:], routes_of(episode)[:-1])  # guard: a shift by one is caught
     model = [True] * 3 + [False] * 2 + [True] * 2 + [False] * 2 + [True] * 4
     assert res.response_mask == model
+    # response_len_mean counts the model's tokens, not the environment's
+    assert res.model_tokens == sum(model) == 9 < len(res.response_ids) == len(model)
     [sample] = _build_samples([res], torch.tensor([1.0]), use_routes=True)
     # Loss position i predicts token i+1: the mask is over positions len(prompt)-1 ... and marks
     # exactly the predictions of model tokens.

@@ -59,6 +59,11 @@ class RolloutResult:
     # the environment's; None: every response token is the model's.
     response_mask: list[bool] | None = None
 
+    @property
+    def model_tokens(self) -> int:
+        """The response tokens the model wrote (an episode's environment tokens left out)."""
+        return len(self.response_ids) if self.response_mask is None else sum(self.response_mask)
+
 
 class RolloutEngine(Protocol):
     """What the trainer needs from a rollout engine."""

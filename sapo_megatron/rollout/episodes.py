@@ -205,7 +205,7 @@ def episode_metrics(results: list[RolloutResult]) -> list[float]:
     """Local sums for ``episode/*`` metrics: episodes, turns, tool calls, episodes with a tool
     call, model tokens, environment tokens (aborted episodes count as episodes only)."""
     done = [r for r in results if r.finish_reason != "abort"]
-    model = sum(sum(r.response_mask) for r in done if r.response_mask is not None)
+    model = sum(r.model_tokens for r in done if r.response_mask is not None)
     env = sum(len(r.response_mask) - sum(r.response_mask) for r in done if r.response_mask is not None)
     return [float(len(results)), float(sum(r.meta.get("turns", 0) for r in done)),
             float(sum(r.meta.get("tool_calls", 0) for r in done)),

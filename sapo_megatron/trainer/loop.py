@@ -516,7 +516,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         local = [float(rewards.sum()), float((rewards**2).sum()), rewards.numel(),
-                 sum(len(r.response_ids) for r in results), sum(r.finish_reason == "abort" for r in results),
+                 sum(r.model_tokens for r in results), sum(r.finish_reason == "abort" for r in results),
                  *self._exact_counts]
         total, sq, n, length, aborted, exact, judged = all_reduce_values(
             local, group=parallel_state.get_data_parallel_group())
@@ -527,7 +527,7 @@ class Trainer:
             "rl_step": self.step,
             "reward_mean": mean,
             "reward_std": math.sqrt(max(sq / n - mean * mean, 0.0)),
-            "response_len_mean": length / n,
+            "response_len_mean": length / n,  # the model's tokens (not an episode's environment's)
             "abort_frac": aborted / n,
             **timings,
         }
