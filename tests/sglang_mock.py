@@ -340,7 +340,7 @@ class _Handler(BaseHTTPRequestHandler):
         key = admin_key or b.api_key if path in ADMIN_PATHS else b.api_key
         authorised = path.startswith("/health") or key is None or self.headers.get("Authorization") == f"Bearer {key}"
         self._record = {"path": self.path, "method": self.command, "body": body, "authorised": authorised,
-                        "time": time.monotonic(), "status": None}
+                        "time": time.monotonic(), "wall": time.time(), "status": None}
         with mock.lock:
             mock.requests.append(self._record)
         if not authorised:
@@ -525,6 +525,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _update_from_disk(self, body: dict) -> None:
         mock, b = self.server.mock, self.server.mock.behaviour
         ok = b.weight_update_ok and os.path.isdir(body["model_path"])
+        config = os.path.join(body["model_path"], "config.json")
+        if os.path.exists(config):  # when the directory was finished (tests: written before a pause?)
+            self._record["config_mtime"] = os.path.getmtime(config)
         message = "Succeeded to update model weights." if ok else "Failed to load weights"
         if ok and body.get("flush_cache", True) and mock.paused == "in_place" and mock.running_here > 0:
             # 0.5.22+ (weight_updater.py flush_cache_after_weight_update): a paused server loads
@@ -777,6 +780,11 @@ class MockSGLang:
     def paths(self) -> list[str]:
         with self.lock:
             return [r["path"] for r in self.requests]
+
+    def records(self, path: str) -> list[dict]:
+        """The requests to ``path``, whole (body, wall-clock ``wall``, what a handler noted)."""
+        with self.lock:
+            return [dict(r) for r in self.requests if r["path"] == path]
 
     def bodies(self, path: str) -> list[dict]:
         with self.lock:

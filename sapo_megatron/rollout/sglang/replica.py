@@ -162,18 +162,22 @@ class ReplicaSGLang:
         (it may have been down then) is not in the state the sync left it in (the distributed
         group lost its rank), so the push is told to rebuild; it then counts as re-synced.
 
-        ``pause`` (partial rollouts): rank 0 pauses every server with that mode
-        (``in_place``: the requests stay in the running batch, the update is sent without a flush;
-        ``retract``: they go back to the queue and are re-prefilled, the update flushes), pushes,
-        and continues generation; the requests in flight finish under the new weights."""
+        ``pause`` (partial rollouts): the trainer's side of the push (export, diff, files:
+        ``WeightSync.prepare``) is done first, while the servers keep generating; then rank 0
+        pauses every server with that mode (``in_place``: the requests stay in the running batch,
+        the update is sent without a flush; ``retract``: they go back to the queue and are
+        re-prefilled, the update flushes), loads, and continues generation; the requests in
+        flight finish under the new weights. The pause covers the load alone (SGLang's watchdog
+        and the requests' latency see only that)."""
         self._model = model_chunks
         stale = self._stale_everywhere() if self.version is not None else []
+        prepared = self.sync.prepare(model_chunks, version, rebuild=bool(stale))
         paused = pause is not None and dist.get_rank() == 0
         if paused:
             self.engine.pause_generation(pause)
             self.engine.flush_on_update = pause != "in_place"
         try:
-            synced = self.sync.push(model_chunks, version, rebuild=bool(stale))
+            synced = self.sync.push(model_chunks, version, rebuild=bool(stale), prepared=prepared)
         finally:
             if paused:
                 self.engine.flush_on_update = True

@@ -19,11 +19,20 @@ import torch.distributed as dist
 class WeightSync:
     name = "?"
 
-    def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
+    def prepare(self, model, version: int, *, rebuild: bool = False):
+        """Collective: the part of a push that needs no server (an export, a diff, files), so
+        that a partial rollout pauses the servers only for the load itself (their requests keep
+        generating under the old weights meanwhile). Returns what :meth:`push` takes as
+        ``prepared``; None (here): nothing to do before the load (the distributed sync, whose
+        broadcast is the load)."""
+        return None
+
+    def push(self, model, version: int, *, rebuild: bool = False, prepared=None) -> list[str]:
         """Make every server serve the trainer's weights as ``weight_version = str(version)``.
         Returns the servers that now do (a server that is down is left out and stays stale).
         ``rebuild``: some server is known stale (restarted): state a sync keeps per server (the
-        distributed group) must be built anew."""
+        distributed group) must be built anew. ``prepared``: what :meth:`prepare` returned for
+        this push (None: prepare inside)."""
         raise NotImplementedError
 
     def resync(self, model, version: int, urls: list[str]) -> list[str]:

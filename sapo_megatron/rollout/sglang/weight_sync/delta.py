@@ -119,8 +119,8 @@ class DeltaSync(DiskSync):
         self.differ.refresh(self._pieces(model))
 
     # ------------------------------------------------------------------ full syncs
-    def _full(self, model, version: int, rebuild: bool) -> list[str]:
-        synced = super().push(model, version, rebuild=rebuild)
+    def _full(self, model, version: int, rebuild: bool, path: str | None = None) -> list[str]:
+        synced = super().push(model, version, rebuild=rebuild, prepared=path)
         self.fresh = set(synced)
         self._refresh_held(model)
         self.base = (os.path.join(self.weight_dir, f"step_{version}"), version)
@@ -141,9 +141,11 @@ class DeltaSync(DiskSync):
         return synced
 
     # ------------------------------------------------------------------ delta pushes
-    def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
+    def prepare(self, model, version: int, *, rebuild: bool = False):
+        """Collective, no server involved: the full sync's directory when this push is full,
+        else every rank's diff written to its delta file (and gathered)."""
         if rebuild or self.base is None or self.version is None:
-            return self._full(model, version, rebuild)
+            return "full", super().prepare(model, version, rebuild=rebuild)
         t0 = time.perf_counter()
         rank = dist.get_rank()
         pieces = self._pieces(model)
@@ -154,12 +156,20 @@ class DeltaSync(DiskSync):
             os.remove(stale)  # the previous version's: every server applied it or gets a full sync
         mine = write_delta(os.path.join(self.delta_dir, f"v{version}_r{rank}.safetensors"), self.differ, pieces,
                            check=check, fsync=self.fsync, timings=timings)
-        t_export = time.perf_counter()
+        timings["export_s"] = time.perf_counter() - t0  # rank 0's plan, diff, encode, file
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
+        timings["write_s"] = time.perf_counter() - t0 - timings["export_s"]  # waiting for every rank's
+        return "delta", (everyone, check, timings)
+
+    def push(self, model, version: int, *, rebuild: bool = False, prepared=None) -> list[str]:
+        kind, data = prepared if prepared is not None else self.prepare(model, version, rebuild=rebuild)
+        if kind == "full":
+            return self._full(model, version, rebuild, data)
+        everyone, check, timings = data
+        t_sent = time.perf_counter()
         error, synced, problems = None, [], []
-        t_written = time.perf_counter()
-        if rank == 0:
+        if dist.get_rank() == 0:
             try:
                 files = [p for p, _, _, _ in everyone if p]
                 trainer = {} if not check else {k: v for _, _, _, d in everyone for k, v in d.items()}
@@ -182,14 +192,14 @@ class DeltaSync(DiskSync):
         self.version = version
         delta_bytes = sum(n for _, n, _, _ in everyone)
         full_bytes = sum(n for _, _, n, _ in everyone)
+        send = time.perf_counter() - t_sent
         self._metrics.update({"weight_sync/delta_bytes": float(delta_bytes),
                               "weight_sync/delta_full_bytes": float(full_bytes),
                               "weight_sync/delta_ratio": delta_bytes / max(full_bytes, 1),
-                              "weight_sync/delta_s": time.perf_counter() - t0,
-                              "weight_sync/delta_export_s": t_export - t0,  # rank 0's plan, diff, encode, file
-                              **{f"weight_sync/delta_{k}": v for k, v in timings.items()},  # its parts
-                              "weight_sync/delta_write_s": t_written - t_export,  # waiting for every rank's
-                              "weight_sync/delta_send_s": time.perf_counter() - t_written})  # HTTP + servers' apply
+                              # the trainer's side and the servers' (a pause in between is not counted)
+                              "weight_sync/delta_s": timings["export_s"] + timings["write_s"] + send,
+                              **{f"weight_sync/delta_{k}": v for k, v in timings.items()},
+                              "weight_sync/delta_send_s": send})  # HTTP + the servers' apply
         if check:
             self._metrics["weight_sync/delta_checksums"] = self._metrics.get("weight_sync/delta_checksums", 0.0) + 1
         return synced

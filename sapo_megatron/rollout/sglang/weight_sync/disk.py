@@ -66,9 +66,13 @@ class DiskSync(WeightSync):
             logger.warning("%s: SGLang server %s went down during the update (stays stale): %s", what, url, why)
         return [url for url in up if url in answers], {**down, **lost}
 
-    def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
+    def prepare(self, model, version: int, *, rebuild: bool = False) -> str:
+        """Collective: the directory of ``version`` written (no server involved)."""
+        return self.write(model, version)
+
+    def push(self, model, version: int, *, rebuild: bool = False, prepared: str | None = None) -> list[str]:
         # No per-server state: every reachable server loads the new directory, stale ones too.
-        path = self.write(model, version)
+        path = prepared if prepared is not None else self.write(model, version)
         error, synced = None, []
         if dist.get_rank() == 0:
             try:

@@ -240,7 +240,7 @@ class DistributedSync(WeightSync):
             self._best_effort(END, urls, lambda url: {}, "the push failed")
 
     # ------------------------------------------------------------------ one push (all ranks)
-    def push(self, model, version: int, *, rebuild: bool = False) -> list[str]:
+    def push(self, model, version: int, *, rebuild: bool = False, prepared=None) -> list[str]:
         from sapo_megatron.checkpoint.live import export_plan
 
         plan = export_plan(model, self.hf_config, "checkpoint")
