@@ -41,6 +41,10 @@ class DistributedSection:
     bucket_mb: float = 512.0  # MiB per flattened bucket (one broadcast each)
     # "flattened_bucket": one uint8 broadcast per bucket; None: one broadcast per tensor.
     load_format: Literal["flattened_bucket"] | None = "flattened_bucket"
+    # Buckets in host memory (a CPU trainer, gloo): the trainer ranks on rank 0's host write their
+    # parts of each bucket into shared memory (/dev/shm) instead of sending them to rank 0 over
+    # loopback TCP. No effect on GPU buckets (NCCL). false: every holder sends.
+    shared_memory: bool = True
 
     def __post_init__(self) -> None:
         _check(0 <= self.master_port < 65536, "distributed.master_port", "a TCP port (0: any free one)",
