@@ -51,6 +51,8 @@ class DistributedSection:
                self.master_port)
         _check(self.bucket_mb > 0, "distributed.bucket_mb", "> 0", self.bucket_mb)
         _check(bool(self.group_name), "distributed.group_name", "a non-empty name", self.group_name)
+        _check(isinstance(self.shared_memory, bool), "distributed.shared_memory",
+               "true or false (it applies only to buckets in host memory)", self.shared_memory)
 
     @property
     def bucket_bytes(self) -> int:
