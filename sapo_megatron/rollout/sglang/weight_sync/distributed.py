@@ -274,7 +274,7 @@ class DistributedSync(WeightSync):
         # Two buckets' worth of memory on rank 0, reused: bucket k + 1 is assembled into one while
         # bucket k broadcasts from the other.
         size = max(sum(e.hf_nbytes for e in b) for b in buckets)
-        shm = self._shared(size)
+        shm = self._shared(size, plan)
         if shm is not None:
             buffers = shm.buffers  # rank 0's and its host's holders' views of the same memory
         else:
@@ -315,7 +315,7 @@ class DistributedSync(WeightSync):
     def resync(self, model, version: int, urls: list[str]) -> list[str]:
         return self.push(model, version, rebuild=True)
 
-    def _shared(self, size: int) -> SharedBuckets | None:
+    def _shared(self, size: int, plan) -> SharedBuckets | None:
         """The shared-memory buckets when they apply (``shared_memory``, buckets in host memory);
         collective, the same answer on every rank. Set up once (again only for larger buckets)."""
         if not self.section.shared_memory or group_device().type != "cpu" or dist.get_world_size() < 2:
@@ -323,7 +323,8 @@ class DistributedSync(WeightSync):
         if self.shm is None or (self.shm and self.shm.size < size):
             if self.shm:
                 self.shm.close()
-            self.shm = SharedBuckets.open(size, self.token) or False
+            writers = {p.rank for e in plan.entries for p in plan.pieces(e, 0)} - {0}
+            self.shm = SharedBuckets.open(size, self.token, writers) or False
         return self.shm or None
 
     def _assemble(self, plan, bucket, buffer, shm: SharedBuckets | None) -> list[bk.Meta]:

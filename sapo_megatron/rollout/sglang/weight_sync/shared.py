@@ -12,9 +12,11 @@ bucket.
 Set-up (:meth:`SharedBuckets.open`, once per sync, collective over all ranks): rank 0 creates a
 file in ``/dev/shm`` of two buckets, reserves its pages (``posix_fallocate``: a ``/dev/shm`` too
 small for it, such as Docker's 64 MB default, fails here with a warning rather than with a
-SIGBUS in the middle of a push) and writes a random nonce into it. Every other rank tries to map
-the file and checks the nonce: the ranks that can are on rank 0's host, whatever their hostname
-says (a container with a ``/dev/shm`` of its own fails the check, as it should). Rank 0 unlinks
+SIGBUS in the middle of a push) and writes a random nonce into it. Every other rank that holds
+parts of the buckets (a data-parallel replica holds none: nothing is set up when only rank 0
+writes) tries to map the file and checks the nonce: the ranks that can are on rank 0's host,
+whatever their hostname says (a container with a ``/dev/shm`` of its own fails the check, as it
+should). Rank 0 unlinks
 the file as soon as every rank has answered, so a crash or a kill later leaves nothing behind in
 ``/dev/shm``: the mappings keep the memory until the processes end. The ranks that mapped it and
 rank 0 form a gloo subgroup (``dist.new_group``, which every rank calls).
@@ -68,10 +70,14 @@ class SharedBuckets:
         self.buffers = []
 
     @classmethod
-    def open(cls, size: int, tag: str) -> SharedBuckets | None:
-        """Collective over all ranks. None on every rank when no other rank shares rank 0's
-        memory (alone on its host, or no room in ``/dev/shm``); otherwise the same members
+    def open(cls, size: int, tag: str, writers: set[int]) -> SharedBuckets | None:
+        """Collective over all ranks. ``writers``: the ranks other than 0 that hold parts of the
+        buckets (the same set on every rank; the others, a data-parallel replica say, have
+        nothing to write and stay out). None on every rank when none of them shares rank 0's
+        memory (on other hosts, or no room in ``/dev/shm``); otherwise the same members
         everywhere, buffers on rank 0 and the members."""
+        if not writers:
+            return None
         size = -(-size // _ALIGN) * _ALIGN
         rank = dist.get_rank()
         found: list = [None, None]
@@ -81,7 +87,7 @@ class SharedBuckets:
                 path, nonce, mapping = _create(size, tag)
                 found = [path, nonce]
             dist.broadcast_object_list(found, src=0)
-            if rank != 0 and found[0] is not None:
+            if rank in writers and found[0] is not None:
                 mapping = _attach(found[0], found[1], 2 * size)
             mapped: list = [None] * dist.get_world_size()
             dist.all_gather_object(mapped, mapping is not None)
