@@ -246,6 +246,8 @@ def test_config_refuses_bad_values():
         SGLangConfig(urls=["http://h:1"], admin_api_key_env="sk-123")
     with pytest.raises(ValueError, match="rollout.sglang.distributed.bucket_mb must be > 0"):
         SGLangConfig(urls=["http://h:1"], distributed={"bucket_mb": 0})
+    with pytest.raises(ValueError, match="rollout.sglang.distributed.shared_memory must be true or false"):
+        SGLangConfig(urls=["http://h:1"], distributed={"shared_memory": "auto"})
     with pytest.raises(ValueError, match="rollout.sglang.keepalive_idle_s must be > 0 seconds, below"):
         SGLangConfig(urls=["http://h:1"], keepalive_idle_s=0)
 

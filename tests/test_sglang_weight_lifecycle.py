@@ -159,6 +159,10 @@ def test_a_refused_bucket_fails_the_push_on_every_rank_and_the_next_push_rebuild
         assert not failed["ok"] and "weight update to version 1 failed" in failed["error"], failed
         assert refuser in failed["error"] and "Failed to receive weights: refused by the test" in failed["error"]
         assert next_push["ok"], next_push
+        # The buckets were in shared memory (rank 1 wrote its slices there), and the failed push
+        # left no file of theirs in /dev/shm (unlinked once mapped, at the first push).
+        assert failed["shm_files"] == [] and next_push["shm_files"] == [], (failed, next_push)
+    assert 0 < ranks[1][0]["shared_bytes"] < ranks[1][1]["shared_bytes"]  # both pushes wrote
     assert ranks[0][1]["group"] != ranks[0][0]["group"]  # a new group (rank 0 holds the names)
     for url in (relay, old, refuser):
         requests, dump = seen(url, tmp_path)

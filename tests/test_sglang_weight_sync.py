@@ -14,6 +14,7 @@ Run: ``pytest -m dist tests/test_sglang_weight_sync.py`` (torchrun, about a minu
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -43,13 +44,60 @@ def receivers(tmp_path):
     ("qwen3_moe", ["--pp", "2"], True, "flattened_bucket"),
 ])
 def test_received_weights_equal_the_hf_export(receivers, tmp_path, arch, layout, bf16, load_format):
+    # The trainer's ranks share one host: rank 1 writes its parts into the shared-memory buckets.
+    tp = layout == ["--tp", "2"]
+    stats = push_and_compare(receivers, tmp_path, arch, layout, bf16, load_format, ["--check-order"] if tp else [])
+    assert all(s["mapped"] for s in stats) and stats[0]["shared_bytes"] == 0
+    assert stats[1]["shared_bytes"] > 0  # every layout leaves rank 1 something to write
+    if tp:
+        # The handshake under adverse timing (wsync_worker.py --check-order): rank 0 answered every
+        # bucket late and no buffer changed while it was on the wire; rank 1 stalled before its
+        # first write and the servers still got every byte (compared above).
+        assert stats[0]["buffers_checked"] > 2 and stats[0]["overwritten_in_flight"] == 0, stats[0]
+        # Exactly rank 1's tensor-parallel slices (the rest is replicated, rank 0 copies it), for
+        # each of the two pushes (the sync and the re-sync); counted by the sync from its plan,
+        # against the bytes of the parameters the model marks tensor-parallel.
+        assert stats[1]["tp_share"] > 0 and stats[1]["shared_bytes"] == 2 * stats[1]["tp_share"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,flags,nproc", [
+    (["--tp", "2"], ["--no-shared-memory"], 2),
+    # Rank 3 cannot map rank 0's memory (another host): its slices of the second stage's tensors
+    # go through the exchange into the same buckets that ranks 1 and 2 write into.
+    (["--tp", "2", "--pp", "2"], ["--unmapped-rank", "3"], 4),
+    # Data-parallel only: rank 1 (replica 1) holds nothing to export, so nothing is set up.
+    ([], [], 2),
+], ids=["off", "mixed", "dp"])
+def test_shared_memory_off_or_partial_gives_the_same_weights(receivers, tmp_path, layout, flags, nproc):
+    stats = push_and_compare(receivers, tmp_path, "qwen3_moe", layout, True, "flattened_bucket", flags, nproc)
+    if "--no-shared-memory" in flags:
+        assert [s["shared_bytes"] for s in stats] == [0, 0] and not any(s["mapped"] for s in stats)
+        assert stats[1]["tp_share"] > 0  # guard: rank 1 had slices to send, and sent them over gloo
+        return
+    if not layout:
+        # Not set up at all (the default is on, and rank 1 shares rank 0's host): rank 0 copies alone.
+        assert [s["shared_bytes"] for s in stats] == [0, 0] and not any(s["mapped"] for s in stats)
+        return
+    assert [s["mapped"] for s in stats] == [True, True, True, False]
+    assert stats[3]["shared_bytes"] == 0 and stats[3]["tp_share"] > 0  # it had slices, and sent them
+    assert stats[1]["shared_bytes"] == 2 * stats[1]["tp_share"] > 0  # stage 0: rank 1's slices, two pushes
+    # Stage 1 (ranks 2, 3) does not hold rank 0: rank 2 writes its slices AND the replicated tensors.
+    assert stats[2]["shared_bytes"] > 2 * stats[2]["tp_share"] > 0
+
+
+def push_and_compare(receivers, tmp_path, arch, layout, bf16, load_format, flags=(), nproc=2) -> list[dict]:
+    """Push (and re-sync one restarted server), then compare what every server received with the
+    HF export bit for bit; returns each trainer rank's shared-memory stats."""
     hf = make_hf_model(arch, tmp_path / "hf_in")
     urls = receivers(2)
     out = tmp_path / "out"
     torchrun(WORKER, *layout, "--hf", hf, "--out", out, *sum((["--url", u] for u in urls), []),
-             *(["--bf16"] if bf16 else []), "--load-format", load_format, nproc=2)
+             *(["--bf16"] if bf16 else []), "--load-format", load_format, *flags, nproc=nproc)
     export = read_safetensors_dir(out / "hf")
-    assert len(list((out / "hf").glob("*.safetensors"))) > 1  # the parallel writer made several shards
+    if layout:  # model-parallel: the parallel writer made several shards (data-parallel: rank 0 writes all)
+        assert len(list((out / "hf").glob("*.safetensors"))) > 1
     # The export itself against an independent reference: the HF input the model was loaded from,
     # cast to the served dtypes (the sync and the export share their data path, so this is what
     # keeps the comparison below from agreeing on a common mistake).
@@ -80,6 +128,10 @@ def test_received_weights_equal_the_hf_export(receivers, tmp_path, arch, layout,
     else:
         assert got["broadcasts"] == sum(map(len, got["request_dtypes"]))  # one per tensor
     assert json.loads((out / "sync.json").read_text())["group"].endswith("_r1")
+    stats = [json.loads((out / f"stats{r}.json").read_text()) for r in range(nproc)]
+    # The shared-memory file is unlinked at the first push's set-up: nothing left in /dev/shm.
+    assert all(s["shm_path"] is None or not os.path.exists(s["shm_path"]) for s in stats), stats
+    return stats
 
 
 def test_bucket_order_aligns_every_offset_and_refuses_otherwise():

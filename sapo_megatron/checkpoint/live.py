@@ -206,7 +206,7 @@ class ExportPlan:
         return plan_pieces(entry.name, entry.unit.kind, entry.unit.hf_shapes, entry.holders, entry.layouts, dst)
 
     def exchange(self, entries: list[ExportEntry], dst: int | list[int],
-                 dests: dict[str, torch.Tensor] | None) -> Callable[[], None]:
+                 dests: dict[str, torch.Tensor] | None, shared: frozenset[int] = frozenset()) -> Callable[[], None]:
         """Collective over the holders of ``entries`` and their destinations: every HF tensor of
         ``entries[k]`` lands in ``dests[hf_name]`` on rank ``dst`` (or ``dst[k]``); ``dests``
         holds views of a bucket or a file buffer (any device) for the entries this rank
@@ -216,8 +216,15 @@ class ExportPlan:
         parameters into ``dests``; every other holder sends its pieces (cast there, so a
         narrowing cast halves the bytes on the wire) and ``dst`` receives them in place when the
         destination is contiguous and on the group's device (else through one buffer). All
-        sends and receives are posted at once (one ``batch_isend_irecv``, fused under NCCL)."""
+        sends and receives are posted at once (one ``batch_isend_irecv``, fused under NCCL).
+
+        ``shared``: ranks that map the same memory as ``dst`` (an int then), e.g. a
+        shared-memory bucket on ``dst``'s host: each writes its own pieces into its own
+        ``dests`` (its views of that memory), and nothing is sent or received for them; the
+        caller orders those writes against ``dst``'s use of the memory."""
         rank, device = dist.get_rank(), group_device()
+        if shared and not isinstance(dst, int):
+            raise ValueError(f"exchange: shared={sorted(shared)} needs one destination rank, got dst={dst}")
         dsts = [dst] * len(entries) if isinstance(dst, int) else dst
         ops, landing, wires = [], [], []
         with torch.no_grad():
@@ -226,13 +233,13 @@ class ExportPlan:
                     hf_name, hf_dtype, _ = entry.hf[piece.hf]
                     if rank == piece.rank:
                         source = self._source(entry, piece)
-                        if rank == to:
+                        if rank == to or rank in shared:
                             place(piece_target(piece, dests[hf_name]), source)
                         else:
                             wire = source.to(hf_dtype).contiguous()  # no copy when it already is
                             wires.append(wire)
                             ops.append(dist.P2POp(dist.isend, wire, to))
-                    elif rank == to:
+                    elif rank == to and piece.rank not in shared:
                         target = piece_target(piece, dests[hf_name])
                         if target.is_contiguous() and target.device == device:
                             buf = target

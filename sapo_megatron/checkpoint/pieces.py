@@ -73,6 +73,14 @@ def piece_target(piece: Piece, dest: torch.Tensor) -> torch.Tensor:
     return dest if piece.dim is None else dest.narrow(piece.dim, piece.start, piece.length)
 
 
+def piece_nbytes(piece: Piece, shape, dtype: torch.dtype) -> int:
+    """Bytes of ``piece`` of an HF tensor of ``shape`` and ``dtype``."""
+    rows = list(shape)
+    if piece.dim is not None:
+        rows[piece.dim] = piece.length
+    return math.prod(rows) * dtype.itemsize
+
+
 def place(target: torch.Tensor, source: torch.Tensor) -> None:
     """``target.copy_(source)`` (casting, maybe across devices); a QKV source view is
     ``(groups, rows, hidden)`` over the same elements as the row-major ``target``."""

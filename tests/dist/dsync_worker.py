@@ -11,8 +11,10 @@ rerun or a resume would have them::
     [{"urls": [...], "pushes": 1, "close": true, "token": null}, ...]
 
 A run pushes versions 1..``pushes`` and records each outcome on every rank in OUT/rank<r>.json
-(``{"ok", "error", "group"}``: a failed push is recorded, not raised, so the test can tell which
-phase raised on which rank), then calls ``close()`` unless ``close`` is false. ``token`` pins the
+(``{"ok", "error", "group", "synced", "shared_bytes", "shm_files"}``: a failed push is recorded,
+not raised, so the test can tell which phase raised on which rank; ``shared_bytes``: what this
+rank wrote into the shared-memory buckets so far, ``shm_files``: the files of this run's
+shared-memory buckets still in /dev/shm after the push), then calls ``close()`` unless ``close`` is false. ``token`` pins the
 run's group token, to collide with a group left on the servers on purpose. ``--crash`` ends the
 process after the last run without closing anything (``os._exit``): a trainer that crashed.
 
@@ -37,6 +39,7 @@ from sapo_megatron.checkpoint.parity import build_model_for_hf_config  # noqa: E
 from sapo_megatron.models import ParallelConfig  # noqa: E402
 from sapo_megatron.parallel import destroy, initialize_model_parallel  # noqa: E402
 from sapo_megatron.rollout.sglang import DistributedSync, SGLangConfig, SGLangEngine  # noqa: E402
+from sapo_megatron.rollout.sglang.weight_sync.shared import SHM_DIR  # noqa: E402
 
 
 def main() -> None:
@@ -63,9 +66,11 @@ def main() -> None:
         for version in range(1, run.get("pushes", 1) + 1):
             try:
                 synced = sync.push(chunks, version)
-                outcomes.append({"ok": True, "error": None, "group": sync.group_name, "synced": synced})
+                outcome = {"ok": True, "error": None, "group": sync.group_name, "synced": synced}
             except RuntimeError as err:
-                outcomes.append({"ok": False, "error": str(err), "group": sync.group_name, "synced": []})
+                outcome = {"ok": False, "error": str(err), "group": sync.group_name, "synced": []}
+            shm_files = sorted(map(str, Path(SHM_DIR).glob(f"sapo-wsync-{sync.token}-*")))
+            outcomes.append({**outcome, "shared_bytes": sync.shared_bytes, "shm_files": shm_files})
         if run.get("close", True):
             sync.close()
             if engine is not None:

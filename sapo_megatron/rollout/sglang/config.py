@@ -41,12 +41,18 @@ class DistributedSection:
     bucket_mb: float = 512.0  # MiB per flattened bucket (one broadcast each)
     # "flattened_bucket": one uint8 broadcast per bucket; None: one broadcast per tensor.
     load_format: Literal["flattened_bucket"] | None = "flattened_bucket"
+    # Buckets in host memory (a CPU trainer, gloo): the trainer ranks on rank 0's host write their
+    # parts of each bucket into shared memory (/dev/shm) instead of sending them to rank 0 over
+    # loopback TCP. No effect on GPU buckets (NCCL). false: every holder sends.
+    shared_memory: bool = True
 
     def __post_init__(self) -> None:
         _check(0 <= self.master_port < 65536, "distributed.master_port", "a TCP port (0: any free one)",
                self.master_port)
         _check(self.bucket_mb > 0, "distributed.bucket_mb", "> 0", self.bucket_mb)
         _check(bool(self.group_name), "distributed.group_name", "a non-empty name", self.group_name)
+        _check(isinstance(self.shared_memory, bool), "distributed.shared_memory",
+               "true or false (it applies only to buckets in host memory)", self.shared_memory)
 
     @property
     def bucket_bytes(self) -> int:

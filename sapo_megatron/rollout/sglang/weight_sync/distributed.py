@@ -52,6 +52,16 @@ Design choices:
   into the second buffer while bucket ``k`` broadcasts (``async_op=True``): two buckets in
   memory, never the model. Bucket ``k + 1``'s request waits for bucket ``k``'s answers, not just
   its broadcast (:meth:`DistributedSync._finish` says why): one HTTP round trip per bucket.
+- Holders on rank 0's host write into the bucket instead of sending (``shared_memory``, buckets
+  in host memory only): on a CPU host the exchange above is loopback TCP, which copies every
+  byte through the kernel twice and takes CPU from the broadcast it should overlap with (at
+  TP=2, half the model crossed loopback on top of the broadcast's own bytes). The two buckets
+  then live in shared memory that rank 0 and the ranks of its host map (:mod:`.shared`: found by
+  mapping rank 0's file, not by hostname; the file is unlinked once mapped, so nothing is left
+  in ``/dev/shm``); each holder casts its pieces straight into its view of the bucket, between
+  two barriers of their own subgroup that keep it from writing a buffer still broadcasting and
+  rank 0 from broadcasting a half-written one. Holders on other hosts still send theirs, in the
+  same bucket. GPU buckets (NCCL) are unchanged: there the exchange is device-to-device.
 - One source, not one group per pipeline stage: SGLang serialises weight-update requests behind
   its model-update writer lock, so a server receives one bucket at a time whichever stage sends
   it; per-stage groups would only parallelise the gathering, which already overlaps with the
@@ -73,7 +83,8 @@ import torch
 import torch.distributed as dist
 
 from sapo_megatron.checkpoint.live import plan_buckets
-from sapo_megatron.checkpoint.pieces import carve
+from sapo_megatron.checkpoint.pieces import carve, piece_nbytes
+from sapo_megatron.collectives import group_device
 from sapo_megatron.rollout.sglang.protocol import (
     SESSION_ALREADY_OPEN,
     check_server,
@@ -84,6 +95,7 @@ from sapo_megatron.rollout.sglang.protocol import (
 from sapo_megatron.rollout.sglang.weight_sync import buckets as bk
 from sapo_megatron.rollout.sglang.weight_sync.base import WeightSync, share_outcome
 from sapo_megatron.rollout.sglang.weight_sync.group import JoinAbandoned, Rendezvous, free_port, join
+from sapo_megatron.rollout.sglang.weight_sync.shared import SharedBuckets
 
 logger = logging.getLogger(__name__)
 UPDATE = "/update_weights_from_distributed"
@@ -111,6 +123,10 @@ class DistributedSync(WeightSync):
         # Seconds of the pushes so far (rank 0 only for wire_wait_s), for benchmarks/bench_weight_sync.py:
         # assembling the buckets (copies and receives), waiting for the broadcast of the previous one.
         self.timings = {"assemble_s": 0.0, "wire_wait_s": 0.0}
+        # The shared-memory buckets (shared.py), set up at the first push on a CPU host; False:
+        # tried, and no other rank shares rank 0's memory. Bytes this rank wrote into them.
+        self.shm: SharedBuckets | None | bool = None
+        self.shared_bytes = 0
 
     @property
     def pg(self):
@@ -258,11 +274,15 @@ class DistributedSync(WeightSync):
         # Two buckets' worth of memory on rank 0, reused: bucket k + 1 is assembled into one while
         # bucket k broadcasts from the other.
         size = max(sum(e.hf_nbytes for e in b) for b in buckets)
-        buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)] if dist.get_rank() == 0 else []
+        shm = self._shared(size, plan)
+        if shm is not None:
+            buffers = shm.buffers  # rank 0's and its host's holders' views of the same memory
+        else:
+            buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)] if dist.get_rank() == 0 else []
         in_flight = None
         for k, bucket in enumerate(buckets):
             t0 = time.perf_counter()
-            metas = self._assemble(plan, bucket, buffers[k % 2] if buffers else None)
+            metas = self._assemble(plan, bucket, buffers[k % 2] if buffers else None, shm)
             self.timings["assemble_s"] += time.perf_counter() - t0
             if dist.get_rank() != 0 or error:
                 continue
@@ -295,16 +315,38 @@ class DistributedSync(WeightSync):
     def resync(self, model, version: int, urls: list[str]) -> list[str]:
         return self.push(model, version, rebuild=True)
 
-    @staticmethod
-    def _assemble(plan, bucket, buffer) -> list[bk.Meta]:
-        """Collective: the bucket's HF tensors written into ``buffer`` on rank 0 (None
-        elsewhere) in aligned order, each byte copied or received once; returns their metas."""
+    def _shared(self, size: int, plan) -> SharedBuckets | None:
+        """The shared-memory buckets when they apply (``shared_memory``, buckets in host memory);
+        collective, the same answer on every rank. Set up once (again only for larger buckets)."""
+        if not self.section.shared_memory or group_device().type != "cpu" or dist.get_world_size() < 2:
+            return None
+        if self.shm is None or (self.shm and self.shm.size < size):
+            if self.shm:
+                self.shm.close()
+            writers = {p.rank for e in plan.entries for p in plan.pieces(e, 0)} - {0}
+            self.shm = SharedBuckets.open(size, self.token, writers) or False
+        return self.shm or None
+
+    def _assemble(self, plan, bucket, buffer, shm: SharedBuckets | None) -> list[bk.Meta]:
+        """Collective: the bucket's HF tensors written into ``buffer`` on rank 0 in aligned
+        order, each byte copied or received once; returns their metas. ``buffer`` is None on
+        the other ranks, except those mapping the shared-memory buckets (``shm``): they write
+        their own pieces into it, between two barriers (:mod:`.shared` says why)."""
         metas = [meta for entry in bucket for meta in entry.hf]
         metas = [metas[i] for i in bk.aligned_order(metas)]
         dests = None
         if buffer is not None:
             dests = {name: view for (name, _, _), view in zip(metas, carve(buffer, metas))}
-        plan.exchange(bucket, 0, dests)()
+        mapped = shm is not None and shm.mapped
+        if mapped:
+            shm.barrier()  # rank 0 is here once the buffer's previous broadcast has finished
+        plan.exchange(bucket, 0, dests, shared=shm.members if shm is not None else frozenset())()
+        if mapped:
+            shm.barrier()  # every holder's writes are in
+            rank = dist.get_rank()
+            if rank != 0:
+                self.shared_bytes += sum(piece_nbytes(p, e.hf[p.hf][2], e.hf[p.hf][1])
+                                         for e in bucket for p in plan.pieces(e, 0) if p.rank == rank)
         return metas
 
     def _start(self, metas, buffer, version: int, *, last: bool):
@@ -365,6 +407,9 @@ class DistributedSync(WeightSync):
     def close(self) -> None:
         """Rank 0 destroys the group on both sides (best effort, each request bounded by
         ``timeout_s``), so the servers hold nothing of this run; the other ranks hold nothing."""
+        if self.shm:
+            self.shm.close()
+        self.shm = None
         if self.engine is not None:
             self._teardown("closing the weight sync")
 
