@@ -274,6 +274,9 @@ def fake_generate(request: dict, b: Behaviour, weight_version: str = "default", 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as SGLang's uvicorn sets it: the headers and the body go out in two writes,
+    # and without it Nagle holds the body until the client's delayed ACK (~40 ms per request).
+    disable_nagle_algorithm = True
     server: "_Server"
 
     def log_message(self, *args) -> None:  # keep test output quiet
