@@ -279,8 +279,11 @@ class RealServer:
     def wait_healthy(self, wait_s: float) -> None:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"SGLang server on port {self.port} exited with {self.proc.returncode} while "
+            proc = self.proc
+            if proc is None:  # stopped by another thread meanwhile
+                raise RuntimeError(f"SGLang server on port {self.port} was stopped while starting")
+            if proc.poll() is not None:
+                raise RuntimeError(f"SGLang server on port {self.port} exited with {proc.returncode} while "
                                    f"starting:\n{self.log_tail()}")
             with contextlib.suppress(OSError):
                 if http_json(self.url, "/health", timeout=5)[0] == 200:
@@ -331,6 +334,7 @@ class RealServer:
         if not self.alive():
             self.start()
             return
+        self.wait_healthy(240.0)  # a server still starting (a test's restart) answers once up
         self.call("/end_weight_update", {})  # "not open" is fine
         status, answer = self.call("/update_weights_from_disk", {"model_path": str(self.model_dir),
                                                                  "weight_version": "default", "flush_cache": True})

@@ -168,8 +168,12 @@ def test_in_place_update_spans_split_at_the_push_and_routes_pair_with_log_probs(
         before = slice(p - 1, p - 1 + n)  # rows predicting the tokens generated under A
         after = slice(p - 1 + n, None)
         agree = (routes_a.sort(-1).values == result.routes.sort(-1).values).all(-1).all(-1).float()
-        # bf16: prefill and decode kernels differ slightly; >= 0.999 of A's rows agree exactly.
-        assert agree[: p - 1 + n].mean() >= 0.999, agree[: p - 1 + n].mean()
+        # bf16: prefill and decode kernels differ slightly, and now and then a near-tie router
+        # score flips one row (1 of ~330 rows in a CI run here; 1 of 1508 in the multi-turn bf16
+        # test): >= 0.99 of A's rows agree exactly. The guard below is what makes this pairing
+        # test able to fail: B's rows agree far less.
+        prefix = agree[: p - 1 + n]
+        assert prefix.mean() >= 0.99, (int((prefix < 1).sum()), prefix.numel())
         # Log-probs of A's tokens: bf16 noise only (measured ~1e-2 at most on this model).
         assert (logprobs_a[before] - engine_lp[:n]).abs().max() < 0.05
         # Guard (not vacuous): under A, B's tokens are NOT reproduced, so the pairing test can fail.
