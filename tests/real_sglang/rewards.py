@@ -34,26 +34,25 @@ def digits_after_idle(prompt_text: str, response_text: str, answer, meta) -> flo
 
 
 def _wait_for_restart(limit_s: float = 300.0) -> None:
-    """While ``$SAPO_TEST_GATE.armed`` exists (a test killed a server) and ``$SAPO_TEST_GATE.released``
-    does not (it is not back yet), scoring waits: the step after the kill then always meets the
-    restarted server, however long its start takes on a loaded machine."""
+    """Once the step the test kills after has logged its row (``$SAPO_TEST_ROWS``, the run's
+    metrics.jsonl, holds a line) or the kill is armed (``$SAPO_TEST_GATE.armed``), scoring waits
+    until ``$SAPO_TEST_GATE.released`` (the server is back): the push after that step then always
+    meets the restarted server, however long its start takes on a loaded machine, and also when
+    the next step's rollout finished before the test's watcher got to the kill."""
     gate = os.environ.get("SAPO_TEST_GATE")
     if not gate:
         return
+    rows = os.environ.get("SAPO_TEST_ROWS")
+
+    def after_the_first_step() -> bool:
+        if os.path.exists(gate + ".armed"):
+            return True
+        try:
+            with open(rows) as f:
+                return f.read().endswith("\n")
+        except (OSError, TypeError):
+            return False
+
     deadline = time.monotonic() + limit_s
-    while os.path.exists(gate + ".armed") and not os.path.exists(gate + ".released") and time.monotonic() < deadline:
+    while after_the_first_step() and not os.path.exists(gate + ".released") and time.monotonic() < deadline:
         time.sleep(0.2)
-
-
-_calls = [0]
-
-
-def rank_dependent(prompt_text: str, response_text: str, answer, meta) -> float:
-    """DP rank 0's groups always vary in reward (kept by ``zero_variance``), rank 1's never do:
-    rank 0's quota fills in the first round, rank 1 takes every round."""
-    import torch.distributed as dist
-
-    if dist.get_rank() == 1:
-        return 0.5
-    _calls[0] += 1
-    return float(_calls[0] % 2)

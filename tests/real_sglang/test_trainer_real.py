@@ -170,9 +170,10 @@ def test_dynamic_sampling_at_dp2_with_one_rank_full_first(servers, tiny_model, t
 @pytest.mark.parametrize("count,sync", [(1, "disk"), (2, "disk"), (2, "distributed")])
 def test_server_killed_mid_run_and_restarted(servers, tiny_model, tmp_path, sync, count):
     """After step 0, the last server is killed by PID (SIGKILL to its process group) and started
-    again on the same port; step 1 scores only once it is back (``rewards._wait_for_restart``),
-    so step 1's rollout meets it down and the next push meets it restarted with its launch
-    weights. The run goes on, and the server is re-synced before it serves again."""
+    again on the same port; step 1 scores only once it is back (``rewards._wait_for_restart``,
+    which holds every score after step 0's row until the restart is done), so the next push
+    meets it restarted with its launch weights whether step 1's rollout met it down or finished
+    first. The run goes on, and the server is re-synced before it serves again."""
     names = ["a", "b"][:count]
     group = [servers.keyed(*names)] if count == 1 else servers.keyed(*names)
     victim = group[-1]
@@ -202,7 +203,7 @@ def test_server_killed_mid_run_and_restarted(servers, tiny_model, tmp_path, sync
     config = _config(tmp_path, tiny_model, [s.url for s in group], steps=3, sync=sync,
                      sglang={"retries": 6, "backoff_s": 2.0})
     try:
-        rows = train(tmp_path, config, SAPO_TEST_GATE=str(gate))
+        rows = train(tmp_path, config, SAPO_TEST_GATE=str(gate), SAPO_TEST_ROWS=str(out / "metrics.jsonl"))
     finally:  # never leave the restart running into the next test's reset
         watcher.join(timeout=300)
     assert restarted.is_set()
