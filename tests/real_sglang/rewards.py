@@ -56,3 +56,17 @@ def _wait_for_restart(limit_s: float = 300.0) -> None:
     deadline = time.monotonic() + limit_s
     while after_the_first_step() and not os.path.exists(gate + ".released") and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+_calls = [0]
+
+
+def rank_dependent(prompt_text: str, response_text: str, answer, meta) -> float:
+    """DP rank 0's groups always vary in reward (kept by ``zero_variance``), rank 1's never do:
+    rank 0's quota fills in the first round, rank 1 takes every round."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        return 0.5
+    _calls[0] += 1
+    return float(_calls[0] % 2)
