@@ -49,7 +49,7 @@ LOADER = "sapo_sglang.delta_loader.apply_delta"
 FULL, INDEX, GAP, BITMAP, VALUES = "@full", "@idx", "@gap", "@bits", "@val"
 MAX_GAP = 255  # a uint8 gap; a longer one is bridged by rewriting unchanged elements (their own bits)
 
-_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bit-pattern views (the trainer too)
 
 
 # ----------------------------------------------------------------------------- the codec (pure)
@@ -60,7 +60,7 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     """The flat bit patterns of ``t`` (CPU, contiguous) as a numpy integer view: writes go to ``t``."""
     if not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError(f"delta codec: expected a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
-    return t.reshape(-1).view(_INT_OF[t.element_size()]).numpy()
+    return t.reshape(-1).view(INT_OF[t.element_size()]).numpy()
 
 
 def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -33,7 +33,6 @@ from sapo_sglang import delta_loader as codec
 
 CHUNK_ELEMENTS = 1 << 18  # per cast-and-compare step: ~1 MB of fp32 source, cache-resident
 
-_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclasses.dataclass
@@ -93,9 +92,6 @@ class PieceDiffer:
         self._scratch = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8)
         self._mask = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.bool)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.held.values())
-
     def _scratch_for(self, dtype: torch.dtype, n: int) -> torch.Tensor:
         if self._scratch.numel() < n * dtype.itemsize:
             self._scratch = torch.empty(n * dtype.itemsize, dtype=torch.uint8)
@@ -105,15 +101,9 @@ class PieceDiffer:
 
     def refresh(self, pieces: list[LocalPiece]) -> None:
         """The copies become the parameters as they are now (after a full sync)."""
-        keep = {}
+        old, self.held = self.held, {}
         for p in pieces:
-            held = self.held.get(p.key)
-            if held is None or held.numel() != p.numel or held.dtype != p.dtype:
-                held = torch.empty(p.numel, dtype=p.dtype)
-            with torch.no_grad():
-                held.view(p.source.shape).copy_(p.source)
-            keep[p.key] = held
-        self.held = keep
+            self.refresh_one(p, reuse=old.get(p.key))
 
     def diff(self, piece: LocalPiece) -> dict[str, torch.Tensor]:
         """The codec's parts for ``piece`` (``{}``: unchanged) and the copy updated to the new
@@ -123,7 +113,7 @@ class PieceDiffer:
         if held is None:  # a part the servers got in the last full sync but we never kept: send it
             self.refresh_one(piece)
             return {piece.name + codec.FULL: self.held[piece.key].view(piece.shape)}
-        ints = held.view(_INT_OF[held.element_size()])
+        ints = held.view(codec.INT_OF[held.element_size()])
         found = []
         for row, rows, offset in row_blocks(piece.source):
             src = piece.source.narrow(0, row, rows) if piece.source.dim() else piece.source
@@ -143,8 +133,11 @@ class PieceDiffer:
             return {}
         return codec.encode_positions(piece.name, held.view(piece.shape), np.concatenate(found))
 
-    def refresh_one(self, piece: LocalPiece) -> None:
-        held = torch.empty(piece.numel, dtype=piece.dtype)
+    def refresh_one(self, piece: LocalPiece, reuse: torch.Tensor | None = None) -> None:
+        """This part's copy becomes the parameters as they are now (in ``reuse`` when it fits)."""
+        held = reuse
+        if held is None or held.numel() != piece.numel or held.dtype != piece.dtype:
+            held = torch.empty(piece.numel, dtype=piece.dtype)
         with torch.no_grad():
             held.view(piece.source.shape).copy_(piece.source)
         self.held[piece.key] = held
