@@ -23,6 +23,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sapo_megatron", "sapo_megatron.*", "sapo_sglang"]),
+    # The delta codec's C kernels, compiled on first use (sapo_sglang/kernels.py).
+    package_data={"sapo_sglang": ["kernels.c"]},
     install_requires=[
         # 2.13.0 is the CPU build on the CI machines; GPU clusters bring their own torch.
         "torch>=2.6",

@@ -44,6 +44,8 @@ import traceback
 import numpy as np
 import torch
 
+from sapo_sglang import kernels
+
 PREFIX = "sapo_delta:"
 LOADER = "sapo_sglang.delta_loader.apply_delta"
 FULL, INDEX, GAP, BITMAP, VALUES = "@full", "@idx", "@gap", "@bits", "@val"
@@ -166,10 +168,14 @@ def apply(target: torch.Tensor, parts: dict[str, torch.Tensor], name: str) -> bo
         gaps = parts[name + GAP].numpy()
         if gaps.size != vals.size or (gaps.size and (int(gaps.min()) < 1)):
             raise ValueError(f"delta of {name!r}: {gaps.size} gaps for {vals.size} values, or a zero gap")
-        idx = np.cumsum(gaps, dtype=np.int64) - 1
-        if idx.size and int(idx[-1]) >= flat.size:
-            raise ValueError(f"delta of {name!r}: gaps reach element {int(idx[-1])} of {flat.size}")
-        flat[idx] = vals
+        fast = kernels.delta_kernels() if flat.itemsize in kernels.DeltaKernels.WIDTHS else None
+        last = fast.gap_last(gaps) if fast is not None else int(gaps.sum(dtype=np.int64)) - 1
+        if last >= flat.size:
+            raise ValueError(f"delta of {name!r}: gaps reach element {last} of {flat.size}")
+        if fast is not None:  # one ascending pass
+            fast.gap_apply(gaps, vals, flat)
+        else:
+            flat[np.cumsum(gaps, dtype=np.int64) - 1] = vals
     elif name + INDEX in parts:
         idx = parts[name + INDEX].numpy()
         if idx.size != vals.size or (idx.size and (int(idx.min()) < 0 or int(idx.max()) >= flat.size)):

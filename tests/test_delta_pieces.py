@@ -10,6 +10,8 @@ loader computes must equal the trainer's. The single-process codec is tests/test
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,12 @@ def test_rank_local_deltas_rebuild_the_export(tmp_path, layout):
     assert result["differs_before"] > result["tensors"] // 2, result
     assert {"full", "idx", "gap", "bits"} <= set(result["kinds"]), result
     assert result["equal"], result
+    # The compiled kernels ran (a C compiler is on this machine) and equal the numpy path.
+    if shutil.which(os.environ.get("CC") or "cc"):
+        assert result["native"], result
+    assert result["native_equal"], result
+    # The plan is reused while the parameters stay put and rebuilt on every rank when one moves.
+    assert all(c == {"kept": True, "rebuilt": True, "views": True} for c in result["plan_cache"]), result
     assert result["digests_equal"] and result["digests"] > 0, result
     # The ranks' regions cover every element of the model exactly once.
     assert result["covered"] == result["elements"], result

@@ -48,6 +48,26 @@ def perturb(model) -> None:
             tensor.add_(tensor.abs().mul(0.05).add(1e-3) * mask)
 
 
+def plan_cache_checks(model, served) -> dict:
+    """``DeltaSync._pieces`` keeps its plan while the parameters stay put and rebuilds it (on
+    every rank) when one of them moves to new storage, as after a reload that replaces tensors."""
+    import tempfile
+
+    from sapo_megatron.rollout.sglang import SGLangConfig
+    from sapo_megatron.rollout.sglang.weight_sync.delta import DeltaSync
+
+    sync = DeltaSync(None, served, SGLangConfig(delta=True), tempfile.mkdtemp())
+    first = sync._pieces(model)
+    kept = sync._pieces(model) is first
+    if dist.get_rank() == 0:  # one rank's tensor moves: every rank must rebuild (or the collective hangs)
+        _, _, tensor = sorted(_held_tensors(model).items())[0][1]
+        tensor.data = tensor.data.clone()
+    again = sync._pieces(model)
+    held = {t.untyped_storage().data_ptr() for _, _, t in _held_tensors(model).values()}
+    return {"kept": kept, "rebuilt": again is not first,
+            "views": all(p.source.untyped_storage().data_ptr() in held for p in again)}
+
+
 def main() -> None:
     ap = add_layout_args(argparse.ArgumentParser())
     ap.add_argument("--hf", required=True)
@@ -60,14 +80,30 @@ def main() -> None:
     model = build_model_for_hf_config(hf_config, parallel)
     load_hf_into_model(model, args.hf)
     export_hf(model, out / "base", served, dtype="checkpoint")
-    differ = PieceDiffer()
+    differ, reference = PieceDiffer(), PieceDiffer(kernels=None)  # compiled kernels / numpy only
     differ.refresh(local_pieces(export_plan(model, served, "checkpoint"), rank))
+    reference.refresh(local_pieces(export_plan(model, served, "checkpoint"), rank))
     perturb(model)
     pieces = local_pieces(export_plan(model, served, "checkpoint"), rank)
+    expected = {}
+    for piece in pieces:
+        expected.update(reference.diff(piece))
     mine = write_delta(str(out / f"delta_r{rank}.safetensors"), differ, pieces, check=True)
+    # The compiled path's file and copies equal numpy's, part by part, bit for bit.
+    written, _ = dl.read_delta_file(mine[0])
+    native_equal = (sorted(written) == sorted(expected) and all(
+        written[k].dtype == expected[k].dtype and torch.equal(written[k].view(-1).view(torch.uint8),
+                                                             expected[k].contiguous().view(-1).view(torch.uint8))
+        for k in expected) and differ.held.keys() == reference.held.keys() and all(
+        torch.equal(differ.held[k].view(torch.uint8), reference.held[k].view(torch.uint8)) for k in differ.held))
+    plan_cache = plan_cache_checks(model, served)
     export_hf(model, out / "new", served, dtype="checkpoint")
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
+    checks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(checks, (differ.kernels is not None, native_equal, plan_cache))
+    native_ok, native_all = all(c[0] for c in checks), all(c[1] for c in checks)
+    plan_all = [c[2] for c in checks]
     if rank == 0:
         server = dl.load_dir(str(out / "base"))
         new = dl.load_dir(str(out / "new"))
@@ -85,7 +121,7 @@ def main() -> None:
         served_digests = dl.region_digests(server, pieces_all)
         covered = sum(server[name].numel() if region is None else dl.region_view(server[name], region).numel()
                       for name, region in pieces_all.values())
-        result = {"equal": equal, "differs_before": len(differs_before), "tensors": len(new),
+        result = {"native": native_ok, "native_equal": native_all, "plan_cache": plan_all, "equal": equal, "differs_before": len(differs_before), "tensors": len(new),
                   "changed": len(changed), "kinds": sorted(kinds), "region_dims": sorted(dims, key=str),
                   "digests_equal": served_digests == trainer, "digests": len(trainer),
                   "covered": covered, "elements": sum(t.numel() for t in new.values()),

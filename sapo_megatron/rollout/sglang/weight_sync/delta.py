@@ -46,6 +46,7 @@ import time
 
 import torch.distributed as dist
 
+from sapo_megatron.collectives import global_max
 from sapo_megatron.rollout.sglang.protocol import SESSION_ALREADY_OPEN, weight_session_needed
 from sapo_megatron.rollout.sglang.transport import Rejected, Retryable
 from sapo_megatron.rollout.sglang.weight_sync.base import share_outcome
@@ -106,14 +107,29 @@ class DeltaSync(DiskSync):
         self.fresh: set[str] = set()  # rank 0: servers whose last load was the full sync of ``base``
         self.fallbacks = 0
         self.loader = config.delta_loader
+        self._plan, self._plan_key = None, None  # this rank's parts and what they are views of
 
     # ------------------------------------------------------------------ this rank's parts
     def _pieces(self, model):
-        """This rank's parts of the HF tensors (:mod:`.delta_pieces`); collective (the plan's
-        one object all-gather), nothing else is communicated."""
-        from sapo_megatron.checkpoint.live import export_plan
+        """This rank's parts of the HF tensors (:mod:`.delta_pieces`); collective.
 
-        return local_pieces(export_plan(model, self.hf_config, "checkpoint"), dist.get_rank())
+        The parts are views of the parameters, so they stay valid while every rank holds the
+        same tensors at the same addresses (the optimizer updates them in place): the plan (an
+        object all-gather and a walk over every HF tensor, 15-30 ms per push) is then reused.
+        Any rank that sees another tensor, address, shape or dtype makes every rank rebuild it;
+        one scalar all-reduce keeps the ranks in step."""
+        from sapo_megatron.checkpoint.live import _held_tensors, export_plan
+
+        held = [t for _, _, t in _held_tensors(model).values()]
+        key = tuple((id(t), t.data_ptr(), tuple(t.shape), t.dtype) for t in held)
+        if global_max(int(key != self._plan_key)) or self._plan is None:
+            self._plan = local_pieces(export_plan(model, self.hf_config, "checkpoint"), dist.get_rank())
+            storages = {t.untyped_storage().data_ptr() for t in held}
+            # A part that is a copy (no architecture's mapping makes one today) would freeze at
+            # this push's values: such a plan is rebuilt every push.
+            views = all(p.source.untyped_storage().data_ptr() in storages for p in self._plan)
+            self._plan_key = key if views else None
+        return self._plan
 
     def _refresh_held(self, model) -> None:
         self.differ.refresh(self._pieces(model))

@@ -12,14 +12,18 @@ new values. Each rank writes its parts to its own delta file, with each part's r
 tensor (``(dim, start, length)``) in the file's metadata; the server's loader
 (:func:`sapo_sglang.delta_loader.apply_parts`) applies each region to its HF copy.
 
-Work per element is three passes over a cache-sized chunk (the cast, the compare, the changed
-positions): no full-tensor temporaries, no per-element Python. The encoding of each part is the
-codec's, chosen by size (:func:`sapo_sglang.delta_loader.encode_positions`): changed indices,
-uint8 gaps or a bitmap, each with the values, or the whole part.
+Per cache-sized chunk: torch casts the parameters into a scratch buffer (the same cast as the
+full sync's), then one compiled pass (:mod:`sapo_sglang.kernels`) compares bit patterns, lists
+the changed positions and updates the copy; without a C compiler, numpy does it in three passes
+(compare, flatnonzero, copy), about half as fast. No full-tensor temporaries, no per-element
+Python. The encoding of each part is the codec's choice by size
+(:func:`sapo_sglang.delta_loader.encoding_sizes`): changed indices, uint8 gaps (built by the
+compiled kernel when there is one) or a bitmap, each with the values, or the whole part.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 
 from sapo_sglang import delta_loader as codec
+from sapo_sglang import kernels as native
 
 CHUNK_ELEMENTS = 1 << 18  # per cast-and-compare step: ~1 MB of fp32 source, cache-resident
 
@@ -84,13 +89,32 @@ def row_blocks(source: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(r, min(rows, source.shape[0] - r), r * inner) for r in range(0, source.shape[0], rows)]
 
 
+def _plain_torch(source: torch.Tensor):
+    """No ``__torch_function__`` overrides for the diff's few thousand small tensor calls when
+    ``source`` is a plain tensor: the CPU compatibility layer's mode (:mod:`sapo_megatron.mcore.cpu`)
+    costs ~2 us per call, a sixth of the diff on a CPU host. A tensor subclass keeps its overrides."""
+    if type(source) in (torch.Tensor, torch.nn.Parameter):
+        return torch._C.DisableTorchFunction()
+    return contextlib.nullcontext()
+
+
 class PieceDiffer:
     """The copies of this rank's parts as the servers hold them, and the diff against them."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernels: native.DeltaKernels | None | str = "auto") -> None:
         self.held: dict[str, torch.Tensor] = {}  # key -> flat, contiguous, served dtype (host)
         self._scratch = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8)
         self._mask = torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.bool)
+        self._positions = np.empty(CHUNK_ELEMENTS, dtype=np.int64)  # the compiled diff's output, grown
+        self.kernels = native.delta_kernels() if kernels == "auto" else kernels  # None: numpy
+
+    def _room(self, k: int, n: int) -> np.ndarray:
+        """The positions buffer with room for ``n`` more after its first ``k`` (kept)."""
+        if self._positions.size < k + n:
+            grown = np.empty(max(2 * self._positions.size, k + n), dtype=np.int64)
+            grown[:k] = self._positions[:k]
+            self._positions = grown
+        return self._positions
 
     def _scratch_for(self, dtype: torch.dtype, n: int) -> torch.Tensor:
         if self._scratch.numel() < n * dtype.itemsize:
@@ -114,24 +138,30 @@ class PieceDiffer:
             self.refresh_one(piece)
             return {piece.name + codec.FULL: self.held[piece.key].view(piece.shape)}
         ints = held.view(codec.INT_OF[held.element_size()])
-        found = []
-        for row, rows, offset in row_blocks(piece.source):
-            src = piece.source.narrow(0, row, rows) if piece.source.dim() else piece.source
-            n = src.numel()
-            new = self._scratch_for(piece.dtype, n)[:n]
-            with torch.no_grad():
+        kernels = self.kernels if held.element_size() in native.DeltaKernels.WIDTHS else None
+        found, k = [], 0
+        with torch.no_grad(), _plain_torch(piece.source):
+            for row, rows, offset in row_blocks(piece.source):
+                src = piece.source.narrow(0, row, rows) if piece.source.dim() else piece.source
+                n = src.numel()
+                new = self._scratch_for(piece.dtype, n)[:n]
                 new.view(src.shape).copy_(src)  # the cast to the served dtype
-            new_ints, old_ints = new.view(ints.dtype), ints[offset : offset + n]
-            mask = self._mask[:n]
-            torch.ne(new_ints, old_ints, out=mask)
-            where = np.flatnonzero(mask.numpy())
-            if where.size:
-                where += offset
-                found.append(where)
-                old_ints.copy_(new_ints)
-        if not found:
+                new_ints, old_ints = new.view(ints.dtype), ints[offset : offset + n]
+                if kernels is not None:  # compare, list and update in one pass
+                    out = self._room(k, n)
+                    k += kernels.diff(new_ints, old_ints, offset, out[k:])
+                    continue
+                mask = self._mask[:n]
+                torch.ne(new_ints, old_ints, out=mask)
+                where = np.flatnonzero(mask.numpy())
+                if where.size:
+                    where += offset
+                    found.append(where)
+                    old_ints.copy_(new_ints)
+        positions = self._positions[:k] if kernels is not None else (np.concatenate(found) if found else found)
+        if not len(positions):
             return {}
-        return codec.encode_positions(piece.name, held.view(piece.shape), np.concatenate(found))
+        return encode(piece.name, held.view(piece.shape), positions, kernels)
 
     def refresh_one(self, piece: LocalPiece, reuse: torch.Tensor | None = None) -> None:
         """This part's copy becomes the parameters as they are now (in ``reuse`` when it fits)."""
@@ -145,6 +175,21 @@ class PieceDiffer:
     def digests(self, pieces: list[LocalPiece]) -> dict[str, str]:
         """blake2b of each part's copy, keyed as the server keys its regions."""
         return {p.key: codec.digest(self.held[p.key].view(p.shape)) for p in pieces}
+
+
+def encode(name: str, new: torch.Tensor, positions: np.ndarray,
+           kernels: native.DeltaKernels | None) -> dict[str, torch.Tensor]:
+    """The codec's smallest encoding of ``new`` given its changed ``positions``
+    (:func:`sapo_sglang.delta_loader.encode_positions`, whose choice and output this equals); the
+    gap encoding, the usual winner, is built by the compiled kernel when there is one."""
+    if kernels is None or new.element_size() not in native.DeltaKernels.WIDTHS:
+        return codec.encode_positions(name, new, positions)
+    bridged = kernels.gap_count(positions, codec.MAX_GAP)
+    sizes = codec.encoding_sizes(new.numel(), new.element_size(), positions.size, bridged)
+    if min(sizes, key=sizes.get) != codec.GAP:
+        return codec.encode_positions(name, new, positions)
+    gaps, values = kernels.gap_encode(positions, codec._bits(new), bridged, codec.MAX_GAP)
+    return {name + codec.GAP: torch.from_numpy(gaps), name + codec.VALUES: torch.from_numpy(values).view(new.dtype)}
 
 
 def write_delta(path: str, differ: PieceDiffer, pieces: list[LocalPiece], *, check: bool,
