@@ -150,7 +150,17 @@ def encode(name: str, old: torch.Tensor, new: torch.Tensor) -> dict[str, torch.T
 
 
 def apply(target: torch.Tensor, parts: dict[str, torch.Tensor], name: str) -> bool:
-    """Apply ``name``'s encoding in ``parts`` to ``target`` in place; False when it has none."""
+    """Apply ``name``'s encoding in ``parts`` to ``target`` in place; False when it has none.
+    ``target`` may be a view: a run of columns of a matrix takes a gap encoding in place (the
+    compiled kernel), anything else goes through a contiguous copy."""
+    if not target.is_contiguous():
+        if _gaps_into_columns(target, parts, name):
+            return True
+        work = target.contiguous()
+        applied = apply(work, parts, name)
+        if applied:
+            target.copy_(work)
+        return applied
     if name + FULL in parts:
         full = parts[name + FULL]
         if full.shape != target.shape or full.dtype != target.dtype:
@@ -160,18 +170,9 @@ def apply(target: torch.Tensor, parts: dict[str, torch.Tensor], name: str) -> bo
         return True
     if name + VALUES not in parts:
         return False
-    values = parts[name + VALUES]
-    if values.dtype != target.dtype:
-        raise ValueError(f"delta of {name!r}: values in {values.dtype}, expected {target.dtype}")
-    flat, vals = _bits(target), _bits(values.contiguous())
+    flat, vals = _bits(target), _values(target, parts, name)
     if name + GAP in parts:
-        gaps = parts[name + GAP].numpy()
-        if gaps.size != vals.size or (gaps.size and (int(gaps.min()) < 1)):
-            raise ValueError(f"delta of {name!r}: {gaps.size} gaps for {vals.size} values, or a zero gap")
-        fast = kernels.delta_kernels() if flat.itemsize in kernels.DeltaKernels.WIDTHS else None
-        last = fast.gap_last(gaps) if fast is not None else int(gaps.sum(dtype=np.int64)) - 1
-        if last >= flat.size:
-            raise ValueError(f"delta of {name!r}: gaps reach element {last} of {flat.size}")
+        gaps, fast = _checked_gaps(parts, name, vals, flat.size)
         if fast is not None:  # one ascending pass
             fast.gap_apply(gaps, vals, flat)
         else:
@@ -188,6 +189,41 @@ def apply(target: torch.Tensor, parts: dict[str, torch.Tensor], name: str) -> bo
             raise ValueError(f"delta of {name!r}: bitmap marks {int(np.count_nonzero(mask))} elements, "
                              f"{vals.size} values")
         np.place(flat, mask, vals)
+    return True
+
+
+def _values(target: torch.Tensor, parts: dict[str, torch.Tensor], name: str) -> np.ndarray:
+    values = parts[name + VALUES]
+    if values.dtype != target.dtype:
+        raise ValueError(f"delta of {name!r}: values in {values.dtype}, expected {target.dtype}")
+    return _bits(values.contiguous())
+
+
+def _checked_gaps(parts: dict[str, torch.Tensor], name: str, vals: np.ndarray, numel: int):
+    """``(gaps, kernels or None)`` once the gaps are known to fit ``numel`` elements (checked
+    before anything is written: a corrupt file leaves the copy untouched)."""
+    gaps = parts[name + GAP].numpy()
+    if gaps.size != vals.size or (gaps.size and (int(gaps.min()) < 1)):
+        raise ValueError(f"delta of {name!r}: {gaps.size} gaps for {vals.size} values, or a zero gap")
+    fast = kernels.delta_kernels() if vals.itemsize in kernels.DeltaKernels.WIDTHS else None
+    last = fast.gap_last(gaps) if fast is not None else int(gaps.sum(dtype=np.int64)) - 1
+    if last >= numel:
+        raise ValueError(f"delta of {name!r}: gaps reach element {last} of {numel}")
+    return gaps, fast
+
+
+def _gaps_into_columns(target: torch.Tensor, parts: dict[str, torch.Tensor], name: str) -> bool:
+    """A gap encoding applied straight into ``target``, a run of columns of a contiguous matrix
+    (``matrix.narrow(1, start, length)``); False (nothing done) for any other case."""
+    if (name + GAP not in parts or target.dim() != 2 or target.stride(1) != 1 or target.device.type != "cpu"
+            or target.element_size() not in kernels.DeltaKernels.WIDTHS):
+        return False
+    fast = kernels.delta_kernels()
+    if fast is None:
+        return False
+    vals = _values(target, parts, name)
+    gaps, _ = _checked_gaps(parts, name, vals, target.numel())
+    fast.gap_apply_columns(gaps, vals, target)
     return True
 
 
@@ -281,20 +317,13 @@ def read_delta_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 def apply_parts(tensors: dict[str, torch.Tensor], parts: dict[str, torch.Tensor], regions: dict) -> list[str]:
     """Apply one file's parts to the HF copy ``tensors`` in place; returns the HF names changed.
     A part covers its tensor's region (``regions[name]``, whole when absent): a run of rows is
-    contiguous and taken in place, a run of columns (a row-parallel weight's slice) through a copy."""
+    contiguous, a run of columns (a row-parallel weight's slice) is a strided view (:func:`apply`)."""
     unknown = [n for n in names_in(parts) if n not in tensors]
     if unknown:
         raise KeyError(f"delta names tensors this server's copy lacks: {unknown[:3]}")
     changed = []
     for name in names_in(parts):
-        view = region_view(tensors[name], regions.get(name))
-        if view.is_contiguous():
-            applied = apply(view, parts, name)
-        else:
-            work = view.contiguous()
-            applied = apply(work, parts, name)
-            view.copy_(work)
-        if applied:
+        if apply(region_view(tensors[name], regions.get(name)), parts, name):
             changed.append(name)
     return changed
 

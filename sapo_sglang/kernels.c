@@ -98,3 +98,25 @@ int64_t sapo_gap_last(const uint8_t *restrict gaps, int64_t e) {
 
 GAP_APPLY(sapo_gap_apply_u16, uint16_t)
 GAP_APPLY(sapo_gap_apply_u32, uint32_t)
+
+/* The same into a run of columns of a row-major matrix (a row-parallel weight's region): entry
+ * positions count row-major over the region's rows x cols; row r starts row_stride elements after
+ * row r - 1. Spares the server a copy of the region out and back (a third of a MoE's weights are
+ * row-parallel: o_proj, every expert's down_proj). The caller checked the last position. */
+#define GAP_APPLY_2D(NAME, T)                                                                   \
+    void NAME(const uint8_t *restrict gaps, const T *restrict vals, int64_t e, T *restrict base, \
+              int64_t cols, int64_t row_stride) {                                               \
+        int64_t col = -1;                                                                       \
+        T *row = base;                                                                          \
+        for (int64_t i = 0; i < e; i++) {                                                       \
+            col += gaps[i];                                                                     \
+            while (col >= cols) {                                                               \
+                col -= cols;                                                                    \
+                row += row_stride;                                                              \
+            }                                                                                   \
+            row[col] = vals[i];                                                                 \
+        }                                                                                       \
+    }
+
+GAP_APPLY_2D(sapo_gap_apply_2d_u16, uint16_t)
+GAP_APPLY_2D(sapo_gap_apply_2d_u32, uint32_t)

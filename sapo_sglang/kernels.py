@@ -92,8 +92,11 @@ class DeltaKernels:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self._diff, self._encode, self._apply = {}, {}, {}
+        self._diff, self._encode, self._apply, self._apply_2d = {}, {}, {}, {}
         for width, bits in ((2, "u16"), (4, "u32")):
+            fn = getattr(lib, f"sapo_gap_apply_2d_{bits}")
+            fn.restype, fn.argtypes = None, [ptr, ptr, i64, ptr, i64, i64]
+            self._apply_2d[width] = fn
             fn = getattr(lib, f"sapo_gap_apply_{bits}")
             fn.restype, fn.argtypes = None, [ptr, ptr, i64, ptr]
             self._apply[width] = fn
@@ -152,6 +155,18 @@ class DeltaKernels:
             raise ValueError(f"native gap apply: {gaps.size} {gaps.dtype} gaps, {values.size} {values.dtype} values "
                              f"into {flat.dtype}: expected uint8 gaps, one value each, contiguous")
         self._apply[flat.itemsize](gaps.ctypes.data, values.ctypes.data, gaps.size, flat.ctypes.data)
+
+    def gap_apply_columns(self, gaps: np.ndarray, values: np.ndarray, target: torch.Tensor) -> None:
+        """:meth:`gap_apply` into ``target``, a 2-D view whose rows are contiguous (a run of
+        columns of a matrix), in its row-major order; the caller checked the last position."""
+        rows, cols = target.shape
+        if (gaps.dtype != np.uint8 or values.size != gaps.size or values.itemsize != target.element_size()
+                or target.element_size() not in self._apply_2d or target.stride(1) != 1 or target.device.type != "cpu"
+                or not (gaps.flags.c_contiguous and values.flags.c_contiguous)):
+            raise ValueError(f"native gap apply into {tuple(target.shape)} {target.dtype} strides {target.stride()}: "
+                             f"expected uint8 gaps, one value each, rows contiguous on the CPU")
+        self._apply_2d[target.element_size()](gaps.ctypes.data, values.ctypes.data, gaps.size, target.data_ptr(),
+                                              cols, target.stride(0))
 
 
 @functools.cache

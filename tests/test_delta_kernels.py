@@ -154,3 +154,36 @@ def test_build_is_cached_by_source_and_compiler(k, tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert kernels.build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert first.parent == tmp_path / "native" and not list(first.parent.glob(".kernels-*"))  # no temporaries left
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cols", [1, 37, 300])
+def test_gaps_apply_in_place_into_a_run_of_columns(k, dtype, cols, monkeypatch):
+    """A row-parallel region (``matrix.narrow(1, start, cols)``) takes its gap encoding in place,
+    as the contiguous copy-out-and-back (the numpy path) does; the other columns stay as they were."""
+    g = torch.Generator().manual_seed(cols)
+    matrix = torch.randn(400, 500, generator=g).to(dtype)
+    region = matrix.narrow(1, 120, cols)
+    new = region.contiguous().clone()
+    new.view(-1)[torch.rand(new.numel(), generator=g) < 0.04] += 1
+    new.view(-1)[-1] += 1  # the last element too
+    pos = np.flatnonzero((new.view(-1).view(dl.INT_OF[new.element_size()]) !=
+                          region.contiguous().view(-1).view(dl.INT_OF[new.element_size()])).numpy())
+    parts = dl.encode_positions("w", new, pos)
+    assert "w@gap" in parts
+    fast, slow = matrix.clone(), matrix.clone()
+    assert dl.apply(fast.narrow(1, 120, cols), parts, "w")
+    monkeypatch.setattr(kernels, "delta_kernels", lambda: None)
+    assert dl.apply(slow.narrow(1, 120, cols), parts, "w")
+    assert torch.equal(fast.view(torch.uint8), slow.view(torch.uint8))
+    assert torch.equal(fast.narrow(1, 120, cols).view(torch.uint8), new.view(torch.uint8))
+    outside = torch.ones(500, dtype=torch.bool)
+    outside[120 : 120 + cols] = False
+    assert torch.equal(fast[:, outside].view(torch.uint8), matrix[:, outside].view(torch.uint8))
+    monkeypatch.undo()
+    bad = dict(parts, **{"w@gap": parts["w@gap"].clone()})
+    bad["w@gap"][-1] = 255
+    untouched = matrix.clone()
+    with pytest.raises(ValueError, match="gaps reach element"):
+        dl.apply(untouched.narrow(1, 120, cols), bad, "w")
+    assert torch.equal(untouched, matrix)
