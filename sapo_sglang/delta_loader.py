@@ -364,7 +364,8 @@ def apply_message(model, msg: dict, state: dict) -> dict:
     if model is not None and changed:
         model.load_weights([(name, tensors[name]) for name in sorted(changed)])
     state["key"] = [run, base.get("dir"), dst]
-    ack = {"ok": True, "run": run, "version": dst, "changed": len(changed)}
+    ack = {"ok": True, "run": run, "version": dst, "changed": len(changed),
+           "native": kernels.delta_kernels() is not None}  # the compiled kernels, or numpy
     if msg.get("checksum"):
         ack["digests"] = region_digests(tensors, pieces) if pieces else digests(tensors)
     return ack

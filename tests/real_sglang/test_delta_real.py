@@ -11,6 +11,9 @@ and repaired by a full sync, with a warning.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from tests.real_sglang.harness import CORRUPTING_LOADER
 from tests.real_sglang.test_trainer_real import _config, assert_serves, assert_trained, export_hf, train
 
@@ -35,6 +38,10 @@ def test_delta_sync_serves_the_trained_weights_bit_for_bit(servers, tiny_model, 
         assert 0 < r["weight_sync/delta_bytes"] < r["weight_sync/delta_full_bytes"], r
     assert sum(r.get("weight_sync/full_syncs", 0) for r in rows) == 1
     assert sum(r.get("weight_sync/delta_checksums", 0) for r in rows) == 3, "every delta was checksummed"
+    # The trainer's diff and every server process's apply ran the compiled kernels (a C
+    # compiler is on this machine; without one both take their numpy paths, tested alike).
+    if shutil.which(os.environ.get("CC") or "cc"):
+        assert all(r["weight_sync/delta_server_native"] == 1.0 for r in deltas), deltas
     assert a.call("/model_info")[1]["weight_version"] == "3"
     assert_serves(a, b, export_hf(tmp_path, tmp_path / "run"), untrained)
 

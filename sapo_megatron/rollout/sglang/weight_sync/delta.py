@@ -262,10 +262,12 @@ class DeltaSync(DiskSync):
                                            urls=[u for u in sessions if u not in lost])
         synced = [u for u in up if u in answers]
         self.fresh.difference_update(synced)  # on the chain now: their loaders hold the copy
-        problems = []
+        problems, seen = [], []
         for url in synced:
             for r in range(tp[url]):
-                problems += self._read_ack(url, r, f"{acks[url]}.tp{r}.json", version, trainer)
+                problems += self._read_ack(url, r, f"{acks[url]}.tp{r}.json", version, trainer, seen)
+        if seen:  # 0: some server process applies with numpy (no C compiler there; its log says why)
+            self._metrics["weight_sync/delta_server_native"] = float(all(a.get("native") for a in seen))
         return synced, problems
 
     def _raw_info(self, url: str) -> dict:
@@ -289,12 +291,15 @@ class DeltaSync(DiskSync):
             self.engine.on_all_servers(BEGIN, lambda url: {}, "opening the delta session", urls=stuck)
 
     @staticmethod
-    def _read_ack(url: str, tp_rank: int, path: str, version: int, trainer: dict | None) -> list[str]:
+    def _read_ack(url: str, tp_rank: int, path: str, version: int, trainer: dict | None,
+                  seen: list | None = None) -> list[str]:
         try:
             with open(path) as f:
                 ack = json.load(f)
         except (OSError, ValueError) as err:
             return [f"{url} TP rank {tp_rank}: no ack at {path} ({err})"]
+        if seen is not None:
+            seen.append(ack)
         if not ack.get("ok"):
             return [f"{url} TP rank {tp_rank}: the loader failed: {ack.get('error')}"]
         if ack.get("version") != version:
