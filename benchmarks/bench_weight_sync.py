@@ -374,6 +374,7 @@ def _delta_rounds(args, chunks, served, engine, work, timed, runs) -> float:
         host = load_dir(delta.base[0])
     _train_step(chunks, opt, ids)
     timed(lambda: delta.push(chunks, 1001))  # warm-up: the receiver's loader reads its base once
+    _apply_pass(delta, 1001, host)  # warm-up: the host copy's pages are touched once, as a server's are
     ratios = []
     runs.update(delta=[], full_bf16=[])
     for r in range(args.rounds):
