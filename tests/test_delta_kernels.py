@@ -187,3 +187,24 @@ def test_gaps_apply_in_place_into_a_run_of_columns(k, dtype, cols, monkeypatch):
     with pytest.raises(ValueError, match="gaps reach element"):
         dl.apply(untouched.narrow(1, 120, cols), bad, "w")
     assert torch.equal(untouched, matrix)
+
+
+def test_a_dense_part_does_not_keep_a_huge_positions_buffer(k, monkeypatch):
+    """The compiled diff's positions buffer grows to a part's changes and is dropped after a part
+    that needed more than ``KEEP_POSITIONS`` (a dense change of an embedding, say); the part's
+    encoding is unaffected (it never holds a view of the buffer)."""
+    from sapo_megatron.rollout.sglang.weight_sync import delta_pieces
+
+    monkeypatch.setattr(delta_pieces, "KEEP_POSITIONS", 1 << 18)
+    param = torch.randn(1 << 20, generator=torch.Generator().manual_seed(2))
+    piece = LocalPiece("e", None, param, torch.bfloat16, (1 << 20,))
+    fast, slow = PieceDiffer(), PieceDiffer(kernels=None)
+    fast.refresh([piece])
+    slow.refresh([piece])
+    with torch.no_grad():
+        param[::3] += 1.0  # a third changed: ~350 k positions, more than the buffer keeps
+    a, b = fast.diff(piece), slow.diff(piece)
+    assert fast._positions.size == delta_pieces.CHUNK_ELEMENTS  # dropped after the part
+    assert sorted(a) == sorted(b) == ["e@bits", "e@val"]
+    for key in a:
+        assert torch.equal(a[key].view(-1).view(torch.uint8), b[key].view(-1).view(torch.uint8))

@@ -37,6 +37,7 @@ from sapo_sglang import delta_loader as codec
 from sapo_sglang import kernels as native
 
 CHUNK_ELEMENTS = 1 << 18  # per cast-and-compare step: ~1 MB of fp32 source, cache-resident
+KEEP_POSITIONS = 1 << 23  # the compiled diff's positions buffer is kept up to 64 MB between parts
 
 
 
@@ -161,7 +162,11 @@ class PieceDiffer:
         positions = self._positions[:k] if kernels is not None else (np.concatenate(found) if found else found)
         if not len(positions):
             return {}
-        return encode(piece.name, held.view(piece.shape), positions, kernels)
+        try:
+            return encode(piece.name, held.view(piece.shape), positions, kernels)
+        finally:
+            if self._positions.size > KEEP_POSITIONS:  # a dense change of a huge part: not kept for good
+                self._positions = np.empty(CHUNK_ELEMENTS, dtype=np.int64)
 
     def refresh_one(self, piece: LocalPiece, reuse: torch.Tensor | None = None) -> None:
         """This part's copy becomes the parameters as they are now (in ``reuse`` when it fits)."""
