@@ -81,6 +81,8 @@ def _drop_cache(path: Path) -> None:
 
 
 def _copy_baseline(nbytes: int, work: Path) -> float:
+    from sapo_megatron.checkpoint.hf_io import fsync_path
+
     src, dst = work / "copy_src.bin", work / "copy_dst.bin"
     with open(src, "wb") as f:  # a fresh source, then out of the page cache
         chunk = os.urandom(64 * 1024**2)
@@ -91,9 +93,7 @@ def _copy_baseline(nbytes: int, work: Path) -> float:
     _drop_cache(src)
     t0 = time.perf_counter()
     shutil.copyfile(src, dst)
-    fd = os.open(dst, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    fsync_path(dst)
     elapsed = time.perf_counter() - t0
     src.unlink()
     dst.unlink()
@@ -165,7 +165,7 @@ def _funnel(chunks, out: Path, served: dict) -> None:
     """The export as it was: rank 0 receives every full tensor and writes every shard."""
     import torch.distributed as dist
 
-    from sapo_megatron.checkpoint.hf_io import HFShardWriter, write_hf_config
+    from sapo_megatron.checkpoint.hf_io import HFShardWriter, fsync_path, write_hf_config
     from sapo_megatron.checkpoint.mapping import all_units, mapping_for
     from sapo_megatron.checkpoint.transforms import to_hf
 
@@ -180,9 +180,7 @@ def _funnel(chunks, out: Path, served: dict) -> None:
                 writer.add(hf_name, t)
     if writer is not None:
         for f in writer.close():
-            fd = os.open(out / f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+            fsync_path(out / f)
         write_hf_config(out, served)
     dist.barrier()
 

@@ -245,5 +245,14 @@ class HFShardWriter:
         return files
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush the file at ``path`` to stable storage (a file another process wrote and closed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_hf_config(out_dir: str | os.PathLike, hf_config: dict) -> None:
     Path(out_dir, "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

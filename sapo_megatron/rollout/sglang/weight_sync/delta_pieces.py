@@ -27,12 +27,12 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 
 import numpy as np
 import torch
 
+from sapo_megatron.checkpoint.hf_io import fsync_path
 from sapo_sglang import delta_loader as codec
 from sapo_sglang import kernels as native
 
@@ -225,11 +225,7 @@ def write_delta(path: str, differ: PieceDiffer, pieces: list[LocalPiece], *, che
         meta["pieces"] = json.dumps({p.key: [p.name, p.region] for p in pieces})
     save_file(parts, path, metadata=meta)
     if fsync:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
     if timings is not None:
         timings["file_s"] = timings.get("file_s", 0.0) + time.perf_counter() - t1
     return path, codec.encoded_nbytes(parts), full, (differ.digests(pieces) if check else None)
