@@ -205,11 +205,10 @@ def _checked_gaps(parts: dict[str, torch.Tensor], name: str, vals: np.ndarray, n
     gaps = parts[name + GAP].numpy()
     if gaps.size != vals.size or (gaps.size and (int(gaps.min()) < 1)):
         raise ValueError(f"delta of {name!r}: {gaps.size} gaps for {vals.size} values, or a zero gap")
-    fast = kernels.delta_kernels() if vals.itemsize in kernels.DeltaKernels.WIDTHS else None
-    last = fast.gap_last(gaps) if fast is not None else int(gaps.sum(dtype=np.int64)) - 1
+    last = int(gaps.sum(dtype=np.int64)) - 1
     if last >= numel:
         raise ValueError(f"delta of {name!r}: gaps reach element {last} of {numel}")
-    return gaps, fast
+    return gaps, (kernels.delta_kernels() if vals.itemsize in kernels.DeltaKernels.WIDTHS else None)
 
 
 def _gaps_into_columns(target: torch.Tensor, parts: dict[str, torch.Tensor], name: str) -> bool:

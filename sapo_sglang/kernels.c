@@ -74,19 +74,8 @@ int64_t sapo_gap_count(const int64_t *restrict pos, int64_t k, int64_t max_gap) 
 GAP_ENCODE(sapo_gap_encode_u16, uint16_t)
 GAP_ENCODE(sapo_gap_encode_u32, uint32_t)
 
-/* The server's side: the last position a gap encoding reaches (the gaps' sum - 1), or -1 when a
- * gap is zero (a corrupt file); checked before anything is written, as the numpy path does. */
-int64_t sapo_gap_last(const uint8_t *restrict gaps, int64_t e) {
-    int64_t last = -1;
-    for (int64_t i = 0; i < e; i++) {
-        if (gaps[i] == 0) return -1;
-        last += gaps[i];
-    }
-    return last;
-}
-
-/* flat[walked position] = vals[i] for every entry, in one ascending pass (numpy needs a cumsum
- * into an int64 temporary and a scatter). The caller checked sapo_gap_last(...) < n. */
+/* The server's side: flat[walked position] = vals[i] for every entry, in one ascending pass (numpy needs a cumsum
+ * into an int64 temporary and a scatter). The caller checked the gaps' sum <= n. */
 #define GAP_APPLY(NAME, T)                                                                      \
     void NAME(const uint8_t *restrict gaps, const T *restrict vals, int64_t e, T *restrict flat) { \
         int64_t p = -1;                                                                         \

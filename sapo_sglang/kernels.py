@@ -108,8 +108,6 @@ class DeltaKernels:
             self._encode[width] = fn
         self._count = lib.sapo_gap_count
         self._count.restype, self._count.argtypes = i64, [ptr, i64, i64]
-        self._last = lib.sapo_gap_last
-        self._last.restype, self._last.argtypes = i64, [ptr, i64]
 
     def diff(self, fresh: torch.Tensor, held: torch.Tensor, base: int, out: np.ndarray) -> int:
         """Writes ``base + i`` for every ``i`` where ``fresh`` and ``held`` (same-width bit
@@ -142,13 +140,8 @@ class DeltaKernels:
         return gaps, vals
 
 
-    def gap_last(self, gaps: np.ndarray) -> int:
-        """The last position ``gaps`` (uint8) reaches, or -1 when one of them is zero."""
-        gaps = np.ascontiguousarray(gaps, dtype=np.uint8)
-        return int(self._last(gaps.ctypes.data, gaps.size))
-
     def gap_apply(self, gaps: np.ndarray, values: np.ndarray, flat: np.ndarray) -> None:
-        """``flat[cumsum(gaps) - 1] = values``; the caller checked :meth:`gap_last` < ``flat.size``."""
+        """``flat[cumsum(gaps) - 1] = values``; the caller checked ``gaps.sum() <= flat.size``."""
         if (gaps.dtype != np.uint8 or values.size != gaps.size or values.dtype != flat.dtype
                 or flat.itemsize not in self._apply or not (gaps.flags.c_contiguous and values.flags.c_contiguous
                                                             and flat.flags.c_contiguous)):
