@@ -3,7 +3,8 @@
 Rank 0 publishes a checkpoint's tracker and ``meta.json``; rank 1 is then made to see none, as
 a node whose NFS client still caches the directory from before the previous job wrote it.
 ``Trainer._maybe_resume`` runs on a stand-in trainer whose ``load_checkpoint`` is one object
-all-gather (dist_checkpointing's load is collective too); then every rank reports its step.
+all-gather (dist_checkpointing's load is collective too); then the steps every rank reached are
+gathered and rank 0 reports them.
 
     torchrun --nproc_per_node=2 tests/dist/resume_worker.py OUT
 """
@@ -52,7 +53,8 @@ def main(out: Path) -> None:
     loop.Trainer._maybe_resume(trainer)
     steps: list = [None] * dist.get_world_size()
     dist.all_gather_object(steps, trainer.step)
-    print(f"rank {rank}: steps {steps}", flush=True)
+    if rank == 0:  # one writer: two ranks printing to one pipe can interleave their lines
+        print("\n".join(f"rank {r}: steps {steps}" for r in range(len(steps))), flush=True)
     dist.destroy_process_group()
 
 
