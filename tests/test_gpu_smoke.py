@@ -10,9 +10,14 @@ spend its minutes on a missing import; one run checks both (the stages' figures 
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.util
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,19 +77,43 @@ def test_grad_parity_measure():
 
 
 BARE = ["numpy", "safetensors", "transformers", "pyyaml", "tqdm"]  # + torch: a bare GPU machine
+READY = ".sapo_bare_ready"  # holds the venv's `pip freeze` when it was built
+
+
+def _freeze(python: Path) -> str:
+    done = subprocess.run([str(python), "-m", "pip", "freeze", "--all"], capture_output=True, text=True, timeout=120)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def _bare_venv() -> Path:
+    """The bare environment's python: built once per machine (a file lock, as the SGLang venv),
+    reused only while its `pip freeze` is what was installed then, so it stays bare (the smoke
+    script installs the carried wheels into a site of its own, never into this venv)."""
+    import torch
+
+    wanted = [f"torch=={torch.__version__.split('+')[0]}", *BARE]
+    key = hashlib.sha256(json.dumps([sys.version, wanted]).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("SAPO_SGLANG_VENV_ROOT", Path.home() / ".cache" / "sapo_megatron"))
+    venv = root / f"bare-smoke-{key}"
+    python = venv / "bin" / "python"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"bare-smoke-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = venv / READY
+        if marker.exists() and python.exists() and marker.read_text() == _freeze(python):
+            return python
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *wanted], check=True, timeout=1200,
+                       capture_output=True)
+        marker.write_text(_freeze(python))
+        return python
 
 
 @pytest.mark.slow
 def test_dry_run_in_a_bare_environment(tmp_path):
     """Only torch, numpy, safetensors, transformers, pyyaml and tqdm, then the carried wheels
     installed by the script with --no-index: the smoke's CPU dry run passes every stage there."""
-    import torch
-
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    python = venv / "bin" / "python"
-    pip = [str(python), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}", *BARE]
-    subprocess.run(pip, check=True, timeout=1200, capture_output=True)
+    python = _bare_venv()
     probe = [str(python), "-c", "import megatron.core"]
     assert subprocess.run(probe, capture_output=True).returncode != 0, "the venv must start without megatron-core"
     wheels = tmp_path / "wheels"
