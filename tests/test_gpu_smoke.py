@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch import ROOT, clean_env
+from tests.real_sglang.harness import venv_dir
 
 SCRIPT = ROOT / "tools" / "gpu_smoke.sh"
 
@@ -93,7 +93,7 @@ def _bare_venv() -> Path:
 
     wanted = [f"torch=={torch.__version__.split('+')[0]}", *BARE]
     key = hashlib.sha256(json.dumps([sys.version, wanted]).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("SAPO_SGLANG_VENV_ROOT", Path.home() / ".cache" / "sapo_megatron"))
+    root = venv_dir().parent  # the test virtualenvs' cache root, the SGLang venv's
     venv = root / f"bare-smoke-{key}"
     python = venv / "bin" / "python"
     root.mkdir(parents=True, exist_ok=True)
