@@ -74,8 +74,9 @@ int64_t sapo_gap_count(const int64_t *restrict pos, int64_t k, int64_t max_gap) 
 GAP_ENCODE(sapo_gap_encode_u16, uint16_t)
 GAP_ENCODE(sapo_gap_encode_u32, uint32_t)
 
-/* The server's side: flat[walked position] = vals[i] for every entry, in one ascending pass (numpy needs a cumsum
- * into an int64 temporary and a scatter). The caller checked the gaps' sum <= n. */
+/* The server's side: flat[walked position] = vals[i] for every entry, in one ascending pass
+ * (numpy needs a cumsum into an int64 temporary and a scatter). The caller checked that the
+ * gaps' sum is at most n. */
 #define GAP_APPLY(NAME, T)                                                                      \
     void NAME(const uint8_t *restrict gaps, const T *restrict vals, int64_t e, T *restrict flat) { \
         int64_t p = -1;                                                                         \

@@ -139,7 +139,6 @@ class DeltaKernels:
                                     gaps.ctypes.data, vals.ctypes.data)
         return gaps, vals
 
-
     def gap_apply(self, gaps: np.ndarray, values: np.ndarray, flat: np.ndarray) -> None:
         """``flat[cumsum(gaps) - 1] = values``; the caller checked ``gaps.sum() <= flat.size``."""
         if (gaps.dtype != np.uint8 or values.size != gaps.size or values.dtype != flat.dtype
