@@ -214,28 +214,38 @@ def test_aborted_request_body(both):
 
 def test_idle_connections_close_after_five_seconds(both):
     """SGLang's uvicorn closes a keep-alive connection idle for 5 s (SGLANG_TIMEOUT_KEEP_ALIVE);
-    one idle for 3 s still answers. Both sides' connections idle at once (one 5.8 s wait)."""
-    conns = {}
-    for side, url in both.items():
-        port = int(url.rsplit(":", 1)[1])
-        for idle in (3.0, 5.8):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("GET", "/health")
-            conn.getresponse().read()
-            conns[side, idle] = conn
-    start = time.monotonic()
-    outcomes: dict = {side: [] for side in both}
-    for (side, idle), conn in sorted(conns.items(), key=lambda item: item[0][1]):
-        time.sleep(max(0.0, start + idle - time.monotonic()))
+    one idle for 3 s still answers. Each connection idles in its own thread, timed from its own
+    last answer, so a slow answer on one connection cannot lengthen another's idle (one ~6 s wait
+    for all four)."""
+    import threading
+
+    outcomes: dict = {}
+
+    def probe(side, port, idle):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        last_answer = time.monotonic()
+        time.sleep(idle)
+        idled = time.monotonic() - last_answer
         try:
             conn.request("GET", "/health")
             conn.getresponse().read()
-            outcomes[side].append("answered")
+            outcomes[side, idle] = ("answered", round(idled, 2))
         except (OSError, http.client.HTTPException):
-            outcomes[side].append("closed")
-        conn.close()
-    for side, seen in outcomes.items():
-        assert seen == ["answered", "closed"], (side, seen)
+            outcomes[side, idle] = ("closed", round(idled, 2))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=probe, args=(side, int(url.rsplit(":", 1)[1]), idle))
+               for side, url in both.items() for idle in (3.0, 5.8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for side in both:
+        seen = [outcomes.get((side, idle)) for idle in (3.0, 5.8)]
+        assert [s and s[0] for s in seen] == ["answered", "closed"], (side, "(outcome, seconds idle):", seen)
 
 
 def test_in_place_and_retract_updates_span_versions(both, tiny_model):
