@@ -88,6 +88,9 @@ def test_pause_in_place_push_without_flush_continue_spans_the_update(tmp_path):
         engine.expect(0)
         engine.accept_spans = True
         futures = engine.start([[1, 2, 3], [4, 5, 6]], SamplingParams(max_new_tokens=40), return_routes=False)
+        deadline = time.monotonic() + 30
+        while server.running_here < 2 and time.monotonic() < deadline:  # both decoding (a loaded machine)
+            time.sleep(0.01)
         time.sleep(0.3)  # ~15 tokens each
         engine.pause_generation("in_place")
         engine.flush_on_update = False
